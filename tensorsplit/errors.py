@@ -1,0 +1,31 @@
+"""Typed errors for users. The CLI prints str(error) as one line and exits non-zero.
+
+Internal invariants use `assert`; anything a user can cause (a bad file, a bad flag, a
+plan that cannot be made) raises one of these with the offending file, field, tensor or
+rank in the message.
+"""
+from __future__ import annotations
+
+
+class TensorsplitError(Exception):
+    """Base of every user-facing error."""
+
+
+class GGUFError(TensorsplitError):
+    """The GGUF file is malformed or hostile. Names the file, the field or tensor, and what was expected."""
+
+    def __init__(self, path: str, where: str, message: str):
+        self.path, self.where = str(path), where
+        super().__init__(f"{self.path}: {where}: {message}")
+
+
+class UnsupportedError(TensorsplitError):
+    """The file is well formed but uses something tensorsplit does not implement (architecture, quant type)."""
+
+
+class ConfigError(TensorsplitError):
+    """Metadata and tensors disagree, or a required metadata key is missing."""
+
+
+class ShardPlanError(TensorsplitError):
+    """The model cannot be split the way the user asked (world size, --split ratios)."""
