@@ -1,0 +1,152 @@
+"""Model configuration read from GGUF metadata (never from the file name).
+
+One dataclass, `ModelConfig`, holds what every supported architecture family needs; the
+per-architecture conventions (rope layout, norms, activation) live in `arch.py` and are
+looked up by `general.architecture`. `check_tensors` compares the config with the tensor
+table and names both numbers when they disagree.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping
+
+from ..errors import ConfigError, UnsupportedError
+from .arch import ArchSpec, arch_spec
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    kind: str = "none"          # "none" | "linear"; llama3-style scaling arrives as the rope_freqs tensor
+    factor: float = 1.0         # positions are divided by this for "linear"
+    original_context: int = 0   # training context before scaling (informational)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str                   # general.architecture, e.g. "llama"
+    n_layers: int               # {arch}.block_count
+    n_embd: int                 # {arch}.embedding_length: the residual width
+    n_ff: int                   # {arch}.feed_forward_length: the MLP's hidden width
+    n_heads: int                # {arch}.attention.head_count: query heads
+    n_kv_heads: int             # {arch}.attention.head_count_kv: key/value heads (GQA); = n_heads when absent
+    head_dim: int               # {arch}.attention.key_length, else n_embd // n_heads
+    rope_base: float            # {arch}.rope.freq_base
+    rope_dim: int               # {arch}.rope.dimension_count: how many dims of each head are rotated
+    rope_scaling: RopeScaling
+    rms_eps: float              # {arch}.attention.layer_norm_rms_epsilon
+    n_ctx_train: int            # {arch}.context_length
+    vocab_size: int             # rows of token_embd
+    tied_output: bool           # True when output.weight is absent and token_embd serves as the output layer
+    has_rope_freqs: bool        # rope_freqs.weight present (llama3-style per-frequency factors)
+    spec: ArchSpec = field(repr=False, compare=False, default=None)  # per-architecture conventions
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per KV head."""
+        return self.n_heads // self.n_kv_heads
+
+    @property
+    def q_dim(self) -> int:
+        return self.n_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.n_kv_heads * self.head_dim
+
+
+def _get(kv: Mapping[str, object], key: str, default=None, required: bool = True):
+    if key in kv:
+        return kv[key]
+    if required and default is None:
+        raise ConfigError(f"metadata key '{key}' is missing")
+    return default
+
+
+def config_from_gguf(kv: Mapping[str, object], tensors: Mapping[str, object]) -> ModelConfig:
+    """Build the config from metadata `kv` and the tensor table `tensors` (name -> TensorInfo)."""
+    arch = _get(kv, "general.architecture")
+    spec = arch_spec(str(arch))  # raises UnsupportedError for unknown architectures
+    a = f"{arch}."
+    n_embd = int(_get(kv, a + "embedding_length"))
+    n_heads = int(_get(kv, a + "attention.head_count"))
+    if n_heads <= 0:
+        raise ConfigError(f"'{a}attention.head_count' is {n_heads}; expected a positive head count")
+    n_kv_heads = int(_get(kv, a + "attention.head_count_kv", n_heads))
+    if n_kv_heads <= 0 or n_heads % n_kv_heads:
+        raise ConfigError(f"'{a}attention.head_count' {n_heads} is not a multiple of "
+                          f"'{a}attention.head_count_kv' {n_kv_heads}")
+    head_dim = int(_get(kv, a + "attention.key_length", n_embd // n_heads))
+    v_dim = int(_get(kv, a + "attention.value_length", head_dim))
+    if v_dim != head_dim:
+        raise ConfigError(f"'{a}attention.value_length' {v_dim} differs from key_length {head_dim}; not supported")
+    scaling_kind = str(_get(kv, a + "rope.scaling.type", "none"))
+    if scaling_kind not in ("none", "linear"):
+        raise UnsupportedError(f"'{a}rope.scaling.type' = {scaling_kind!r} is not supported; supported: none, linear "
+                               "(llama3-style scaling is read from the rope_freqs tensor)")
+    scaling = RopeScaling(
+        kind=scaling_kind,
+        factor=float(_get(kv, a + "rope.scaling.factor", 1.0)),
+        original_context=int(_get(kv, a + "rope.scaling.original_context_length", 0)),
+    )
+    if "token_embd.weight" not in tensors:
+        raise ConfigError("tensor 'token_embd.weight' is missing")
+    vocab_size = int(tensors["token_embd.weight"].shape[1])
+    cfg = ModelConfig(
+        arch=str(arch),
+        n_layers=int(_get(kv, a + "block_count")),
+        n_embd=n_embd,
+        n_ff=int(_get(kv, a + "feed_forward_length")),
+        n_heads=n_heads,
+        n_kv_heads=n_kv_heads,
+        head_dim=head_dim,
+        rope_base=float(_get(kv, a + "rope.freq_base", 10000.0)),
+        rope_dim=int(_get(kv, a + "rope.dimension_count", head_dim)),
+        rope_scaling=scaling,
+        rms_eps=float(_get(kv, a + "attention.layer_norm_rms_epsilon")),
+        n_ctx_train=int(_get(kv, a + "context_length", 2048)),
+        vocab_size=vocab_size,
+        tied_output="output.weight" not in tensors,
+        has_rope_freqs="rope_freqs.weight" in tensors,
+        spec=spec,
+    )
+    declared_vocab = kv.get(a + "vocab_size")
+    if declared_vocab is not None and int(declared_vocab) != vocab_size:
+        raise ConfigError(f"'{a}vocab_size' is {declared_vocab} but token_embd.weight has {vocab_size} rows")
+    check_tensors(cfg, tensors)
+    return cfg
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor the architecture needs, with its ggml shape (ne0 = input dim first)."""
+    shapes: dict[str, tuple[int, ...]] = {
+        "token_embd.weight": (cfg.n_embd, cfg.vocab_size),
+        "output_norm.weight": (cfg.n_embd,),
+    }
+    if not cfg.tied_output:
+        shapes["output.weight"] = (cfg.n_embd, cfg.vocab_size)
+    if cfg.has_rope_freqs:
+        shapes["rope_freqs.weight"] = (cfg.rope_dim // 2,)
+    for i in range(cfg.n_layers):
+        shapes.update(cfg.spec.layer_shapes(cfg, i))
+    return shapes
+
+
+def check_tensors(cfg: ModelConfig, tensors: Mapping[str, object]) -> None:
+    """Every expected tensor exists with the expected shape; no tensor is left unexplained."""
+    expected = expected_shapes(cfg)
+    optional = cfg.spec.optional_tensors(cfg)
+    for name, shape in expected.items():
+        if name not in tensors:
+            if name in optional:
+                continue
+            raise ConfigError(f"tensor '{name}' is missing (the {cfg.arch} architecture with "
+                              f"{cfg.n_layers} layers needs it)")
+        got = tuple(int(d) for d in tensors[name].shape)
+        if got != shape:
+            raise ConfigError(f"tensor '{name}' has shape {list(got)} but the metadata implies {list(shape)} "
+                              f"(n_embd={cfg.n_embd}, n_ff={cfg.n_ff}, n_heads={cfg.n_heads}, "
+                              f"n_kv_heads={cfg.n_kv_heads}, head_dim={cfg.head_dim}, vocab={cfg.vocab_size})")
+    unknown = [n for n in tensors if n not in expected]
+    if unknown:
+        shown = ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else "")
+        raise UnsupportedError(f"{len(unknown)} tensor(s) the {cfg.arch} architecture does not use: {shown}")

@@ -1,0 +1,80 @@
+"""Tensor-parallel building blocks. Each layer knows only its rank's slice of the weight.
+
+Column-parallel: the weight's output rows are split; each rank computes its own outputs and
+no communication is needed. Row-parallel: the input columns are split; each rank computes a
+partial sum that `reduce` (an all-reduce handed in by the caller) completes, then the bias is
+added once. Vocab-parallel: each rank holds a range of vocabulary rows of the embedding (and
+of the output layer). `reduce` is any callable summing a tensor over ranks in place or not:
+torch.distributed in a real world, a thread barrier in tests that build every rank in one
+process, identity for one rank.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .quants import QWeight, get_rows, qmatmul
+
+Reduce = Callable[[torch.Tensor], torch.Tensor]
+
+
+def no_reduce(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x (..., d) * rsqrt(mean(x^2) + eps) * weight (d,)."""
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+class ColumnParallelLinear:
+    """y[:, local outputs] = x @ W_local.T (+ b_local). No communication."""
+
+    def __init__(self, weight: QWeight, bias: torch.Tensor | None = None):
+        assert bias is None or bias.shape == (weight.n_rows,), (weight.name, bias.shape, weight.n_rows)
+        self.weight, self.bias = weight, bias
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = qmatmul(x, self.weight)           # (n, local_out)
+        return y + self.bias if self.bias is not None else y
+
+
+class RowParallelLinear:
+    """y = reduce(x[:, local inputs] @ W[:, local inputs].T) + b: the bias is added once, after the sum."""
+
+    def __init__(self, weight: QWeight, bias: torch.Tensor | None, reduce: Reduce):
+        assert bias is None or bias.shape == (weight.n_rows,), (weight.name, bias.shape, weight.n_rows)
+        self.weight, self.bias, self.reduce = weight, bias, reduce
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.reduce(qmatmul(x, self.weight))  # (n, out): partial sums completed across ranks
+        return y + self.bias if self.bias is not None else y
+
+
+class VocabParallelEmbedding:
+    """Rows [vocab_start, vocab_start + local_vocab) of token_embd; other ranks supply the rest via reduce."""
+
+    def __init__(self, weight: QWeight, vocab_start: int, reduce: Reduce, world: int):
+        self.weight, self.vocab_start, self.reduce, self.world = weight, vocab_start, reduce, world
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids (n,) global token ids -> (n, n_embd) float32."""
+        if self.world == 1:
+            return get_rows(self.weight, ids)
+        local = ids - self.vocab_start
+        mine = (local >= 0) & (local < self.weight.n_rows)
+        out = torch.zeros(ids.shape[0], self.weight.n_cols, dtype=torch.float32, device=ids.device)
+        if bool(mine.any()):
+            out[mine] = get_rows(self.weight, local[mine])
+        return self.reduce(out)
+
+
+class VocabParallelHead:
+    """Output layer: this rank's vocabulary slice of the logits, (n, local_vocab). Gathered by the runtime."""
+
+    def __init__(self, weight: QWeight):
+        self.weight = weight
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        return qmatmul(h, self.weight)

@@ -1,0 +1,55 @@
+"""Copy one rank's slices out of the memory-mapped GGUF file, as the shard plan says.
+
+Only the planned bytes are copied: a row-split weight is a contiguous run of whole rows (whole
+blocks), a column-split weight takes whole blocks from each row. Quantized weights stay in
+GGUF block layout (`QWeight`); 1-D tensors (norms, biases) are small and become float32.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .quants import QWeight, dequantize, row_bytes
+from .shard_plan import TensorSlice
+
+
+def load_weight(gf, ts: TensorSlice, device="cpu") -> QWeight:
+    """The rank's part of a 2-D weight as a QWeight of shape (local rows, local cols)."""
+    info = gf.tensors[ts.name]
+    n_cols, n_rows = int(info.shape[0]), int(info.shape[1])
+    rb = row_bytes(info.qtype, n_cols)
+    rows = gf.tensor_bytes(ts.name).reshape(n_rows, rb)          # (n_rows, row_bytes) uint8 view, no copy
+    if ts.axis == 1:
+        raw, shape = rows[ts.start:ts.end], (ts.end - ts.start, n_cols)
+    elif ts.axis == 0:
+        b0, b1 = row_bytes(info.qtype, ts.start), row_bytes(info.qtype, ts.end)
+        raw, shape = rows[:, b0:b1], (n_rows, ts.end - ts.start)
+    else:
+        raw, shape = rows, (n_rows, n_cols)
+    w = QWeight.from_numpy(raw, info.qtype, shape[0], shape[1], name=ts.name)
+    assert w.nbytes == ts.nbytes, (ts.name, w.nbytes, ts.nbytes)
+    return w.to(device)
+
+
+def load_vector(gf, ts: TensorSlice, device="cpu") -> torch.Tensor:
+    """A 1-D tensor (norm weight, bias, rope factors) or the rank's range of it, as float32."""
+    info = gf.tensors[ts.name]
+    n = int(info.shape[0])
+    raw = np.array(gf.tensor_bytes(ts.name), copy=True).reshape(1, -1)   # writable copy: 1-D tensors are small
+    full = dequantize(torch.from_numpy(raw), info.qtype, n)[0]    # (n,) float32; 1-D tensors are small
+    part = full if ts.axis is None else full[ts.start:ts.end]
+    return part.contiguous().to(device)
+
+
+class LoadProgress:
+    """Counts loaded bytes; calls `on_step(done_bytes, total_bytes, name)` after each tensor."""
+
+    def __init__(self, total: int, on_step: Callable[[int, int, str], None] | None):
+        self.total, self.done, self.on_step = total, 0, on_step
+
+    def step(self, ts: TensorSlice) -> None:
+        self.done += ts.nbytes
+        if self.on_step:
+            self.on_step(self.done, self.total, ts.name)

@@ -1,0 +1,42 @@
+"""Rotary position embedding, in the two layouts llama.cpp uses.
+
+normal (LLAMA_ROPE_TYPE_NORM): rotates adjacent pairs (x[2i], x[2i+1]); llama.cpp's llama
+converter permutes the q/k rows so that this matches the original model.
+neox (LLAMA_ROPE_TYPE_NEOX): rotates (x[i], x[i + rope_dim/2]).
+Only the first `rope_dim` dims of each head are rotated; the rest pass through.
+Angles are computed in float64 and rounded once, so long positions keep their precision.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class Rope:
+    def __init__(self, head_dim: int, rope_dim: int, base: float, neox: bool,
+                 freq_scale: float = 1.0, freq_factors: torch.Tensor | None = None):
+        assert rope_dim % 2 == 0 and rope_dim <= head_dim, (rope_dim, head_dim)
+        self.rope_dim, self.neox = rope_dim, neox
+        # theta_i = base^(-2i/rope_dim), i < rope_dim/2; llama3-style factors divide it (rope_freqs tensor)
+        inv_freq = base ** (-torch.arange(0, rope_dim, 2, dtype=torch.float64) / rope_dim)
+        if freq_factors is not None:
+            assert freq_factors.numel() == rope_dim // 2, (freq_factors.shape, rope_dim)
+            inv_freq = inv_freq / freq_factors.to(torch.float64).cpu()
+        self.inv_freq = inv_freq * freq_scale  # (rope_dim/2,) float64, on CPU
+
+    def cos_sin(self, positions: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions (n,) -> cos, sin each (n, 1, rope_dim/2) float32: one row per token, broadcast over heads."""
+        angles = positions.to("cpu", torch.float64)[:, None] * self.inv_freq[None, :]
+        return (angles.cos().to(device, torch.float32)[:, None, :],
+                angles.sin().to(device, torch.float32)[:, None, :])
+
+    def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x (n, heads, head_dim) -> rotated copy."""
+        d = self.rope_dim
+        rot, rest = x[..., :d], x[..., d:]
+        if self.neox:
+            a, b = rot[..., : d // 2], rot[..., d // 2:]
+            out = torch.cat((a * cos - b * sin, a * sin + b * cos), dim=-1)
+        else:
+            a, b = rot[..., 0::2], rot[..., 1::2]
+            out = torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2)
+        return torch.cat((out, rest), dim=-1) if rest.shape[-1] else out

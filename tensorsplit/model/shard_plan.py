@@ -1,0 +1,250 @@
+"""The shard plan: which rows and columns of which tensor each rank owns.
+
+Computed once, by `make_plan`, from the config, the tensor table (for quant block sizes and
+byte counts), the world size and the split ratios. It is plain data: `tensorsplit info`
+prints it, the loader reads it to copy each rank's bytes, and the forward pass reads each
+rank's head, FFN and vocabulary ranges from it.
+
+Rules (Megatron-style, as llama.cpp's tensor split mode and vLLM):
+- Attention: while world <= KV-head units, a rank owns whole KV-head groups with their query
+  heads. When ranks outnumber them, query heads are shared out instead and each rank holds
+  the KV heads its query heads read (KV heads replicated).
+- The input-split weights (attn_output, ffn_down) are cut only on quant-block boundaries, so
+  head and FFN units are sized to make every cut a multiple of the largest block size.
+- token_embd and the output layer are split by vocabulary rows (a tied output shares the
+  embedding's slice). Norms and the biases of input-split weights are mirrored.
+- Uneven ratios are shared out by largest remainder, in whole units, at least one unit each.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Mapping, Sequence
+
+from gguf import GGML_QUANT_SIZES
+
+from ..errors import ShardPlanError
+from .config import ModelConfig
+
+
+@dataclass(frozen=True)
+class TensorSlice:
+    name: str
+    split: str        # the tensor's role in arch.py: "q_rows", "o_cols", "mirror", ...
+    axis: int | None  # ggml axis cut: 1 = rows (output), 0 = columns (input), None = mirrored
+    start: int        # [start, end) along `axis`; the whole extent when mirrored
+    end: int
+    nbytes: int       # bytes this rank holds of the tensor
+
+
+@dataclass(frozen=True)
+class RankShard:
+    rank: int
+    q_heads: tuple[int, int]   # [start, end) of global query heads
+    kv_heads: tuple[int, int]  # [start, end) of global KV heads (may overlap other ranks': replicated)
+    ffn: tuple[int, int]       # [start, end) of the FFN hidden dim
+    vocab: tuple[int, int]     # [start, end) of vocabulary rows
+    tensors: tuple[TensorSlice, ...]
+
+    @property
+    def n_local_heads(self) -> int:
+        return self.q_heads[1] - self.q_heads[0]
+
+    @property
+    def n_local_kv_heads(self) -> int:
+        return self.kv_heads[1] - self.kv_heads[0]
+
+    @property
+    def local_ff(self) -> int:
+        return self.ffn[1] - self.ffn[0]
+
+    @property
+    def local_vocab(self) -> int:
+        return self.vocab[1] - self.vocab[0]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+    def slice_of(self, name: str) -> TensorSlice:
+        for t in self.tensors:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    world: int
+    ratios: tuple[float, ...]
+    kv_replicated: bool        # True when ranks outnumber KV-head units and KV heads are replicated
+    head_unit: int             # query heads per indivisible unit
+    ffn_unit: int              # FFN columns per indivisible unit
+    ranks: tuple[RankShard, ...]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def parse_split(text: str | None, world: int) -> tuple[float, ...]:
+    """'3,1' -> (0.75, 0.25). None -> equal shares. Errors name the flag and the value."""
+    if text is None or text == "":
+        return tuple([1.0 / world] * world)
+    try:
+        parts = [float(p) for p in str(text).split(",")]
+    except ValueError:
+        raise ShardPlanError(f"--split {text!r}: expected comma-separated numbers such as 3,1") from None
+    if len(parts) != world:
+        raise ShardPlanError(f"--split {text!r} has {len(parts)} shares but the world has {world} ranks")
+    if any(not math.isfinite(p) or p <= 0 for p in parts):
+        raise ShardPlanError(f"--split {text!r}: every share must be a positive number")
+    total = sum(parts)
+    return tuple(p / total for p in parts)
+
+
+def apportion(n_units: int, ratios: Sequence[float], what: str) -> list[tuple[int, int]]:
+    """Share n_units among ranks by ratio (largest remainder), >= 1 each; return [start, end) per rank."""
+    world = len(ratios)
+    if n_units < world:
+        raise ShardPlanError(f"cannot split {what} over {world} ranks: every rank needs at least one")
+    ideal = [r * n_units for r in ratios]
+    counts = [max(1, math.floor(x)) for x in ideal]
+    while sum(counts) > n_units:  # the max(1, .) floor can overshoot: take from the most over-served
+        i = max((k for k in range(world) if counts[k] > 1), key=lambda k: counts[k] - ideal[k])
+        counts[i] -= 1
+    while sum(counts) < n_units:  # largest remainder; ties go to the lower rank
+        i = max(range(world), key=lambda k: (ideal[k] - counts[k], -k))
+        counts[i] += 1
+    bounds, start = [], 0
+    for c in counts:
+        bounds.append((start, start + c))
+        start += c
+    return bounds
+
+
+def _block(tensors: Mapping[str, object], name: str) -> int:
+    return GGML_QUANT_SIZES[tensors[name].qtype][0]
+
+
+def _lcm_blocks(tensors: Mapping[str, object], names: Sequence[str]) -> int:
+    out = 1
+    for n in names:
+        if n in tensors:
+            out = math.lcm(out, _block(tensors, n))
+    return out
+
+
+def _row_bytes(info, n_cols: int) -> int:
+    block, type_size = GGML_QUANT_SIZES[info.qtype]
+    return n_cols // block * type_size
+
+
+def make_plan(cfg: ModelConfig, tensors: Mapping[str, object], world: int,
+              ratios: Sequence[float] | None = None) -> ShardPlan:
+    """Plan every rank's share. `tensors` maps names to TensorInfo (shape in ggml order, qtype)."""
+    if world < 1:
+        raise ShardPlanError(f"world size must be at least 1, got {world}")
+    ratios = tuple(ratios) if ratios is not None else tuple([1.0 / world] * world)
+    if len(ratios) != world:
+        raise ShardPlanError(f"{len(ratios)} split ratios for a world of {world} ranks")
+    hd, g = cfg.head_dim, cfg.group_size
+    o_names = [f"blk.{i}.attn_output.weight" for i in range(cfg.n_layers)]
+    down_names = [f"blk.{i}.ffn_down.weight" for i in range(cfg.n_layers)]
+
+    # Attention. attn_output's columns are cut at (head boundary) x head_dim, which must be a
+    # multiple of its block size: a unit is the fewest heads whose width is a whole number of blocks.
+    o_block = _lcm_blocks(tensors, o_names)
+    group_unit = o_block // math.gcd(g * hd, o_block)      # KV groups per unit
+    n_group_units = cfg.n_kv_heads // group_unit
+    if world <= n_group_units:
+        kv_replicated, head_unit = False, group_unit * g
+        groups = apportion(n_group_units, ratios, f"{n_group_units} KV-head units")
+        q_ranges = [(a * head_unit, b * head_unit) for a, b in groups]
+    else:
+        kv_replicated, head_unit = True, o_block // math.gcd(hd, o_block)
+        n_units = cfg.n_heads // head_unit
+        why = (f"{cfg.n_heads} query heads" if head_unit == 1 else
+               f"{cfg.n_heads} query heads ({n_units} units of {head_unit}: head_dim {hd} "
+               f"and attn_output's {o_block}-element quant blocks)")
+        units = apportion(n_units, ratios, why)
+        q_ranges = [(a * head_unit, b * head_unit) for a, b in units]
+    kv_ranges = [(q0 // g, (q1 - 1) // g + 1) for q0, q1 in q_ranges]
+
+    # FFN: ffn_down's columns are cut, on its largest block size over all layers.
+    ffn_unit = _lcm_blocks(tensors, down_names)
+    if cfg.n_ff % ffn_unit:
+        raise ShardPlanError(f"n_ff {cfg.n_ff} is not a multiple of ffn_down's block size {ffn_unit}")
+    ffn_ranges = [(a * ffn_unit, b * ffn_unit) for a, b in
+                  apportion(cfg.n_ff // ffn_unit, ratios, f"the FFN ({cfg.n_ff} = {cfg.n_ff // ffn_unit} "
+                                                          f"blocks of {ffn_unit})")]
+    vocab_ranges = apportion(cfg.vocab_size, ratios, f"a vocabulary of {cfg.vocab_size}")
+
+    ranks = []
+    for r in range(world):
+        extents = {  # role -> (axis, start, end) in elements along that axis
+            "q_rows": (q_ranges[r][0] * hd, q_ranges[r][1] * hd),
+            "kv_rows": (kv_ranges[r][0] * hd, kv_ranges[r][1] * hd),
+            "ffn_rows": ffn_ranges[r],
+            "o_cols": (q_ranges[r][0] * hd, q_ranges[r][1] * hd),
+            "ffn_cols": ffn_ranges[r],
+            "vocab_rows": vocab_ranges[r],
+        }
+        slices = tuple(_slice(name, role, tensors[name], extents)
+                       for name, role in _roles(cfg, tensors))
+        ranks.append(RankShard(r, q_ranges[r], kv_ranges[r], ffn_ranges[r], vocab_ranges[r], slices))
+    return ShardPlan(world, ratios, kv_replicated, head_unit, ffn_unit, tuple(ranks))
+
+
+def _roles(cfg: ModelConfig, tensors: Mapping[str, object]):
+    """(name, split role) for every tensor of the model present in the file, in a stable order."""
+    yield "token_embd.weight", "vocab_rows"
+    if not cfg.tied_output:
+        yield "output.weight", "vocab_rows"
+    yield "output_norm.weight", "mirror"
+    if cfg.has_rope_freqs:
+        yield "rope_freqs.weight", "mirror"
+    for i in range(cfg.n_layers):
+        for role in cfg.spec.layer_tensors:
+            name = f"blk.{i}.{role.suffix}"
+            if name in tensors:
+                yield name, role.split
+
+
+def _slice(name: str, role: str, info, extents) -> TensorSlice:
+    shape = tuple(int(d) for d in info.shape)
+    if role == "mirror":
+        return TensorSlice(name, role, None, 0, shape[-1], int(info.nbytes))
+    start, end = extents[role]
+    if len(shape) == 1:          # a bias: its one axis is the output axis
+        return TensorSlice(name, role, 0, start, end, _row_bytes(info, end - start))
+    n_cols, n_rows = shape[0], shape[1]
+    if role.endswith("_cols"):
+        block = GGML_QUANT_SIZES[info.qtype][0]
+        assert start % block == 0 and end % block == 0, (name, start, end, block)
+        return TensorSlice(name, role, 0, start, end, n_rows * _row_bytes(info, end - start))
+    return TensorSlice(name, role, 1, start, end, (end - start) * _row_bytes(info, n_cols))
+
+
+def format_plan(plan: ShardPlan, cfg: ModelConfig, verbose: bool = False) -> str:
+    """A human-readable table of the plan: per rank heads, FFN, vocab, bytes; per tensor with verbose."""
+    lines = [f"world {plan.world}, shares {', '.join(f'{r:.3f}' for r in plan.ratios)}"
+             f"{', KV heads replicated' if plan.kv_replicated else ''}"]
+    lines.append(f"{'rank':>4}  {'q heads':>9}  {'kv heads':>9}  {'ffn':>13}  {'vocab':>15}  {'weights':>10}")
+    for rs in plan.ranks:
+        lines.append(f"{rs.rank:>4}  {_rng(rs.q_heads):>9}  {_rng(rs.kv_heads):>9}  {_rng(rs.ffn):>13}  "
+                     f"{_rng(rs.vocab):>15}  {_mib(rs.nbytes):>10}")
+    if verbose:
+        for rs in plan.ranks:
+            lines.append(f"rank {rs.rank}:")
+            for t in rs.tensors:
+                where = "mirrored" if t.axis is None else f"{'rows' if t.axis == 1 else 'cols'} {_rng((t.start, t.end))}"
+                lines.append(f"  {t.name:<28} {where:<22} {t.nbytes:>12,d} B")
+    return "\n".join(lines)
+
+
+def _rng(r: tuple[int, int]) -> str:
+    return f"{r[0]}-{r[1] - 1}" if r[1] - r[0] > 1 else f"{r[0]}"
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"

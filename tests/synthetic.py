@@ -1,0 +1,91 @@
+"""Write small GGUF models with gguf.GGUFWriter, for shapes and quant types the real files lack.
+
+Weights are random. Types gguf-py can quantize go through `gguf.quants.quantize`; the others
+(K-quants, IQ4) get random blocks with their float16 scale fields overwritten by small finite
+values, so every format decodes to sane numbers.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGUFWriter, GGMLQuantizationType as Q
+from gguf.quants import quantize
+
+# byte offsets of float16 scale fields inside one block, and the value range to write there
+_F16_FIELDS = {
+    Q.Q2_K: ((80, 82), 0.004), Q.Q3_K: ((108,), 0.004), Q.Q4_K: ((0, 2), 0.004),
+    Q.Q5_K: ((0, 2), 0.002), Q.Q6_K: ((208,), 0.0005), Q.IQ4_NL: ((0,), 0.005), Q.IQ4_XS: ((0,), 0.002),
+}
+
+
+def random_quantized(qtype: Q, n_rows: int, n_cols: int, rng: np.random.Generator) -> np.ndarray:
+    """(n_rows, row_bytes) uint8 blocks of `qtype`, or a float array for F32/F16/BF16-by-quantize."""
+    if qtype == Q.F32:
+        return (rng.standard_normal((n_rows, n_cols)) * 0.05).astype(np.float32)
+    if qtype not in _F16_FIELDS:
+        return quantize((rng.standard_normal((n_rows, n_cols)) * 0.05).astype(np.float32), qtype)
+    block, size = GGML_QUANT_SIZES[qtype]
+    blocks = rng.integers(0, 256, (n_rows * n_cols // block, size), dtype=np.uint8)
+    offsets, scale = _F16_FIELDS[qtype]
+    for off in offsets:
+        vals = (rng.uniform(0.5, 1.5, blocks.shape[0]) * scale).astype(np.float16)
+        blocks[:, off:off + 2] = vals.view(np.uint8).reshape(-1, 2)
+    return blocks.reshape(n_rows, -1)
+
+
+def write_llama(path: Path, *, n_layers=2, n_embd=256, n_heads=8, n_kv=2, n_ff=512, vocab=320,
+                head_dim=None, types: dict[str, Q] | None = None, tied=True, seed=0,
+                rope_base=10000.0, extra_kv: dict | None = None) -> Path:
+    """A llama-architecture GGUF with random weights. `types` maps a tensor suffix ("attn_q",
+    "ffn_down", "token_embd", "output", ...) to its quant type; default Q8_0."""
+    rng = np.random.default_rng(seed)
+    types = types or {}
+    hd = head_dim or n_embd // n_heads
+    w = GGUFWriter(str(path), "llama")
+    w.add_block_count(n_layers)
+    w.add_context_length(256)
+    w.add_embedding_length(n_embd)
+    w.add_feed_forward_length(n_ff)
+    w.add_head_count(n_heads)
+    w.add_head_count_kv(n_kv)
+    w.add_key_length(hd)
+    w.add_value_length(hd)
+    w.add_rope_dimension_count(hd)
+    w.add_rope_freq_base(rope_base)
+    w.add_layer_norm_rms_eps(1e-5)
+    for k, v in (extra_kv or {}).items():
+        w.add_key_value(k, v[0], v[1])
+
+    def tensor(name, suffix, n_rows, n_cols):
+        qtype = types.get(suffix, Q.Q8_0)
+        data = random_quantized(qtype, n_rows, n_cols, rng)
+        if qtype == Q.F32:
+            w.add_tensor(name, data)
+        else:
+            w.add_tensor(name, data, raw_shape=(n_rows, n_cols) if data.dtype != np.uint8
+                         else data.shape, raw_dtype=qtype)
+
+    def norm(name, n):
+        w.add_tensor(name, (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32))
+
+    tensor("token_embd.weight", "token_embd", vocab, n_embd)
+    if not tied:
+        tensor("output.weight", "output", vocab, n_embd)
+    norm("output_norm.weight", n_embd)
+    for i in range(n_layers):
+        p = f"blk.{i}."
+        norm(p + "attn_norm.weight", n_embd)
+        tensor(p + "attn_q.weight", "attn_q", n_heads * hd, n_embd)
+        tensor(p + "attn_k.weight", "attn_k", n_kv * hd, n_embd)
+        tensor(p + "attn_v.weight", "attn_v", n_kv * hd, n_embd)
+        tensor(p + "attn_output.weight", "attn_output", n_embd, n_heads * hd)
+        norm(p + "ffn_norm.weight", n_embd)
+        tensor(p + "ffn_gate.weight", "ffn_gate", n_ff, n_embd)
+        tensor(p + "ffn_up.weight", "ffn_up", n_ff, n_embd)
+        tensor(p + "ffn_down.weight", "ffn_down", n_embd, n_ff)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return Path(path)
