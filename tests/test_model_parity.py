@@ -1,0 +1,143 @@
+"""The model core against independent references, all ranks of a world built in one process.
+
+- Sharded vs unsharded: the ranks' vocabulary slices concatenated equal the one-rank logits.
+  Tolerance 5e-4 absolute on logits of magnitude ~30: the only difference is the order in
+  which float32 partial sums are added (seen: ~6e-5). The random-weight synthetic models have
+  a much larger residual stream, so their float32 rounding is larger: 3e-3 (seen: 1.3e-3).
+- Against tests/reference.py, a float64 dense forward over gguf-py-dequantized weights with
+  HF-style rope: top-1 equal wherever the reference's top two logits differ by more than 1e-2,
+  and logits within 2e-3 absolute + 5e-4 relative (float32 accumulation; seen: 9e-5 on SmolLM2,
+  3.5e-3 on a logit of -34 from the random-weight K-quant model).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+
+from reference import DenseLlama
+from synthetic import write_llama
+from tensorsplit.comm.local import ThreadWorld
+from tensorsplit.model import make_plan, open_model, parse_split
+from tensorsplit.model.layers import no_reduce
+from tensorsplit.model.transformer import RankModel
+
+SHARD_ATOL = 5e-4
+SYNTHETIC_SHARD_ATOL = 3e-3
+REF_ATOL, REF_RTOL = 2e-3, 5e-4
+PROMPT = [1, 504, 3458, 282, 4649, 314, 253, 1345, 28, 2, 77, 88, 99, 1040, 12, 640]
+
+
+def world_logits(gf, cfg, world, ids, split=None):
+    """Run one forward of `ids` (one sequence from position 0) on every rank; concatenated logits."""
+    plan = make_plan(cfg, gf.tensors, world, parse_split(split, world))
+    tw = ThreadWorld(world)
+    ids = torch.tensor(ids)
+    n = len(ids)
+
+    def rank(r):
+        m = RankModel(cfg, plan.ranks[r], world, tw.reducer(r) if world > 1 else no_reduce, gf)
+        m.allocate_cache(1, 64)
+        return m.forward(ids, torch.arange(n), torch.zeros(n, dtype=torch.long))
+
+    parts = tw.run(rank)
+    assert [p.shape[1] for p in parts] == [r.local_vocab for r in plan.ranks]
+    return torch.cat(parts, dim=-1).double().numpy()
+
+
+def assert_matches_reference(ours, ref):
+    top2 = np.sort(ref, axis=-1)[:, -2:]
+    decisive = top2[:, 1] - top2[:, 0] > 1e-2
+    assert decisive.sum() >= len(ref) // 2, "too few decisive positions for a meaningful test"
+    assert (ours.argmax(-1)[decisive] == ref.argmax(-1)[decisive]).all()
+    np.testing.assert_allclose(ours, ref, atol=REF_ATOL, rtol=REF_RTOL)
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_path):
+    return open_model(smollm2_path)
+
+
+@pytest.fixture(scope="module")
+def smollm2_one_rank(smollm2):
+    return world_logits(*smollm2, 1, PROMPT)
+
+
+def test_smollm2_matches_dense_reference(smollm2_path, smollm2_one_rank):
+    ref = DenseLlama(smollm2_path).logits(PROMPT)
+    assert_matches_reference(smollm2_one_rank, ref)
+
+
+@pytest.mark.parametrize("world,split", [(2, None), (3, None), (4, None), (2, "3,1")])
+def test_smollm2_sharded_equals_unsharded(smollm2, smollm2_one_rank, world, split):
+    ours = world_logits(*smollm2, world, PROMPT, split)
+    np.testing.assert_allclose(ours, smollm2_one_rank, atol=SHARD_ATOL, rtol=0)
+
+
+def test_smollm2_rank_bytes_halve(smollm2):
+    gf, cfg = smollm2
+    one = make_plan(cfg, gf.tensors, 1).ranks[0].nbytes
+    two = [r.nbytes for r in make_plan(cfg, gf.tensors, 2).ranks]
+    # only norms are mirrored; the tied embedding is vocabulary-parallel
+    assert sum(two) - one < 0.01 * one
+    assert all(0.4 * one < b < 0.6 * one for b in two)
+
+
+MIXED = {"token_embd": Q.Q8_0, "output": Q.Q6_K, "attn_q": Q.Q4_K, "attn_k": Q.Q5_K, "attn_v": Q.Q6_K,
+         "attn_output": Q.IQ4_NL, "ffn_gate": Q.Q2_K, "ffn_up": Q.Q3_K, "ffn_down": Q.IQ4_XS}
+ODD = {"token_embd": Q.Q4_0, "attn_q": Q.Q4_1, "attn_k": Q.Q5_0, "attn_v": Q.Q5_1,
+       "attn_output": Q.Q8_0, "ffn_gate": Q.BF16, "ffn_up": Q.F16, "ffn_down": Q.F32}
+
+
+@pytest.fixture(scope="module", params=["mixed", "odd"])
+def synthetic(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp("syn") / f"{request.param}.gguf"
+    if request.param == "mixed":   # K-quants and IQ4 types; untied output; 8 heads / 2 KV heads
+        write_llama(path, n_embd=256, n_heads=8, n_kv=2, n_ff=768, vocab=300, types=MIXED, tied=False)
+    else:                          # 9 heads / 3 KV heads as SmolLM2, legacy and float types, tied
+        write_llama(path, n_embd=288, n_heads=9, n_kv=3, n_ff=320, vocab=301, types=ODD, seed=1)
+    return path, open_model(path)
+
+
+def test_synthetic_matches_reference_and_shards(synthetic):
+    path, (gf, cfg) = synthetic
+    ids = [5, 17, 290, 3, 3, 44, 120, 7, 251, 60, 9, 0]
+    one = world_logits(gf, cfg, 1, ids)
+    assert_matches_reference(one, DenseLlama(path).logits(ids))
+    for world, split in [(2, None), (3, None), (2, "1,3")]:
+        np.testing.assert_allclose(world_logits(gf, cfg, world, ids, split), one, atol=SYNTHETIC_SHARD_ATOL, rtol=0)
+
+
+def test_decode_and_batching_match_prefill(smollm2):
+    """Token-by-token decode over the KV cache, and two sequences sharing a forward in different
+    slots, give the logits of one prefill of each sequence."""
+    gf, cfg = smollm2
+    plan = make_plan(cfg, gf.tensors, 1)
+    m = RankModel(cfg, plan.ranks[0], 1, no_reduce, gf)
+    m.allocate_cache(2, 64)
+    a, b = torch.tensor(PROMPT[:9]), torch.tensor(PROMPT[5:])
+    full_a = m.forward(a, torch.arange(9), torch.zeros(9, dtype=torch.long))
+    full_b = m.forward(b, torch.arange(len(b)), torch.ones(len(b), dtype=torch.long))
+    # prefill 4 tokens of each into fresh slots in one mixed batch, then decode a one token at a time
+    # while b continues in the same steps
+    m.allocate_cache(2, 64)
+    ids = torch.cat([a[:4], b[:4]])
+    pos = torch.cat([torch.arange(4), torch.arange(4)])
+    slots = torch.tensor([0] * 4 + [1] * 4)
+    out = m.forward(ids, pos, slots)
+    torch.testing.assert_close(out[:4], full_a[:4], atol=SHARD_ATOL, rtol=0)
+    torch.testing.assert_close(out[4:], full_b[:4], atol=SHARD_ATOL, rtol=0)
+    for p in range(4, 9):
+        step = m.forward(torch.tensor([a[p], b[p]]), torch.tensor([p, p]), torch.tensor([0, 1]))
+        torch.testing.assert_close(step[0], full_a[p], atol=SHARD_ATOL, rtol=0)
+        torch.testing.assert_close(step[1], full_b[p], atol=SHARD_ATOL, rtol=0)
+
+
+def test_logit_rows_select_positions(smollm2, smollm2_one_rank):
+    gf, cfg = smollm2
+    m = RankModel(cfg, make_plan(cfg, gf.tensors, 1).ranks[0], 1, no_reduce, gf)
+    m.allocate_cache(1, 64)
+    n = len(PROMPT)
+    last = m.forward(torch.tensor(PROMPT), torch.arange(n), torch.zeros(n, dtype=torch.long), torch.tensor([n - 1]))
+    np.testing.assert_allclose(last.double().numpy()[0], smollm2_one_rank[-1], atol=SHARD_ATOL)
