@@ -1,0 +1,219 @@
+"""The coordinator's tokenizer against llama.cpp's ids (tests/fixtures/*_golden.json).
+
+The golden files are written by scripts/make_golden.py with llama-cpp-python; CI only reads them.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tensorsplit.coordinator.tokenizer import Tokenizer
+from tensorsplit.errors import UnsupportedError
+from tensorsplit.model.gguf_file import GGUFFile
+
+FIXTURES = Path(__file__).parent / "fixtures"
+MODELS = ("smollm2", "gemma3-270m")
+
+# characters that the vocabularies spell with several byte tokens (byte-level BPE, or SPM byte fallback)
+MULTIBYTE = "𠀋 𝔘 䶵 ᚠ 𐌀 😀 👨‍👩‍👧‍👦 你好，世界 ½ ü"
+
+
+def _golden(model: str) -> dict:
+    path = FIXTURES / f"{model}_golden.json"
+    if not path.exists():
+        pytest.skip(f"{path.name} is absent (write it with scripts/make_golden.py and llama-cpp-python)")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _text(case: dict) -> str:
+    if "text" in case:
+        return case["text"]
+    path = FIXTURES / case["text_file"]
+    if not path.exists():
+        pytest.skip(f"{path.name} is absent")
+    return path.read_text(encoding="utf-8")
+
+
+def _kv(path: Path) -> dict:
+    with GGUFFile(path) as f:
+        return dict(f.kv)
+
+
+@pytest.fixture(scope="module")
+def kvs(smollm2_path, gemma3_path) -> dict[str, dict]:
+    return {"smollm2": _kv(smollm2_path), "gemma3-270m": _kv(gemma3_path)}
+
+
+@pytest.fixture(scope="module")
+def toks(kvs) -> dict[str, Tokenizer]:
+    return {name: Tokenizer.from_gguf_kv(kv) for name, kv in kvs.items()}
+
+
+# --- llama.cpp parity -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("model", MODELS)
+def test_ids_match_llamacpp(toks, model):
+    golden = _golden(model)
+    tok = toks[model]
+    bad = []
+    for case in golden["tokenize"]:
+        ids = tok.encode(_text(case), add_special=case["add_special"], parse_special=case["parse_special"])
+        if ids != case["ids"]:
+            first = next((i for i, (a, b) in enumerate(zip(ids, case["ids"])) if a != b),
+                         min(len(ids), len(case["ids"])))
+            bad.append(f"{case['name']} add_special={case['add_special']} parse_special={case['parse_special']}: "
+                       f"first difference at {first}: ours {ids[first:first + 5]} llama.cpp "
+                       f"{case['ids'][first:first + 5]} (lengths {len(ids)} / {len(case['ids'])})")
+    assert not bad, "\n".join(bad)
+    assert len(golden["tokenize"]) >= 8
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_vocab_matches_llamacpp(toks, model):
+    v = _golden(model)["vocab"]
+    tok = toks[model]
+    assert tok.vocab_size == v["n_vocab"]
+    assert tok.bos_id == v["bos_id"] and tok.eos_id == v["eos_id"]
+    assert tok.add_bos == v["add_bos"] and tok.add_eos == v["add_eos"]
+    assert sorted(tok.eog_ids) == v["eog_ids"]
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_pieces_match_llamacpp(toks, model):
+    tok = toks[model]
+    for p in _golden(model)["pieces"]:
+        assert tok.token_piece(p["id"]).hex() == p["special"], p
+        # token_to_piece(special=False): control tokens render as nothing
+        assert tok.decode_bytes([p["id"]], skip_special=True).hex() == p["plain"], p
+
+
+def test_expected_eog_and_specials(toks):
+    s, g = toks["smollm2"], toks["gemma3-270m"]
+    assert s.eog_ids == {0, 2, 4}          # <|endoftext|>, <|im_end|>, <reponame> (a FIM token)
+    assert g.eog_ids == {1, 106, 212}      # <eos>, <end_of_turn>, </s>
+    assert (s.add_bos, g.add_bos) == (False, True)
+    assert g.encode("", add_special=True) == [g.bos_id] and g.encode("", add_special=False) == []
+    assert s.encode("") == []
+
+
+# --- round trips and the incremental detokenizer --------------------------------------------------
+
+def _texts(model: str) -> list[tuple[str, bool]]:
+    out, seen = [], set()
+    for case in _golden(model)["tokenize"]:
+        key = (case["name"], case["parse_special"])
+        if key not in seen:
+            seen.add(key)
+            out.append((_text(case), case["parse_special"]))
+    out.append((MULTIBYTE, False))
+    return out
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_round_trip(toks, model):
+    tok = toks[model]
+    for text, parse_special in _texts(model):
+        if tok.model == "llama":
+            # SentencePiece vocabularies spell spaces as U+2581, so a literal U+2581 in the text
+            # comes back as a space (in llama.cpp too)
+            text = text.replace("\u2581", "_")
+        assert tok.decode(tok.encode(text, add_special=False, parse_special=parse_special)) == text
+        if not parse_special:
+            # BOS / EOS are control tokens, left out with skip_special
+            assert tok.decode(tok.encode(text, add_special=True), skip_special=True) == text
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_detokenizer_streams_whole_characters(toks, model):
+    tok = toks[model]
+    held_back = 0
+    for text, parse_special in _texts(model):
+        for skip_special in (False, True):
+            ids = tok.encode(text, add_special=True, parse_special=parse_special)
+            det = tok.detokenizer(skip_special=skip_special)
+            parts = [det.push(i) for i in ids]
+            parts.append(det.flush())
+            assert "".join(parts) == tok.decode(ids, skip_special=skip_special)
+            for part in parts:
+                assert "\ufffd" not in part     # never half a character
+                part.encode("utf-8")            # and no lone surrogates
+            held_back += sum(1 for p, i in zip(parts, ids) if p == "" and tok.token_piece(i))
+    assert held_back > 0   # some tokens really were partial characters
+
+
+def test_detokenizer_cut_character(toks):
+    tok = toks["gemma3-270m"]
+    ids = tok.encode("𠀋", add_special=False)   # four byte tokens
+    assert len(ids) == 4
+    det = tok.detokenizer()
+    assert [det.push(i) for i in ids[:3]] == ["", "", ""]
+    assert det.flush() == "\ufffd"
+    assert tok.decode(ids[:3]) == "\ufffd"
+    det = tok.detokenizer()
+    assert "".join(det.push(i) for i in ids) + det.flush() == "𠀋"
+
+
+# --- special tokens -------------------------------------------------------------------------------
+
+def test_parse_special(toks):
+    s, g = toks["smollm2"], toks["gemma3-270m"]
+    plain = s.encode("<|im_end|>", add_special=False, parse_special=False)
+    assert len(plain) > 1 and 2 not in plain
+    assert s.decode(plain) == "<|im_end|>"
+    assert s.encode("<|im_end|>", add_special=False, parse_special=True) == [2]
+    assert s.encode("<|im_start|>user\nhi<|im_end|>", parse_special=True)[0] == 1
+
+    plain = g.encode("<end_of_turn>", add_special=False, parse_special=False)
+    assert 106 not in plain and g.decode(plain) == "<end_of_turn>"
+    assert g.encode("<end_of_turn>", add_special=False, parse_special=True) == [106]
+    # user-defined tokens (whitespace runs, html tags) are cut out even from plain text
+    assert g.encode("a  b<table>", add_special=False) == [g.encode("a", add_special=False)[0], 138,
+                                                            g.encode("b", add_special=False)[0], 168]
+
+
+def test_skip_special_decode(toks):
+    s = toks["smollm2"]
+    ids = s.encode("<|im_start|>user\nhi<|im_end|>", parse_special=True)
+    assert s.decode(ids) == "<|im_start|>user\nhi<|im_end|>"
+    assert s.decode(ids, skip_special=True) == "user\nhi"
+
+
+# --- errors ---------------------------------------------------------------------------------------
+
+def test_unknown_pre_tokenizer(kvs):
+    kv = dict(kvs["smollm2"])
+    kv["tokenizer.ggml.pre"] = "no-such-pre"
+    with pytest.raises(UnsupportedError, match="no-such-pre") as e:
+        Tokenizer.from_gguf_kv(kv)
+    assert "tokenizer.ggml.pre" in str(e.value) and "smollm" in str(e.value) and "llama-bpe" in str(e.value)
+
+
+def test_unknown_tokenizer_model(kvs):
+    kv = dict(kvs["smollm2"])
+    kv["tokenizer.ggml.model"] = "wordpiece-x"
+    with pytest.raises(UnsupportedError, match="wordpiece-x") as e:
+        Tokenizer.from_gguf_kv(kv)
+    assert "tokenizer.ggml.model" in str(e.value)
+
+
+def test_no_tokenizer(kvs):
+    kv = {k: v for k, v in kvs["smollm2"].items() if not k.startswith("tokenizer.")}
+    with pytest.raises(UnsupportedError, match="tokenizer.ggml.model"):
+        Tokenizer.from_gguf_kv(kv)
+
+
+@pytest.mark.parametrize("pre", ["llama-bpe", "qwen2", "gpt-2", "gpt2", "default"])
+def test_other_pre_tokenizers_build(kvs, pre):
+    # the regexes compile and split as expected; ids are SmolLM2's vocabulary, not those models'
+    kv = dict(kvs["smollm2"])
+    kv["tokenizer.ggml.pre"] = pre
+    tok = Tokenizer.from_gguf_kv(kv)
+    text = "Hello world! It's 12345 apples.\n\n  x"
+    assert tok.decode(tok.encode(text, add_special=False)) == text
+    words = [w for w, _ in tok._hf.pre_tokenizer.pre_tokenize_str("12345 I'M")]
+    expect = {"llama-bpe": ["123", "45", "ĠI", "'M"], "qwen2": ["1", "2", "3", "4", "5", "ĠI", "'M"],
+              "gpt-2": ["12345", "ĠI", "'", "M"], "gpt2": ["12345", "ĠI", "'", "M"],
+              "default": ["123", "45", "ĠI", "'", "M"]}[pre]
+    assert words == expect
