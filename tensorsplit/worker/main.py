@@ -1,0 +1,108 @@
+"""A worker's life: join the world, load this rank's shard, then either coordinate (rank 0)
+or serve steps (every other rank) until told to shut down.
+
+Rank 0 shares its process with the coordinator: under plain torchrun there is no other
+process to host it, and it saves one copy of the logits per step.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from ..comm import choose_backend, init_comm
+from ..errors import TensorsplitError
+from ..model import make_plan, open_model, parse_split
+from ..model.transformer import RankModel
+from .engine import Engine, Shard, serve
+from .process import (RankEnv, device_kinds, die_with_parent, report_failure, resolve_device,
+                      set_threads)
+
+
+@dataclass(frozen=True)
+class WorldSpec:
+    """What every rank must agree on; built from the same command line on every rank."""
+    model: Path
+    split: str | None = None
+    device: str = "auto"
+    backend: str | None = None
+    n_ctx: int = 2048          # KV-cache positions per slot
+    n_slots: int = 1           # concurrent sequences
+    timeout_s: float = 120.0   # every collective on the device group, and the rendezvous
+    threads: int | None = None
+    quiet: bool = False        # no load progress
+
+
+Job = Callable[[Engine, object, object], int]   # (engine, GGUFFile, ModelConfig) -> exit code
+
+
+def run_worker(spec: WorldSpec, job: Job) -> int:
+    """Entry point of every worker process. Returns the process exit code."""
+    env = None
+    try:
+        env = RankEnv.from_environ()
+        die_with_parent()
+        if env.rank != 0:  # workers have nothing to save: the default SIGTERM action is right
+            signal.signal(signal.SIGINT, signal.SIG_IGN)   # the launcher decides when to stop
+        else:
+            signal.signal(signal.SIGTERM, _raise_interrupt)
+        return _run(env, spec, job)
+    except KeyboardInterrupt:
+        return 130
+    except BaseException as e:  # noqa: BLE001 - turned into one line for the launcher
+        if isinstance(e, SystemExit):
+            raise
+        report_failure(env.rank if env else int(os.environ.get("RANK", -1)), e)
+        if os.environ.get("TENSORSPLIT_DEBUG"):
+            traceback.print_exc()
+        return 1
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _run(env: RankEnv, spec: WorldSpec, job: Job) -> int:
+    set_threads(env, spec.threads)
+    kinds = device_kinds(spec.device, env.world)
+    device = resolve_device(kinds[env.rank], env.local_rank)
+    backend = choose_backend(kinds, spec.backend)
+    gf, cfg = open_model(spec.model)
+    plan = make_plan(cfg, gf.tensors, env.world, parse_split(spec.split, env.world))
+    comm = init_comm(env.rank, env.world, env.local_rank, device, backend, env.master_addr, env.master_port,
+                     spec.timeout_s)
+    try:
+        model = RankModel(cfg, plan.ranks[env.rank], env.world, comm.all_reduce, gf, device,
+                          on_progress=_progress_bar(plan.ranks[0].nbytes) if env.rank == 0 and not spec.quiet else None)
+        model.allocate_cache(spec.n_slots, spec.n_ctx)
+        shard = Shard(model, comm, [r.local_vocab for r in plan.ranks])
+        if env.rank != 0:
+            serve(shard)
+            return 0
+        engine = Engine(shard, spec.n_slots, spec.n_ctx)
+        try:
+            return job(engine, gf, cfg)
+        finally:
+            engine.shutdown()
+    finally:
+        comm.close()
+
+
+def _progress_bar(total: int):
+    """Load progress of rank 0's shard on stderr (the other ranks load in parallel)."""
+    from tqdm import tqdm
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="loading rank 0's shard", file=sys.stderr,
+               leave=False, disable=None)
+
+    def step(done: int, total_: int, name: str) -> None:
+        bar.update(done - bar.n)
+        if done >= total_:
+            bar.close()
+    return step
+
+
+__all__ = ["WorldSpec", "run_worker", "TensorsplitError"]
