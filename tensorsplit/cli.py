@@ -146,10 +146,12 @@ def cli():
 @click.option("--stop", multiple=True, help="Stop when this text appears (repeatable).")
 @click.option("-c", "--ctx-size", default=2048, show_default=True, type=int, help="Context size (KV-cache positions).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with the text, counts and timings.")
+@click.option("--save-logits", default=None, type=click.Path(dir_okay=False),
+              help="Write the logits each generated token was sampled from to this .npy file (checks, debugging).")
 @_world_options
 @click.pass_context
 def generate(ctx, model, prompt, prompt_file, n_predict, temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n,
-             seed, stop, ctx_size, as_json, **_):
+             seed, stop, ctx_size, as_json, save_logits, **_):
     """Generate text from a prompt, streamed to stdout."""
     from .coordinator.jobs import GenerateJob
     from .coordinator.sampling import SamplingParams
@@ -160,8 +162,10 @@ def generate(ctx, model, prompt, prompt_file, n_predict, temp, top_k, top_p, min
     sampling = SamplingParams(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
                               repeat_last_n=repeat_last_n, seed=seed)
     sampling.validate()
-    job = GenerateJob(prompt, n_predict, sampling, tuple(stop), as_json)
-    return _run_world(ctx, job, n_ctx=ctx_size)
+    save = Path(save_logits).resolve() if save_logits else None
+    job = GenerateJob(prompt, n_predict, sampling, tuple(stop), as_json, save)
+    return _run_world(ctx, job, n_ctx=ctx_size, overrides={"save_logits": str(save) if save else None,
+                                                           "prompt": prompt, "prompt_file": None})
 
 
 @cli.command(context_settings=CONTEXT)
@@ -229,6 +233,19 @@ def _bench_world(ctx: click.Context, n: int, out: Path) -> int:
     node = NodeSpec(nproc=n, nnodes=p["nnodes"], node_rank=p["node_rank"], master_addr=p["master_addr"],
                     master_port=p["master_port"], threads=p["threads"])
     return launch(_argv(ctx, {"model": model, "nproc": str(n), "result_file": str(out)}), node)
+
+
+@cli.command(context_settings=CONTEXT, hidden=True)
+@_model_option
+@click.option("-c", "--ctx-size", default=2048, type=int)
+@_world_options
+@click.pass_context
+def serve(ctx, model, ctx_size, **_):
+    """Worker side only: join a world whose rank 0 is another process (the Python API)."""
+    from .worker.process import in_worker
+    if not in_worker():
+        raise TensorsplitError("`serve` runs inside a world started by tensorsplit.LLM or torchrun")
+    return _run_world(ctx, None, n_ctx=ctx_size)
 
 
 @cli.command(context_settings=CONTEXT)

@@ -50,8 +50,9 @@ def prefill(forward, ids: Sequence[int], slot: int, start: int = 0, n_batch: int
 
 def generate_one(forward, tokenizer: Tokenizer, prompt_ids: Sequence[int], params: SamplingParams,
                  max_tokens: int, n_ctx: int, stop: Sequence[str] = (),
-                 on_text: Callable[[str], None] | None = None, slot: int = 0, n_batch: int = 512
-                 ) -> GenerationResult:
+                 on_text: Callable[[str], None] | None = None, slot: int = 0, n_batch: int = 512,
+                 on_logits: Callable[[torch.Tensor], None] | None = None) -> GenerationResult:
+    """on_logits, if given, sees the (vocab,) logits each token is sampled from (for checks and debugging)."""
     if not prompt_ids:
         raise TensorsplitError("the prompt is empty (no tokens)")
     if len(prompt_ids) >= n_ctx:
@@ -75,6 +76,8 @@ def generate_one(forward, tokenizer: Tokenizer, prompt_ids: Sequence[int], param
     t1 = time.perf_counter()
     finish = "length" if max_tokens <= 0 else None
     while finish is None:
+        if on_logits:
+            on_logits(logits)
         tok = sampler.sample(logits, history)
         history.append(tok)
         generated.append(tok)

@@ -31,19 +31,24 @@ class GenerateJob:
     sampling: SamplingParams
     stop: tuple[str, ...] = ()
     as_json: bool = False
+    save_logits: Path | None = None   # .npy of (generated tokens, vocab) float32: the logits each token came from
 
     def __call__(self, engine, gf, cfg) -> int:
         tok = Tokenizer.from_gguf_kv(gf.kv)
         ids = tok.encode(self.prompt, add_special=True)
         stream = None if self.as_json else (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+        seen: list[torch.Tensor] = []
         try:
             res = generate_one(engine.forward, tok, ids, self.sampling, self.max_tokens, engine.n_ctx,
-                               self.stop, on_text=stream)
+                               self.stop, on_text=stream, on_logits=seen.append if self.save_logits else None)
         except KeyboardInterrupt:
             if stream:
                 sys.stdout.write("\n")
             _say("interrupted")
             return 130
+        if self.save_logits:
+            import numpy as np
+            np.save(self.save_logits, torch.stack(seen).numpy() if seen else np.zeros((0, engine.vocab_size)))
         if self.as_json:
             print(json.dumps(res.to_dict()))
         else:

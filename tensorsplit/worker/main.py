@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Callable
 
 from ..comm import choose_backend, init_comm
-from ..errors import TensorsplitError
 from ..model import make_plan, open_model, parse_split
 from ..model.transformer import RankModel
 from .engine import Engine, Shard, serve
@@ -67,19 +66,8 @@ def _raise_interrupt(signum, frame):
 
 
 def _run(env: RankEnv, spec: WorldSpec, job: Job) -> int:
-    set_threads(env, spec.threads)
-    kinds = device_kinds(spec.device, env.world)
-    device = resolve_device(kinds[env.rank], env.local_rank)
-    backend = choose_backend(kinds, spec.backend)
-    gf, cfg = open_model(spec.model)
-    plan = make_plan(cfg, gf.tensors, env.world, parse_split(spec.split, env.world))
-    comm = init_comm(env.rank, env.world, env.local_rank, device, backend, env.master_addr, env.master_port,
-                     spec.timeout_s)
+    shard, gf, cfg = join_and_load(env, spec)
     try:
-        model = RankModel(cfg, plan.ranks[env.rank], env.world, comm.all_reduce, gf, device,
-                          on_progress=_progress_bar(plan.ranks[0].nbytes) if env.rank == 0 and not spec.quiet else None)
-        model.allocate_cache(spec.n_slots, spec.n_ctx)
-        shard = Shard(model, comm, [r.local_vocab for r in plan.ranks])
         if env.rank != 0:
             serve(shard)
             return 0
@@ -89,7 +77,27 @@ def _run(env: RankEnv, spec: WorldSpec, job: Job) -> int:
         finally:
             engine.shutdown()
     finally:
+        shard.comm.close()
+
+
+def join_and_load(env: RankEnv, spec: WorldSpec) -> tuple[Shard, object, object]:
+    """Threads, device, backend, plan; join the world; load this rank's shard and allocate its cache."""
+    set_threads(env, spec.threads)
+    kinds = device_kinds(spec.device, env.world)
+    device = resolve_device(kinds[env.rank], env.local_rank)
+    backend = choose_backend(kinds, spec.backend)
+    gf, cfg = open_model(spec.model)
+    plan = make_plan(cfg, gf.tensors, env.world, parse_split(spec.split, env.world))
+    comm = init_comm(env.rank, env.world, env.local_rank, device, backend, env.master_addr, env.master_port,
+                     spec.timeout_s)
+    try:
+        progress = _progress_bar(plan.ranks[0].nbytes) if env.rank == 0 and not spec.quiet else None
+        model = RankModel(cfg, plan.ranks[env.rank], env.world, comm.all_reduce, gf, device, on_progress=progress)
+        model.allocate_cache(spec.n_slots, spec.n_ctx)
+    except BaseException:
         comm.close()
+        raise
+    return Shard(model, comm, [r.local_vocab for r in plan.ranks]), gf, cfg
 
 
 def _progress_bar(total: int):
@@ -105,4 +113,4 @@ def _progress_bar(total: int):
     return step
 
 
-__all__ = ["WorldSpec", "run_worker", "TensorsplitError"]
+__all__ = ["WorldSpec", "join_and_load", "run_worker"]

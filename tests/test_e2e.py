@@ -1,0 +1,126 @@
+"""End to end, as real processes on CPU/Gloo: the launcher, workers, comm and coordinator.
+
+Logits tolerance across world sizes: 1e-3 absolute on logits of magnitude ~30. Only the order of
+float32 partial sums differs (the all-reduce adds ranks' partials; one rank adds in one matmul).
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from cli_helpers import ROOT, run_cli, workers_of
+
+PROMPT = "The capital of France is"
+N = 12
+
+
+@pytest.mark.slow
+def test_greedy_tokens_and_logits_agree_across_world_sizes(smollm2_path, tmp_path):
+    runs = {}
+    for name, args in [("1", ["--nproc-per-node", "1"]), ("2", ["--nproc-per-node", "2"]),
+                       ("3", ["--nproc-per-node", "3"]), ("2 split 3,1", ["--nproc-per-node", "2", "--split", "3,1"])]:
+        logits = tmp_path / f"{name.replace(' ', '_')}.npy"
+        r = run_cli("generate", "-m", str(smollm2_path), "-p", PROMPT, "-n", str(N), "--temp", "0", "--json",
+                    "--save-logits", str(logits), *args)
+        assert r.returncode == 0, r.stderr
+        runs[name] = (json.loads(r.stdout.strip().splitlines()[-1]), np.load(logits))
+    base, base_logits = runs["1"]
+    assert base["completion_tokens"] == N and base["text"]
+    for name, (res, logits) in runs.items():
+        assert res["token_ids"] == base["token_ids"], name
+        assert logits.shape == base_logits.shape == (N, 49152)
+        np.testing.assert_allclose(logits, base_logits, atol=1e-3, rtol=0, err_msg=name)
+
+
+def test_generate_streams_text_and_reports(smollm2_path):
+    r = run_cli("generate", "-m", str(smollm2_path), "-p", PROMPT, "-n", "4", "--temp", "0", "--nproc-per-node", "2")
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout
+    assert "generated 4 tokens" in r.stderr and "world 2 (gloo)" in r.stderr
+
+
+def test_sigkill_of_a_worker_ends_everything(smollm2_path):
+    """SIGKILL rank 1 mid-generation: the launcher exits non-zero within 15 s naming rank 1, nothing left."""
+    proc = subprocess.Popen([sys.executable, "-m", "tensorsplit", "generate", "-m", str(smollm2_path), "-p", PROMPT,
+                             "-n", "2000", "-c", "4096", "--temp", "0", "--nproc-per-node", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert proc.stdout.read(1), "no text was generated"          # generation is under way
+        workers = workers_of(proc.pid)
+        assert set(workers) == {0, 1}, workers
+        killed_at = time.monotonic()
+        os.kill(workers[1], signal.SIGKILL)
+        _, err = proc.communicate(timeout=15)
+        elapsed = time.monotonic() - killed_at
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode != 0
+    assert elapsed < 15
+    lines = [ln for ln in err.splitlines() if ln.startswith("tensorsplit:")]
+    assert lines[-1] == "tensorsplit: rank 1 failed: killed by SIGKILL", err
+    assert "Traceback" not in err
+    deadline = time.monotonic() + 5
+    while workers_of(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert workers_of(proc.pid) == {}
+
+
+def test_bad_input_gives_one_line(tmp_path):
+    missing = tmp_path / "nope.gguf"
+    r = run_cli("generate", "-m", str(missing), "-p", "x")
+    assert r.returncode == 1 and r.stderr.strip() == f"tensorsplit: error: {missing}: no such file"
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\x07\x00\x00\x00" + b"\x00" * 32)
+    r = run_cli("info", str(bad))
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and "header.version" in r.stderr
+
+
+def test_bad_split_fails_on_every_rank_with_one_line(smollm2_path):
+    r = run_cli("generate", "-m", str(smollm2_path), "-p", "x", "--nproc-per-node", "2", "--split", "3,1,1")
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines()[-1].startswith("tensorsplit: rank ")
+    assert "has 3 shares but the world has 2 ranks" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_info_and_tokenize_on_default_model():
+    r = run_cli("info", "--nproc-per-node", "2")
+    assert r.returncode == 0, r.stderr
+    assert "9 heads, 3 KV heads" in r.stdout and "world 2" in r.stdout
+    j = json.loads(run_cli("info", "--nproc-per-node", "2", "--split", "3,1", "--json").stdout)
+    ranks = j["plan"]["ranks"]
+    assert len(ranks) == 2 and ranks[0]["ffn"] == [0, 1152]
+    r = run_cli("tokenize", "-p", "Hello world")
+    assert r.returncode == 0 and json.loads(r.stdout) == [19556, 905]
+
+
+@pytest.mark.slow
+def test_bench_prints_both_tables():
+    r = run_cli("bench", "--nproc-per-node", "1,2", "-p", "16", "-n", "4", "-r", "1")
+    assert r.returncode == 0, r.stderr
+    table, _, js = r.stdout.partition("\n\n")
+    assert "| model | world |" in table and "pp16" in table and "tg4" in table
+    doc = json.loads(js)
+    assert [w["world"] for w in doc["worlds"]] == [1, 2]
+    assert all(res["tokens_per_s"] > 0 for w in doc["worlds"] for res in w["results"])
+
+
+def test_torchrun_command_from_readme(smollm2_path):
+    """README: torchrun --nproc-per-node 2 -m tensorsplit.worker generate ... gives the launcher's tokens."""
+    args = ["generate", "-m", str(smollm2_path), "-p", PROMPT, "-n", "6", "--temp", "0", "--json"]
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    r = subprocess.run([torchrun, "--nproc-per-node", "2", "-m", "tensorsplit.worker", *args],
+                       capture_output=True, text=True, timeout=240, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    ours = run_cli(*args, "--nproc-per-node", "2")
+    assert ours.returncode == 0, ours.stderr
+    pick = lambda out: json.loads([ln for ln in out.splitlines() if ln.startswith("{")][-1])["token_ids"]  # noqa: E731
+    assert pick(r.stdout) == pick(ours.stdout)
