@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Set up a virtual environment in .venv with tensorsplit and its test dependencies.
+# torch is pinned so that a CPU-only machine gets the CPU build (an unpinned torch can pull a
+# several-GB CUDA build). On a GPU machine, install the torch build for your CUDA/ROCm first
+# and set TENSORSPLIT_TORCH="" to keep it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+TORCH_SPEC=${TENSORSPLIT_TORCH-torch==2.13.0}
+if [ ! -x .venv/bin/python ]; then
+    echo "setup: creating .venv with $($PY --version)" >&2
+    "$PY" -m venv .venv
+fi
+if [ -n "$TORCH_SPEC" ] && ! .venv/bin/python -c "import torch" 2>/dev/null; then
+    echo "setup: installing $TORCH_SPEC" >&2
+    .venv/bin/python -m pip install -q "$TORCH_SPEC"
+fi
+.venv/bin/python -m pip install -q -e ".[test]"
+echo "setup: ready (.venv/bin/tensorsplit)" >&2
