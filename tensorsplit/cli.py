@@ -85,7 +85,7 @@ def _argv(ctx: click.Context, overrides: dict) -> list[str]:
         if value is None or value is False or (p.multiple and not value):
             continue
         if isinstance(p, click.Argument):
-            argv.append(str(value))
+            argv += [str(v) for v in value] if isinstance(value, (tuple, list)) else [str(value)]
             continue
         name = max(p.opts, key=len)
         if getattr(p, "is_flag", False):
@@ -235,17 +235,79 @@ def _bench_world(ctx: click.Context, n: int, out: Path) -> int:
     return launch(_argv(ctx, {"model": model, "nproc": str(n), "result_file": str(out)}), node)
 
 
+def _sampling_options(f):
+    opts = [
+        click.option("--temp", default=0.8, show_default=True, type=float, help="Temperature; 0 is greedy."),
+        click.option("--top-k", default=40, show_default=True, type=int, help="Top-k filter (0 disables)."),
+        click.option("--top-p", default=0.95, show_default=True, type=float, help="Top-p filter (1 disables)."),
+        click.option("--min-p", default=0.05, show_default=True, type=float, help="Min-p filter (0 disables)."),
+        click.option("--repeat-penalty", default=1.0, show_default=True, type=float, help="1.0 disables."),
+        click.option("--repeat-last-n", default=64, show_default=True, type=int,
+                     help="Tokens the penalty looks back over."),
+        click.option("--seed", default=None, type=int, help="Sampling seed; the same seed gives the same text."),
+        click.option("--stop", multiple=True, help="Stop when this text appears (repeatable)."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _sampling(p: dict):
+    from .coordinator.sampling import SamplingParams
+    params = SamplingParams(temperature=p["temp"], top_k=p["top_k"], top_p=p["top_p"], min_p=p["min_p"],
+                            repeat_penalty=p["repeat_penalty"], repeat_last_n=p["repeat_last_n"], seed=p["seed"])
+    params.validate()
+    return params
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("paths", nargs=-1, metavar="[MODEL] PROMPTS.jsonl")
+@_model_option
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="Results, one JSON line per prompt, appended as each finishes. A rerun skips ids already there.")
+@click.option("-np", "--parallel", default=4, show_default=True, type=int,
+              help="Sequences decoded together (KV-cache slots), as llama.cpp's -np.")
+@click.option("-n", "--n-predict", "n_predict", default=128, show_default=True, type=int,
+              help="Default maximum tokens per prompt (a line's max_tokens overrides).")
+@_sampling_options
+@click.option("-c", "--ctx-size", default=2048, show_default=True, type=int, help="Context size per sequence.")
+@click.option("--on-error", type=click.Choice(["skip", "fail"]), default="skip", show_default=True,
+              help="A bad input line is reported and skipped, or fails the run before anything is generated.")
+@click.option("--chat", is_flag=True, help="Render plain prompts through the model's chat template too.")
+@click.option("--chat-template", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="Jinja chat template file to use instead of the model's.")
+@_world_options
+@click.pass_context
+def batch(ctx, paths, model, output, parallel, n_predict, ctx_size, on_error, chat, chat_template, **_):
+    """Generate for every prompt of a JSONL file ({"id", "prompt"} or {"id", "messages"} a line)."""
+    from .coordinator.jobs import BatchJob
+    if parallel < 1:
+        raise TensorsplitError(f"--parallel {parallel}: must be at least 1")
+    if len(paths) not in (1, 2):
+        raise TensorsplitError("give the prompts file, optionally after the model: batch [MODEL] PROMPTS.jsonl")
+    ctx.params["model"] = model or (paths[0] if len(paths) == 2 else None)
+    inp, out = Path(paths[-1]).resolve(), Path(output).resolve()
+    if not inp.is_file():
+        raise TensorsplitError(f"{paths[-1]}: no such file")
+    job = BatchJob(inp, out, _sampling(ctx.params), n_predict, tuple(ctx.params["stop"]), on_error, chat,
+                   Path(chat_template).resolve() if chat_template else None)
+    return _run_world(ctx, job, n_ctx=ctx_size, n_slots=parallel,
+                      overrides={"paths": (str(inp),), "output": str(out),
+                                 "chat_template": str(job.chat_template) if chat_template else None})
+
+
 @cli.command(context_settings=CONTEXT, hidden=True)
 @_model_option
 @click.option("-c", "--ctx-size", default=2048, type=int)
+@click.option("-np", "--parallel", default=1, type=int)
 @_world_options
 @click.pass_context
-def serve(ctx, model, ctx_size, **_):
+def serve(ctx, model, ctx_size, parallel, **_):
     """Worker side only: join a world whose rank 0 is another process (the Python API)."""
     from .worker.process import in_worker
     if not in_worker():
         raise TensorsplitError("`serve` runs inside a world started by tensorsplit.LLM or torchrun")
-    return _run_world(ctx, None, n_ctx=ctx_size)
+    return _run_world(ctx, None, n_ctx=ctx_size, n_slots=parallel)
 
 
 @cli.command(context_settings=CONTEXT)

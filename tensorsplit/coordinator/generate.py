@@ -1,14 +1,20 @@
-"""The generation loop of one sequence: prefill, then sample-decode until a stop condition.
+"""Generation: continuous batching of many sequences over the engine's KV-cache slots.
 
-Works on any `forward(ids, positions, slots, logit_rows) -> (m, vocab)` (the Engine); it
-knows nothing of devices or ranks. Text is streamed through `on_text` as soon as it is
-complete UTF-8 and cannot be the start of a stop string.
+Each step packs one token for every decoding sequence and prompt chunks of newly admitted
+sequences (up to n_batch tokens), runs one forward on every rank, then samples for each
+sequence whose logits came back. A sequence that finishes frees its slot at once, and the
+next waiting request takes it (continuous batching, as llama.cpp's server with -np).
+
+Batching does not change results: each sequence has its own slot, positions, sampler and
+seed, and attention never crosses slots. It works on any
+`forward(ids, positions, slots, logit_rows) -> (m, vocab)` (the Engine) and knows nothing of
+devices or ranks.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -25,72 +31,175 @@ class GenerationResult:
     completion_tokens: int
     finish_reason: str          # "eos" | "stop" | "length"
     seed: int
-    prefill_s: float
-    decode_s: float
+    prefill_s: float            # admission to first sampled token
+    decode_s: float             # first sampled token to finish
     token_ids: list[int] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def prefill(forward, ids: Sequence[int], slot: int, start: int = 0, n_batch: int = 512) -> torch.Tensor:
-    """Run the prompt through the model in chunks of n_batch; return the last position's logits (vocab,)."""
-    logits = None
-    for b in range(0, len(ids), n_batch):
-        chunk = torch.tensor(ids[b:b + n_batch], dtype=torch.int64)
-        n = chunk.numel()
-        pos = torch.arange(start + b, start + b + n)
-        last = torch.tensor([n - 1]) if b + n >= len(ids) else torch.zeros(0, dtype=torch.int64)
-        out = forward(chunk, pos, torch.full((n,), slot, dtype=torch.int64), last)
-        if last.numel():
-            logits = out[0]
-    assert logits is not None
-    return logits
+@dataclass
+class Request:
+    key: object                 # the caller's handle (an id, an index)
+    prompt_ids: list[int]
+    params: SamplingParams
+    max_tokens: int
+    stop: tuple[str, ...] = ()
+
+
+class _Seq:
+    """A request in flight: its slot, sampler, stop checker and decoded text."""
+
+    def __init__(self, req: Request, slot: int, tokenizer: Tokenizer):
+        self.req, self.slot = req, slot
+        self.sampler = Sampler(req.params)
+        self.checker = StopChecker(tokenizer.eog_ids, req.stop, req.max_tokens)
+        self.detok = tokenizer.detokenizer()
+        self.history = list(req.prompt_ids)
+        self.generated: list[int] = []
+        self.pieces: list[str] = []
+        self.prefilled = 0          # prompt tokens already in the cache
+        self.pending: int | None = None   # sampled token not yet fed to the model
+        self.t_admit = time.perf_counter()
+        self.t_first: float | None = None
+
+
+class Generator:
+    def __init__(self, forward: Callable, tokenizer: Tokenizer, n_slots: int, n_ctx: int, n_batch: int = 512):
+        self.forward, self.tok = forward, tokenizer
+        self.n_slots, self.n_ctx, self.n_batch = n_slots, n_ctx, n_batch
+
+    def check(self, req: Request) -> None:
+        """User-facing checks of one request, before it is admitted."""
+        if not req.prompt_ids:
+            raise TensorsplitError("the prompt is empty (no tokens)")
+        if len(req.prompt_ids) >= self.n_ctx:
+            raise TensorsplitError(f"the prompt has {len(req.prompt_ids)} tokens; the context holds {self.n_ctx} "
+                                   "(raise -c/--ctx-size)")
+
+    def run(self, requests: Iterable[Request], on_done: Callable[[Request, GenerationResult], None],
+            on_text: Callable[[Request, str], None] | None = None,
+            on_logits: Callable[[Request, torch.Tensor], None] | None = None) -> None:
+        """Generate for every request, taking new ones from `requests` as slots free up.
+
+        on_done(request, result) is called as each finishes; on_text(request, text) as text becomes
+        safe to show; on_logits(request, logits) with the (vocab,) logits each token is sampled from."""
+        waiting: Iterator[Request] = iter(requests)
+        free = list(range(self.n_slots))[::-1]
+        active: list[_Seq] = []
+        exhausted = False
+        while True:
+            while free and not exhausted:
+                req = next(waiting, None)
+                if req is None:
+                    exhausted = True
+                    break
+                self.check(req)
+                active.append(_Seq(req, free.pop(), self.tok))
+            if not active:
+                return
+            rows = self._step(active)
+            for seq, logits in rows:
+                if on_logits:
+                    on_logits(seq.req, logits)
+                finish = self._sample(seq, logits, on_text)
+                if finish:
+                    active.remove(seq)
+                    free.append(seq.slot)
+                    on_done(seq.req, self._result(seq, finish))
+
+    def _step(self, active: list[_Seq]) -> list[tuple[_Seq, torch.Tensor]]:
+        """One forward: a token for each decoding sequence, then prompt chunks within the n_batch budget."""
+        ids, pos, slots, wants = [], [], [], []   # wants: (seq, index of its logit row among the step's tokens)
+        for s in active:
+            if s.pending is not None:
+                wants.append((s, len(ids)))
+                ids.append(s.pending)
+                pos.append(len(s.history) - 1)
+                slots.append(s.slot)
+                s.pending = None
+        budget = max(self.n_batch - len(ids), 0)
+        for s in active:
+            left = len(s.req.prompt_ids) - s.prefilled
+            if left == 0 or budget == 0:
+                continue
+            take = min(left, budget)
+            ids += s.req.prompt_ids[s.prefilled:s.prefilled + take]
+            pos += range(s.prefilled, s.prefilled + take)
+            slots += [s.slot] * take
+            s.prefilled += take
+            budget -= take
+            if s.prefilled == len(s.req.prompt_ids):
+                wants.append((s, len(ids) - 1))
+        logits = self.forward(torch.tensor(ids, dtype=torch.int64), torch.tensor(pos, dtype=torch.int64),
+                              torch.tensor(slots, dtype=torch.int64),
+                              torch.tensor([w[1] for w in wants], dtype=torch.int64))
+        return [(s, logits[i]) for i, (s, _) in enumerate(wants)]
+
+    def _sample(self, s: _Seq, logits: torch.Tensor, on_text) -> str | None:
+        tok = s.sampler.sample(logits, s.history)
+        if s.t_first is None:
+            s.t_first = time.perf_counter()
+        s.history.append(tok)
+        s.generated.append(tok)
+        text = "" if tok in self.tok.eog_ids else s.detok.push(tok)
+        out, finish = s.checker.push(tok, text)
+        if finish is None and len(s.history) >= self.n_ctx:
+            finish = "length"
+            out += s.checker.flush()
+        if finish in ("length",):
+            out += s.detok.flush()
+        if out:
+            s.pieces.append(out)
+            if on_text:
+                on_text(s.req, out)
+        if finish is None:
+            s.pending = tok
+        return finish
+
+    def _result(self, s: _Seq, finish: str) -> GenerationResult:
+        now = time.perf_counter()
+        first = s.t_first or now
+        return GenerationResult("".join(s.pieces), len(s.req.prompt_ids), len(s.generated), finish,
+                                s.sampler.seed, first - s.t_admit, now - first, s.generated)
 
 
 def generate_one(forward, tokenizer: Tokenizer, prompt_ids: Sequence[int], params: SamplingParams,
                  max_tokens: int, n_ctx: int, stop: Sequence[str] = (),
                  on_text: Callable[[str], None] | None = None, slot: int = 0, n_batch: int = 512,
                  on_logits: Callable[[torch.Tensor], None] | None = None) -> GenerationResult:
-    """on_logits, if given, sees the (vocab,) logits each token is sampled from (for checks and debugging)."""
-    if not prompt_ids:
-        raise TensorsplitError("the prompt is empty (no tokens)")
-    if len(prompt_ids) >= n_ctx:
-        raise TensorsplitError(f"the prompt has {len(prompt_ids)} tokens; the context holds {n_ctx} "
-                               "(raise -c/--ctx-size)")
-    sampler = Sampler(params)
-    checker = StopChecker(tokenizer.eog_ids, stop, max_tokens)
-    detok = tokenizer.detokenizer()
-    history = list(prompt_ids)
-    pieces: list[str] = []
-    generated: list[int] = []
+    """One sequence alone (slot `slot` must be the engine's only one in use)."""
+    results: list[GenerationResult] = []
+    gen = _SlotOffset(forward, slot)
+    Generator(gen, tokenizer, 1, n_ctx, n_batch).run(
+        [Request(0, list(prompt_ids), params, max_tokens, tuple(stop))],
+        on_done=lambda r, res: results.append(res),
+        on_text=(lambda r, t: on_text(t)) if on_text else None,
+        on_logits=(lambda r, lg: on_logits(lg)) if on_logits else None)
+    return results[0]
 
-    def emit(s: str) -> None:
-        if s:
-            pieces.append(s)
-            if on_text:
-                on_text(s)
 
-    t0 = time.perf_counter()
-    logits = prefill(forward, prompt_ids, slot, n_batch=n_batch)
-    t1 = time.perf_counter()
-    finish = "length" if max_tokens <= 0 else None
-    while finish is None:
-        if on_logits:
-            on_logits(logits)
-        tok = sampler.sample(logits, history)
-        history.append(tok)
-        generated.append(tok)
-        text = "" if tok in tokenizer.eog_ids else detok.push(tok)
-        out, finish = checker.push(tok, text)
-        emit(out)
-        if finish is None and len(history) >= n_ctx:
-            finish = "length"
-        if finish is None:
-            pos = len(history) - 1
-            logits = forward(torch.tensor([tok]), torch.tensor([pos]), torch.tensor([slot]), torch.tensor([0]))[0]
-    if finish != "stop":
-        emit(checker.flush() + (detok.flush() if finish != "eos" else ""))
-    t2 = time.perf_counter()
-    return GenerationResult("".join(pieces), len(prompt_ids), len(generated), finish, sampler.seed,
-                            t1 - t0, t2 - t1, generated)
+class _SlotOffset:
+    """Runs a one-slot generator on another slot of the engine."""
+
+    def __init__(self, forward, slot: int):
+        self.forward, self.slot = forward, slot
+
+    def __call__(self, ids, positions, slots, rows):
+        return self.forward(ids, positions, slots + self.slot, rows)
+
+
+def prefill(forward, ids: Sequence[int], slot: int, start: int = 0, n_batch: int = 512) -> torch.Tensor:
+    """Run a prompt through the model in chunks of n_batch; return the last position's logits (vocab,).
+    (Benchmarks time this directly.)"""
+    logits = None
+    for b in range(0, len(ids), n_batch):
+        chunk = torch.tensor(ids[b:b + n_batch], dtype=torch.int64)
+        n = chunk.numel()
+        last = torch.tensor([n - 1]) if b + n >= len(ids) else torch.zeros(0, dtype=torch.int64)
+        out = forward(chunk, torch.arange(start + b, start + b + n), torch.full((n,), slot, dtype=torch.int64), last)
+        if last.numel():
+            logits = out[0]
+    assert logits is not None
+    return logits

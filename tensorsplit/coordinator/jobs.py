@@ -121,3 +121,106 @@ class BenchJob:
             "threads": torch.get_num_threads(), "weight_bytes_rank0": engine.shard.model.weight_bytes,
             "results": rows}))
         return 0
+
+
+@dataclass(frozen=True)
+class BatchJob:
+    """`tensorsplit batch`: every prompt of a JSONL file, continuously batched over the engine's slots."""
+    input: Path
+    output: Path
+    defaults: SamplingParams
+    max_tokens: int
+    stop: tuple[str, ...] = ()
+    on_error: str = "skip"      # "skip" bad lines, or "fail" before generating anything
+    chat: bool = False
+    chat_template: Path | None = None
+
+    def __call__(self, engine, gf, cfg) -> int:
+        from dataclasses import replace
+
+        from ..errors import TensorsplitError
+        from .batch_io import BadLine, done_ids, read_input
+        from .generate import Generator, Request
+        tok = Tokenizer.from_gguf_kv(gf.kv)
+        prompt_ids = _prompt_encoder(tok, gf, self.chat, self.chat_template)
+        done = done_ids(self.output)
+        requests, bad, skipped = [], [], 0
+        for item in read_input(self.input):
+            if isinstance(item, BadLine):
+                bad.append(item)
+                continue
+            if json.dumps(item.id) in done:
+                skipped += 1
+                continue
+            opts = dict(item.options)
+            params = replace(self.defaults, **{k: opts[k] for k in
+                                               ("temperature", "top_k", "top_p", "min_p", "repeat_penalty",
+                                                "repeat_last_n", "seed") if k in opts})
+            try:
+                params.validate()
+                ids = prompt_ids(item.prompt, item.messages)
+            except TensorsplitError as e:
+                bad.append(BadLine(item.line_no, str(e)))
+                continue
+            requests.append(Request(item.id, ids, params, opts.get("max_tokens", self.max_tokens),
+                                    tuple(opts.get("stop", self.stop))))
+        for b in bad:
+            _say(f"{self.input}: {b}" + (" (skipped)" if self.on_error == "skip" else ""))
+        if bad and self.on_error == "fail":
+            raise TensorsplitError(f"{self.input}: {len(bad)} bad line(s), the first {bad[0]}; nothing generated")
+        if skipped:
+            _say(f"{skipped} prompt(s) already in {self.output}: skipped")
+        return _run_batch(engine, tok, requests, self.output, len(bad))
+
+
+def _prompt_encoder(tok: Tokenizer, gf, chat: bool, template_path):
+    """(prompt, messages) -> token ids. Messages always go through the chat template; a plain
+    prompt does too with --chat."""
+    template = None
+
+    def encode(prompt: str | None, messages: list | None) -> list[int]:
+        nonlocal template
+        if messages is None and not chat:
+            return tok.encode(prompt, add_special=True)
+        if template is None:
+            from .chat import ChatFormatter
+            template = ChatFormatter(tok, gf, template_path)
+        return template.encode(messages if messages is not None else [{"role": "user", "content": prompt}])
+    return encode
+
+
+def _run_batch(engine, tok: Tokenizer, requests, output: Path, n_bad: int) -> int:
+    from tqdm import tqdm
+
+    from .batch_io import OutputWriter
+    from .generate import Generator
+    writer = OutputWriter(output)
+    bar = tqdm(total=len(requests), unit="prompt", file=sys.stderr, dynamic_ncols=True, disable=None)
+    t0 = time.perf_counter()
+    totals = {"done": 0, "tokens": 0}
+
+    def on_done(req, res) -> None:
+        writer.write({"id": req.key, "text": res.text, "finish_reason": res.finish_reason,
+                      "prompt_tokens": res.prompt_tokens, "completion_tokens": res.completion_tokens,
+                      "seed": res.seed, "time_to_first_token_s": round(res.prefill_s, 4),
+                      "generation_s": round(res.decode_s, 4),
+                      "tokens_per_s": round(res.completion_tokens / max(res.prefill_s + res.decode_s, 1e-9), 3)})
+        totals["done"] += 1
+        totals["tokens"] += res.completion_tokens
+        bar.update(1)
+        bar.set_postfix_str(f"{totals['tokens'] / (time.perf_counter() - t0):.1f} tok/s")
+
+    code = 0
+    try:
+        Generator(engine.forward, tok, engine.n_slots, engine.n_ctx).run(requests, on_done)
+    except KeyboardInterrupt:
+        code = 130
+    finally:
+        bar.close()
+        writer.close()
+    secs = time.perf_counter() - t0
+    _say(f"{'stopped' if code else 'done'}: {totals['done']} of {len(requests)} prompt(s) written to {output}"
+         f"{f', {n_bad} bad line(s) skipped' if n_bad else ''}; {totals['tokens']} tokens in {secs:.1f} s "
+         f"({totals['tokens'] / max(secs, 1e-9):.1f} tok/s over all sequences)"
+         f"{'; rerun the same command to continue' if code else ''}")
+    return code

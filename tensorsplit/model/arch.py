@@ -1,37 +1,48 @@
-"""Per-architecture conventions: which tensors a layer has, their shapes, how each is split.
+"""Per-architecture conventions: which tensors a layer has, their shapes, how each is split, and
+the few flags that make one decoder differ from another.
 
-This table is the one source of truth for tensor names. The config checks the file against
-it, the shard plan reads each tensor's `split` role from it, and the loader and the forward
-pass follow the plan. An architecture not listed here is refused with the list of those that
-are (never guessed).
+This table is the one source of truth for tensor names and per-family behaviour. The config
+checks the file against it, the shard plan reads each tensor's `split` role from it, and the
+loader and the forward pass follow the plan and the flags. An architecture not listed here is
+refused with the list of those that are (never guessed). The facts come from llama.cpp
+(src/llama-model.cpp, src/models/*.cpp, convert_hf_to_gguf.py); each flag says where.
 
 Split roles (ggml shapes: ne0 is the input dim, ne1 the output dim of a weight):
-  q_rows     output rows of the query projection, cut at whole query heads
-  kv_rows    output rows of the key/value projections, cut at whole KV heads (replicated when
-             ranks outnumber KV heads)
-  ffn_rows   output rows of gate/up, cut on the FFN plan
-  o_cols     input columns of the attention output projection, cut at the rank's query heads
-  ffn_cols   input columns of ffn_down, cut on the FFN plan
-  vocab_rows rows of token_embd / output, cut by vocabulary
-  mirror     every rank holds all of it (norms, rope factors, biases of input-split weights)
+  q_rows       output rows of the query projection, cut at whole query heads
+  kv_rows      output rows of the key/value projections, cut at whole KV heads (replicated when
+               ranks outnumber KV heads)
+  qkv_rows     a fused [q; k; v] projection: three row ranges per rank, its q heads then its KV heads
+  ffn_rows     output rows of gate/up, cut on the FFN plan
+  gate_up_rows a fused [gate; up] projection: two row ranges per rank, its FFN range in each half
+  o_cols       input columns of the attention output projection, cut at the rank's query heads
+  ffn_cols     input columns of ffn_down, cut on the FFN plan
+  vocab_rows   rows of token_embd / output, cut by vocabulary
+  mirror       every rank holds all of it (norms, rope factors, biases of input-split weights)
 For a 1-D bias the role's axis is its only axis.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
 from ..errors import UnsupportedError
 
-SPLIT_ROLES = ("q_rows", "kv_rows", "ffn_rows", "o_cols", "ffn_cols", "vocab_rows", "mirror")
+SPLIT_ROLES = ("q_rows", "kv_rows", "qkv_rows", "ffn_rows", "gate_up_rows", "o_cols", "ffn_cols",
+               "vocab_rows", "mirror")
+ACTIVATIONS = ("silu", "gelu_tanh")
 
 
 @dataclass(frozen=True)
 class TensorRole:
-    suffix: str                              # name after "blk.{i}."
+    suffix: str                              # name after "blk.{i}." (or the whole name for a global tensor)
     shape: Callable[[object], tuple]         # cfg -> ggml shape
     split: str                               # one of SPLIT_ROLES
-    optional: bool = False                   # may be absent from the file (biases)
+    optional: bool = False                   # may be absent from the file (biases, rope factors)
+
+
+def _head_dim_scale(cfg) -> float:
+    return 1.0 / math.sqrt(cfg.head_dim)
 
 
 @dataclass(frozen=True)
@@ -39,38 +50,110 @@ class ArchSpec:
     name: str
     rope_neox: bool          # NeoX layout rotates (x[i], x[i + d/2]); the normal layout rotates (x[2i], x[2i+1])
     layer_tensors: tuple[TensorRole, ...]
+    global_tensors: tuple[TensorRole, ...] = ()   # beyond token_embd / output_norm / output (all mirrored)
+    embed_scale: bool = False     # embeddings times sqrt(n_embd) after the lookup
+    qk_norm: bool = False         # per-head RMSNorm of q and k (attn_q_norm, attn_k_norm), before rope
+    post_norms: bool = False      # RMSNorm of the attention and FFN outputs before each residual add
+    activation: str = "silu"      # gated FFN: act(gate) * up; "silu" (SwiGLU) or "gelu_tanh" (GeGLU)
+    swa_pattern: int = 0          # sliding-window layers: every n-th layer global, the rest local; 0 = none
+    rope_base_swa: float = 0.0    # rope base of the local layers unless {arch}.rope.freq_base_swa says otherwise
+    attn_scale: Callable[[object], float] = _head_dim_scale   # cfg -> softmax scale of q.k
+
+    def __post_init__(self):
+        assert self.activation in ACTIVATIONS, self.activation
+        assert all(r.split in SPLIT_ROLES for r in self.layer_tensors + self.global_tensors)
+
+    @property
+    def fused_qkv(self) -> bool:
+        """One attn_qkv weight whose rows are q, then k, then v."""
+        return any(r.split == "qkv_rows" for r in self.layer_tensors)
+
+    @property
+    def fused_gate_up(self) -> bool:
+        """ffn_up holds the gate rows, then the up rows; there is no ffn_gate."""
+        return any(r.split == "gate_up_rows" for r in self.layer_tensors)
 
     def layer_shapes(self, cfg, i: int) -> dict[str, tuple[int, ...]]:
         return {f"blk.{i}.{r.suffix}": r.shape(cfg) for r in self.layer_tensors}
 
     def optional_tensors(self, cfg) -> set[str]:
-        return {f"blk.{i}.{r.suffix}" for i in range(cfg.n_layers) for r in self.layer_tensors if r.optional}
+        out = {f"blk.{i}.{r.suffix}" for i in range(cfg.n_layers) for r in self.layer_tensors if r.optional}
+        return out | {r.suffix for r in self.global_tensors if r.optional}
 
     def role(self, suffix: str) -> TensorRole:
         return next(r for r in self.layer_tensors if r.suffix == suffix)
 
 
-def _llama_layer() -> tuple[TensorRole, ...]:
-    return (
-        TensorRole("attn_norm.weight", lambda c: (c.n_embd,), "mirror"),
-        TensorRole("attn_q.weight", lambda c: (c.n_embd, c.q_dim), "q_rows"),
-        TensorRole("attn_k.weight", lambda c: (c.n_embd, c.kv_dim), "kv_rows"),
-        TensorRole("attn_v.weight", lambda c: (c.n_embd, c.kv_dim), "kv_rows"),
-        TensorRole("attn_q.bias", lambda c: (c.q_dim,), "q_rows", optional=True),
-        TensorRole("attn_k.bias", lambda c: (c.kv_dim,), "kv_rows", optional=True),
-        TensorRole("attn_v.bias", lambda c: (c.kv_dim,), "kv_rows", optional=True),
-        TensorRole("attn_output.weight", lambda c: (c.q_dim, c.n_embd), "o_cols"),
-        TensorRole("attn_output.bias", lambda c: (c.n_embd,), "mirror", optional=True),
-        TensorRole("ffn_norm.weight", lambda c: (c.n_embd,), "mirror"),
-        TensorRole("ffn_gate.weight", lambda c: (c.n_embd, c.n_ff), "ffn_rows"),
-        TensorRole("ffn_up.weight", lambda c: (c.n_embd, c.n_ff), "ffn_rows"),
-        TensorRole("ffn_down.weight", lambda c: (c.n_ff, c.n_embd), "ffn_cols"),
-    )
+def _t(suffix, shape, split, optional=False) -> TensorRole:
+    return TensorRole(suffix, shape, split, optional)
 
+
+def _layer(*, qkv_bias: str = "optional", fused_qkv: bool = False, qk_norm: bool = False,
+           post_norms: bool = False, fused_gate_up: bool = False) -> tuple[TensorRole, ...]:
+    """The tensors of one decoder layer. qkv_bias: "optional" (llama: some files have them),
+    "required" (qwen2) or "none"."""
+    roles = [_t("attn_norm.weight", lambda c: (c.n_embd,), "mirror")]
+    if fused_qkv:
+        roles.append(_t("attn_qkv.weight", lambda c: (c.n_embd, c.q_dim + 2 * c.kv_dim), "qkv_rows"))
+    else:
+        roles += [_t("attn_q.weight", lambda c: (c.n_embd, c.q_dim), "q_rows"),
+                  _t("attn_k.weight", lambda c: (c.n_embd, c.kv_dim), "kv_rows"),
+                  _t("attn_v.weight", lambda c: (c.n_embd, c.kv_dim), "kv_rows")]
+        if qkv_bias != "none":
+            opt = qkv_bias == "optional"
+            roles += [_t("attn_q.bias", lambda c: (c.q_dim,), "q_rows", opt),
+                      _t("attn_k.bias", lambda c: (c.kv_dim,), "kv_rows", opt),
+                      _t("attn_v.bias", lambda c: (c.kv_dim,), "kv_rows", opt)]
+    if qk_norm:
+        roles += [_t("attn_q_norm.weight", lambda c: (c.head_dim,), "mirror"),
+                  _t("attn_k_norm.weight", lambda c: (c.head_dim,), "mirror")]
+    roles.append(_t("attn_output.weight", lambda c: (c.q_dim, c.n_embd), "o_cols"))
+    if qkv_bias == "optional":
+        roles.append(_t("attn_output.bias", lambda c: (c.n_embd,), "mirror", optional=True))
+    if post_norms:
+        roles.append(_t("post_attention_norm.weight", lambda c: (c.n_embd,), "mirror"))
+    roles.append(_t("ffn_norm.weight", lambda c: (c.n_embd,), "mirror"))
+    if fused_gate_up:
+        roles.append(_t("ffn_up.weight", lambda c: (c.n_embd, 2 * c.n_ff), "gate_up_rows"))
+    else:
+        roles += [_t("ffn_gate.weight", lambda c: (c.n_embd, c.n_ff), "ffn_rows"),
+                  _t("ffn_up.weight", lambda c: (c.n_embd, c.n_ff), "ffn_rows")]
+    roles.append(_t("ffn_down.weight", lambda c: (c.n_ff, c.n_embd), "ffn_cols"))
+    if post_norms:
+        roles.append(_t("post_ffw_norm.weight", lambda c: (c.n_embd,), "mirror"))
+    return tuple(roles)
+
+
+def _gemma3_attn_scale(cfg) -> float:
+    # llama.cpp (LLM_ARCH_GEMMA3 hparams) follows gemma_pytorch's query_pre_attn_scalar: head_dim for
+    # every size but the 27B, which it recognises by its 62 layers and scales by n_embd / n_heads.
+    return 1.0 / math.sqrt(cfg.n_embd // cfg.n_heads if cfg.n_layers == 62 else cfg.head_dim)
+
+
+_ROPE_FACTORS = tuple(_t(f"rope_factors_{kind}.weight", lambda c: (c.rope_dim // 2,), "mirror", optional=True)
+                      for kind in ("long", "short"))
 
 ARCHS: dict[str, ArchSpec] = {
-    # llama.cpp's LLM_ARCH_LLAMA uses the normal rope layout: the converter permutes q/k rows for it.
-    "llama": ArchSpec("llama", rope_neox=False, layer_tensors=_llama_layer()),
+    # LLM_ARCH_LLAMA uses the normal rope layout: the converter permutes q/k rows for it. Llama 3.1+
+    # files carry llama3-style rope scaling as per-frequency factors, rope_freqs.
+    "llama": ArchSpec("llama", rope_neox=False, layer_tensors=_layer(), global_tensors=(
+        _t("rope_freqs.weight", lambda c: (c.rope_dim // 2,), "mirror", optional=True),)),
+    # Qwen2: q/k/v biases (required), NeoX rope.
+    "qwen2": ArchSpec("qwen2", rope_neox=True, layer_tensors=_layer(qkv_bias="required")),
+    # Qwen3: per-head q/k RMSNorm before rope, no biases, NeoX rope.
+    "qwen3": ArchSpec("qwen3", rope_neox=True, layer_tensors=_layer(qkv_bias="none", qk_norm=True), qk_norm=True),
+    # Phi-3: fused attn_qkv and fused ffn_up = [gate; up] (ggml_swiglu: silu of the first half times the
+    # second), NeoX rope; LongRoPE variants carry rope_factors_long/short (see config.py). llama.cpp
+    # ignores phi3's sliding_window (disabled there), and so do we.
+    "phi3": ArchSpec("phi3", rope_neox=True, global_tensors=_ROPE_FACTORS,
+                     layer_tensors=_layer(qkv_bias="none", fused_qkv=True, fused_gate_up=True)),
+    # Gemma 3: embeddings * sqrt(n_embd); q/k norms; post-attention and post-FFN norms; GeGLU (tanh);
+    # every 6th layer global, the others sliding-window with rope base 10000 (set_swa_pattern(6),
+    # rope_freq_base_train_swa). The converter adds Gemma's "+1" into every stored norm weight, so all
+    # norms are the plain x * w here.
+    "gemma3": ArchSpec("gemma3", rope_neox=True, layer_tensors=_layer(qkv_bias="none", qk_norm=True, post_norms=True),
+                       embed_scale=True, qk_norm=True, post_norms=True, activation="gelu_tanh",
+                       swa_pattern=6, rope_base_swa=10000.0, attn_scale=_gemma3_attn_scale),
 }
 
 

@@ -20,8 +20,10 @@ class KVCache:
     def __init__(self, n_layers: int, n_slots: int, n_ctx: int, n_local_kv_heads: int, head_dim: int,
                  device, dtype=torch.float32):
         shape = (n_layers, n_slots, n_ctx, n_local_kv_heads, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        # Uninitialised on purpose: attention reads only positions 0..p of a slot, all written before
+        # they are read, so pages of unused slots and positions are never touched (nor committed).
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
         self.n_slots, self.n_ctx = n_slots, n_ctx
 
     @property

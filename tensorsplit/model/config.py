@@ -18,7 +18,8 @@ from .arch import ArchSpec, arch_spec
 class RopeScaling:
     kind: str = "none"          # "none" | "linear"; llama3-style scaling arrives as the rope_freqs tensor
     factor: float = 1.0         # positions are divided by this for "linear"
-    original_context: int = 0   # training context before scaling (informational)
+    original_context: int = 0   # training context before scaling; LongRoPE picks its factors by it
+    attn_factor: float = 1.0    # {arch}.rope.scaling.attn_factor: cos and sin are multiplied by it (LongRoPE)
 
 
 @dataclass(frozen=True)
@@ -38,12 +39,24 @@ class ModelConfig:
     vocab_size: int             # rows of token_embd
     tied_output: bool           # True when output.weight is absent and token_embd serves as the output layer
     has_rope_freqs: bool        # rope_freqs.weight present (llama3-style per-frequency factors)
+    rope_long_short: bool = False   # rope_factors_long/short present (Phi-3 LongRoPE): long past original_context
+    swa_window: int = 0             # {arch}.attention.sliding_window: local layers see the last this many positions
+    swa_layers: tuple[bool, ...] = ()   # per layer: True = sliding-window (local) layer; empty = none
+    rope_base_swa: float = 0.0      # rope base of the local layers ({arch}.rope.freq_base_swa, else the arch's)
     spec: ArchSpec = field(repr=False, compare=False, default=None)  # per-architecture conventions
 
     @property
     def group_size(self) -> int:
         """Query heads per KV head."""
         return self.n_heads // self.n_kv_heads
+
+    @property
+    def attn_scale(self) -> float:
+        """Softmax scale of q.k (1/sqrt(head_dim) unless the architecture says otherwise)."""
+        return self.spec.attn_scale(self)
+
+    def is_swa(self, layer: int) -> bool:
+        return bool(self.swa_layers) and self.swa_layers[layer]
 
     @property
     def q_dim(self) -> int:
@@ -87,19 +100,33 @@ def config_from_gguf(kv: Mapping[str, object], tensors: Mapping[str, object]) ->
         kind=scaling_kind,
         factor=float(_get(kv, a + "rope.scaling.factor", 1.0)),
         original_context=int(_get(kv, a + "rope.scaling.original_context_length", 0)),
+        attn_factor=float(_get(kv, a + "rope.scaling.attn_factor", 1.0)),
     )
     if "token_embd.weight" not in tensors:
         raise ConfigError("tensor 'token_embd.weight' is missing")
     vocab_size = int(tensors["token_embd.weight"].shape[1])
+    n_layers = int(_get(kv, a + "block_count"))
+    rope_base = float(_get(kv, a + "rope.freq_base", 10000.0))
+    swa_window, swa_layers = 0, ()
+    if spec.swa_pattern:
+        # llama.cpp's set_swa_pattern(n): layer i is local unless i % n == n - 1
+        swa_window = int(_get(kv, a + "attention.sliding_window"))
+        if swa_window <= 0:
+            raise ConfigError(f"'{a}attention.sliding_window' is {swa_window}; expected a positive window")
+        swa_layers = tuple(i % spec.swa_pattern < spec.swa_pattern - 1 for i in range(n_layers))
+    long_short = [f"rope_factors_{k}.weight" in tensors for k in ("long", "short")]
+    if any(long_short) and not all(long_short):
+        raise ConfigError("rope_factors_long.weight and rope_factors_short.weight come as a pair; "
+                          f"the file has only {'rope_factors_long' if long_short[0] else 'rope_factors_short'}")
     cfg = ModelConfig(
         arch=str(arch),
-        n_layers=int(_get(kv, a + "block_count")),
+        n_layers=n_layers,
         n_embd=n_embd,
         n_ff=int(_get(kv, a + "feed_forward_length")),
         n_heads=n_heads,
         n_kv_heads=n_kv_heads,
         head_dim=head_dim,
-        rope_base=float(_get(kv, a + "rope.freq_base", 10000.0)),
+        rope_base=rope_base,
         rope_dim=int(_get(kv, a + "rope.dimension_count", head_dim)),
         rope_scaling=scaling,
         rms_eps=float(_get(kv, a + "attention.layer_norm_rms_epsilon")),
@@ -107,6 +134,10 @@ def config_from_gguf(kv: Mapping[str, object], tensors: Mapping[str, object]) ->
         vocab_size=vocab_size,
         tied_output="output.weight" not in tensors,
         has_rope_freqs="rope_freqs.weight" in tensors,
+        rope_long_short=all(long_short),
+        swa_window=swa_window,
+        swa_layers=swa_layers,
+        rope_base_swa=float(_get(kv, a + "rope.freq_base_swa", spec.rope_base_swa or rope_base)),
         spec=spec,
     )
     declared_vocab = kv.get(a + "vocab_size")
@@ -124,8 +155,8 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     }
     if not cfg.tied_output:
         shapes["output.weight"] = (cfg.n_embd, cfg.vocab_size)
-    if cfg.has_rope_freqs:
-        shapes["rope_freqs.weight"] = (cfg.rope_dim // 2,)
+    for role in cfg.spec.global_tensors:
+        shapes[role.suffix] = role.shape(cfg)
     for i in range(cfg.n_layers):
         shapes.update(cfg.spec.layer_shapes(cfg, i))
     return shapes
@@ -149,4 +180,8 @@ def check_tensors(cfg: ModelConfig, tensors: Mapping[str, object]) -> None:
     unknown = [n for n in tensors if n not in expected]
     if unknown:
         shown = ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else "")
-        raise UnsupportedError(f"{len(unknown)} tensor(s) the {cfg.arch} architecture does not use: {shown}")
+        model_level = ["token_embd.weight", "output_norm.weight", "output.weight"]
+        model_level += [r.suffix for r in cfg.spec.global_tensors]
+        raise UnsupportedError(
+            f"{len(unknown)} tensor(s) the {cfg.arch} architecture does not use: {shown}; supported: "
+            f"{', '.join(model_level)} and per layer blk.N.{{{', '.join(r.suffix for r in cfg.spec.layer_tensors)}}}")

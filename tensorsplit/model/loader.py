@@ -1,8 +1,9 @@
 """Copy one rank's slices out of the memory-mapped GGUF file, as the shard plan says.
 
 Only the planned bytes are copied: a row-split weight is a contiguous run of whole rows (whole
-blocks), a column-split weight takes whole blocks from each row. Quantized weights stay in
-GGUF block layout (`QWeight`); 1-D tensors (norms, biases) are small and become float32.
+blocks), or for a fused weight several runs concatenated in plan order; a column-split weight
+takes whole blocks from each row. Quantized weights stay in GGUF block layout (`QWeight`);
+1-D tensors (norms, biases) are small and become float32.
 """
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ def load_weight(gf, ts: TensorSlice, device="cpu") -> QWeight:
     rb = row_bytes(info.qtype, n_cols)
     rows = gf.tensor_bytes(ts.name).reshape(n_rows, rb)          # (n_rows, row_bytes) uint8 view, no copy
     if ts.axis == 1:
-        raw, shape = rows[ts.start:ts.end], (ts.end - ts.start, n_cols)
+        runs = [rows[a:b] for a, b in ts.ranges]                  # views; concatenate copies once
+        raw, shape = (runs[0] if len(runs) == 1 else np.concatenate(runs)), (ts.length, n_cols)
     elif ts.axis == 0:
         b0, b1 = row_bytes(info.qtype, ts.start), row_bytes(info.qtype, ts.end)
         raw, shape = rows[:, b0:b1], (n_rows, ts.end - ts.start)
@@ -39,7 +41,7 @@ def load_vector(gf, ts: TensorSlice, device="cpu") -> torch.Tensor:
     n = int(info.shape[0])
     raw = np.array(gf.tensor_bytes(ts.name), copy=True).reshape(1, -1)   # writable copy: 1-D tensors are small
     full = dequantize(torch.from_numpy(raw), info.qtype, n)[0]    # (n,) float32; 1-D tensors are small
-    part = full if ts.axis is None else full[ts.start:ts.end]
+    part = full if ts.axis is None else torch.cat([full[a:b] for a, b in ts.ranges])
     return part.contiguous().to(device)
 
 

@@ -5,6 +5,8 @@ converter permutes the q/k rows so that this matches the original model.
 neox (LLAMA_ROPE_TYPE_NEOX): rotates (x[i], x[i + rope_dim/2]).
 Only the first `rope_dim` dims of each head are rotated; the rest pass through.
 Angles are computed in float64 and rounded once, so long positions keep their precision.
+`attn_factor` multiplies cos and sin (ggml's mscale; LongRoPE's scaling factor), so it scales
+q.k by its square.
 """
 from __future__ import annotations
 
@@ -13,9 +15,9 @@ import torch
 
 class Rope:
     def __init__(self, head_dim: int, rope_dim: int, base: float, neox: bool,
-                 freq_scale: float = 1.0, freq_factors: torch.Tensor | None = None):
+                 freq_scale: float = 1.0, freq_factors: torch.Tensor | None = None, attn_factor: float = 1.0):
         assert rope_dim % 2 == 0 and rope_dim <= head_dim, (rope_dim, head_dim)
-        self.rope_dim, self.neox = rope_dim, neox
+        self.rope_dim, self.neox, self.attn_factor = rope_dim, neox, attn_factor
         # theta_i = base^(-2i/rope_dim), i < rope_dim/2; llama3-style factors divide it (rope_freqs tensor)
         inv_freq = base ** (-torch.arange(0, rope_dim, 2, dtype=torch.float64) / rope_dim)
         if freq_factors is not None:
@@ -26,8 +28,8 @@ class Rope:
     def cos_sin(self, positions: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
         """positions (n,) -> cos, sin each (n, 1, rope_dim/2) float32: one row per token, broadcast over heads."""
         angles = positions.to("cpu", torch.float64)[:, None] * self.inv_freq[None, :]
-        return (angles.cos().to(device, torch.float32)[:, None, :],
-                angles.sin().to(device, torch.float32)[:, None, :])
+        return ((angles.cos() * self.attn_factor).to(device, torch.float32)[:, None, :],
+                (angles.sin() * self.attn_factor).to(device, torch.float32)[:, None, :])
 
     def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x (n, heads, head_dim) -> rotated copy."""

@@ -11,6 +11,8 @@ Rules (Megatron-style, as llama.cpp's tensor split mode and vLLM):
   the KV heads its query heads read (KV heads replicated).
 - The input-split weights (attn_output, ffn_down) are cut only on quant-block boundaries, so
   head and FFN units are sized to make every cut a multiple of the largest block size.
+- Fused weights (phi3's attn_qkv = [q; k; v], ffn_up = [gate; up]) are split per segment: a
+  rank's slice is several row runs, its own q heads, KV heads, gate and up rows, concatenated.
 - token_embd and the output layer are split by vocabulary rows (a tied output shares the
   embedding's slice). Norms and the biases of input-split weights are mirrored.
 - Uneven ratios are shared out by largest remainder, in whole units, at least one unit each.
@@ -32,9 +34,25 @@ class TensorSlice:
     name: str
     split: str        # the tensor's role in arch.py: "q_rows", "o_cols", "mirror", ...
     axis: int | None  # ggml axis cut: 1 = rows (output), 0 = columns (input), None = mirrored
-    start: int        # [start, end) along `axis`; the whole extent when mirrored
-    end: int
+    ranges: tuple[tuple[int, int], ...]  # [start, end) runs along `axis`, concatenated in this order:
+                      # one run, except for fused tensors (q, k, v rows; gate, up rows); the whole
+                      # extent when mirrored
     nbytes: int       # bytes this rank holds of the tensor
+
+    @property
+    def start(self) -> int:
+        assert len(self.ranges) == 1, (self.name, self.ranges)
+        return self.ranges[0][0]
+
+    @property
+    def end(self) -> int:
+        assert len(self.ranges) == 1, (self.name, self.ranges)
+        return self.ranges[0][1]
+
+    @property
+    def length(self) -> int:
+        """Elements along `axis` this rank holds (all runs together)."""
+        return sum(b - a for a, b in self.ranges)
 
 
 @dataclass(frozen=True)
@@ -181,13 +199,18 @@ def make_plan(cfg: ModelConfig, tensors: Mapping[str, object], world: int,
 
     ranks = []
     for r in range(world):
-        extents = {  # role -> (axis, start, end) in elements along that axis
-            "q_rows": (q_ranges[r][0] * hd, q_ranges[r][1] * hd),
-            "kv_rows": (kv_ranges[r][0] * hd, kv_ranges[r][1] * hd),
-            "ffn_rows": ffn_ranges[r],
-            "o_cols": (q_ranges[r][0] * hd, q_ranges[r][1] * hd),
-            "ffn_cols": ffn_ranges[r],
-            "vocab_rows": vocab_ranges[r],
+        q_rows = (q_ranges[r][0] * hd, q_ranges[r][1] * hd)
+        kv_rows = (kv_ranges[r][0] * hd, kv_ranges[r][1] * hd)
+        f0, f1 = ffn_ranges[r]
+        extents = {  # role -> [start, end) runs in elements along the role's axis
+            "q_rows": (q_rows,),
+            "kv_rows": (kv_rows,),
+            "qkv_rows": (q_rows, _shift(kv_rows, cfg.q_dim), _shift(kv_rows, cfg.q_dim + cfg.kv_dim)),
+            "ffn_rows": (ffn_ranges[r],),
+            "gate_up_rows": ((f0, f1), (cfg.n_ff + f0, cfg.n_ff + f1)),
+            "o_cols": (q_rows,),
+            "ffn_cols": (ffn_ranges[r],),
+            "vocab_rows": (vocab_ranges[r],),
         }
         slices = tuple(_slice(name, role, tensors[name], extents)
                        for name, role in _roles(cfg, tensors))
@@ -201,8 +224,9 @@ def _roles(cfg: ModelConfig, tensors: Mapping[str, object]):
     if not cfg.tied_output:
         yield "output.weight", "vocab_rows"
     yield "output_norm.weight", "mirror"
-    if cfg.has_rope_freqs:
-        yield "rope_freqs.weight", "mirror"
+    for role in cfg.spec.global_tensors:
+        if role.suffix in tensors:
+            yield role.suffix, role.split
     for i in range(cfg.n_layers):
         for role in cfg.spec.layer_tensors:
             name = f"blk.{i}.{role.suffix}"
@@ -210,19 +234,24 @@ def _roles(cfg: ModelConfig, tensors: Mapping[str, object]):
                 yield name, role.split
 
 
+def _shift(r: tuple[int, int], by: int) -> tuple[int, int]:
+    return r[0] + by, r[1] + by
+
+
 def _slice(name: str, role: str, info, extents) -> TensorSlice:
     shape = tuple(int(d) for d in info.shape)
     if role == "mirror":
-        return TensorSlice(name, role, None, 0, shape[-1], int(info.nbytes))
-    start, end = extents[role]
+        return TensorSlice(name, role, None, ((0, shape[-1]),), int(info.nbytes))
+    ranges = extents[role]
+    n = sum(b - a for a, b in ranges)
     if len(shape) == 1:          # a bias: its one axis is the output axis
-        return TensorSlice(name, role, 0, start, end, _row_bytes(info, end - start))
+        return TensorSlice(name, role, 0, ranges, _row_bytes(info, n))
     n_cols, n_rows = shape[0], shape[1]
     if role.endswith("_cols"):
         block = GGML_QUANT_SIZES[info.qtype][0]
-        assert start % block == 0 and end % block == 0, (name, start, end, block)
-        return TensorSlice(name, role, 0, start, end, n_rows * _row_bytes(info, end - start))
-    return TensorSlice(name, role, 1, start, end, (end - start) * _row_bytes(info, n_cols))
+        assert len(ranges) == 1 and all(x % block == 0 for x in ranges[0]), (name, ranges, block)
+        return TensorSlice(name, role, 0, ranges, n_rows * _row_bytes(info, n))
+    return TensorSlice(name, role, 1, ranges, n * _row_bytes(info, n_cols))
 
 
 def format_plan(plan: ShardPlan, cfg: ModelConfig, verbose: bool = False) -> str:
@@ -237,7 +266,8 @@ def format_plan(plan: ShardPlan, cfg: ModelConfig, verbose: bool = False) -> str
         for rs in plan.ranks:
             lines.append(f"rank {rs.rank}:")
             for t in rs.tensors:
-                where = "mirrored" if t.axis is None else f"{'rows' if t.axis == 1 else 'cols'} {_rng((t.start, t.end))}"
+                runs = " + ".join(_rng(r) for r in t.ranges)
+                where = "mirrored" if t.axis is None else f"{'rows' if t.axis == 1 else 'cols'} {runs}"
                 lines.append(f"  {t.name:<28} {where:<22} {t.nbytes:>12,d} B")
     return "\n".join(lines)
 

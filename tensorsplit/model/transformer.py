@@ -1,17 +1,22 @@
 """One rank's share of a decoder-only transformer, and its forward pass.
 
 Data path of `forward`, per step (n tokens from possibly several sequences):
-  ids (n,) -> vocab-parallel embedding (all-reduce) -> x (n, n_embd), mirrored on every rank
+  ids (n,) -> vocab-parallel embedding (all-reduce) [* sqrt(n_embd): gemma] -> x (n, n_embd), mirrored
   each layer:
-    h = rms_norm(x);  q, k, v = column-parallel projections of the rank's heads
-    rope(q, k);  attention over the rank's KV cache -> (n, n_local_heads * head_dim)
-    x += row-parallel o-proj (all-reduce #1)
-    h = rms_norm(x);  x += row-parallel down(act(gate(h)) * up(h)) (all-reduce #2)
+    h = rms_norm(x);  q, k, v = column-parallel projections of the rank's heads (or one fused qkv)
+    [per-head rms_norm(q), rms_norm(k): qwen3, gemma]
+    rope(q, k) (local layers: their own base);  attention over the rank's KV cache (local layers:
+      only the last `swa_window` positions) -> (n, n_local_heads * head_dim)
+    a = row-parallel o-proj (all-reduce #1) [rms_norm(a): gemma];  x += a
+    h = rms_norm(x);  f = row-parallel down(act(gate(h)) * up(h)) (all-reduce #2) [rms_norm(f): gemma]
+    x += f
   rms_norm(x[logit_rows]) -> vocab-parallel head -> (m, local_vocab): this rank's logit slice
+The bracketed steps are switched by the architecture's flags in arch.py.
 The module knows nothing of processes: `reduce` is handed in.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -25,24 +30,33 @@ from .loader import LoadProgress, load_vector, load_weight
 from .rope import Rope
 from .shard_plan import RankShard
 
+ACTIVATION = {"silu": F.silu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
+
 
 @dataclass
 class Block:
-    attn_norm: torch.Tensor            # (n_embd,)
-    wq: ColumnParallelLinear           # -> (n, n_local_heads * head_dim)
-    wk: ColumnParallelLinear           # -> (n, n_local_kv_heads * head_dim)
-    wv: ColumnParallelLinear
-    wo: RowParallelLinear              # (n, n_local_heads * head_dim) -> (n, n_embd), all-reduced
+    attn_norm: torch.Tensor                  # (n_embd,)
+    wq: ColumnParallelLinear | None          # -> (n, n_local_heads * head_dim); None when fused
+    wk: ColumnParallelLinear | None          # -> (n, n_local_kv_heads * head_dim)
+    wv: ColumnParallelLinear | None
+    wqkv: ColumnParallelLinear | None        # fused: -> (n, local q | local k | local v)
+    q_norm: torch.Tensor | None              # (head_dim,), qk_norm archs
+    k_norm: torch.Tensor | None
+    wo: RowParallelLinear                    # (n, n_local_heads * head_dim) -> (n, n_embd), all-reduced
+    post_attn_norm: torch.Tensor | None      # (n_embd,), post_norms archs
     ffn_norm: torch.Tensor
-    w_gate: ColumnParallelLinear       # -> (n, local_ff)
-    w_up: ColumnParallelLinear
-    w_down: RowParallelLinear          # (n, local_ff) -> (n, n_embd), all-reduced
+    w_gate: ColumnParallelLinear | None      # -> (n, local_ff); None when fused into w_up
+    w_up: ColumnParallelLinear               # -> (n, local_ff), or (n, 2 * local_ff) = gate | up when fused
+    w_down: RowParallelLinear                # (n, local_ff) -> (n, n_embd), all-reduced
+    post_ffn_norm: torch.Tensor | None
+    local: bool                              # sliding-window layer
 
 
 class RankModel:
     def __init__(self, cfg: ModelConfig, shard: RankShard, world: int, reduce: Reduce, gf,
                  device="cpu", on_progress=None):
         self.cfg, self.shard, self.world, self.device = cfg, shard, world, torch.device(device)
+        spec = cfg.spec
         slices = {t.name: t for t in shard.tensors}
         progress = LoadProgress(shard.nbytes, on_progress)
 
@@ -58,62 +72,114 @@ class RankModel:
             progress.step(slices[name])
             return v
 
+        def column(name, bias=None):
+            return ColumnParallelLinear(weight(name), vector(bias)) if name in slices else None
+
         self.embed = VocabParallelEmbedding(weight("token_embd.weight"), shard.vocab[0], reduce, world)
+        self.embed_scale = math.sqrt(cfg.n_embd) if spec.embed_scale else None
         self.head = VocabParallelHead(self.embed.weight if cfg.tied_output else weight("output.weight"))
         self.output_norm = vector("output_norm.weight")
-        freq_factors = vector("rope_freqs.weight")
-        freq_scale = 1.0 / cfg.rope_scaling.factor if cfg.rope_scaling.kind == "linear" else 1.0
-        self.rope = Rope(cfg.head_dim, cfg.rope_dim, cfg.rope_base, cfg.spec.rope_neox, freq_scale, freq_factors)
-        self.attention = Attention(shard.q_heads, shard.kv_heads, cfg.group_size, cfg.head_dim, device=self.device)
+        # rope frequency factors: llama3's rope_freqs, or Phi-3 LongRoPE's pair (chosen by context size)
+        self.rope_factors = {k: vector(k + ".weight") for k in ("rope_freqs", "rope_factors_long", "rope_factors_short")}
+        self.act = ACTIVATION[spec.activation]
+        self.attention = Attention(shard.q_heads, shard.kv_heads, cfg.group_size, cfg.head_dim,
+                                   scale=cfg.attn_scale, device=self.device)
         self.blocks = []
         for i in range(cfg.n_layers):
             p = f"blk.{i}."
             self.blocks.append(Block(
                 attn_norm=vector(p + "attn_norm.weight"),
-                wq=ColumnParallelLinear(weight(p + "attn_q.weight"), vector(p + "attn_q.bias")),
-                wk=ColumnParallelLinear(weight(p + "attn_k.weight"), vector(p + "attn_k.bias")),
-                wv=ColumnParallelLinear(weight(p + "attn_v.weight"), vector(p + "attn_v.bias")),
+                wq=column(p + "attn_q.weight", p + "attn_q.bias"),
+                wk=column(p + "attn_k.weight", p + "attn_k.bias"),
+                wv=column(p + "attn_v.weight", p + "attn_v.bias"),
+                wqkv=column(p + "attn_qkv.weight", p + "attn_qkv.bias"),
+                q_norm=vector(p + "attn_q_norm.weight"),
+                k_norm=vector(p + "attn_k_norm.weight"),
                 wo=RowParallelLinear(weight(p + "attn_output.weight"), vector(p + "attn_output.bias"), reduce),
+                post_attn_norm=vector(p + "post_attention_norm.weight"),
                 ffn_norm=vector(p + "ffn_norm.weight"),
-                w_gate=ColumnParallelLinear(weight(p + "ffn_gate.weight")),
-                w_up=ColumnParallelLinear(weight(p + "ffn_up.weight")),
+                w_gate=column(p + "ffn_gate.weight"),
+                w_up=column(p + "ffn_up.weight"),
                 w_down=RowParallelLinear(weight(p + "ffn_down.weight"), vector(p + "ffn_down.bias"), reduce),
+                post_ffn_norm=vector(p + "post_ffw_norm.weight"),
+                local=cfg.is_swa(i),
             ))
         assert progress.done == shard.nbytes, (progress.done, shard.nbytes)
         self.cache: KVCache | None = None
+        self.ropes = self._ropes(n_ctx=0)
 
     @property
     def weight_bytes(self) -> int:
         """Bytes of weights this rank holds (the tied head shares the embedding's bytes)."""
         return self.shard.nbytes
 
+    def _ropes(self, n_ctx: int) -> dict[bool, Rope]:
+        """Rope of global layers (key False) and, with sliding-window layers, of local ones (key True).
+
+        LongRoPE (llama.cpp's rule): the long factors when a sequence's context exceeds the original
+        training context, else the short ones. Local layers use their own base and no scaling."""
+        cfg = self.cfg
+        factors = self.rope_factors["rope_freqs"]
+        if cfg.rope_long_short:
+            original = cfg.rope_scaling.original_context or cfg.n_ctx_train
+            factors = self.rope_factors["rope_factors_long" if n_ctx > original else "rope_factors_short"]
+        freq_scale = 1.0 / cfg.rope_scaling.factor if cfg.rope_scaling.kind == "linear" else 1.0
+        ropes = {False: Rope(cfg.head_dim, cfg.rope_dim, cfg.rope_base, cfg.spec.rope_neox, freq_scale, factors,
+                             cfg.rope_scaling.attn_factor)}
+        if cfg.swa_layers:
+            ropes[True] = Rope(cfg.head_dim, cfg.rope_dim, cfg.rope_base_swa, cfg.spec.rope_neox)
+        return ropes
+
     def allocate_cache(self, n_slots: int, n_ctx: int, dtype=torch.float32) -> KVCache:
         self.cache = KVCache(self.cfg.n_layers, n_slots, n_ctx, self.shard.n_local_kv_heads,
                              self.cfg.head_dim, self.device, dtype)
+        self.ropes = self._ropes(n_ctx)
         return self.cache
+
+    def _qkv(self, b: Block, h: torch.Tensor):
+        """h (n, n_embd) -> q (n, n_local_heads, hd), k and v (n, n_local_kv_heads, hd)."""
+        n, hd, sh = h.shape[0], self.cfg.head_dim, self.shard
+        if b.wqkv is not None:   # fused rows: this rank's q heads, then its k heads, then its v heads
+            q, k, v = b.wqkv(h).split([sh.n_local_heads * hd, sh.n_local_kv_heads * hd, sh.n_local_kv_heads * hd], -1)
+        else:
+            q, k, v = b.wq(h), b.wk(h), b.wv(h)
+        return (q.reshape(n, sh.n_local_heads, hd), k.reshape(n, sh.n_local_kv_heads, hd),
+                v.reshape(n, sh.n_local_kv_heads, hd))
+
+    def _ffn(self, b: Block, h: torch.Tensor) -> torch.Tensor:
+        """Gated FFN: down(act(gate(h)) * up(h)), before the all-reduce completes it."""
+        if b.w_gate is None:     # fused rows: this rank's gate range, then its up range
+            gate, up = b.w_up(h).chunk(2, dim=-1)
+        else:
+            gate, up = b.w_gate(h), b.w_up(h)
+        return b.w_down(self.act(gate) * up)
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
                 logit_rows: torch.Tensor | None = None) -> torch.Tensor:
         """ids, positions, slots: (n,) int64. logit_rows: indices into the n tokens whose logits are
         wanted (default: all). Returns (m, local_vocab) float32: this rank's vocabulary slice."""
-        cfg, sh = self.cfg, self.shard
+        cfg = self.cfg
         assert self.cache is not None, "allocate_cache() before forward()"
         self.cache.check(positions, slots)
         ids, positions, slots = (t.to(self.device) for t in (ids, positions, slots))
-        n = ids.shape[0]
-        cos, sin = self.rope.cos_sin(positions, self.device)
+        trig = {local: rope.cos_sin(positions, self.device) for local, rope in self.ropes.items()}
         x = self.embed(ids)                                                   # (n, n_embd)
+        if self.embed_scale is not None:
+            x = x * self.embed_scale
         for i, b in enumerate(self.blocks):
             h = rms_norm(x, b.attn_norm, cfg.rms_eps)
-            q = b.wq(h).view(n, sh.n_local_heads, cfg.head_dim)
-            k = b.wk(h).view(n, sh.n_local_kv_heads, cfg.head_dim)
-            v = b.wv(h).view(n, sh.n_local_kv_heads, cfg.head_dim)
-            q, k = self.rope.apply(q, cos, sin), self.rope.apply(k, cos, sin)
-            attn = self.attention(q, k, v, self.cache, i, positions, slots)   # (n, n_local_heads * head_dim)
-            x = x + b.wo(attn)
-            h = rms_norm(x, b.ffn_norm, cfg.rms_eps)
-            x = x + b.w_down(F.silu(b.w_gate(h)) * b.w_up(h))
+            q, k, v = self._qkv(b, h)
+            if b.q_norm is not None:                                          # per head, over head_dim
+                q, k = rms_norm(q, b.q_norm, cfg.rms_eps), rms_norm(k, b.k_norm, cfg.rms_eps)
+            rope, (cos, sin) = self.ropes[b.local], trig[b.local]
+            q, k = rope.apply(q, cos, sin), rope.apply(k, cos, sin)
+            attn = self.attention(q, k, v, self.cache, i, positions, slots,
+                                  window=cfg.swa_window if b.local else 0)   # (n, n_local_heads * head_dim)
+            a = b.wo(attn)
+            x = x + (rms_norm(a, b.post_attn_norm, cfg.rms_eps) if b.post_attn_norm is not None else a)
+            f = self._ffn(b, rms_norm(x, b.ffn_norm, cfg.rms_eps))
+            x = x + (rms_norm(f, b.post_ffn_norm, cfg.rms_eps) if b.post_ffn_norm is not None else f)
         if logit_rows is not None:
             x = x[logit_rows.to(self.device)]
         return self.head(rms_norm(x, self.output_norm, cfg.rms_eps))          # (m, local_vocab)
