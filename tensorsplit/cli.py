@@ -116,6 +116,31 @@ def _run_world(ctx: click.Context, job, *, n_ctx: int, n_slots: int = 1, overrid
     return launch(_argv(ctx, {"model": model, **(overrides or {})}), node)
 
 
+def _sampling_options(f):
+    opts = [
+        click.option("--temp", default=0.8, show_default=True, type=float, help="Temperature; 0 is greedy."),
+        click.option("--top-k", default=40, show_default=True, type=int, help="Top-k filter (0 disables)."),
+        click.option("--top-p", default=0.95, show_default=True, type=float, help="Top-p filter (1 disables)."),
+        click.option("--min-p", default=0.05, show_default=True, type=float, help="Min-p filter (0 disables)."),
+        click.option("--repeat-penalty", default=1.0, show_default=True, type=float, help="1.0 disables."),
+        click.option("--repeat-last-n", default=64, show_default=True, type=int,
+                     help="Tokens the penalty looks back over."),
+        click.option("--seed", default=None, type=int, help="Sampling seed; the same seed gives the same text."),
+        click.option("--stop", multiple=True, help="Stop when this text appears (repeatable)."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _sampling(p: dict):
+    from .coordinator.sampling import SamplingParams
+    params = SamplingParams(temperature=p["temp"], top_k=p["top_k"], top_p=p["top_p"], min_p=p["min_p"],
+                            repeat_penalty=p["repeat_penalty"], repeat_last_n=p["repeat_last_n"], seed=p["seed"])
+    params.validate()
+    return params
+
+
 @click.group(context_settings=CONTEXT)
 @click.version_option(package_name="tensorsplit")
 def cli():
@@ -136,36 +161,29 @@ def cli():
               help="Read the prompt from a file.")
 @click.option("-n", "--n-predict", "n_predict", default=128, show_default=True, type=int,
               help="Maximum tokens to generate.")
-@click.option("--temp", default=0.8, show_default=True, type=float, help="Temperature; 0 is greedy.")
-@click.option("--top-k", default=40, show_default=True, type=int, help="Top-k filter (0 disables).")
-@click.option("--top-p", default=0.95, show_default=True, type=float, help="Top-p filter (1 disables).")
-@click.option("--min-p", default=0.05, show_default=True, type=float, help="Min-p filter (0 disables).")
-@click.option("--repeat-penalty", default=1.0, show_default=True, type=float, help="1.0 disables.")
-@click.option("--repeat-last-n", default=64, show_default=True, type=int, help="Tokens the penalty looks back over.")
-@click.option("--seed", default=None, type=int, help="Sampling seed; the same seed gives the same text.")
-@click.option("--stop", multiple=True, help="Stop when this text appears (repeatable).")
+@_sampling_options
 @click.option("-c", "--ctx-size", default=2048, show_default=True, type=int, help="Context size (KV-cache positions).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with the text, counts and timings.")
 @click.option("--save-logits", default=None, type=click.Path(dir_okay=False),
               help="Write the logits each generated token was sampled from to this .npy file (checks, debugging).")
 @_world_options
 @click.pass_context
-def generate(ctx, model, prompt, prompt_file, n_predict, temp, top_k, top_p, min_p, repeat_penalty, repeat_last_n,
-             seed, stop, ctx_size, as_json, save_logits, **_):
+@click.option("--chat", is_flag=True, help="Send the prompt as a user message through the model's chat template.")
+@click.option("--chat-template", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="Jinja chat template file to use instead of the model's.")
+def generate(ctx, model, prompt, prompt_file, n_predict, ctx_size, as_json, save_logits, chat, chat_template, **_):
     """Generate text from a prompt, streamed to stdout."""
     from .coordinator.jobs import GenerateJob
-    from .coordinator.sampling import SamplingParams
     if prompt_file is not None:
         prompt = Path(prompt_file).read_text(encoding="utf-8")
     if prompt is None:
         raise TensorsplitError("give a prompt with -p TEXT or -f FILE")
-    sampling = SamplingParams(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
-                              repeat_last_n=repeat_last_n, seed=seed)
-    sampling.validate()
     save = Path(save_logits).resolve() if save_logits else None
-    job = GenerateJob(prompt, n_predict, sampling, tuple(stop), as_json, save)
+    template = Path(chat_template).resolve() if chat_template else None
+    job = GenerateJob(prompt, n_predict, _sampling(ctx.params), tuple(ctx.params["stop"]), as_json, save, chat, template)
     return _run_world(ctx, job, n_ctx=ctx_size, overrides={"save_logits": str(save) if save else None,
-                                                           "prompt": prompt, "prompt_file": None})
+                                                           "prompt": prompt, "prompt_file": None,
+                                                           "chat_template": str(template) if template else None})
 
 
 @cli.command(context_settings=CONTEXT)
@@ -235,31 +253,6 @@ def _bench_world(ctx: click.Context, n: int, out: Path) -> int:
     return launch(_argv(ctx, {"model": model, "nproc": str(n), "result_file": str(out)}), node)
 
 
-def _sampling_options(f):
-    opts = [
-        click.option("--temp", default=0.8, show_default=True, type=float, help="Temperature; 0 is greedy."),
-        click.option("--top-k", default=40, show_default=True, type=int, help="Top-k filter (0 disables)."),
-        click.option("--top-p", default=0.95, show_default=True, type=float, help="Top-p filter (1 disables)."),
-        click.option("--min-p", default=0.05, show_default=True, type=float, help="Min-p filter (0 disables)."),
-        click.option("--repeat-penalty", default=1.0, show_default=True, type=float, help="1.0 disables."),
-        click.option("--repeat-last-n", default=64, show_default=True, type=int,
-                     help="Tokens the penalty looks back over."),
-        click.option("--seed", default=None, type=int, help="Sampling seed; the same seed gives the same text."),
-        click.option("--stop", multiple=True, help="Stop when this text appears (repeatable)."),
-    ]
-    for o in reversed(opts):
-        f = o(f)
-    return f
-
-
-def _sampling(p: dict):
-    from .coordinator.sampling import SamplingParams
-    params = SamplingParams(temperature=p["temp"], top_k=p["top_k"], top_p=p["top_p"], min_p=p["min_p"],
-                            repeat_penalty=p["repeat_penalty"], repeat_last_n=p["repeat_last_n"], seed=p["seed"])
-    params.validate()
-    return params
-
-
 @cli.command(context_settings=CONTEXT)
 @click.argument("paths", nargs=-1, metavar="[MODEL] PROMPTS.jsonl")
 @_model_option
@@ -294,6 +287,28 @@ def batch(ctx, paths, model, output, parallel, n_predict, ctx_size, on_error, ch
     return _run_world(ctx, job, n_ctx=ctx_size, n_slots=parallel,
                       overrides={"paths": (str(inp),), "output": str(out),
                                  "chat_template": str(job.chat_template) if chat_template else None})
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("model_arg", required=False, metavar="[MODEL]")
+@_model_option
+@click.option("-n", "--n-predict", "n_predict", default=512, show_default=True, type=int,
+              help="Maximum tokens per reply.")
+@_sampling_options
+@click.option("-c", "--ctx-size", default=4096, show_default=True, type=int, help="Context size of the conversation.")
+@click.option("--system", default=None, help="A system message to start the conversation with.")
+@click.option("--chat-template", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="Jinja chat template file to use instead of the model's.")
+@_world_options
+@click.pass_context
+def chat(ctx, model_arg, model, n_predict, ctx_size, system, chat_template, **_):
+    """Interactive multi-turn chat with the model's own chat template (rendered in a sandbox)."""
+    from .coordinator.jobs import ChatJob
+    ctx.params["model"] = model or model_arg
+    template = Path(chat_template).resolve() if chat_template else None
+    job = ChatJob(_sampling(ctx.params), n_predict, system, template)
+    return _run_world(ctx, job, n_ctx=ctx_size, overrides={"model_arg": None,
+                                                           "chat_template": str(template) if template else None})
 
 
 @cli.command(context_settings=CONTEXT, hidden=True)

@@ -32,10 +32,12 @@ class GenerateJob:
     stop: tuple[str, ...] = ()
     as_json: bool = False
     save_logits: Path | None = None   # .npy of (generated tokens, vocab) float32: the logits each token came from
+    chat: bool = False                # the prompt is a user message rendered through the chat template
+    chat_template: Path | None = None
 
     def __call__(self, engine, gf, cfg) -> int:
         tok = Tokenizer.from_gguf_kv(gf.kv)
-        ids = tok.encode(self.prompt, add_special=True)
+        ids = _prompt_encoder(tok, gf, self.chat, self.chat_template)(self.prompt, None)
         stream = None if self.as_json else (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
         seen: list[torch.Tensor] = []
         try:
@@ -224,3 +226,44 @@ def _run_batch(engine, tok: Tokenizer, requests, output: Path, n_bad: int) -> in
          f"({totals['tokens'] / max(secs, 1e-9):.1f} tok/s over all sequences)"
          f"{'; rerun the same command to continue' if code else ''}")
     return code
+
+
+@dataclass(frozen=True)
+class ChatJob:
+    """`tensorsplit chat`: an interactive multi-turn conversation on stdin/stdout."""
+    sampling: SamplingParams
+    max_tokens: int
+    system: str | None = None
+    chat_template: Path | None = None
+
+    def __call__(self, engine, gf, cfg) -> int:
+        from .chat import ChatFormatter
+        from .generate import generate_one
+        tok = Tokenizer.from_gguf_kv(gf.kv)
+        fmt = ChatFormatter(tok, gf, self.chat_template)
+        messages = [{"role": "system", "content": self.system}] if self.system else []
+        interactive = sys.stdin.isatty()
+        _say("chat: type a message and press Enter; /exit or Ctrl-D to quit")
+        while True:
+            if interactive:
+                sys.stdout.write("> ")
+                sys.stdout.flush()
+            try:
+                line = sys.stdin.readline()
+            except KeyboardInterrupt:
+                return 130
+            if not line or line.strip() in ("/exit", "/quit"):
+                return 0
+            if not line.strip():
+                continue
+            messages.append({"role": "user", "content": line.rstrip("\n")})
+            ids = fmt.encode(messages)
+            try:
+                res = generate_one(engine.forward, tok, ids, self.sampling, self.max_tokens, engine.n_ctx,
+                                   on_text=lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+            except KeyboardInterrupt:
+                sys.stdout.write("\n")
+                return 130
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+            messages.append({"role": "assistant", "content": res.text})
