@@ -11,13 +11,15 @@ Only fixed-dtype tensors cross the wire: no pickling, no object collectives.
 from __future__ import annotations
 
 import datetime
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from ..errors import TensorsplitError
 from .backend import BackendChoice
+from .netif import gloo_interface_for
+from .rendezvous import agree, open_store
 
 CONTROL_TIMEOUT_S = 7 * 24 * 3600
 
@@ -79,17 +81,19 @@ class CommGroup:
 
 
 def init_comm(rank: int, world: int, local_rank: int, device: torch.device, backend: BackendChoice,
-              master_addr: str, master_port: int, timeout_s: float) -> CommGroup:
-    """Join the world: a TCP store at master_addr:master_port (rank 0 serves it), then both groups."""
+              master_addr: str, master_port: int, timeout_s: float, identity: dict | None = None,
+              local_world: int = 1) -> CommGroup:
+    """Join the world: the store at master_addr:master_port (rank 0 serves it), agreement, then both groups."""
     group = CommGroup(rank, world, local_rank, device, backend)
     if world == 1:
         return group
+    if backend.name == "gloo" and "GLOO_SOCKET_IFNAME" not in os.environ:
+        iface = gloo_interface_for(master_addr)
+        if iface:
+            os.environ["GLOO_SOCKET_IFNAME"] = iface
+    store = open_store(rank, master_addr, master_port, timeout_s)
+    agree(store, rank, world, identity or {}, timeout_s, local_world)
     timeout = datetime.timedelta(seconds=timeout_s)
-    try:
-        store = dist.TCPStore(master_addr, master_port, world, is_master=(rank == 0), timeout=timeout)
-    except (RuntimeError, OSError) as e:
-        raise TensorsplitError(f"rank {rank}: cannot reach the rendezvous at {master_addr}:{master_port}: "
-                               f"{str(e).splitlines()[0]}") from None
     kwargs = {}
     if device.type in ("cuda", "xpu") and not backend.staging:
         kwargs["device_id"] = device  # create communicators eagerly, so the first collective obeys the timeout
@@ -97,4 +101,3 @@ def init_comm(rank: int, world: int, local_rank: int, device: torch.device, back
     group.device_group = dist.group.WORLD
     group.control_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=CONTROL_TIMEOUT_S))
     return group
-

@@ -88,8 +88,12 @@ def join_and_load(env: RankEnv, spec: WorldSpec) -> tuple[Shard, object, object]
     backend = choose_backend(kinds, spec.backend)
     gf, cfg = open_model(spec.model)
     plan = make_plan(cfg, gf.tensors, env.world, parse_split(spec.split, env.world))
+    identity = {"model_fingerprint": gf.fingerprint(), "model_bytes": spec.model.stat().st_size,
+                "world": env.world, "split": [round(r, 6) for r in plan.ratios], "dtype": "float32",
+                "devices": kinds, "backend": backend.name, "n_ctx": spec.n_ctx, "n_slots": spec.n_slots,
+                "version": _version()}
     comm = init_comm(env.rank, env.world, env.local_rank, device, backend, env.master_addr, env.master_port,
-                     spec.timeout_s)
+                     spec.timeout_s, identity, env.local_world)
     try:
         progress = _progress_bar(plan.ranks[0].nbytes) if env.rank == 0 and not spec.quiet else None
         model = RankModel(cfg, plan.ranks[env.rank], env.world, comm.all_reduce, gf, device, on_progress=progress)
@@ -98,6 +102,14 @@ def join_and_load(env: RankEnv, spec: WorldSpec) -> tuple[Shard, object, object]
         comm.close()
         raise
     return Shard(model, comm, [r.local_vocab for r in plan.ranks]), gf, cfg
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("tensorsplit")
+    except PackageNotFoundError:
+        return "unknown"
 
 
 def _progress_bar(total: int):
