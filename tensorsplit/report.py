@@ -44,6 +44,8 @@ def info_report(path: Path, world: int, split: str | None, verbose: bool, as_jso
         f"{', tied output' if cfg.tied_output else ''}",
         f"attention   {cfg.n_heads} heads, {cfg.n_kv_heads} KV heads, head_dim {cfg.head_dim}, "
         f"rope base {cfg.rope_base:g} ({'neox' if cfg.spec.rope_neox else 'normal'} layout)",
+        *([f"window      sliding window {cfg.swa_window} on {sum(cfg.swa_layers)} of {cfg.n_layers} layers "
+           f"(their rope base {cfg.rope_base_swa:g})"] if cfg.swa_layers else []),
         f"context     {cfg.n_ctx_train} (training)",
         f"tensors     {len(gf.tensors)}: " + ", ".join(f"{n} {k}" for k, n in sorted(types.items())),
         f"weights     {total / 2**20:.1f} MiB",

@@ -37,3 +37,30 @@ def workers_of(launcher_pid: int) -> dict[int, int]:
             if state != "Z":
                 out[int(env["RANK"])] = int(entry.name)
     return out
+
+
+def start_cli(*args: str, env: dict | None = None, stdin=None):
+    """Popen of the real command, text mode, stdout and stderr piped."""
+    import time  # noqa: F401
+    return subprocess.Popen([sys.executable, "-m", "tensorsplit", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, stdin=stdin, text=True, cwd=ROOT,
+                            env={**os.environ, **(env or {})})
+
+
+def wait_for_workers(launcher_pid: int, n: int, timeout: float = 60) -> dict[int, int]:
+    import time
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        w = workers_of(launcher_pid)
+        if len(w) == n:
+            return w
+        time.sleep(0.05)
+    raise AssertionError(f"{n} workers did not appear within {timeout} s: {workers_of(launcher_pid)}")
+
+
+def assert_all_gone(launcher_pid: int, within: float = 5) -> None:
+    import time
+    deadline = time.monotonic() + within
+    while workers_of(launcher_pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert workers_of(launcher_pid) == {}, f"orphaned workers: {workers_of(launcher_pid)}"

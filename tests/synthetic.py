@@ -34,15 +34,33 @@ def random_quantized(qtype: Q, n_rows: int, n_cols: int, rng: np.random.Generato
     return blocks.reshape(n_rows, -1)
 
 
-def write_llama(path: Path, *, n_layers=2, n_embd=256, n_heads=8, n_kv=2, n_ff=512, vocab=320,
-                head_dim=None, types: dict[str, Q] | None = None, tied=True, seed=0,
-                rope_base=10000.0, extra_kv: dict | None = None) -> Path:
-    """A llama-architecture GGUF with random weights. `types` maps a tensor suffix ("attn_q",
-    "ffn_down", "token_embd", "output", ...) to its quant type; default Q8_0."""
+def write_llama(path: Path, **kw) -> Path:
+    """A llama-architecture GGUF with random weights (see write_model)."""
+    return write_model(path, "llama", **kw)
+
+
+def write_model(path: Path, arch: str = "llama", *, n_layers=2, n_embd=256, n_heads=8, n_kv=2, n_ff=512,
+                vocab=320, head_dim=None, types: dict[str, Q] | None = None, tied=True, seed=0,
+                rope_base=10000.0, extra_kv: dict | None = None, window=4, rope_factors=False,
+                bias_scale=0.5, original_context=32, rope_dim=None,
+                extra_tensors: dict[str, np.ndarray] | None = None) -> Path:
+    """A GGUF of `arch` with random weights, laid out as llama.cpp's converter writes that arch:
+
+    llama   q, k, v, o, gate, up, down
+    qwen2   + q/k/v biases (bias_scale std, so they matter)
+    qwen3   + attn_q_norm / attn_k_norm (head_dim), no biases
+    phi3    fused attn_qkv = [q; k; v] and ffn_up = [gate; up] (no ffn_gate); with rope_factors,
+            LongRoPE's rope_factors_long/short, rope.scaling.attn_factor and `original_context`
+    gemma3  + q/k norms, post_attention_norm, post_ffw_norm; attention.sliding_window = `window`
+
+    `types` maps a tensor suffix ("attn_q", "attn_qkv", "ffn_down", "token_embd", "output", ...) to
+    its quant type; default Q8_0. Norm weights are 1 + 0.1 N(0, 1) (gemma's stored +1 included).
+    rope_dim: rotated dims per head (partial rotary, as Phi-4-mini); default head_dim.
+    extra_tensors: name -> float32 array, written as well (for unknown-tensor tests)."""
     rng = np.random.default_rng(seed)
     types = types or {}
     hd = head_dim or n_embd // n_heads
-    w = GGUFWriter(str(path), "llama")
+    w = GGUFWriter(str(path), arch)
     w.add_block_count(n_layers)
     w.add_context_length(256)
     w.add_embedding_length(n_embd)
@@ -51,9 +69,14 @@ def write_llama(path: Path, *, n_layers=2, n_embd=256, n_heads=8, n_kv=2, n_ff=5
     w.add_head_count_kv(n_kv)
     w.add_key_length(hd)
     w.add_value_length(hd)
-    w.add_rope_dimension_count(hd)
+    w.add_rope_dimension_count(rope_dim or hd)
     w.add_rope_freq_base(rope_base)
-    w.add_layer_norm_rms_eps(1e-5)
+    w.add_layer_norm_rms_eps(1e-5 if arch != "gemma3" else 1e-6)
+    if arch == "gemma3":
+        w.add_sliding_window(window)
+    if rope_factors:
+        w.add_rope_scaling_attn_factors(1.19)
+        w.add_rope_scaling_orig_ctx_len(original_context)
     for k, v in (extra_kv or {}).items():
         w.add_key_value(k, v[0], v[1])
 
@@ -66,24 +89,46 @@ def write_llama(path: Path, *, n_layers=2, n_embd=256, n_heads=8, n_kv=2, n_ff=5
             w.add_tensor(name, data, raw_shape=(n_rows, n_cols) if data.dtype != np.uint8
                          else data.shape, raw_dtype=qtype)
 
-    def norm(name, n):
-        w.add_tensor(name, (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32))
+    def vector(name, n, mean=1.0, std=0.1):
+        w.add_tensor(name, (mean + std * rng.standard_normal(n)).astype(np.float32))
 
+    q_dim, kv_dim = n_heads * hd, n_kv * hd
     tensor("token_embd.weight", "token_embd", vocab, n_embd)
     if not tied:
         tensor("output.weight", "output", vocab, n_embd)
-    norm("output_norm.weight", n_embd)
+    vector("output_norm.weight", n_embd)
+    if rope_factors:
+        vector("rope_factors_long.weight", (rope_dim or hd) // 2, mean=4.0, std=1.0)
+        vector("rope_factors_short.weight", (rope_dim or hd) // 2, mean=1.0, std=0.05)
     for i in range(n_layers):
         p = f"blk.{i}."
-        norm(p + "attn_norm.weight", n_embd)
-        tensor(p + "attn_q.weight", "attn_q", n_heads * hd, n_embd)
-        tensor(p + "attn_k.weight", "attn_k", n_kv * hd, n_embd)
-        tensor(p + "attn_v.weight", "attn_v", n_kv * hd, n_embd)
-        tensor(p + "attn_output.weight", "attn_output", n_embd, n_heads * hd)
-        norm(p + "ffn_norm.weight", n_embd)
-        tensor(p + "ffn_gate.weight", "ffn_gate", n_ff, n_embd)
-        tensor(p + "ffn_up.weight", "ffn_up", n_ff, n_embd)
+        vector(p + "attn_norm.weight", n_embd)
+        if arch == "phi3":
+            tensor(p + "attn_qkv.weight", "attn_qkv", q_dim + 2 * kv_dim, n_embd)
+        else:
+            tensor(p + "attn_q.weight", "attn_q", q_dim, n_embd)
+            tensor(p + "attn_k.weight", "attn_k", kv_dim, n_embd)
+            tensor(p + "attn_v.weight", "attn_v", kv_dim, n_embd)
+        if arch == "qwen2":
+            for t, n in (("q", q_dim), ("k", kv_dim), ("v", kv_dim)):
+                vector(p + f"attn_{t}.bias", n, mean=0.0, std=bias_scale)
+        if arch in ("qwen3", "gemma3"):
+            vector(p + "attn_q_norm.weight", hd)
+            vector(p + "attn_k_norm.weight", hd)
+        tensor(p + "attn_output.weight", "attn_output", n_embd, q_dim)
+        if arch == "gemma3":
+            vector(p + "post_attention_norm.weight", n_embd)
+        vector(p + "ffn_norm.weight", n_embd)
+        if arch == "phi3":
+            tensor(p + "ffn_up.weight", "ffn_up", 2 * n_ff, n_embd)
+        else:
+            tensor(p + "ffn_gate.weight", "ffn_gate", n_ff, n_embd)
+            tensor(p + "ffn_up.weight", "ffn_up", n_ff, n_embd)
         tensor(p + "ffn_down.weight", "ffn_down", n_embd, n_ff)
+        if arch == "gemma3":
+            vector(p + "post_ffw_norm.weight", n_embd)
+    for name, data in (extra_tensors or {}).items():
+        w.add_tensor(name, data.astype(np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

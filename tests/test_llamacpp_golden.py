@@ -1,10 +1,15 @@
 """tensorsplit against llama.cpp's own outputs (fixtures written by scripts/make_golden.py).
 
 llama.cpp rounds activations to 8 bits inside its quantized matmuls, so exact arithmetic
-does not reproduce it token for token. Measured on SmolLM2 over 2,040 scored tokens of
-English at n_ctx 512, a float64 forward over the same weights agreed with llama.cpp's top-1
-at 96.8% of positions, perplexity 18.34 vs 18.39. So: top-1 agreement >= 95% and perplexity
-within 0.5%.
+does not reproduce it token for token. Measured over 2,040 scored tokens of English at n_ctx
+512 (8 chunks), at 1 and 2 ranks alike:
+  SmolLM2 135M Q4_1: top-1 agreement 96.8%, perplexity 18.34 vs llama.cpp's 18.39 (-0.27%).
+  Gemma 3 270M Q4_K_M: top-1 agreement 95.7%, perplexity 14.893 vs 14.974 (-0.54%). Ours is
+    lower in every chunk; Gemma's residual stream is large (~1e4), so llama.cpp's 8-bit
+    activations cost it more: emulating that rounding in our matmuls (an experiment, not in
+    the product) brought three chunks from -0.46% to -0.03% on average. llama.cpp's own flash
+    attention setting moves a chunk by up to 0.3%. Tolerance 0.75%, not 0.5%.
+So: top-1 agreement >= 95% and perplexity within 0.5% (SmolLM2) / 0.75% (Gemma 3).
 """
 from __future__ import annotations
 
@@ -23,7 +28,8 @@ from tensorsplit.model.layers import no_reduce
 from tensorsplit.model.transformer import RankModel
 from tensorsplit.worker.engine import Engine, Shard
 
-GOLDEN = {"smollm2": FIXTURES / "smollm2_golden.json"}
+GOLDEN = {"smollm2": FIXTURES / "smollm2_golden.json", "gemma3": FIXTURES / "gemma3-270m_golden.json"}
+PPL_TOLERANCE = {"smollm2": 0.005, "gemma3": 0.0075}
 
 
 def golden(name):
@@ -42,36 +48,60 @@ def local_engine(gf, cfg, n_ctx):
     return Engine(Shard(model, comm, [cfg.vocab_size]), 1, n_ctx)
 
 
-@pytest.fixture(scope="module")
-def smollm2(smollm2_path):
-    return open_model(smollm2_path)
+def world_forward(gf, cfg, world, n_ctx):
+    """A world of `world` ranks as threads in this process: forward(ids, positions, slots, rows) ->
+    full logits, the Engine's signature."""
+    plan = make_plan(cfg, gf.tensors, world)
+    tw = ThreadWorld(world)
+    models = [RankModel(cfg, plan.ranks[r], world, tw.reducer(r), gf) for r in range(world)]
+    for m in models:
+        m.allocate_cache(1, n_ctx)
+
+    def forward(ids, positions, slots, rows):
+        return torch.cat(tw.run(lambda r: models[r].forward(ids, positions, slots, rows)), dim=-1)
+    return forward
+
+
+@pytest.fixture(scope="module", params=list(GOLDEN))
+def model(request):
+    """(name, gf, cfg) for each model with a golden fixture."""
+    name = request.param
+    return (name, *open_model(request.getfixturevalue(f"{name}_path")))
 
 
 @pytest.mark.slow
-def test_smollm2_perplexity_and_top1_match_llamacpp(smollm2):
-    gf, cfg = smollm2
-    g = golden("smollm2")["perplexity"]
+@pytest.mark.parametrize("world", [1, 2])
+def test_perplexity_and_top1_match_llamacpp(model, world):
+    name, gf, cfg = model
+    if name == "smollm2" and world > 1:
+        pytest.skip("SmolLM2's sharding is covered by test_model_parity")
+    g = golden(name)["perplexity"]
     tok = Tokenizer.from_gguf_kv(gf.kv)
     tokens = tok.encode((FIXTURES / g["text_file"]).read_text(), add_special=True)
     assert len(tokens) == g["n_tokens"]
-    engine = local_engine(gf, cfg, g["n_ctx"])
-    res = perplexity(engine.forward, tokens, g["n_ctx"], tok.bos_id if tok.add_bos else None)
+    forward = local_engine(gf, cfg, g["n_ctx"]).forward if world == 1 else world_forward(gf, cfg, world, g["n_ctx"])
+    res = perplexity(forward, tokens, g["n_ctx"], tok.bos_id if tok.add_bos else None)
     assert len(res.chunk_nll) == g["n_chunks"]
     ours = [t for chunk in res.argmax for t in chunk]
     theirs = [t for chunk in g["chunks"] for t in chunk["argmax"]]
     agree = sum(a == b for a, b in zip(ours, theirs)) / len(theirs)
-    print(f"tensorsplit ppl {res.ppl:.4f} vs llama.cpp {g['ppl']:.4f}; top-1 agreement {agree:.2%}")
+    print(f"{name} world {world}: tensorsplit ppl {res.ppl:.4f} vs llama.cpp {g['ppl']:.4f} "
+          f"({res.ppl / g['ppl'] - 1:+.2%}); top-1 agreement {agree:.2%}")
     assert agree >= 0.95
-    assert abs(res.ppl / g["ppl"] - 1) < 0.005
+    assert abs(res.ppl / g["ppl"] - 1) < PPL_TOLERANCE[name]
 
 
 @pytest.mark.parametrize("world", [1, 2])
-def test_smollm2_prompt_top_logits_match_llamacpp(smollm2, world):
+def test_prompt_top_logits_match_llamacpp(model, world):
     """At every position of each prompt: llama.cpp's top-1 is our top-1 wherever llama.cpp's own top two
-    differ by more than 0.5 (its 8-bit activations move logits by ~0.1), and our logit for each of its
-    top-10 tokens is within 1.0 of its value."""
-    gf, cfg = smollm2
-    prompts = golden("smollm2")["top_logits"]["prompts"]
+    differ by more than 0.5 (its 8-bit activations move logits by ~0.1 on SmolLM2), and our logits for
+    its top-10 tokens, less their common offset (softmax ignores it), are within 1.0 of its values.
+    The offset itself stays within 1.0 on SmolLM2; on Gemma 3 within 4.0 (seen: 2.9, at the chat
+    prompt's token after <start_of_turn>, where the top logit is -12: the 8-bit rounding of a
+    residual stream of ~1e4 shifts all logits alike there; emulating that rounding halves it)."""
+    name, gf, cfg = model
+    max_offset = {"smollm2": 1.0, "gemma3": 4.0}[name]
+    prompts = golden(name)["top_logits"]["prompts"]
     plan = make_plan(cfg, gf.tensors, world)
     tw = ThreadWorld(world)
 
@@ -91,8 +121,9 @@ def test_smollm2_prompt_top_logits_match_llamacpp(smollm2, world):
         for pos, top in enumerate(p["top"]):
             ids = [t[0] for t in top]
             vals = torch.tensor([t[1] for t in top])
-            ours = logits[pos, ids]
-            assert (ours - vals).abs().max() < 1.0, (p["name"], pos)
+            diff = logits[pos, ids] - vals
+            assert (diff - diff.mean()).abs().max() < 1.0, (p["name"], pos)
+            assert diff.abs().max() < max_offset, (p["name"], pos)
             if vals[0] - vals[1] > 0.5:
                 assert int(logits[pos].argmax()) == ids[0], (p["name"], pos)
                 checked += 1

@@ -16,9 +16,10 @@ from tensorsplit.model.config import ModelConfig, RopeScaling, expected_shapes
 from tensorsplit.model.shard_plan import apportion, make_plan, parse_split
 
 
-def make_cfg(n_heads=9, n_kv=3, head_dim=64, n_embd=576, n_ff=1536, vocab=49152, n_layers=2, tied=True):
-    return ModelConfig("llama", n_layers, n_embd, n_ff, n_heads, n_kv, head_dim, 10000.0, head_dim,
-                       RopeScaling(), 1e-5, 2048, vocab, tied, False, spec=arch_spec("llama"))
+def make_cfg(n_heads=9, n_kv=3, head_dim=64, n_embd=576, n_ff=1536, vocab=49152, n_layers=2, tied=True,
+             arch="llama"):
+    return ModelConfig(arch, n_layers, n_embd, n_ff, n_heads, n_kv, head_dim, 10000.0, head_dim,
+                       RopeScaling(), 1e-5, 2048, vocab, tied, False, spec=arch_spec(arch))
 
 
 def tensor_table(cfg, types=None):
@@ -53,19 +54,20 @@ def check_plan(cfg, tensors, plan):
         assert ranges[0][0] == 0 and ranges[-1][1] == total
         assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
     # every tensor: row/col slices partition their axis (or are exactly the whole, for replicated KV),
-    # input-axis cuts fall on block boundaries, bytes add up
+    # input-axis cuts fall on block boundaries, bytes add up; a fused tensor's runs included
     for name, info in tensors.items():
         slices = [r.slice_of(name) for r in plan.ranks]
         if slices[0].axis is None:
-            assert all(s.start == 0 and s.end == info.shape[-1] and s.nbytes == info.nbytes for s in slices)
+            assert all(s.ranges == ((0, info.shape[-1]),) and s.nbytes == info.nbytes for s in slices)
             continue
         axis_len = info.shape[0] if len(info.shape) == 1 or slices[0].axis == 0 else info.shape[1]
         if slices[0].axis == 0 and len(info.shape) == 2:
             block = GGML_QUANT_SIZES[info.qtype][0]
             assert all(s.start % block == 0 and s.end % block == 0 for s in slices), name
-        covered = sorted({i for s in slices for i in range(s.start, s.end)})
-        assert covered == list(range(axis_len)), name
-        if not (plan.kv_replicated and slices[0].split == "kv_rows"):
+        held = [i for s in slices for a, b in s.ranges for i in range(a, b)]
+        assert sorted(set(held)) == list(range(axis_len)), name
+        if not (plan.kv_replicated and slices[0].split in ("kv_rows", "qkv_rows")):
+            assert len(held) == axis_len, name       # each row or column exactly once
             assert sum(s.nbytes for s in slices) == info.nbytes, name
 
 
@@ -82,6 +84,18 @@ def test_even_plans(heads, world):
     plan = make_plan(cfg, tensors, world)
     check_plan(cfg, tensors, plan)
     assert plan.kv_replicated == (world > n_kv)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "phi3", "gemma3"])
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_other_architectures(arch, world):
+    # 8 heads / 2 KV heads: KV heads split at 2 ranks, replicated at 3 and 4; phi3 cuts its fused
+    # attn_qkv and ffn_up per segment
+    cfg = make_cfg(n_heads=8, n_kv=2, head_dim=32, n_embd=256, n_ff=32 * 24, vocab=1000, arch=arch)
+    tensors = tensor_table(cfg, {"ffn_down": Q.Q8_0, "attn_qkv": Q.Q5_0})
+    plan = make_plan(cfg, tensors, world)
+    check_plan(cfg, tensors, plan)
+    assert plan.kv_replicated == (world > 2)
 
 
 @pytest.mark.parametrize("split", ["3,1", "1,3", "1,1,2", "5,1,1,1", "1,2,3,4,5", "1,1,1,1,1,1,1,10"])

@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from .backend import BackendChoice
 from .netif import gloo_interface_for
+from .watchdog import CollectiveWatchdog
 from .rendezvous import agree, open_store
 
 CONTROL_TIMEOUT_S = 7 * 24 * 3600
@@ -33,17 +34,19 @@ class CommGroup:
     backend: BackendChoice
     device_group: object | None = None   # torch ProcessGroup; None for a world of one
     control_group: object | None = None
+    watchdog: CollectiveWatchdog | None = None
 
     # -- data path ---------------------------------------------------------------------------
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum x over ranks. Returns the summed tensor (x itself, modified, on the direct path)."""
         if self.world == 1:
             return x
-        if self.backend.staging and x.device.type != "cpu":
-            host = x.cpu()
-            dist.all_reduce(host, group=self.device_group)
-            return host.to(x.device)
-        dist.all_reduce(x, group=self.device_group)
+        with self.watchdog.watch("all_reduce"):
+            if self.backend.staging and x.device.type != "cpu":
+                host = x.cpu()
+                dist.all_reduce(host, group=self.device_group)
+                return host.to(x.device)
+            dist.all_reduce(x, group=self.device_group)
         return x
 
     def gather_logits(self, local: torch.Tensor, vocab_sizes: list[int]) -> torch.Tensor | None:
@@ -58,17 +61,23 @@ class CommGroup:
         if self.backend.staging:
             padded = padded.cpu()
         parts = [torch.empty_like(padded) for _ in range(self.world)] if self.rank == 0 else None
-        dist.gather(padded, parts, dst=0, group=self.device_group)
+        with self.watchdog.watch("the logits gather"):
+            dist.gather(padded, parts, dst=0, group=self.device_group)
         if self.rank != 0:
             return None
         return torch.cat([p[:, :n].cpu() for p, n in zip(parts, vocab_sizes)], dim=1)
 
     # -- control path ------------------------------------------------------------------------
-    def broadcast_control(self, t: torch.Tensor) -> torch.Tensor:
-        """Broadcast an int64 CPU tensor from rank 0 (the coordinator) to every rank, in place."""
+    def broadcast_control(self, t: torch.Tensor, idle: bool = False) -> torch.Tensor:
+        """Broadcast an int64 CPU tensor from rank 0 (the coordinator) to every rank, in place.
+        idle: a worker waiting for the next step, however long the coordinator takes (not timed)."""
         assert t.dtype == torch.int64 and t.device.type == "cpu", (t.dtype, t.device)
         if self.world > 1:
-            dist.broadcast(t, src=0, group=self.control_group)
+            if idle:
+                dist.broadcast(t, src=0, group=self.control_group)
+            else:
+                with self.watchdog.watch("a step message broadcast"):
+                    dist.broadcast(t, src=0, group=self.control_group)
         return t
 
     def barrier_control(self) -> None:
@@ -82,7 +91,7 @@ class CommGroup:
 
 def init_comm(rank: int, world: int, local_rank: int, device: torch.device, backend: BackendChoice,
               master_addr: str, master_port: int, timeout_s: float, identity: dict | None = None,
-              local_world: int = 1) -> CommGroup:
+              local_world: int = 1, on_timeout=None) -> CommGroup:
     """Join the world: the store at master_addr:master_port (rank 0 serves it), agreement, then both groups."""
     group = CommGroup(rank, world, local_rank, device, backend)
     if world == 1:
@@ -100,4 +109,5 @@ def init_comm(rank: int, world: int, local_rank: int, device: torch.device, back
     dist.init_process_group(backend.name, store=store, rank=rank, world_size=world, timeout=timeout, **kwargs)
     group.device_group = dist.group.WORLD
     group.control_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=CONTROL_TIMEOUT_S))
+    group.watchdog = CollectiveWatchdog(timeout_s, on_timeout)
     return group

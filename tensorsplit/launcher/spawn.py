@@ -157,8 +157,8 @@ class Launch:
             alive = [i for i, c in enumerate(codes) if c is None]
             if alive:
                 i = alive[0]
-                cause = ("stopped responding: the other ranks timed out waiting for it "
-                         f"({reports[failed[0]]['message'] if reports[failed[0]] else 'no report'})")
+                seen = reports[failed[0]]["message"] if reports[failed[0]] else _signal_cause(codes[failed[0]])
+                cause = f"stopped responding (rank {self.rank_of(failed[0])}: {seen})"
             else:
                 i = failed[0]
                 cause = reports[i]["message"] if reports[i] else _signal_cause(codes[i])

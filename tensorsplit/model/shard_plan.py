@@ -268,7 +268,7 @@ def format_plan(plan: ShardPlan, cfg: ModelConfig, verbose: bool = False) -> str
             for t in rs.tensors:
                 runs = " + ".join(_rng(r) for r in t.ranges)
                 where = "mirrored" if t.axis is None else f"{'rows' if t.axis == 1 else 'cols'} {runs}"
-                lines.append(f"  {t.name:<28} {where:<22} {t.nbytes:>12,d} B")
+                lines.append(f"  {t.name:<28} {where:<34} {t.nbytes:>12,d} B")
     return "\n".join(lines)
 
 

@@ -80,7 +80,8 @@ class RankModel:
         self.head = VocabParallelHead(self.embed.weight if cfg.tied_output else weight("output.weight"))
         self.output_norm = vector("output_norm.weight")
         # rope frequency factors: llama3's rope_freqs, or Phi-3 LongRoPE's pair (chosen by context size)
-        self.rope_factors = {k: vector(k + ".weight") for k in ("rope_freqs", "rope_factors_long", "rope_factors_short")}
+        self.rope_factors = {k: vector(k + ".weight")
+                             for k in ("rope_freqs", "rope_factors_long", "rope_factors_short")}
         self.act = ACTIVATION[spec.activation]
         self.attention = Attention(shard.q_heads, shard.kv_heads, cfg.group_size, cfg.head_dim,
                                    scale=cfg.attn_scale, device=self.device)
@@ -117,7 +118,9 @@ class RankModel:
         """Rope of global layers (key False) and, with sliding-window layers, of local ones (key True).
 
         LongRoPE (llama.cpp's rule): the long factors when a sequence's context exceeds the original
-        training context, else the short ones. Local layers use their own base and no scaling."""
+        training context, else the short ones. (llama.cpp first rounds its context up to a multiple
+        of 256, so with an original context that is not one, the two can choose differently just
+        below it.) Local layers use their own base and no scaling (rope_freq_scale_train_swa = 1)."""
         cfg = self.cfg
         factors = self.rope_factors["rope_freqs"]
         if cfg.rope_long_short:

@@ -12,18 +12,35 @@ import torch
 
 from ..comm import CommGroup
 from ..model.transformer import RankModel
+from .faults import FaultPlan
 from .protocol import OP_FORWARD, OP_SHUTDOWN, Step, empty_header, payload_len, shutdown_header
 
 
 class Shard:
     """One rank's loaded model with its comm group: runs a step and takes part in the gather."""
 
-    def __init__(self, model: RankModel, comm: CommGroup, vocab_sizes: list[int]):
+    def __init__(self, model: RankModel, comm: CommGroup, vocab_sizes: list[int], faults: FaultPlan | None = None):
         self.model, self.comm, self.vocab_sizes = model, comm, vocab_sizes
+        self.faults = faults or FaultPlan(comm.rank, "")
 
     def run(self, step: Step) -> torch.Tensor | None:
+        self.faults.at("step")
         local = self.model.forward(step.ids, step.positions, step.slots, step.logit_rows)
         return self.comm.gather_logits(local, self.vocab_sizes)
+
+
+class StepGuard:
+    """Rank 0 defers SIGINT/SIGTERM to the end of a step: a step abandoned half-way on rank 0 would leave
+    the workers waiting in a collective. Outside a step the signal interrupts at once."""
+    in_step = False
+    pending = False
+
+    @classmethod
+    def handler(cls, signum, frame) -> None:
+        if cls.in_step:
+            cls.pending = True
+        else:
+            raise KeyboardInterrupt
 
 
 class Engine:
@@ -38,9 +55,16 @@ class Engine:
     def forward(self, ids, positions, slots, logit_rows) -> torch.Tensor:
         step = Step(*(torch.as_tensor(t, dtype=torch.int64).reshape(-1) for t in (ids, positions, slots, logit_rows)))
         comm = self.shard.comm
-        comm.broadcast_control(step.header())
-        comm.broadcast_control(step.payload())
-        logits = self.shard.run(step)
+        StepGuard.in_step = True
+        try:
+            comm.broadcast_control(step.header())
+            comm.broadcast_control(step.payload())
+            logits = self.shard.run(step)
+        finally:
+            StepGuard.in_step = False
+        if StepGuard.pending:
+            StepGuard.pending = False
+            raise KeyboardInterrupt
         assert logits is not None and logits.shape == (step.logit_rows.numel(), self.vocab_size), logits.shape
         return logits
 
@@ -55,7 +79,7 @@ def serve(shard: Shard) -> None:
     """Ranks >= 1: run steps until the coordinator says shut down."""
     comm = shard.comm
     while True:
-        header = comm.broadcast_control(empty_header())
+        header = comm.broadcast_control(empty_header(), idle=True)
         op = int(header[0])
         if op == OP_SHUTDOWN:
             return

@@ -17,7 +17,8 @@ from typing import Callable
 from ..comm import choose_backend, init_comm
 from ..model import make_plan, open_model, parse_split
 from ..model.transformer import RankModel
-from .engine import Engine, Shard, serve
+from .engine import Engine, Shard, StepGuard, serve
+from .faults import FaultPlan
 from .process import (RankEnv, device_kinds, die_with_parent, report_failure, resolve_device,
                       set_threads)
 
@@ -48,7 +49,8 @@ def run_worker(spec: WorldSpec, job: Job) -> int:
         if env.rank != 0:  # workers have nothing to save: the default SIGTERM action is right
             signal.signal(signal.SIGINT, signal.SIG_IGN)   # the launcher decides when to stop
         else:
-            signal.signal(signal.SIGTERM, _raise_interrupt)
+            signal.signal(signal.SIGTERM, StepGuard.handler)
+            signal.signal(signal.SIGINT, StepGuard.handler)
         return _run(env, spec, job)
     except KeyboardInterrupt:
         return 130
@@ -59,10 +61,6 @@ def run_worker(spec: WorldSpec, job: Job) -> int:
         if os.environ.get("TENSORSPLIT_DEBUG"):
             traceback.print_exc()
         return 1
-
-
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
 
 
 def _run(env: RankEnv, spec: WorldSpec, job: Job) -> int:
@@ -93,15 +91,22 @@ def join_and_load(env: RankEnv, spec: WorldSpec) -> tuple[Shard, object, object]
                 "devices": kinds, "backend": backend.name, "n_ctx": spec.n_ctx, "n_slots": spec.n_slots,
                 "version": _version()}
     comm = init_comm(env.rank, env.world, env.local_rank, device, backend, env.master_addr, env.master_port,
-                     spec.timeout_s, identity, env.local_world)
+                     spec.timeout_s, identity, env.local_world,
+                     on_timeout=lambda msg: report_failure(env.rank, RuntimeError(msg)))
+    faults = FaultPlan(env.rank)
     try:
-        progress = _progress_bar(plan.ranks[0].nbytes) if env.rank == 0 and not spec.quiet else None
+        bar = _progress_bar(plan.ranks[0].nbytes) if env.rank == 0 and not spec.quiet else None
+
+        def progress(done: int, total: int, name: str) -> None:
+            faults.at("load")
+            if bar:
+                bar(done, total, name)
         model = RankModel(cfg, plan.ranks[env.rank], env.world, comm.all_reduce, gf, device, on_progress=progress)
         model.allocate_cache(spec.n_slots, spec.n_ctx)
     except BaseException:
         comm.close()
         raise
-    return Shard(model, comm, [r.local_vocab for r in plan.ranks]), gf, cfg
+    return Shard(model, comm, [r.local_vocab for r in plan.ranks], faults), gf, cfg
 
 
 def _version() -> str:

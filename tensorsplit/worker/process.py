@@ -107,7 +107,8 @@ def report_failure(rank: int, exc: BaseException) -> str:
         msg, secondary = str(exc), False
     elif isinstance(exc, (RuntimeError, OSError)) and any(m in str(exc) for m in COMM_FAILURE_MARKERS):
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        msg, secondary = f"lost contact with another rank ({first[:200]})", True
+        secondary = True
+        msg = first[:200] if first.startswith("Timed out") else f"lost contact with another rank ({first[:200]})"
     else:
         msg, secondary = f"{type(exc).__name__}: {exc}", False
     msg = msg.replace("\n", " ")

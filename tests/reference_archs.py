@@ -1,0 +1,137 @@
+"""Plain dense float64 forwards of Qwen2, Qwen3, Phi-3 and Gemma 3, written from the published
+architectures (the Hugging Face modeling files' math), independent of tensorsplit.
+
+Weights come from gguf-py's GGUFReader and numpy dequantization. Rope is HF's rotate_half on
+the original weight layout: llama.cpp's converter leaves these four families' q/k rows
+unpermuted (they use the NeoX layout), so nothing is undone. Fused weights are split here with
+numpy: Phi-3's qkv_proj rows are [q; k; v] and gate_up_proj rows [gate; up] (HF: chunk(2)).
+One GGUF convention is taken as given: for Gemma the converter stores every RMSNorm weight
+as 1 + w, so HF's x * (1 + w) is x * stored here.
+To keep memory sane on a 262k vocabulary, embedding rows are dequantized only where looked up,
+and the output layer in blocks of rows.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from gguf import GGUFReader
+from gguf.quants import dequantize
+
+FAMILIES = ("qwen2", "qwen3", "phi3", "gemma3")
+
+
+class DenseModel:
+    def __init__(self, path):
+        self.r = GGUFReader(str(path))
+        self.t = {t.name: t for t in self.r.tensors}
+        f = self.r.fields
+        self.arch = arch = bytes(f["general.architecture"].parts[-1]).decode()
+        assert arch in FAMILIES, arch
+        kv = lambda k, d=None: (f[f"{arch}.{k}"].contents() if f"{arch}.{k}" in f else d)  # noqa: E731
+        self.n_layers = kv("block_count")
+        self.n_embd = kv("embedding_length")
+        self.n_heads = kv("attention.head_count")
+        self.n_kv = kv("attention.head_count_kv", self.n_heads)
+        self.hd = kv("attention.key_length", self.n_embd // self.n_heads)
+        self.rot = kv("rope.dimension_count", self.hd)
+        self.base = kv("rope.freq_base", 10000.0)
+        self.eps = kv("attention.layer_norm_rms_epsilon")
+        # Gemma 3 (HF Gemma3TextConfig): layer i is sliding unless (i + 1) % 6 == 0; sliding layers use
+        # rope_local_base_freq 10000; scores scaled by query_pre_attn_scalar ** -0.5 (= head_dim here)
+        self.window = kv("attention.sliding_window", 0) if arch == "gemma3" else 0
+        self.local_base = 10000.0
+        # Phi-3 LongRoPE: factors chosen by context length, cos/sin times the attention factor
+        self.attn_factor = kv("rope.scaling.attn_factor", 1.0)
+        self.orig_ctx = kv("rope.scaling.original_context_length", kv("context_length"))
+
+    def w(self, name) -> np.ndarray:
+        t = self.t[name]
+        return dequantize(np.asarray(t.data), t.tensor_type).astype(np.float64).reshape(
+            [int(d) for d in reversed(t.shape)])   # torch order: (out, in)
+
+    def rows(self, name, ids) -> np.ndarray:
+        """Dequantize only rows `ids` of a 2-D weight."""
+        t = self.t[name]
+        raw = np.asarray(t.data).reshape(int(t.shape[1]), -1)[np.asarray(ids)]
+        return dequantize(raw, t.tensor_type).astype(np.float64).reshape(len(ids), int(t.shape[0]))
+
+    def rms(self, x, w):
+        return x / np.sqrt((x * x).mean(-1, keepdims=True) + self.eps) * w
+
+    def rope(self, x, pos, base, factors=None, scale=1.0):
+        """x (n, heads, hd): rotate_half on the first `rot` dims, HF style."""
+        d, half = self.rot, self.rot // 2
+        inv = 1.0 / (base ** (np.arange(0, d, 2, dtype=np.float64) / d))
+        if factors is not None:
+            inv = inv / factors
+        ang = pos[:, None] * inv[None, :]
+        cos = np.concatenate([np.cos(ang)] * 2, -1)[:, None, :] * scale
+        sin = np.concatenate([np.sin(ang)] * 2, -1)[:, None, :] * scale
+        xr, rest = x[..., :d], x[..., d:]
+        rot = np.concatenate([-xr[..., half:], xr[..., :half]], -1)
+        return np.concatenate([xr * cos + rot * sin, rest], -1)
+
+    def is_sliding(self, i) -> bool:
+        return self.arch == "gemma3" and (i + 1) % 6 != 0
+
+    def logits(self, ids, n_ctx: int = 64) -> np.ndarray:
+        """ids (n,) one sequence from position 0 -> (n, vocab) float64. n_ctx: the context size
+        the model runs with (Phi-3 LongRoPE picks its factors by it)."""
+        ids = np.asarray(ids)
+        n, hd, H, K = len(ids), self.hd, self.n_heads, self.n_kv
+        pos = np.arange(n, dtype=np.float64)
+        x = self.rows("token_embd.weight", ids)
+        if self.arch == "gemma3":
+            x = x * math.sqrt(self.n_embd)
+        factors, scale = None, 1.0
+        if "rope_factors_long.weight" in self.t:
+            kind = "long" if n_ctx > self.orig_ctx else "short"
+            factors, scale = self.w(f"rope_factors_{kind}.weight"), self.attn_factor
+        qpos, kpos = np.arange(n)[:, None], np.arange(n)[None, :]
+        for i in range(self.n_layers):
+            p = f"blk.{i}."
+            h = self.rms(x, self.w(p + "attn_norm.weight"))
+            if self.arch == "phi3":
+                qkv = h @ self.w(p + "attn_qkv.weight").T
+                q, k, v = np.split(qkv, [H * hd, H * hd + K * hd], axis=-1)
+            else:
+                q, k, v = (h @ self.w(p + f"attn_{t}.weight").T for t in "qkv")
+            if self.arch == "qwen2":
+                q, k, v = (y + self.w(p + f"attn_{t}.bias") for y, t in zip((q, k, v), "qkv"))
+            q, k, v = q.reshape(n, H, hd), k.reshape(n, K, hd), v.reshape(n, K, hd)
+            if self.arch in ("qwen3", "gemma3"):
+                q, k = self.rms(q, self.w(p + "attn_q_norm.weight")), self.rms(k, self.w(p + "attn_k_norm.weight"))
+            base = self.local_base if self.is_sliding(i) else self.base
+            q, k = self.rope(q, pos, base, factors, scale), self.rope(k, pos, base, factors, scale)
+            k, v = np.repeat(k, H // K, axis=1), np.repeat(v, H // K, axis=1)      # (n, H, hd)
+            mask = kpos <= qpos
+            if self.is_sliding(i):
+                mask &= qpos - kpos < self.window
+            s = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(hd)
+            s = np.where(mask[None], s, -np.inf)
+            s = np.exp(s - s.max(-1, keepdims=True))
+            s /= s.sum(-1, keepdims=True)
+            a = np.einsum("hqk,khd->qhd", s, v).reshape(n, -1) @ self.w(p + "attn_output.weight").T
+            if self.arch == "gemma3":
+                a = self.rms(a, self.w(p + "post_attention_norm.weight"))
+            x = x + a
+            h = self.rms(x, self.w(p + "ffn_norm.weight"))
+            if self.arch == "phi3":
+                gate, up = np.split(h @ self.w(p + "ffn_up.weight").T, 2, axis=-1)
+            else:
+                gate, up = h @ self.w(p + "ffn_gate.weight").T, h @ self.w(p + "ffn_up.weight").T
+            if self.arch == "gemma3":   # gelu_pytorch_tanh
+                act = 0.5 * gate * (1 + np.tanh(math.sqrt(2 / math.pi) * (gate + 0.044715 * gate ** 3)))
+            else:                       # silu
+                act = gate / (1 + np.exp(-gate))
+            f = (act * up) @ self.w(p + "ffn_down.weight").T
+            if self.arch == "gemma3":
+                f = self.rms(f, self.w(p + "post_ffw_norm.weight"))
+            x = x + f
+        x = self.rms(x, self.w("output_norm.weight"))
+        out = "output.weight" if "output.weight" in self.t else "token_embd.weight"
+        vocab = int(self.t[out].shape[1])
+        block = 16384
+        return np.concatenate([x @ self.rows(out, np.arange(r0, min(r0 + block, vocab))).T
+                               for r0 in range(0, vocab, block)], axis=-1)

@@ -1,0 +1,176 @@
+"""Qwen2, Qwen3, Phi-3 and Gemma 3 against independent dense references, all ranks in one process.
+
+- Synthetic files (tests/synthetic.py writes them as llama.cpp's converter lays each arch out):
+  the one-rank forward equals tests/reference_archs.py, a float64 numpy forward of the
+  published architecture (HF rotate_half rope, biases, q/k norms, fused splits, sliding
+  window, LongRoPE): top-1 equal wherever the reference's top two differ by more than 1e-2,
+  logits within 2e-3 absolute + 5e-4 relative (float32 accumulation; seen: 3.5e-4 on qwen2's
+  logits of magnitude ~50 from random K-quant weights, 4e-6 elsewhere). Sharded (2 and 3
+  ranks, and an uneven split) equals unsharded within 2e-4 (only the order of float32 partial
+  sums differs; seen: 4e-5).
+- Gemma 3 270M (the real Q4_K_M file): one rank vs the dense reference on a 12-token prompt,
+  same top-1 rule, logits within 1e-3 absolute (seen: 2.4e-5 on logits up to 24), and 2 and 4
+  ranks vs one rank within 5e-4 (seen: 2.4e-5).
+- Unknown architectures and tensors are refused, naming them and what is supported.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+
+from reference_archs import DenseModel
+from synthetic import write_model
+from tensorsplit.comm.local import ThreadWorld
+from tensorsplit.errors import ConfigError, UnsupportedError
+from tensorsplit.model import make_plan, open_model, parse_split
+from tensorsplit.model.arch import ARCHS
+from tensorsplit.model.config import config_from_gguf
+from tensorsplit.model.layers import no_reduce
+from tensorsplit.model.transformer import RankModel
+
+REF_ATOL, REF_RTOL = 2e-3, 5e-4
+SHARD_ATOL = 2e-4
+GEMMA_REF_ATOL, GEMMA_SHARD_ATOL = 1e-3, 5e-4
+IDS = [5, 17, 290, 3, 3, 44, 120, 7, 251, 60, 9, 0]
+# "<bos>The capital of France is Paris. The capital of" in Gemma 3's vocabulary
+GEMMA_PROMPT = [2, 818, 5279, 529, 7001, 563, 9079, 236761, 669, 5279, 529, 9405]
+
+SYNTHETIC = {
+    # 8 heads / 2 KV heads (replicated at 3 ranks); K-quants where the plan allows; untied output
+    "qwen2": dict(n_embd=256, n_heads=8, n_kv=2, n_ff=768, vocab=300, tied=False,
+                  types={"output": Q.Q6_K, "attn_q": Q.Q5_0, "attn_k": Q.Q4_K, "attn_v": Q.Q6_K,
+                         "ffn_gate": Q.Q4_K, "ffn_up": Q.Q5_K, "ffn_down": Q.Q6_K}),
+    # head_dim 128 != n_embd / n_heads, as Qwen3 declares it
+    "qwen3": dict(n_embd=256, n_heads=4, n_kv=2, head_dim=128, n_ff=768, vocab=300, seed=1,
+                  types={"attn_output": Q.Q4_0, "ffn_down": Q.Q5_K}),
+    # fused qkv with GQA (6 heads / 2 KV heads), partial rotary (24 of 32 dims), LongRoPE factors
+    "phi3": dict(n_embd=192, n_heads=6, n_kv=2, n_ff=512, vocab=300, rope_dim=24, rope_factors=True,
+                 original_context=48, seed=2, types={"attn_qkv": Q.Q5_0, "ffn_up": Q.Q5_1}),
+    # 6 layers: 5 sliding (window 4 < 12 tokens) then one global; 4 heads / 1 KV head
+    "gemma3": dict(n_layers=6, n_embd=128, n_heads=4, n_kv=1, head_dim=64, n_ff=256, vocab=300, window=4,
+                   rope_base=1e6, seed=3),
+}
+
+
+def world_logits(gf, cfg, world, ids, split=None, n_ctx=64):
+    """One forward of `ids` (one sequence from position 0) on every rank; concatenated logits."""
+    plan = make_plan(cfg, gf.tensors, world, parse_split(split, world))
+    tw = ThreadWorld(world)
+    n = len(ids)
+
+    def rank(r):
+        m = RankModel(cfg, plan.ranks[r], world, tw.reducer(r) if world > 1 else no_reduce, gf)
+        m.allocate_cache(1, n_ctx)
+        return m.forward(torch.tensor(ids), torch.arange(n), torch.zeros(n, dtype=torch.long))
+
+    return torch.cat(tw.run(rank), dim=-1).double().numpy()
+
+
+def assert_matches_reference(ours, ref, atol=REF_ATOL, rtol=REF_RTOL):
+    top2 = np.sort(ref, axis=-1)[:, -2:]
+    decisive = top2[:, 1] - top2[:, 0] > 1e-2
+    assert decisive.sum() >= len(ref) // 2, "too few decisive positions for a meaningful test"
+    assert (ours.argmax(-1)[decisive] == ref.argmax(-1)[decisive]).all()
+    np.testing.assert_allclose(ours, ref, atol=atol, rtol=rtol)
+
+
+@pytest.fixture(scope="module", params=list(SYNTHETIC))
+def synthetic(request, tmp_path_factory):
+    path = write_model(tmp_path_factory.mktemp("arch") / f"{request.param}.gguf", request.param,
+                       **SYNTHETIC[request.param])
+    return path, open_model(path)
+
+
+def test_synthetic_matches_reference_and_shards(synthetic):
+    path, (gf, cfg) = synthetic
+    one = world_logits(gf, cfg, 1, IDS)
+    assert_matches_reference(one, DenseModel(path).logits(IDS, n_ctx=64))
+    for world, split in [(2, None), (3, None), (2, "1,3")]:
+        np.testing.assert_allclose(world_logits(gf, cfg, world, IDS, split), one, atol=SHARD_ATOL, rtol=0)
+
+
+def test_phi3_longrope_factors_follow_the_context(tmp_path):
+    """Short factors while the context fits the original 48 positions, long ones past it."""
+    path = write_model(tmp_path / "phi3.gguf", "phi3", **SYNTHETIC["phi3"])
+    gf, cfg = open_model(path)
+    ref = DenseModel(path)
+    short, long = (world_logits(gf, cfg, 2, IDS, n_ctx=n) for n in (32, 64))
+    assert_matches_reference(short, ref.logits(IDS, n_ctx=32))
+    assert_matches_reference(long, ref.logits(IDS, n_ctx=64))
+    assert np.abs(short - long).max() > 0.1      # the choice matters
+
+
+def test_fused_tensors_split_per_segment(synthetic):
+    """A rank's attn_qkv rows are its q heads, then its KV heads' k rows, then their v rows; its ffn_up
+    rows its FFN range in the gate half, then in the up half. Over the ranks every row is held."""
+    _, (gf, cfg) = synthetic
+    if not cfg.spec.fused_qkv:
+        pytest.skip("no fused tensors")
+    hd, q, kv, ff = cfg.head_dim, cfg.q_dim, cfg.kv_dim, cfg.n_ff
+    plan = make_plan(cfg, gf.tensors, 2)
+    for r in plan.ranks:
+        (q0, q1), (k0, k1), (f0, f1) = r.q_heads, r.kv_heads, r.ffn
+        assert r.slice_of("blk.0.attn_qkv.weight").ranges == (
+            (q0 * hd, q1 * hd), (q + k0 * hd, q + k1 * hd), (q + kv + k0 * hd, q + kv + k1 * hd))
+        assert r.slice_of("blk.0.ffn_up.weight").ranges == ((f0, f1), (ff + f0, ff + f1))
+    for name in ("blk.0.attn_qkv.weight", "blk.0.ffn_up.weight"):
+        rows = sorted(i for r in plan.ranks for a, b in r.slice_of(name).ranges for i in range(a, b))
+        assert rows == list(range(gf.tensors[name].shape[1]))
+        assert sum(r.slice_of(name).nbytes for r in plan.ranks) == gf.tensors[name].nbytes
+
+
+@pytest.fixture(scope="module")
+def gemma3(gemma3_path):
+    return open_model(gemma3_path)
+
+
+@pytest.fixture(scope="module")
+def gemma3_one_rank(gemma3):
+    return world_logits(*gemma3, 1, GEMMA_PROMPT)
+
+
+def test_gemma3_270m_config(gemma3):
+    _, cfg = gemma3
+    assert (cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.swa_window) == (18, 4, 1, 256, 512)
+    assert [i for i in range(18) if not cfg.is_swa(i)] == [5, 11, 17]
+    assert (cfg.rope_base, cfg.rope_base_swa, cfg.attn_scale) == (1e6, 1e4, 1 / 16)
+
+
+def test_gemma3_270m_matches_dense_reference(gemma3_path, gemma3_one_rank):
+    ref = DenseModel(gemma3_path).logits(GEMMA_PROMPT)
+    assert_matches_reference(gemma3_one_rank, ref, atol=GEMMA_REF_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_gemma3_270m_sharded_equals_unsharded(gemma3, gemma3_one_rank, world):
+    np.testing.assert_allclose(world_logits(*gemma3, world, GEMMA_PROMPT), gemma3_one_rank,
+                               atol=GEMMA_SHARD_ATOL, rtol=0)
+
+
+def test_unknown_architecture_lists_supported(tmp_path):
+    path = write_model(tmp_path / "m.gguf", "mamba")
+    with pytest.raises(UnsupportedError, match="architecture 'mamba'") as e:
+        open_model(path)
+    assert f"supported: {', '.join(sorted(ARCHS))}" in str(e.value)
+    assert set(ARCHS) == {"llama", "qwen2", "qwen3", "phi3", "gemma3"}
+
+
+def test_unknown_tensor_is_named_with_the_supported_ones(tmp_path):
+    # Qwen3 has no q bias: a file with one is refused, not silently half-used
+    path = write_model(tmp_path / "m.gguf", "qwen3", extra_tensors={"blk.0.attn_q.bias": np.zeros(256)})
+    with pytest.raises(UnsupportedError, match=r"qwen3 architecture does not use: blk\.0\.attn_q\.bias; "
+                                               r"supported: .*attn_q_norm\.weight"):
+        open_model(path)
+
+
+def test_phi3_file_shapes_are_checked(tmp_path):
+    path = write_model(tmp_path / "half.gguf", "phi3", extra_tensors={"rope_factors_long.weight": np.ones(16)})
+    with pytest.raises(ConfigError, match="come as a pair; the file has only rope_factors_long"):
+        open_model(path)
+    # separate q/k/v tensors (a llama file's metadata relabelled phi3): not phi3's fused layout
+    gf, _ = open_model(write_model(tmp_path / "split.gguf", "llama"))
+    kv = {k.replace("llama.", "phi3."): v for k, v in gf.kv.items()} | {"general.architecture": "phi3"}
+    with pytest.raises(ConfigError, match="'blk.0.attn_qkv.weight' is missing"):
+        config_from_gguf(kv, gf.tensors)
