@@ -103,6 +103,10 @@ def join_and_load(env: RankEnv, spec: WorldSpec) -> tuple[Shard, object, object]
                 bar(done, total, name)
         model = RankModel(cfg, plan.ranks[env.rank], env.world, comm.all_reduce, gf, device, on_progress=progress)
         model.allocate_cache(spec.n_slots, spec.n_ctx)
+        if env.rank == 0 and not spec.quiet:
+            shares = ", ".join(f"{r.nbytes / 2**20:.1f}" for r in plan.ranks)
+            print(f"tensorsplit: loaded; weights per rank (MiB): {shares}; world {env.world} ({backend.why})",
+                  file=sys.stderr, flush=True)
     except BaseException:
         comm.close()
         raise
