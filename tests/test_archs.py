@@ -102,12 +102,11 @@ def test_phi3_longrope_factors_follow_the_context(tmp_path):
     assert np.abs(short - long).max() > 0.1      # the choice matters
 
 
-def test_fused_tensors_split_per_segment(synthetic):
+def test_fused_tensors_split_per_segment(tmp_path):
     """A rank's attn_qkv rows are its q heads, then its KV heads' k rows, then their v rows; its ffn_up
-    rows its FFN range in the gate half, then in the up half. Over the ranks every row is held."""
-    _, (gf, cfg) = synthetic
-    if not cfg.spec.fused_qkv:
-        pytest.skip("no fused tensors")
+    rows its FFN range in the gate half, then in the up half. Over the ranks every row is held once."""
+    gf, cfg = open_model(write_model(tmp_path / "phi3.gguf", "phi3", **SYNTHETIC["phi3"]))
+    assert cfg.spec.fused_qkv and cfg.spec.fused_gate_up
     hd, q, kv, ff = cfg.head_dim, cfg.q_dim, cfg.kv_dim, cfg.n_ff
     plan = make_plan(cfg, gf.tensors, 2)
     for r in plan.ranks:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import socket
 import time
 
@@ -38,9 +39,10 @@ def _listen_socket(addr: str, port: int) -> socket.socket:
 
 
 def open_store(rank: int, addr: str, port: int, timeout_s: float):
-    """The TCP store: served by rank 0 on addr:port only; the others connect, retrying until the timeout."""
+    """The TCP store: served by rank 0 on addr:port only; the others connect, retrying until the timeout.
+    Under torchrun the agent already serves it there, and every rank connects."""
     timeout = datetime.timedelta(seconds=timeout_s)
-    if rank == 0:
+    if rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         sock = _listen_socket(addr, port)
         store = dist.TCPStore(addr, port, None, True, timeout, wait_for_workers=False,
                               master_listen_fd=sock.fileno())
