@@ -26,6 +26,10 @@ class DenseLlama:
         self.hd = kv(f"{arch}.attention.key_length", self.n_embd // self.n_heads)
         self.base = kv(f"{arch}.rope.freq_base", 10000.0)
         self.eps = kv(f"{arch}.attention.layer_norm_rms_epsilon")
+        # llama3-style scaling: per-frequency divisors in rope_freqs.weight; linear: positions / factor
+        self.freq_factors = self.w("rope_freqs.weight") if "rope_freqs.weight" in self.t else None
+        scaling = kv(f"{arch}.rope.scaling.type", "none")
+        self.pos_scale = 1.0 / kv(f"{arch}.rope.scaling.factor", 1.0) if scaling == "linear" else 1.0
 
     def w(self, name) -> np.ndarray:
         t = self.t[name]
@@ -45,7 +49,9 @@ class DenseLlama:
         """x (n, heads, hd), HF rotate_half convention."""
         half = self.hd // 2
         inv = self.base ** (-np.arange(0, self.hd, 2, dtype=np.float64) / self.hd)
-        ang = pos[:, None] * inv[None, :]
+        if self.freq_factors is not None:
+            inv = inv / self.freq_factors
+        ang = (pos * self.pos_scale)[:, None] * inv[None, :]
         cos, sin = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
         cos, sin = np.concatenate([cos, cos], -1), np.concatenate([sin, sin], -1)
         rot = np.concatenate([-x[..., half:], x[..., :half]], -1)

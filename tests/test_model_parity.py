@@ -141,3 +141,27 @@ def test_logit_rows_select_positions(smollm2, smollm2_one_rank):
     n = len(PROMPT)
     last = m.forward(torch.tensor(PROMPT), torch.arange(n), torch.zeros(n, dtype=torch.long), torch.tensor([n - 1]))
     np.testing.assert_allclose(last.double().numpy()[0], smollm2_one_rank[-1], atol=SHARD_ATOL)
+
+
+@pytest.mark.parametrize("scaling", ["llama3", "linear"])
+def test_rope_scaling_matches_reference(tmp_path, scaling):
+    """llama3-style scaling (the converter's rope_freqs tensor divides each frequency) and linear
+    scaling (positions divided by rope.scaling.factor), against the dense reference."""
+    from gguf import GGUFValueType
+    from synthetic import write_model
+    path = tmp_path / f"{scaling}.gguf"
+    hd = 32
+    if scaling == "llama3":
+        factors = np.linspace(1.0, 8.0, hd // 2).astype(np.float32)
+        write_model(path, n_embd=256, n_heads=8, n_kv=2, n_ff=256, vocab=300, rope_base=500000.0,
+                    extra_tensors={"rope_freqs.weight": factors})
+    else:
+        write_model(path, n_embd=256, n_heads=8, n_kv=2, n_ff=256, vocab=300,
+                    extra_kv={"llama.rope.scaling.type": ("linear", GGUFValueType.STRING),
+                              "llama.rope.scaling.factor": (4.0, GGUFValueType.FLOAT32)})
+    gf, cfg = open_model(path)
+    assert cfg.has_rope_freqs == (scaling == "llama3")
+    ids = [5, 17, 290, 3, 3, 44, 120, 7, 251, 60, 9, 0, 33, 34]
+    one = world_logits(gf, cfg, 1, ids)
+    assert_matches_reference(one, DenseLlama(path).logits(ids))
+    np.testing.assert_allclose(world_logits(gf, cfg, 2, ids), one, atol=SYNTHETIC_SHARD_ATOL, rtol=0)
