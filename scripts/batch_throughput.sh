@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Decode throughput of `tensorsplit batch` (tokens/s over all sequences) at several --parallel
-# values and world sizes, on the same prompts:
+# values and world sizes, on the same chat prompts (greedy, so every run generates the same tokens):
 #   scripts/batch_throughput.sh [MODEL] [PROMPTS=16] [MAX_TOKENS=16] [PARALLEL="1 4 16"] [WORLDS="1 2"]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL=${1:-$(.venv/bin/python -c "from tensorsplit import models; print(models.fetch())")}
-N=${2:-16}; MAXTOK=${3:-16}; PARALLEL=${4:-"1 4 16"}; WORLDS=${5:-"1 2"}
+N=${2:-16}; MAXTOK=${3:-32}; PARALLEL=${4:-"1 4 16"}; WORLDS=${5:-"1 2"}
 TMP=$(mktemp -d)
 .venv/bin/python - "$TMP/prompts.jsonl" "$N" "$MAXTOK" <<'PY'
 import json, sys
@@ -14,7 +14,8 @@ topics = ["the sea", "a city at night", "an old clock", "the first snow", "a lon
           "the smell of rain", "a quiet library"]
 with open(path, "w") as f:
     for i in range(n):
-        f.write(json.dumps({"id": i, "prompt": f"Write one sentence about {topics[i % len(topics)]}.",
+        f.write(json.dumps({"id": i, "messages": [{"role": "user", "content":
+                            f"Write a short poem about {topics[i % len(topics)]}."}],
                             "max_tokens": m, "temperature": 0}) + "\n")
 PY
 echo "| workers | --parallel | prompts | tokens | seconds | tok/s (all sequences) |"
