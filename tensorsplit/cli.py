@@ -109,11 +109,24 @@ def _run_world(ctx: click.Context, job, *, n_ctx: int, n_slots: int = 1, overrid
         return run_worker(spec, job)
     from .launcher import NodeSpec, launch
     model = str(_model_path(p["model"]))
-    node = NodeSpec(nproc=_single_nproc(p["nproc"]), nnodes=p["nnodes"], node_rank=p["node_rank"],
+    nproc = (overrides or {}).get("nproc", p["nproc"])
+    node = NodeSpec(nproc=_single_nproc(nproc), nnodes=p["nnodes"], node_rank=p["node_rank"],
                     master_addr=p["master_addr"], master_port=p["master_port"], threads=p["threads"])
     if node.nnodes > 1 and node.master_port is None:
         raise TensorsplitError("--master-port is required with --nnodes > 1 (every node must use the same one)")
-    return launch(_argv(ctx, {"model": model, **(overrides or {})}), node)
+    rank0 = {"model": model, **(overrides or {})}
+    return launch(_argv(ctx, rank0), node, _argv(ctx, {**rank0, **COORDINATOR_ONLY}))
+
+
+# Options only the coordinator (rank 0) reads: the other ranks are started without them, so the
+# text of prompts never reaches them.
+COORDINATOR_ONLY = {"prompt": None, "prompt_file": None, "stop": (), "system": None}
+
+
+def _is_worker_without_text() -> bool:
+    """Inside a rank other than 0, started by our launcher: the prompt was deliberately left out."""
+    import os
+    return os.environ.get("TENSORSPLIT_LAUNCHER_PID") is not None and os.environ.get("RANK", "0") != "0"
 
 
 def _sampling_options(f):
@@ -176,6 +189,8 @@ def generate(ctx, model, prompt, prompt_file, n_predict, ctx_size, as_json, save
     from .coordinator.jobs import GenerateJob
     if prompt_file is not None:
         prompt = Path(prompt_file).read_text(encoding="utf-8")
+    if prompt is None and _is_worker_without_text():
+        prompt = ""
     if prompt is None:
         raise TensorsplitError("give a prompt with -p TEXT or -f FILE")
     save = Path(save_logits).resolve() if save_logits else None
@@ -229,7 +244,7 @@ def bench(ctx, model_arg, model, n_prompt, n_gen, repetitions, json_out, result_
         for n in worlds:
             out = Path(tmp) / f"world{n}.json"
             print(f"tensorsplit: bench with {n} worker(s)...", file=sys.stderr, flush=True)
-            code = _bench_world(ctx, n, out)
+            code = _run_world(ctx, None, n_ctx=n_ctx, overrides={"nproc": str(n), "result_file": str(out)})
             if code != 0:
                 return code
             results.append(json.loads(out.read_text()))
@@ -242,15 +257,6 @@ def bench(ctx, model_arg, model, n_prompt, n_gen, repetitions, json_out, result_
     if json_out:
         Path(json_out).write_text(json.dumps(doc, indent=2))
     return 0
-
-
-def _bench_world(ctx: click.Context, n: int, out: Path) -> int:
-    from .launcher import NodeSpec, launch
-    p = ctx.params
-    model = str(_model_path(p["model"]))
-    node = NodeSpec(nproc=n, nnodes=p["nnodes"], node_rank=p["node_rank"], master_addr=p["master_addr"],
-                    master_port=p["master_port"], threads=p["threads"])
-    return launch(_argv(ctx, {"model": model, "nproc": str(n), "result_file": str(out)}), node)
 
 
 @cli.command(context_settings=CONTEXT)

@@ -89,7 +89,9 @@ def worker_env(node: NodeSpec, local_rank: int, port: int, error_file: str, gpus
 class Launch:
     """The running workers of this node."""
 
-    def __init__(self, argv: list[str], node: NodeSpec):
+    def __init__(self, argv: list[str], node: NodeSpec, worker_argv: list[str] | None = None):
+        """argv: rank 0's command line (the coordinator's); worker_argv: every other rank's, which
+        may leave out what only the coordinator reads (the prompt: workers never see text)."""
         self.node = node
         self.port = node.master_port or free_port(node.master_addr)
         self.tmp = tempfile.TemporaryDirectory(prefix="tensorsplit-")
@@ -97,9 +99,10 @@ class Launch:
         self.error_files = [str(Path(self.tmp.name) / f"rank{node.node_rank * node.nproc + i}.json")
                             for i in range(node.nproc)]
         self.procs: list[subprocess.Popen] = []
-        cmd = [sys.executable, "-m", "tensorsplit.worker", *argv]
         for i in range(node.nproc):
-            self.procs.append(subprocess.Popen(cmd, env=worker_env(node, i, self.port, self.error_files[i], gpus),
+            args = argv if self.rank_of(i) == 0 or worker_argv is None else worker_argv
+            self.procs.append(subprocess.Popen([sys.executable, "-m", "tensorsplit.worker", *args],
+                                               env=worker_env(node, i, self.port, self.error_files[i], gpus),
                                                start_new_session=True))
         self.stop_requested = False
 
@@ -207,6 +210,6 @@ def _signal_cause(code: int | None) -> str:
     return f"exited with code {code}"
 
 
-def launch(argv: list[str], node: NodeSpec) -> int:
+def launch(argv: list[str], node: NodeSpec, worker_argv: list[str] | None = None) -> int:
     """Run `python -m tensorsplit.worker argv...` on node.nproc workers; return the exit code."""
-    return Launch(argv, node).wait()
+    return Launch(argv, node, worker_argv).wait()
