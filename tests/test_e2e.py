@@ -55,6 +55,9 @@ def test_sigkill_of_a_worker_ends_everything(smollm2_path):
         assert proc.stdout.read(1), "no text was generated"          # generation is under way
         workers = workers_of(proc.pid)
         assert set(workers) == {0, 1}, workers
+        # workers never see text: only rank 0 (the coordinator) was given the prompt
+        cmdline = {r: open(f"/proc/{pid}/cmdline", "rb").read().decode() for r, pid in workers.items()}
+        assert PROMPT in cmdline[0] and PROMPT not in cmdline[1]
         killed_at = time.monotonic()
         os.kill(workers[1], signal.SIGKILL)
         _, err = proc.communicate(timeout=15)
