@@ -80,9 +80,11 @@ class CommGroup:
                     dist.broadcast(t, src=0, group=self.control_group)
         return t
 
-    def barrier_control(self) -> None:
+    def barrier_control(self, what: str, timeout_s: float) -> None:
+        """Wait for every rank on the control group, for at most timeout_s (e.g. all shards loaded)."""
         if self.world > 1:
-            dist.barrier(group=self.control_group)
+            with self.watchdog.watch(what, timeout_s):
+                dist.barrier(group=self.control_group)
 
     def close(self) -> None:
         if self.world > 1 and dist.is_initialized():

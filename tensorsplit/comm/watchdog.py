@@ -21,11 +21,13 @@ class CollectiveWatchdog:
         self.timeout_s, self.on_timeout = timeout_s, on_timeout
         self._since: float | None = None
         self._what = ""
+        self._limit = timeout_s
         threading.Thread(target=self._run, name="tensorsplit-watchdog", daemon=True).start()
 
     @contextmanager
-    def watch(self, what: str) -> Iterator[None]:
-        self._what, self._since = what, time.monotonic()
+    def watch(self, what: str, timeout_s: float | None = None) -> Iterator[None]:
+        """Time the block; timeout_s overrides the default for a wait known to be longer (loading)."""
+        self._what, self._limit, self._since = what, timeout_s or self.timeout_s, time.monotonic()
         try:
             yield
         finally:
@@ -36,8 +38,8 @@ class CollectiveWatchdog:
         while True:
             time.sleep(tick)
             since = self._since
-            if since is not None and time.monotonic() - since > self.timeout_s:
-                msg = f"Timed out after {self.timeout_s:g} s in {self._what}, waiting for the other ranks"
+            if since is not None and time.monotonic() - since > self._limit:
+                msg = f"Timed out after {self._limit:g} s in {self._what}, waiting for the other ranks"
                 if self.on_timeout:
                     self.on_timeout(msg)
                 os._exit(1)

@@ -37,6 +37,8 @@ class WorldSpec:
     quiet: bool = False        # no load progress
 
 
+LOAD_TIMEOUT_S = 3600.0   # a rank still loading after an hour is taken as stuck
+
 Job = Callable[[Engine, object, object], int]   # (engine, GGUFFile, ModelConfig) -> exit code
 
 
@@ -103,6 +105,9 @@ def join_and_load(env: RankEnv, spec: WorldSpec) -> tuple[Shard, object, object]
                 bar(done, total, name)
         model = RankModel(cfg, plan.ranks[env.rank], env.world, comm.all_reduce, gf, device, on_progress=progress)
         model.allocate_cache(spec.n_slots, spec.n_ctx)
+        # ranks load at different speeds: start stepping only when all have loaded, so that the first
+        # step's collectives are not charged with another rank's loading time
+        comm.barrier_control("waiting for every rank to load its shard", LOAD_TIMEOUT_S)
         if env.rank == 0 and not spec.quiet:
             shares = ", ".join(f"{r.nbytes / 2**20:.1f}" for r in plan.ranks)
             print(f"tensorsplit: loaded; weights per rank (MiB): {shares}; world {env.world} ({backend.why})",
