@@ -114,6 +114,13 @@ def _run_world(ctx: click.Context, job, *, n_ctx: int, n_slots: int = 1, overrid
                     master_addr=p["master_addr"], master_port=p["master_port"], threads=p["threads"])
     if node.nnodes > 1 and node.master_port is None:
         raise TensorsplitError("--master-port is required with --nnodes > 1 (every node must use the same one)")
+    if not 0 <= node.node_rank < node.nnodes:
+        raise TensorsplitError(f"--node-rank {node.node_rank} is outside 0..{node.nnodes - 1} (--nnodes {node.nnodes})")
+    # flag errors every rank would hit: report them once, before starting anyone
+    from .model.shard_plan import parse_split
+    from .worker.process import device_kinds
+    parse_split(p["split"], node.world)
+    device_kinds(p["device"], node.world)
     rank0 = {"model": model, **(overrides or {})}
     return launch(_argv(ctx, rank0), node, _argv(ctx, {**rank0, **COORDINATOR_ONLY}))
 

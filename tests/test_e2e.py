@@ -87,11 +87,13 @@ def test_bad_input_gives_one_line(tmp_path):
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and "header.version" in r.stderr
 
 
-def test_bad_split_fails_on_every_rank_with_one_line(smollm2_path):
+def test_bad_flags_fail_once_before_any_worker_starts(smollm2_path):
     r = run_cli("generate", "-m", str(smollm2_path), "-p", "x", "--nproc-per-node", "2", "--split", "3,1,1")
     assert r.returncode == 1
-    assert r.stderr.strip().splitlines()[-1].startswith("tensorsplit: rank ")
-    assert "has 3 shares but the world has 2 ranks" in r.stderr and "Traceback" not in r.stderr
+    assert r.stderr.strip() == "tensorsplit: error: --split '3,1,1' has 3 shares but the world has 2 ranks"
+    r = run_cli("generate", "-m", str(smollm2_path), "-p", "x", "--nproc-per-node", "2", "--device", "cpu,cpu,cpu")
+    assert r.returncode == 1
+    assert r.stderr.strip() == "tensorsplit: error: --device 'cpu,cpu,cpu' lists 3 devices for a world of 2 ranks"
 
 
 def test_info_and_tokenize_on_default_model():
