@@ -70,11 +70,10 @@ def model(request):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world", [1, 2])
-def test_perplexity_and_top1_match_llamacpp(model, world):
-    name, gf, cfg = model
-    if name == "smollm2" and world > 1:
-        pytest.skip("SmolLM2's sharding is covered by test_model_parity")
+# SmolLM2 at 2 ranks is left to test_model_parity (sharded == unsharded) and test_e2e
+@pytest.mark.parametrize("name,world", [("smollm2", 1), ("gemma3", 1), ("gemma3", 2)])
+def test_perplexity_and_top1_match_llamacpp(request, name, world):
+    gf, cfg = open_model(request.getfixturevalue(f"{name}_path"))
     g = golden(name)["perplexity"]
     tok = Tokenizer.from_gguf_kv(gf.kv)
     tokens = tok.encode((FIXTURES / g["text_file"]).read_text(), add_special=True)
