@@ -44,6 +44,9 @@ def _world_options(f):
                      help="Override the torch.distributed backend chosen from the devices."),
         click.option("--threads", "-t", default=None, type=int,
                      help="CPU threads per worker. Default: cores / workers on this node."),
+        click.option("--kernels", default="eager", show_default=True, type=click.Choice(["eager", "compiled"]),
+                     help="compiled: fuse dequantization into the matmul of decode steps with torch.compile "
+                          "(Q4_0, Q4_1, Q8_0; compiles for seconds at the first step)."),
         click.option("--timeout", default=120.0, show_default=True, type=float,
                      help="Seconds before a collective or the rendezvous gives up (a dead or stuck rank)."),
         click.option("--nnodes", default=1, show_default=True, type=int, help="Nodes in the world."),
@@ -105,7 +108,8 @@ def _run_world(ctx: click.Context, job, *, n_ctx: int, n_slots: int = 1, overrid
     if in_worker():
         from .worker.main import WorldSpec, run_worker
         spec = WorldSpec(model=_model_path(p["model"]), split=p["split"], device=p["device"], backend=p["backend"],
-                         n_ctx=n_ctx, n_slots=n_slots, timeout_s=p["timeout"], threads=p["threads"])
+                         n_ctx=n_ctx, n_slots=n_slots, timeout_s=p["timeout"], threads=p["threads"],
+                         kernels=p["kernels"])
         return run_worker(spec, job)
     from .launcher import NodeSpec, launch
     model = str(_model_path(p["model"]))

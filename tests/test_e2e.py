@@ -25,7 +25,8 @@ N = 12
 def test_greedy_tokens_and_logits_agree_across_world_sizes(smollm2_path, tmp_path):
     runs = {}
     for name, args in [("1", ["--nproc-per-node", "1"]), ("2", ["--nproc-per-node", "2"]),
-                       ("3", ["--nproc-per-node", "3"]), ("2 split 3,1", ["--nproc-per-node", "2", "--split", "3,1"])]:
+                       ("3", ["--nproc-per-node", "3"]), ("2 split 3,1", ["--nproc-per-node", "2", "--split", "3,1"]),
+                       ("2 compiled", ["--nproc-per-node", "2", "--kernels", "compiled"])]:
         logits = tmp_path / f"{name.replace(' ', '_')}.npy"
         r = run_cli("generate", "-m", str(smollm2_path), "-p", PROMPT, "-n", str(N), "--temp", "0", "--json",
                     "--save-logits", str(logits), *args)

@@ -182,3 +182,25 @@ def test_unsupported_type_raises():
         with pytest.raises(UnsupportedError) as e:
             make()
         assert name in str(e.value) and "IQ2_XXS" in str(e.value) and "Q4_K" in str(e.value)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q4_1, QT.Q8_0])
+def test_compiled_decode_kernels_match_gguf_py(qtype):
+    """The opt-in fused (torch.compile) decode path against a float64 product of gguf-py's weights."""
+    from tensorsplit.model.quants import fused
+    rng = np.random.default_rng(7)
+    w = rng.standard_normal((96, 256)).astype(np.float32)
+    raw = gq.quantize(w, qtype)
+    dense = torch.from_numpy(gq.dequantize(raw, qtype).astype(np.float64))
+    qw = quants.QWeight.from_numpy(raw, qtype, 96, 256)
+    x = torch.randn(2, 256)
+    fused.set_kernels("compiled")
+    try:
+        y = fused.fused_matmul(x, qtype, qw.data)
+    finally:
+        fused.set_kernels("eager")
+    assert y is not None and not fused._failed
+    ref = x.double() @ dense.T
+    bound = 2 * 256 * 2.0 ** -24 * (x.double().abs() @ dense.abs().T)
+    assert ((y.double() - ref).abs() <= bound).all()

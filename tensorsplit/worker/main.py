@@ -16,6 +16,7 @@ from typing import Callable
 
 from ..comm import choose_backend, init_comm
 from ..model import make_plan, open_model, parse_split
+from ..model.quants import set_kernels
 from ..model.transformer import RankModel
 from .engine import Engine, Shard, StepGuard, serve
 from .faults import FaultPlan
@@ -35,6 +36,7 @@ class WorldSpec:
     timeout_s: float = 120.0   # every collective on the device group, and the rendezvous
     threads: int | None = None
     quiet: bool = False        # no load progress
+    kernels: str = "eager"     # "compiled": fused dequantize-and-matvec for decode steps (model/quants/fused.py)
 
 
 LOAD_TIMEOUT_S = 3600.0   # a rank still loading after an hour is taken as stuck
@@ -83,6 +85,7 @@ def _run(env: RankEnv, spec: WorldSpec, job: Job) -> int:
 def join_and_load(env: RankEnv, spec: WorldSpec) -> tuple[Shard, object, object]:
     """Threads, device, backend, plan; join the world; load this rank's shard and allocate its cache."""
     set_threads(env, spec.threads)
+    set_kernels(spec.kernels)
     kinds = device_kinds(spec.device, env.world)
     device = resolve_device(kinds[env.rank], env.local_rank)
     backend = choose_backend(kinds, spec.backend)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from .dequant import dequantize
+from .fused import fused_matmul
 from .qweight import QWeight
 
 # Most weight elements dequantized at once by qmatmul (one tile of whole rows): 4M float32
@@ -27,6 +28,9 @@ def qmatmul(x: torch.Tensor, w: QWeight) -> torch.Tensor:
     x2 = x.reshape(-1, w.n_cols).to(torch.float32)           # (M, n_cols)
     if w.data.dtype == torch.float32:                        # dense F32: no tiling needed
         return (x2 @ w.data.T).reshape(*lead, w.n_rows)
+    fused = fused_matmul(x2, w.qtype, w.data)                # decode steps, when compiled kernels are on
+    if fused is not None:
+        return fused.reshape(*lead, w.n_rows)
     out = torch.empty(x2.shape[0], w.n_rows, dtype=torch.float32, device=x2.device)  # (M, n_rows)
     step = max(1, TILE_ELEMS // max(1, w.n_cols))            # rows per tile
     for r0 in range(0, w.n_rows, step):
