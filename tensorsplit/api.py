@@ -49,7 +49,7 @@ class LLM:
                        for i in range(1, nproc_per_node)]
         env = RankEnv(0, nproc_per_node, 0, nproc_per_node, node.master_addr, port)
         spec = WorldSpec(model=path, split=split, device=device, n_ctx=n_ctx, n_slots=parallel, timeout_s=timeout,
-                         threads=threads or max(1, node_threads(node)), quiet=True, kernels=kernels)
+                         threads=threads, quiet=True, kernels=kernels)
         try:
             shard, self._gf, self.config = join_and_load(env, spec)
         except BaseException:
@@ -99,7 +99,3 @@ class LLM:
     def __exit__(self, *exc) -> None:
         self.close()
 
-
-def node_threads(node: NodeSpec) -> int:
-    import os
-    return node.threads or (os.cpu_count() or 1) // node.nproc

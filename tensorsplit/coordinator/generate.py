@@ -167,39 +167,13 @@ class Generator:
 
 def generate_one(forward, tokenizer: Tokenizer, prompt_ids: Sequence[int], params: SamplingParams,
                  max_tokens: int, n_ctx: int, stop: Sequence[str] = (),
-                 on_text: Callable[[str], None] | None = None, slot: int = 0, n_batch: int = 512,
+                 on_text: Callable[[str], None] | None = None, n_batch: int = 512,
                  on_logits: Callable[[torch.Tensor], None] | None = None) -> GenerationResult:
-    """One sequence alone (slot `slot` must be the engine's only one in use)."""
+    """One sequence alone, in slot 0."""
     results: list[GenerationResult] = []
-    gen = _SlotOffset(forward, slot)
-    Generator(gen, tokenizer, 1, n_ctx, n_batch).run(
+    Generator(forward, tokenizer, 1, n_ctx, n_batch).run(
         [Request(0, list(prompt_ids), params, max_tokens, tuple(stop))],
         on_done=lambda r, res: results.append(res),
         on_text=(lambda r, t: on_text(t)) if on_text else None,
         on_logits=(lambda r, lg: on_logits(lg)) if on_logits else None)
     return results[0]
-
-
-class _SlotOffset:
-    """Runs a one-slot generator on another slot of the engine."""
-
-    def __init__(self, forward, slot: int):
-        self.forward, self.slot = forward, slot
-
-    def __call__(self, ids, positions, slots, rows):
-        return self.forward(ids, positions, slots + self.slot, rows)
-
-
-def prefill(forward, ids: Sequence[int], slot: int, start: int = 0, n_batch: int = 512) -> torch.Tensor:
-    """Run a prompt through the model in chunks of n_batch; return the last position's logits (vocab,).
-    (Benchmarks time this directly.)"""
-    logits = None
-    for b in range(0, len(ids), n_batch):
-        chunk = torch.tensor(ids[b:b + n_batch], dtype=torch.int64)
-        n = chunk.numel()
-        last = torch.tensor([n - 1]) if b + n >= len(ids) else torch.zeros(0, dtype=torch.int64)
-        out = forward(chunk, torch.arange(start + b, start + b + n), torch.full((n,), slot, dtype=torch.int64), last)
-        if last.numel():
-            logits = out[0]
-    assert logits is not None
-    return logits

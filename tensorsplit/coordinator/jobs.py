@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .generate import generate_one, prefill
+from .generate import generate_one
 from .perplexity import perplexity
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
@@ -107,8 +107,9 @@ class BenchJob:
             for rep in range(self.repetitions + 1):    # the first run warms up and is not counted
                 ids = torch.randint(0, cfg.vocab_size, (n,), generator=gen).tolist()
                 t0 = time.perf_counter()
-                if test == "pp":
-                    prefill(engine.forward, ids, slot=0, n_batch=max(n, 1))
+                if test == "pp":   # the whole prompt in one step, only its last logits gathered
+                    engine.forward(torch.tensor(ids), torch.arange(n), torch.zeros(n, dtype=torch.int64),
+                                   torch.tensor([n - 1]))
                 else:
                     for pos, t in enumerate(ids):
                         engine.forward(torch.tensor([t]), torch.tensor([pos]), torch.tensor([0]), torch.tensor([0]))

@@ -22,6 +22,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..worker.process import default_threads
+
 POLL_S = 0.05
 FAILURE_WINDOW_S = 1.0   # after a first failure, how long to let the others report theirs
 GRACE_S = 3.0            # SIGTERM -> SIGKILL
@@ -67,7 +69,7 @@ def default_nproc() -> int:
 
 def worker_env(node: NodeSpec, local_rank: int, port: int, error_file: str, gpus: list[str]) -> dict[str, str]:
     env = dict(os.environ)
-    threads = node.threads or max(1, (os.cpu_count() or 1) // node.nproc)
+    threads = node.threads or default_threads(node.nproc)
     env.update({
         "RANK": str(node.node_rank * node.nproc + local_rank),
         "WORLD_SIZE": str(node.world),

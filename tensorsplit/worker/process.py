@@ -58,9 +58,14 @@ def die_with_parent() -> None:
         os._exit(1)
 
 
+def default_threads(local_world: int) -> int:
+    """CPU ranks share the cores: cores // ranks on this node."""
+    return max(1, (os.cpu_count() or 1) // local_world)
+
+
 def set_threads(env: RankEnv, threads: int | None) -> int:
-    """CPU ranks share the cores: cores // ranks on this node, unless the user says otherwise."""
-    n = threads or int(os.environ.get("TENSORSPLIT_THREADS", 0)) or max(1, (os.cpu_count() or 1) // env.local_world)
+    """The user's --threads, else the launcher's choice, else default_threads."""
+    n = threads or int(os.environ.get("TENSORSPLIT_THREADS", 0)) or default_threads(env.local_world)
     torch.set_num_threads(n)
     return n
 
