@@ -7,6 +7,8 @@
   until the timeout and then names the ranks that never arrived; it compares every identity
   with its own and publishes one verdict, so every rank fails fast with the same message,
   both values in it. Nothing is pickled: store values are JSON text.
+- A failing verdict must reach every rank before rank 0 exits and takes the store with it:
+  each rank counts itself as having read the verdict, and rank 0 waits (briefly) for that.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import torch.distributed as dist
 from ..errors import TensorsplitError
 
 POLL_S = 0.1
+VERDICT_READ_WAIT_S = 10.0  # how long rank 0 keeps the store up for the others to read a failing verdict
 _LISTENERS: list[socket.socket] = []
 
 
@@ -62,14 +65,25 @@ def agree(store, rank: int, world: int, identity: dict, timeout_s: float, local_
     if rank == 0:
         verdict = _judge(store, world, identity, timeout_s, local_world)
         store.set("ts/verdict", verdict)
+        if verdict != "ok":
+            _wait_for_readers(store, world)
     else:
         try:
             verdict = store.get("ts/verdict").decode()
+            store.add("ts/verdict_read", 1)
         except (RuntimeError, OSError) as e:
             raise TensorsplitError(f"rank {rank}: no verdict from rank 0 within {timeout_s:g} s: "
                                    f"{str(e).strip().splitlines()[0][:160]}") from None
     if verdict != "ok":
         raise TensorsplitError(verdict)
+
+
+def _wait_for_readers(store, world: int) -> None:
+    """Keep serving the store until every arrived rank has read the verdict, or a short limit passes."""
+    arrived = sum(store.check([f"ts/identity/{r}"]) for r in range(1, world))
+    deadline = time.monotonic() + VERDICT_READ_WAIT_S
+    while store.add("ts/verdict_read", 0) < arrived and time.monotonic() < deadline:
+        time.sleep(POLL_S)
 
 
 def _judge(store, world: int, mine: dict, timeout_s: float, local_world: int) -> str:
