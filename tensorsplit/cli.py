@@ -47,6 +47,9 @@ def _world_options(f):
         click.option("--kernels", default="eager", show_default=True, type=click.Choice(["eager", "compiled"]),
                      help="compiled: fuse dequantization into the matmul of decode steps with torch.compile "
                           "(Q4_0, Q4_1, Q8_0; compiles for seconds at the first step)."),
+        click.option("--numerics", default="exact", show_default=True, type=click.Choice(["exact", "llamacpp"]),
+                     help="llamacpp: round each matmul's inputs to 8 bits (f16 for F16 weights) as llama.cpp does, "
+                          "to reproduce its logits and perplexity; exact keeps float32."),
         click.option("--timeout", default=120.0, show_default=True, type=float,
                      help="Seconds before a collective or the rendezvous gives up (a dead or stuck rank)."),
         click.option("--nnodes", default=1, show_default=True, type=int, help="Nodes in the world."),
@@ -109,7 +112,7 @@ def _run_world(ctx: click.Context, job, *, n_ctx: int, n_slots: int = 1, overrid
         from .worker.main import WorldSpec, run_worker
         spec = WorldSpec(model=_model_path(p["model"]), split=p["split"], device=p["device"], backend=p["backend"],
                          n_ctx=n_ctx, n_slots=n_slots, timeout_s=p["timeout"], threads=p["threads"],
-                         kernels=p["kernels"])
+                         kernels=p["kernels"], numerics=p["numerics"])
         return run_worker(spec, job)
     from .launcher import NodeSpec, launch
     model = str(_model_path(p["model"]))

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import TensorsplitError
+from . import numerics
 
 
 class KVCache:
@@ -69,11 +70,18 @@ class Attention:
             allowed = kpos[None, :] <= qpos[:, None]                  # (t, L) causal
             if window:
                 allowed &= kpos[None, :] > qpos[:, None] - window
-            o = F.scaled_dot_product_attention(
-                q[idx].transpose(0, 1), keys.transpose(0, 1), vals.transpose(0, 1),
-                attn_mask=allowed, scale=self.scale)                 # (H, t, hd)
+            attend = _attend_like_llamacpp if numerics.llamacpp() else F.scaled_dot_product_attention
+            o = attend(q[idx].transpose(0, 1), keys.transpose(0, 1), vals.transpose(0, 1),
+                       attn_mask=allowed, scale=self.scale)          # (H, t, hd)
             out[idx] = o.transpose(0, 1)
         return out.reshape(q.shape[0], -1)
+
+
+def _attend_like_llamacpp(q, k, v, attn_mask, scale):
+    """q (H, t, hd), k and v (H, L, hd) f16-valued -> (H, t, hd), rounding as llama.cpp's CPU path does
+    without flash attention: q to f16 for q @ k.T, the probabilities to f16 for p @ v."""
+    scores = (numerics.round_f16(q * scale) @ k.transpose(1, 2)).masked_fill(~attn_mask, float("-inf"))
+    return numerics.round_f16(torch.softmax(scores, dim=-1)) @ v
 
 
 def _group_by_slot(slots: torch.Tensor):

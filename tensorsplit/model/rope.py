@@ -4,13 +4,16 @@ normal (LLAMA_ROPE_TYPE_NORM): rotates adjacent pairs (x[2i], x[2i+1]); llama.cp
 converter permutes the q/k rows so that this matches the original model.
 neox (LLAMA_ROPE_TYPE_NEOX): rotates (x[i], x[i + rope_dim/2]).
 Only the first `rope_dim` dims of each head are rotated; the rest pass through.
-Angles are computed in float64 and rounded once, so long positions keep their precision.
+Angles are computed in float64 and rounded once, so long positions keep their precision
+(under --numerics llamacpp, in float32 as ggml computes them: theta_i = theta_{i-1} * base^(-2/d)).
 `attn_factor` multiplies cos and sin (ggml's mscale; LongRoPE's scaling factor), so it scales
 q.k by its square.
 """
 from __future__ import annotations
 
 import torch
+
+from . import numerics
 
 
 class Rope:
@@ -24,12 +27,26 @@ class Rope:
             assert freq_factors.numel() == rope_dim // 2, (freq_factors.shape, rope_dim)
             inv_freq = inv_freq / freq_factors.to(torch.float64).cpu()
         self.inv_freq = inv_freq * freq_scale  # (rope_dim/2,) float64, on CPU
+        self.base, self.freq_scale = base, freq_scale
+        self.freq_factors = None if freq_factors is None else freq_factors.to(torch.float32).cpu()
 
     def cos_sin(self, positions: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
         """positions (n,) -> cos, sin each (n, 1, rope_dim/2) float32: one row per token, broadcast over heads."""
-        angles = positions.to("cpu", torch.float64)[:, None] * self.inv_freq[None, :]
+        angles = (self._angles_like_ggml(positions) if numerics.llamacpp()
+                  else positions.to("cpu", torch.float64)[:, None] * self.inv_freq[None, :])
         return ((angles.cos() * self.attn_factor).to(device, torch.float32)[:, None, :],
                 (angles.sin() * self.attn_factor).to(device, torch.float32)[:, None, :])
+
+    def _angles_like_ggml(self, positions: torch.Tensor) -> torch.Tensor:
+        """(n, rope_dim/2) angles as ggml_rope_cache_init forms them, each float32 product rounded."""
+        step = torch.tensor(self.base, dtype=torch.float32) ** torch.tensor(-2.0 / self.rope_dim, dtype=torch.float32)
+        theta = positions.to("cpu", torch.float32)
+        cols = []
+        for i in range(self.rope_dim // 2):
+            ff = 1.0 if self.freq_factors is None else self.freq_factors[i]
+            cols.append(theta / ff * torch.tensor(self.freq_scale, dtype=torch.float32))
+            theta = theta * step
+        return torch.stack(cols, dim=-1)
 
     def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """x (n, heads, head_dim) -> rotated copy."""

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from . import numerics
 from .attention import Attention, KVCache
 from .config import ModelConfig
 from .layers import (ColumnParallelLinear, Reduce, RowParallelLinear, VocabParallelEmbedding,
@@ -30,7 +31,7 @@ from .loader import LoadProgress, load_vector, load_weight
 from .rope import Rope
 from .shard_plan import RankShard
 
-ACTIVATION = {"silu": F.silu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
+ACTIVATION = {"silu": F.silu, "gelu_tanh": numerics.gelu_tanh}
 
 
 @dataclass
@@ -133,7 +134,9 @@ class RankModel:
             ropes[True] = Rope(cfg.head_dim, cfg.rope_dim, cfg.rope_base_swa, cfg.spec.rope_neox)
         return ropes
 
-    def allocate_cache(self, n_slots: int, n_ctx: int, dtype=torch.float32) -> KVCache:
+    def allocate_cache(self, n_slots: int, n_ctx: int, dtype: torch.dtype | None = None) -> KVCache:
+        if dtype is None:   # llama.cpp's cache is f16; ours is exact unless asked to match it
+            dtype = torch.float16 if numerics.llamacpp() else torch.float32
         self.cache = KVCache(self.cfg.n_layers, n_slots, n_ctx, self.shard.n_local_kv_heads,
                              self.cfg.head_dim, self.device, dtype)
         self.ropes = self._ropes(n_ctx)

@@ -16,6 +16,7 @@ from typing import Callable
 
 from ..comm import choose_backend, init_comm
 from ..model import make_plan, open_model, parse_split
+from ..model.numerics import set_numerics
 from ..model.quants import set_kernels
 from ..model.transformer import RankModel
 from .engine import Engine, Shard, StepGuard, serve
@@ -37,6 +38,7 @@ class WorldSpec:
     threads: int | None = None
     quiet: bool = False        # no load progress
     kernels: str = "eager"     # "compiled": fused dequantize-and-matvec for decode steps (model/quants/fused.py)
+    numerics: str = "exact"    # "llamacpp": matmul inputs rounded as ggml does (model/quants/activations.py)
 
 
 LOAD_TIMEOUT_S = 3600.0   # a rank still loading after an hour is taken as stuck
@@ -86,6 +88,7 @@ def join_and_load(env: RankEnv, spec: WorldSpec) -> tuple[Shard, object, object]
     """Threads, device, backend, plan; join the world; load this rank's shard and allocate its cache."""
     set_threads(env, spec.threads)
     set_kernels(spec.kernels)
+    set_numerics(spec.numerics)
     kinds = device_kinds(spec.device, env.world)
     device = resolve_device(kinds[env.rank], env.local_rank)
     backend = choose_backend(kinds, spec.backend)
@@ -94,6 +97,7 @@ def join_and_load(env: RankEnv, spec: WorldSpec) -> tuple[Shard, object, object]
     identity = {"model_fingerprint": gf.fingerprint(), "model_bytes": spec.model.stat().st_size,
                 "world": env.world, "split": [round(r, 6) for r in plan.ratios], "dtype": "float32",
                 "devices": kinds, "backend": backend.name, "n_ctx": spec.n_ctx, "n_slots": spec.n_slots,
+                "numerics": spec.numerics,
                 "version": _version()}
     comm = init_comm(env.rank, env.world, env.local_rank, device, backend, env.master_addr, env.master_port,
                      spec.timeout_s, identity, env.local_world,

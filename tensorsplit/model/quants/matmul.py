@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from .activations import round_inputs
 from .dequant import dequantize
 from .fused import fused_matmul
 from .qweight import QWeight
@@ -25,7 +26,7 @@ def qmatmul(x: torch.Tensor, w: QWeight) -> torch.Tensor:
     if x.shape[-1] != w.n_cols:
         raise ValueError(f"{w.name}: input has {x.shape[-1]} features, weight expects {w.n_cols}")
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, w.n_cols).to(torch.float32)           # (M, n_cols)
+    x2 = round_inputs(x.reshape(-1, w.n_cols).to(torch.float32), w.qtype)  # (M, n_cols); as-is unless --numerics llamacpp
     if w.data.dtype == torch.float32:                        # dense F32: no tiling needed
         return (x2 @ w.data.T).reshape(*lead, w.n_rows)
     fused = fused_matmul(x2, w.qtype, w.data)                # decode steps, when compiled kernels are on
