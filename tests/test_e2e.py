@@ -130,3 +130,28 @@ def test_torchrun_command_from_readme(smollm2_path):
     assert ours.returncode == 0, ours.stderr
     pick = lambda out: json.loads([ln for ln in out.splitlines() if ln.startswith("{")][-1])["token_ids"]  # noqa: E731
     assert pick(r.stdout) == pick(ours.stdout)
+
+
+def test_perplexity_command_matches_in_process_and_takes_numerics(smollm2_path):
+    """`tensorsplit perplexity` at 2 workers equals the coordinator's perplexity() over a one-rank
+    engine in this process (float32 order only); --numerics llamacpp reaches the workers and moves
+    the number (seen over these 126 tokens: 30.07 -> 28.67; llama.cpp itself gives 29.36)."""
+    import torch  # noqa: F401 - the in-process engine below
+    from test_llamacpp_golden import local_engine
+    from tensorsplit.coordinator.perplexity import perplexity
+    from tensorsplit.coordinator.tokenizer import Tokenizer
+    from tensorsplit.model import open_model
+
+    text = ROOT / "tests" / "fixtures" / "english.txt"
+    args = ["perplexity", "-m", str(smollm2_path), "-f", str(text), "-c", "128", "--chunks", "2", "--json",
+            "--nproc-per-node", "2"]
+    exact = json.loads(run_cli(*args).stdout)
+    rounded = json.loads(run_cli(*args, "--numerics", "llamacpp").stdout)
+    gf, cfg = open_model(smollm2_path)
+    tok = Tokenizer.from_gguf_kv(gf.kv)
+    tokens = tok.encode(text.read_text(), add_special=True)
+    ref = perplexity(local_engine(gf, cfg, 128).forward, tokens, 128, tok.bos_id if tok.add_bos else None,
+                     max_chunks=2)
+    assert exact["scored_tokens"] == 126 and exact["world"] == 2
+    assert abs(exact["ppl"] / ref.ppl - 1) < 1e-4
+    assert 1e-4 < abs(rounded["ppl"] / exact["ppl"] - 1) < 0.1
