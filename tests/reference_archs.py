@@ -92,7 +92,7 @@ class DenseModel:
         for i in range(self.n_layers):
             p = f"blk.{i}."
             h = self.rms(x, self.w(p + "attn_norm.weight"))
-            if self.arch == "phi3":
+            if p + "attn_qkv.weight" in self.t:
                 qkv = h @ self.w(p + "attn_qkv.weight").T
                 q, k, v = np.split(qkv, [H * hd, H * hd + K * hd], axis=-1)
             else:

@@ -42,7 +42,7 @@ def write_llama(path: Path, **kw) -> Path:
 def write_model(path: Path, arch: str = "llama", *, n_layers=2, n_embd=256, n_heads=8, n_kv=2, n_ff=512,
                 vocab=320, head_dim=None, types: dict[str, Q] | None = None, tied=True, seed=0,
                 rope_base=10000.0, extra_kv: dict | None = None, window=4, rope_factors=False,
-                bias_scale=0.5, original_context=32, rope_dim=None,
+                bias_scale=0.5, original_context=32, rope_dim=None, fused_qkv=None,
                 extra_tensors: dict[str, np.ndarray] | None = None) -> Path:
     """A GGUF of `arch` with random weights, laid out as llama.cpp's converter writes that arch:
 
@@ -56,7 +56,8 @@ def write_model(path: Path, arch: str = "llama", *, n_layers=2, n_embd=256, n_he
     `types` maps a tensor suffix ("attn_q", "attn_qkv", "ffn_down", "token_embd", "output", ...) to
     its quant type; default Q8_0. Norm weights are 1 + 0.1 N(0, 1) (gemma's stored +1 included).
     rope_dim: rotated dims per head (partial rotary, as Phi-4-mini); default head_dim.
-    extra_tensors: name -> float32 array, written as well (for unknown-tensor tests)."""
+    extra_tensors: name -> float32 array, written as well (for unknown-tensor tests).
+    fused_qkv: False writes a phi3 file with separate attn_q/k/v (llama.cpp loads either)."""
     rng = np.random.default_rng(seed)
     types = types or {}
     hd = head_dim or n_embd // n_heads
@@ -103,7 +104,7 @@ def write_model(path: Path, arch: str = "llama", *, n_layers=2, n_embd=256, n_he
     for i in range(n_layers):
         p = f"blk.{i}."
         vector(p + "attn_norm.weight", n_embd)
-        if arch == "phi3":
+        if arch == "phi3" and fused_qkv is not False:
             tensor(p + "attn_qkv.weight", "attn_qkv", q_dim + 2 * kv_dim, n_embd)
         else:
             tensor(p + "attn_q.weight", "attn_q", q_dim, n_embd)

@@ -48,6 +48,9 @@ SYNTHETIC = {
     # fused qkv with GQA (6 heads / 2 KV heads), partial rotary (24 of 32 dims), LongRoPE factors
     "phi3": dict(n_embd=192, n_heads=6, n_kv=2, n_ff=512, vocab=300, rope_dim=24, rope_factors=True,
                  original_context=48, seed=2, types={"attn_qkv": Q.Q5_0, "ffn_up": Q.Q5_1}),
+    # phi3 as some converters write it: q, k and v in separate tensors (ffn_up still fused)
+    "phi3-separate-qkv": dict(n_embd=192, n_heads=6, n_kv=2, n_ff=512, vocab=300, seed=4, fused_qkv=False,
+                              types={"attn_q": Q.Q4_0, "attn_k": Q.Q5_0, "ffn_up": Q.IQ4_NL}),
     # 6 layers: 5 sliding (window 4 < 12 tokens) then one global; 4 heads / 1 KV head
     "gemma3": dict(n_layers=6, n_embd=128, n_heads=4, n_kv=1, head_dim=64, n_ff=256, vocab=300, window=4,
                    rope_base=1e6, seed=3),
@@ -78,8 +81,8 @@ def assert_matches_reference(ours, ref, atol=REF_ATOL, rtol=REF_RTOL):
 
 @pytest.fixture(scope="module", params=list(SYNTHETIC))
 def synthetic(request, tmp_path_factory):
-    path = write_model(tmp_path_factory.mktemp("arch") / f"{request.param}.gguf", request.param,
-                       **SYNTHETIC[request.param])
+    arch = request.param.split("-")[0]     # "phi3-separate-qkv" is a phi3 file
+    path = write_model(tmp_path_factory.mktemp("arch") / f"{request.param}.gguf", arch, **SYNTHETIC[request.param])
     return path, open_model(path)
 
 
@@ -168,8 +171,9 @@ def test_phi3_file_shapes_are_checked(tmp_path):
     path = write_model(tmp_path / "half.gguf", "phi3", extra_tensors={"rope_factors_long.weight": np.ones(16)})
     with pytest.raises(ConfigError, match="come as a pair; the file has only rope_factors_long"):
         open_model(path)
-    # separate q/k/v tensors (a llama file's metadata relabelled phi3): not phi3's fused layout
+    # separate q/k/v with a separate ffn_gate (a llama file's metadata relabelled phi3): phi3's ffn_up is
+    # always [gate; up], so the file's ffn_up has half the rows phi3 needs
     gf, _ = open_model(write_model(tmp_path / "split.gguf", "llama"))
     kv = {k.replace("llama.", "phi3."): v for k, v in gf.kv.items()} | {"general.architecture": "phi3"}
-    with pytest.raises(ConfigError, match="'blk.0.attn_qkv.weight' is missing"):
+    with pytest.raises(ConfigError, match="ffn_up.weight"):
         config_from_gguf(kv, gf.tensors)

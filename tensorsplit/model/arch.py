@@ -22,6 +22,8 @@ For a 1-D bias the role's axis is its only axis.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -157,7 +159,14 @@ ARCHS: dict[str, ArchSpec] = {
 }
 
 
-def arch_spec(name: str) -> ArchSpec:
+# Phi-3 files whose converter kept q, k and v apart (llama.cpp loads attn_qkv when present, else these).
+_PHI3_SEPARATE_QKV = dataclasses.replace(ARCHS["phi3"], layer_tensors=_layer(qkv_bias="none", fused_gate_up=True))
+
+
+def arch_spec(name: str, tensor_names=()) -> ArchSpec:
+    """The spec of architecture `name`; `tensor_names` picks between layouts one architecture allows."""
+    if name == "phi3" and "blk.0.attn_q.weight" in tensor_names and "blk.0.attn_qkv.weight" not in tensor_names:
+        return _PHI3_SEPARATE_QKV
     try:
         return ARCHS[name]
     except KeyError:

@@ -78,7 +78,7 @@ def _get(kv: Mapping[str, object], key: str, default=None, required: bool = True
 def config_from_gguf(kv: Mapping[str, object], tensors: Mapping[str, object]) -> ModelConfig:
     """Build the config from metadata `kv` and the tensor table `tensors` (name -> TensorInfo)."""
     arch = _get(kv, "general.architecture")
-    spec = arch_spec(str(arch))  # raises UnsupportedError for unknown architectures
+    spec = arch_spec(str(arch), tensors)  # raises UnsupportedError for unknown architectures
     a = f"{arch}."
     n_embd = int(_get(kv, a + "embedding_length"))
     n_heads = int(_get(kv, a + "attention.head_count"))
