@@ -6,6 +6,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .model import make_plan, open_model, parse_split
+from .model.attention import KVCache
 from .model.shard_plan import format_plan
 
 _BIG_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges", "tokenizer.ggml.scores")
@@ -23,6 +24,15 @@ def _metadata(kv: dict) -> dict:
         else:
             out[k] = v
     return out
+
+
+def _kv_line(cfg, plan) -> str:
+    """KV cache per rank for one sequence at the training context, float32 (sliding layers: a ring)."""
+    windows = [cfg.swa_window if cfg.is_swa(i) else 0 for i in range(cfg.n_layers)]
+    per_rank = [KVCache.planned_bytes(windows, 1, cfg.n_ctx_train, r.n_local_kv_heads, cfg.head_dim) / 2**20
+                for r in plan.ranks]
+    return (f"kv cache    {' + '.join(f'{b:.1f}' for b in per_rank)} MiB per sequence at context "
+            f"{cfg.n_ctx_train} (float32{', sliding layers keep their window' if cfg.swa_layers else ''})")
 
 
 def info_report(path: Path, world: int, split: str | None, verbose: bool, as_json: bool) -> str:
@@ -49,6 +59,7 @@ def info_report(path: Path, world: int, split: str | None, verbose: bool, as_jso
         f"context     {cfg.n_ctx_train} (training)",
         f"tensors     {len(gf.tensors)}: " + ", ".join(f"{n} {k}" for k, n in sorted(types.items())),
         f"weights     {total / 2**20:.1f} MiB",
+        _kv_line(cfg, plan),
         "",
         format_plan(plan, cfg, verbose),
     ]

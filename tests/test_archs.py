@@ -26,6 +26,7 @@ from tensorsplit.comm.local import ThreadWorld
 from tensorsplit.errors import ConfigError, UnsupportedError
 from tensorsplit.model import make_plan, open_model, parse_split
 from tensorsplit.model.arch import ARCHS
+from tensorsplit.model.attention import KVCache
 from tensorsplit.model.config import config_from_gguf
 from tensorsplit.model.layers import no_reduce
 from tensorsplit.model.transformer import RankModel
@@ -177,3 +178,43 @@ def test_phi3_file_shapes_are_checked(tmp_path):
     kv = {k.replace("llama.", "phi3."): v for k, v in gf.kv.items()} | {"general.architecture": "phi3"}
     with pytest.raises(ConfigError, match="ffn_up.weight"):
         config_from_gguf(kv, gf.tensors)
+
+
+def test_sliding_window_ring_equals_one_forward(tmp_path):
+    """Local layers keep only `window` positions in a ring. Feeding two sequences in interleaved steps
+    of mixed sizes (single tokens, chunks longer than the window), so that every ring wraps, gives the
+    logits of one forward over each whole sequence (which test_synthetic_matches_reference checks
+    against the dense reference), at 1 and 2 ranks."""
+    path = write_model(tmp_path / "g.gguf", "gemma3", **SYNTHETIC["gemma3"])   # window 4
+    gf, cfg = open_model(path)
+    seqs = [list(range(3, 23)), list(range(40, 54))]                 # 20 and 14 tokens
+    whole = [world_logits(gf, cfg, 1, s) for s in seqs]
+    steps = [[(0, 3), (1, 1)], [(0, 1), (1, 6)], [(0, 7), (1, 1)], [(0, 1)], [(0, 1), (1, 6)], [(0, 7)]]
+    for world in (1, 2):
+        plan = make_plan(cfg, gf.tensors, world)
+        tw = ThreadWorld(world)
+
+        def rank(r):
+            m = RankModel(cfg, plan.ranks[r], world, tw.reducer(r) if world > 1 else no_reduce, gf)
+            cache = m.allocate_cache(2, 32)
+            assert cache.k_ring.shape[2] == 4 and cache.k.shape[0] == 1   # 5 local layers in rings, 1 global
+            assert cache.nbytes == KVCache.planned_bytes([4] * 5 + [0], 2, 32, plan.ranks[r].n_local_kv_heads,
+                                                         cfg.head_dim) == 2 * (5 * 4 + 32) * 2 * 1 * 64 * 4
+            done, got = [0, 0], [[], []]
+            for step in steps:
+                ids, pos, slots = [], [], []
+                for s, n in step:
+                    ids += seqs[s][done[s]:done[s] + n]
+                    pos += range(done[s], done[s] + n)
+                    slots += [s] * n
+                    done[s] += n
+                out = m.forward(torch.tensor(ids), torch.tensor(pos), torch.tensor(slots))
+                for s in (0, 1):
+                    got[s].append(out[torch.tensor(slots) == s])
+            assert done == [len(s) for s in seqs]
+            return [torch.cat(g) for g in got]
+
+        per_rank = tw.run(rank)
+        for s in (0, 1):
+            logits = torch.cat([per_rank[r][s] for r in range(world)], dim=-1).double().numpy()
+            np.testing.assert_allclose(logits, whole[s], atol=SHARD_ATOL, rtol=0)

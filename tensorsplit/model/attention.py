@@ -1,10 +1,12 @@
 """Grouped-query attention over a per-rank KV cache that holds only this rank's KV heads.
 
-The cache has one slot per concurrent sequence: k and v are each
-(n_layers, n_slots, n_ctx, n_local_kv_heads, head_dim). A token at position p of slot s
-writes its k/v at [layer, s, p] and attends to [layer, s, 0..p] (and, with a sliding window
-w, only to positions > p - w). Positions of a slot must be written from 0 upwards without gaps;
-`reset` is free because stale entries past a sequence's positions are never read.
+The cache has one slot per concurrent sequence. A global layer keeps every position:
+(n_global_layers, n_slots, n_ctx, n_local_kv_heads, head_dim) for k and for v. A sliding-window
+layer (window w) never reads further back than w - 1 positions, so it keeps a ring of w entries:
+position p lives at p % w. A step's own keys are attended to before they are written to the
+ring, so a step may hold any number of tokens (a 4k-token prompt chunk against a 512 window).
+Positions of a slot must be written from 0 upwards without gaps; `reset` is free because stale
+entries (past a sequence's positions, or older than its window) are never read.
 """
 from __future__ import annotations
 
@@ -19,17 +21,39 @@ from . import numerics
 
 class KVCache:
     def __init__(self, n_layers: int, n_slots: int, n_ctx: int, n_local_kv_heads: int, head_dim: int,
-                 device, dtype=torch.float32):
-        shape = (n_layers, n_slots, n_ctx, n_local_kv_heads, head_dim)
+                 device, dtype=torch.float32, windows: tuple[int, ...] | None = None):
+        """windows: per layer, 0 for a global layer or the sliding window w; default all global."""
+        windows = tuple(windows or (0,) * n_layers)
+        assert len(windows) == n_layers, (len(windows), n_layers)
+        # a window as long as the context is no window at all: keep those layers in the full store
+        self.windows = tuple(w if 0 < w < n_ctx else 0 for w in windows)
+        self.ring = max(self.windows, default=0)   # ring entries per sliding layer (all share one window)
+        assert all(w in (0, self.ring) for w in self.windows), self.windows
+        # layer -> index in its store
+        self.index, n_full, n_ring = [], 0, 0
+        for w in self.windows:
+            self.index.append(n_ring if w else n_full)
+            n_ring, n_full = n_ring + bool(w), n_full + (not w)
+        tail = (n_local_kv_heads, head_dim)
         # Uninitialised on purpose: attention reads only positions 0..p of a slot, all written before
         # they are read, so pages of unused slots and positions are never touched (nor committed).
-        self.k = torch.empty(shape, dtype=dtype, device=device)
-        self.v = torch.empty(shape, dtype=dtype, device=device)
+        self.k = torch.empty((n_full, n_slots, n_ctx, *tail), dtype=dtype, device=device)
+        self.v = torch.empty_like(self.k)
+        self.k_ring = torch.empty((n_ring, n_slots, self.ring, *tail), dtype=dtype, device=device)
+        self.v_ring = torch.empty_like(self.k_ring)
         self.n_slots, self.n_ctx = n_slots, n_ctx
 
     @property
     def nbytes(self) -> int:
-        return 2 * self.k.numel() * self.k.element_size()
+        return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.k_ring, self.v_ring))
+
+    @staticmethod
+    def planned_bytes(windows, n_slots: int, n_ctx: int, n_local_kv_heads: int, head_dim: int,
+                      elem_bytes: int = 4) -> int:
+        """What the cache of these arguments will hold, without allocating it: k and v, a ring of
+        w entries for a sliding layer whose window w is shorter than the context."""
+        entries = sum(w if 0 < w < n_ctx else n_ctx for w in windows)
+        return 2 * entries * n_slots * n_local_kv_heads * head_dim * elem_bytes
 
     def check(self, positions: torch.Tensor, slots: torch.Tensor) -> None:
         """User-facing bounds check, once per forward (not per layer)."""
@@ -53,20 +77,27 @@ class Attention:
         self.scale = scale if scale is not None else 1.0 / math.sqrt(head_dim)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, layer: int,
-                 positions: torch.Tensor, slots: torch.Tensor, window: int = 0) -> torch.Tensor:
+                 positions: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """q (n, n_local_heads, hd); k, v (n, n_local_kv_heads, hd) -> (n, n_local_heads * hd).
 
-        Tokens may belong to several slots (a batch of sequences); each attends within its own slot.
+        Tokens may belong to several slots (a batch of sequences); each attends within its own slot,
+        and a slot's tokens in one step have consecutive positions.
         """
-        cache.k[layer, slots, positions] = k.to(cache.k.dtype)
-        cache.v[layer, slots, positions] = v.to(cache.v.dtype)
+        window, li = cache.windows[layer], cache.index[layer]
+        if not window:
+            cache.k[li, slots, positions] = k.to(cache.k.dtype)
+            cache.v[li, slots, positions] = v.to(cache.v.dtype)
         out = torch.empty(q.shape[0], self.n_local_heads, self.head_dim, dtype=q.dtype, device=q.device)
         for slot, idx in _group_by_slot(slots):
-            qpos = positions[idx]                                     # (t,)
-            kv_len = int(qpos.max()) + 1
-            keys = cache.k[layer, slot, :kv_len].index_select(1, self.kv_of_q).to(q.dtype)   # (L, H, hd)
-            vals = cache.v[layer, slot, :kv_len].index_select(1, self.kv_of_q).to(q.dtype)
-            kpos = torch.arange(kv_len, device=q.device)
+            qpos = positions[idx]                                     # (t,) consecutive
+            if window:
+                keys, vals, kpos = _ring_keys(cache, li, slot, int(qpos[0]), window, k[idx], v[idx], q.dtype)
+            else:
+                kv_len = int(qpos.max()) + 1
+                keys = cache.k[li, slot, :kv_len].to(q.dtype)            # (L, n_local_kv_heads, hd)
+                vals = cache.v[li, slot, :kv_len].to(q.dtype)
+                kpos = torch.arange(kv_len, device=q.device)
+            keys, vals = keys.index_select(1, self.kv_of_q), vals.index_select(1, self.kv_of_q)  # (L, H, hd)
             allowed = kpos[None, :] <= qpos[:, None]                  # (t, L) causal
             if window:
                 allowed &= kpos[None, :] > qpos[:, None] - window
@@ -75,6 +106,22 @@ class Attention:
                        attn_mask=allowed, scale=self.scale)          # (H, t, hd)
             out[idx] = o.transpose(0, 1)
         return out.reshape(q.shape[0], -1)
+
+
+def _ring_keys(cache: KVCache, li: int, slot: int, p0: int, window: int, k_new, v_new, dtype):
+    """Keys and values a sliding layer's step starting at position p0 may read: the ring's entries for
+    positions [max(0, p0 - window + 1), p0), then the step's own. Stores the step's last `window`
+    entries in the ring afterwards. Returns keys, values (L, n_local_kv_heads, hd) and positions (L,)."""
+    device = k_new.device
+    past = torch.arange(max(0, p0 - window + 1), p0, device=device)       # (P,)
+    new = torch.arange(p0, p0 + k_new.shape[0], device=device)            # (t,)
+    keys = torch.cat([cache.k_ring[li, slot, past % window].to(dtype),
+                      k_new.to(cache.k_ring.dtype).to(dtype)])            # rounded as the cache stores them
+    vals = torch.cat([cache.v_ring[li, slot, past % window].to(dtype), v_new.to(cache.v_ring.dtype).to(dtype)])
+    keep = slice(max(0, k_new.shape[0] - window), None)
+    cache.k_ring[li, slot, new[keep] % window] = k_new[keep].to(cache.k_ring.dtype)
+    cache.v_ring[li, slot, new[keep] % window] = v_new[keep].to(cache.v_ring.dtype)
+    return keys, vals, torch.cat([past, new])
 
 
 def _attend_like_llamacpp(q, k, v, attn_mask, scale):

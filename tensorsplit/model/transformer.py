@@ -6,7 +6,7 @@ Data path of `forward`, per step (n tokens from possibly several sequences):
     h = rms_norm(x);  q, k, v = column-parallel projections of the rank's heads (or one fused qkv)
     [per-head rms_norm(q), rms_norm(k): qwen3, gemma]
     rope(q, k) (local layers: their own base);  attention over the rank's KV cache (local layers:
-      only the last `swa_window` positions) -> (n, n_local_heads * head_dim)
+      only the last `swa_window` positions, kept in a ring) -> (n, n_local_heads * head_dim)
     a = row-parallel o-proj (all-reduce #1) [rms_norm(a): gemma];  x += a
     h = rms_norm(x);  f = row-parallel down(act(gate(h)) * up(h)) (all-reduce #2) [rms_norm(f): gemma]
     x += f
@@ -137,8 +137,9 @@ class RankModel:
     def allocate_cache(self, n_slots: int, n_ctx: int, dtype: torch.dtype | None = None) -> KVCache:
         if dtype is None:   # llama.cpp's cache is f16; ours is exact unless asked to match it
             dtype = torch.float16 if numerics.llamacpp() else torch.float32
+        windows = tuple(self.cfg.swa_window if b.local else 0 for b in self.blocks)
         self.cache = KVCache(self.cfg.n_layers, n_slots, n_ctx, self.shard.n_local_kv_heads,
-                             self.cfg.head_dim, self.device, dtype)
+                             self.cfg.head_dim, self.device, dtype, windows)
         self.ropes = self._ropes(n_ctx)
         return self.cache
 
@@ -180,8 +181,7 @@ class RankModel:
                 q, k = rms_norm(q, b.q_norm, cfg.rms_eps), rms_norm(k, b.k_norm, cfg.rms_eps)
             rope, (cos, sin) = self.ropes[b.local], trig[b.local]
             q, k = rope.apply(q, cos, sin), rope.apply(k, cos, sin)
-            attn = self.attention(q, k, v, self.cache, i, positions, slots,
-                                  window=cfg.swa_window if b.local else 0)   # (n, n_local_heads * head_dim)
+            attn = self.attention(q, k, v, self.cache, i, positions, slots)  # (n, n_local_heads * head_dim)
             a = b.wo(attn)
             x = x + (rms_norm(a, b.post_attn_norm, cfg.rms_eps) if b.post_attn_norm is not None else a)
             f = self._ffn(b, rms_norm(x, b.ffn_norm, cfg.rms_eps))
