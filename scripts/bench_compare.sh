@@ -3,13 +3,14 @@
 # with tensorsplit/llama.cpp ratios.
 #   scripts/bench_compare.sh MODEL [WORLDS=1,2] [PP=512] [TG=128] [REPS=2]
 # LLAMA_PY: a python with llama-cpp-python (default: python3). Threads: all cores, shared by the workers.
+# TS_ARGS: more flags for tensorsplit bench, e.g. TS_ARGS="--kernels compiled".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL=$1; WORLDS=${2:-1,2}; PP=${3:-512}; TG=${4:-128}; REPS=${5:-2}
 LLAMA_PY=${LLAMA_PY:-python3}
 THREADS=$(nproc)
 OUT=$(mktemp -d)
-.venv/bin/tensorsplit bench -m "$MODEL" --nproc-per-node "$WORLDS" -p "$PP" -n "$TG" -r "$REPS" -o "$OUT/ts.json" >/dev/null
+.venv/bin/tensorsplit bench -m "$MODEL" --nproc-per-node "$WORLDS" -p "$PP" -n "$TG" -r "$REPS" ${TS_ARGS:-} -o "$OUT/ts.json" >/dev/null
 "$LLAMA_PY" scripts/llamacpp_bench.py "$MODEL" -p "$PP" -n "$TG" -r "$REPS" -t "$THREADS" > "$OUT/llama.json"
 .venv/bin/python - "$OUT/ts.json" "$OUT/llama.json" <<'PY'
 import json, sys
