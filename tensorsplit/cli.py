@@ -46,7 +46,7 @@ def _world_options(f):
                      help="CPU threads per worker. Default: cores / workers on this node."),
         click.option("--kernels", default="eager", show_default=True, type=click.Choice(["eager", "compiled"]),
                      help="compiled: fuse dequantization into the matmul of decode steps with torch.compile "
-                          "(Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K; compiles for seconds at the first step)."),
+                          "(all quant formats but Q2_K, Q3_K; compiles for seconds at the first step)."),
         click.option("--numerics", default="exact", show_default=True, type=click.Choice(["exact", "llamacpp"]),
                      help="llamacpp: round each matmul's inputs to 8 bits (f16 for F16 weights) as llama.cpp does, "
                           "to reproduce its logits and perplexity; exact keeps float32."),

@@ -185,7 +185,8 @@ def test_unsupported_type_raises():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q8_0, QT.Q4_K, QT.Q6_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.Q4_K, QT.Q5_K, QT.Q6_K,
+                                   QT.IQ4_NL, QT.IQ4_XS], ids=lambda t: t.name)
 def test_compiled_decode_kernels_match_gguf_py(qtype):
     """The opt-in fused (torch.compile) decode path against a float64 product of gguf-py's weights
     (random bytes with sane f16 scales: every bit pattern of the packed fields is exercised)."""

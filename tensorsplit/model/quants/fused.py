@@ -18,6 +18,7 @@ import sys
 
 import torch
 
+from .formats_iq import KVALUES
 from .qtypes import QType
 
 MAX_ROWS = 4          # steps with more rows (prompt chunks, big batches) go to dequantize + BLAS
@@ -36,8 +37,9 @@ def _f16(b: torch.Tensor, lo: int) -> torch.Tensor:
 # scaled by the block's float scale (and offset by its min times the block's sum of x): one
 # multiply per weight, which inductor vectorizes. Dequantizing each weight first (w = d * q, then
 # x * w) was 2-3 times slower for blocks of 32 (Q6_K's sub-blocks of 16 are the exception).
-# Measured on 2 AVX-512 cores, one row of x: Q8_0 8.1, Q4_K 6.7, Q6_K 6.2, Q4_1 6.0, Q5_0 5.0
-# billion weights/s; torch.cat inside a kernel made inductor write a buffer and cost 2-5x.
+# Measured on 2 AVX-512 cores, one row of x: Q8_0 8.1, Q4_K 6.7, Q6_K 6.2, Q4_1 6.0, Q5_0 5.0,
+# Q5_1 3.7, Q5_K 3.6, IQ4_NL/IQ4_XS 0.9 (a table lookup per weight; eager: 0.13) billion weights/s.
+# torch.cat inside a kernel made inductor write a buffer and cost 2-5x. Q2_K and Q3_K: eager.
 
 def _q4_0(x: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
     # block: d f16 | qs[16]; element j = low nibble of qs[j], j + 16 = high nibble; w = d * (q - 8)
@@ -122,8 +124,85 @@ def _q6_k(x: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
     return total
 
 
-MATVEC = {QType.Q4_0: _q4_0, QType.Q4_1: _q4_1, QType.Q5_0: _q5_0, QType.Q8_0: _q8_0,
-          QType.Q4_K: _q4_k, QType.Q6_K: _q6_k}
+def _q5_1(x: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
+    # block: d f16 | m f16 | qh[4] | qs[16]; codes as Q5_0's; w = d * q + m
+    b = data.view(data.shape[0], -1, 24)
+    qs = b[..., 8:24]
+    qh = b[..., 4:8].contiguous().view(torch.int32)                     # (R, nb, 1)
+    j = torch.arange(16, dtype=torch.int32, device=data.device)
+    q_lo = (qs & 0x0F) | (((qh >> j) & 1) << 4).to(torch.uint8)
+    q_hi = (qs >> 4) | (((qh >> (j + 16)) & 1) << 4).to(torch.uint8)
+    xv = x.view(x.shape[0], 1, -1, 2, 16)
+    dot = (xv[..., 0, :] * q_lo.float() + xv[..., 1, :] * q_hi.float()).sum(-1)
+    return (_f16(b, 0)[..., 0] * dot + _f16(b, 2)[..., 0] * xv.sum((-1, -2))).sum(-1)
+
+
+def _q5_k(x: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
+    # super-block: d f16 | dmin f16 | scales[12] | qh[32] | qs[128]: Q4_K's layout plus a 5th bit,
+    # bit s of qh[l] for element l of sub-block s = 4a + 2p + t; w = d sc[s] q - dmin mn[s]
+    b = data.view(data.shape[0], -1, 176)
+    R, nb = b.shape[0], b.shape[1]
+    d, dmin = _f16(b, 0).unsqueeze(-1), _f16(b, 2).unsqueeze(-1)          # (R, nb, 1, 1)
+    s_lo, m_lo, top = b[..., 4:8], b[..., 8:12], b[..., 12:16]
+    scales = ((s_lo & 0x3F), (top & 0x0F) | ((s_lo >> 2) & 0x30))
+    mins = ((m_lo & 0x3F), (top >> 4) | ((m_lo >> 2) & 0x30))
+    qh = b[..., 16:48].unsqueeze(-2)                                      # (R, nb, 1, 32)
+    qs = b[..., 48:176].reshape(R, nb, 2, 2, 32)                          # (R, nb, a, p, 32)
+    xv = x.view(x.shape[0], 1, nb, 2, 2, 2, 32)                           # (M, 1, nb, a, p, t, 32)
+    p2 = 2 * torch.arange(2, dtype=torch.uint8, device=data.device).view(2, 1)
+    total = 0
+    for a in (0, 1):
+        sc = d * scales[a].view(R, nb, 2, 2).float()                      # (R, nb, p, t)
+        mn = dmin * mins[a].view(R, nb, 2, 2).float()
+        q = qs[:, :, a]                                                   # (R, nb, p, 32)
+        q0 = (q & 0x0F) | (((qh >> (p2 + 4 * a)) & 1) << 4)
+        q1 = (q >> 4) | (((qh >> (p2 + 4 * a + 1)) & 1) << 4)
+        x0, x1 = xv[:, :, :, a, :, 0], xv[:, :, :, a, :, 1]               # (M, 1, nb, p, 32)
+        dot0, dot1 = (x0 * q0.float()).sum(-1), (x1 * q1.float()).sum(-1)
+        total = total + (sc[..., 0] * dot0 + sc[..., 1] * dot1
+                         - mn[..., 0] * x0.sum(-1) - mn[..., 1] * x1.sum(-1)).sum((-1, -2))
+    return total
+
+
+def _kvalues(q: torch.Tensor) -> torch.Tensor:
+    """IQ4 codes (uint8 in [0, 16)) -> their non-linear values (formats_iq.KVALUES), float32."""
+    table = torch.tensor(KVALUES, dtype=torch.float32, device=q.device)
+    return table[q.long()]
+
+
+def _iq4_nl(x: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
+    # block: d f16 | qs[16], nibbles as Q4_0's; w = d * KVALUES[q]
+    b = data.view(data.shape[0], -1, 18)
+    qs = b[..., 2:18]
+    xv = x.view(x.shape[0], 1, -1, 2, 16)
+    dot = (xv[..., 0, :] * _kvalues(qs & 0x0F) + xv[..., 1, :] * _kvalues(qs >> 4)).sum(-1)
+    return (_f16(b, 0)[..., 0] * dot).sum(-1)
+
+
+def _iq4_xs(x: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
+    # super-block: d f16 | scales_h u16 | scales_l[4] | qs[128]. Sub-block s = 2i + par of 32 reads
+    # qs[16 s ...] (low nibbles, then high); its scale is (nibble par of scales_l[i]) | (bits 2s, 2s+1
+    # of scales_h) << 4, minus 32; w = d * scale * KVALUES[q]
+    b = data.view(data.shape[0], -1, 136)
+    R, nb = b.shape[0], b.shape[1]
+    sh = b[..., 2:4].contiguous().view(torch.int16).to(torch.int32) & 0xFFFF   # (R, nb, 1)
+    sl = b[..., 4:8]                                                       # (R, nb, 4)
+    qs = b[..., 8:136].reshape(R, nb, 4, 2, 16)                            # (R, nb, i, par, 16)
+    xv = x.view(x.shape[0], 1, nb, 4, 2, 2, 16)                            # (M, 1, nb, i, par, half, 16)
+    i4 = torch.arange(4, dtype=torch.int32, device=data.device)
+    d = _f16(b, 0)                                                         # (R, nb, 1)
+    total = 0
+    for par in (0, 1):
+        nib = (sl & 0x0F) if par == 0 else (sl >> 4)
+        scale = (nib.to(torch.int32) | (((sh >> (4 * i4 + 2 * par)) & 3) << 4)) - 32   # (R, nb, 4)
+        q = qs[:, :, :, par]                                               # (R, nb, i, 16)
+        dot = (xv[:, :, :, :, par, 0] * _kvalues(q & 0x0F) + xv[:, :, :, :, par, 1] * _kvalues(q >> 4)).sum(-1)
+        total = total + (d * scale.float() * dot).sum((-1, -2))
+    return total
+
+
+MATVEC = {QType.Q4_0: _q4_0, QType.Q4_1: _q4_1, QType.Q5_0: _q5_0, QType.Q5_1: _q5_1, QType.Q8_0: _q8_0,
+          QType.Q4_K: _q4_k, QType.Q5_K: _q5_k, QType.Q6_K: _q6_k, QType.IQ4_NL: _iq4_nl, QType.IQ4_XS: _iq4_xs}
 
 
 def set_kernels(mode: str) -> None:
