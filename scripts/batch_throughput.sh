@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Decode throughput of `tensorsplit batch` (tokens/s over all sequences) at several --parallel
 # values and world sizes, on the same chat prompts (greedy, so every run generates the same tokens):
-#   scripts/batch_throughput.sh [MODEL] [PROMPTS=16] [MAX_TOKENS=16] [PARALLEL="1 4 16"] [WORLDS="1 2"]
+#   scripts/batch_throughput.sh [MODEL] [PROMPTS=16] [MAX_TOKENS=32] [PARALLEL="1 4 16"] [WORLDS="1 2"]
+# TS_ARGS: more flags for tensorsplit batch, e.g. TS_ARGS="--kernels compiled".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL=${1:-$(.venv/bin/python -c "from tensorsplit import models; print(models.fetch())")}
@@ -24,7 +25,7 @@ for w in $WORLDS; do
   for p in $PARALLEL; do
     rm -f "$TMP/out.jsonl"
     line=$(.venv/bin/tensorsplit batch "$MODEL" "$TMP/prompts.jsonl" -o "$TMP/out.jsonl" -np "$p" \
-           --nproc-per-node "$w" 2>&1 >/dev/null | grep "tensorsplit: done:")
+           --nproc-per-node "$w" ${TS_ARGS:-} 2>&1 >/dev/null | grep "tensorsplit: done:")
     # "done: N of N prompt(s) written to ...; T tokens in S s (X tok/s over all sequences)"
     echo "$line" | sed -E "s/.*done: ([0-9]+) of.*; ([0-9]+) tokens in ([0-9.]+) s \(([0-9.]+) tok\/s.*/| $w | $p | \1 | \2 | \3 | \4 |/"
   done

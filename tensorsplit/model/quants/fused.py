@@ -8,7 +8,9 @@ loop that reads the packed blocks once (on the CPU, C++; on a GPU, Triton).
 
 Enabled with `set_kernels("compiled")` (`--kernels compiled`); used for steps of at most
 MAX_ROWS rows and the formats in MATVEC. Shapes are static: each distinct (format, weight
-shape) compiles once per process (seconds; inductor caches the code on disk across runs).
+shape, rows) compiles once per process (seconds; inductor caches the code on disk across
+runs); rows are padded to a power of two, so that a batch whose size changes as sequences
+finish compiles at most three times per weight shape.
 If compilation fails (no C++ compiler, say), a warning is printed once and the eager path
 is used from then on.
 """
@@ -21,7 +23,9 @@ import torch
 from .formats_iq import KVALUES
 from .qtypes import QType
 
-MAX_ROWS = 4          # steps with more rows (prompt chunks, big batches) go to dequantize + BLAS
+MAX_ROWS = 4          # steps with more rows (prompt chunks, big batches) go to dequantize + BLAS: at 16
+                      # rows the kernel alone is still faster, but a batch of 16 sequences ran no faster
+                      # end to end (scripts/batch_throughput.sh, 27-30 vs 31 tok/s) once compiles count
 _mode = "eager"
 _compiled: dict = {}
 _failed = False
@@ -224,8 +228,12 @@ def fused_matmul(x2: torch.Tensor, qtype, data: torch.Tensor) -> torch.Tensor | 
     fn = _compiled.get(qtype)
     if fn is None:
         fn = _compiled[qtype] = torch.compile(MATVEC[qtype], dynamic=False)
+    m = x2.shape[0]
+    rows = 1 << (m - 1).bit_length()                     # 1, 2, 4
+    if rows != m:
+        x2 = torch.cat([x2, x2.new_zeros(rows - m, x2.shape[1])])
     try:
-        return fn(x2, data)
+        return fn(x2, data)[:m]
     except Exception as e:  # noqa: BLE001 - a toolchain problem must not stop generation
         _failed = True
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
