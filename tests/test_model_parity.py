@@ -20,6 +20,7 @@ from reference import DenseLlama
 from synthetic import write_llama
 from tensorsplit.comm.local import ThreadWorld
 from tensorsplit.model import make_plan, open_model, parse_split
+from tensorsplit.model.attention import Attention
 from tensorsplit.model.layers import no_reduce
 from tensorsplit.model.transformer import RankModel
 
@@ -69,8 +70,14 @@ def test_smollm2_matches_dense_reference(smollm2_path, smollm2_one_rank):
     assert_matches_reference(smollm2_one_rank, ref)
 
 
-@pytest.mark.parametrize("world,split", [(2, None), (3, None), (4, None), (2, "3,1")])
+# 1,1,1,3: the last rank holds q heads 5..8, a part of KV group 1 and all of group 2, so its attention
+# copies KV heads per q head instead of reading them in place (attention.py's gqa_in_place)
+@pytest.mark.parametrize("world,split", [(2, None), (3, None), (4, None), (2, "3,1"), (4, "1,1,1,3")])
 def test_smollm2_sharded_equals_unsharded(smollm2, smollm2_one_rank, world, split):
+    gf, cfg = smollm2
+    ranks = make_plan(cfg, gf.tensors, world, parse_split(split, world)).ranks
+    in_place = [Attention(r.q_heads, r.kv_heads, cfg.group_size, cfg.head_dim).gqa_in_place for r in ranks]
+    assert in_place == ([True] * 3 + [False] if split == "1,1,1,3" else [True] * world)
     ours = world_logits(*smollm2, world, PROMPT, split)
     np.testing.assert_allclose(ours, smollm2_one_rank, atol=SHARD_ATOL, rtol=0)
 

@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from ..errors import TensorsplitError
 from . import numerics
 
+_SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)   # its enable_gqa
+
 
 class KVCache:
     def __init__(self, n_layers: int, n_slots: int, n_ctx: int, n_local_kv_heads: int, head_dim: int,
@@ -74,6 +76,14 @@ class Attention:
         # local query head i reads local KV head kv_of_q[i]: global q head h uses KV head h // group_size
         self.kv_of_q = torch.tensor([h // group_size - k0 for h in range(q0, q1)], dtype=torch.long, device=device)
         self.n_local_heads, self.head_dim = q1 - q0, head_dim
+        # When the rank's q heads are whole groups in order (local q head i reads local KV head
+        # i // local_group), SDPA's grouped-query mode reads the KV heads in place. A rank holding
+        # part of a group (9 heads, 3 KV heads, 4 ranks) copies the KV heads it needs per q head:
+        # at 2k positions that copy cost 3x the attention itself (SmolLM2's shapes, 2 cores).
+        n_kv = int(self.kv_of_q.max()) + 1 if q1 > q0 else 1
+        local_group = self.n_local_heads // n_kv
+        self.gqa_in_place = (_SDPA_HAS_GQA and self.n_local_heads == n_kv * local_group and
+                             self.kv_of_q.tolist() == [i // local_group for i in range(self.n_local_heads)])
         self.scale = scale if scale is not None else 1.0 / math.sqrt(head_dim)
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, layer: int,
@@ -97,15 +107,26 @@ class Attention:
                 keys = cache.k[li, slot, :kv_len].to(q.dtype)            # (L, n_local_kv_heads, hd)
                 vals = cache.v[li, slot, :kv_len].to(q.dtype)
                 kpos = torch.arange(kv_len, device=q.device)
-            keys, vals = keys.index_select(1, self.kv_of_q), vals.index_select(1, self.kv_of_q)  # (L, H, hd)
-            allowed = kpos[None, :] <= qpos[:, None]                  # (t, L) causal
-            if window:
-                allowed &= kpos[None, :] > qpos[:, None] - window
-            attend = _attend_like_llamacpp if numerics.llamacpp() else F.scaled_dot_product_attention
-            o = attend(q[idx].transpose(0, 1), keys.transpose(0, 1), vals.transpose(0, 1),
-                       attn_mask=allowed, scale=self.scale)          # (H, t, hd)
+            in_place = self.gqa_in_place and not numerics.llamacpp()
+            if not in_place:
+                keys, vals = keys.index_select(1, self.kv_of_q), vals.index_select(1, self.kv_of_q)  # (L, H, hd)
+            qh, kh, vh = q[idx].transpose(0, 1), keys.transpose(0, 1), vals.transpose(0, 1)
+            mask = allowed_mask(kpos, qpos, window)                   # (t, L)
+            if numerics.llamacpp():
+                o = _attend_like_llamacpp(qh, kh, vh, mask, self.scale)
+            else:
+                o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=self.scale,
+                                                   **({"enable_gqa": True} if in_place else {}))  # (H, t, hd)
             out[idx] = o.transpose(0, 1)
         return out.reshape(q.shape[0], -1)
+
+
+def allowed_mask(kpos: torch.Tensor, qpos: torch.Tensor, window: int) -> torch.Tensor:
+    """(t, L) bool: query at qpos[i] may read the key at kpos[j] (causal, and within the window)."""
+    allowed = kpos[None, :] <= qpos[:, None]
+    if window:
+        allowed &= kpos[None, :] > qpos[:, None] - window
+    return allowed
 
 
 def _ring_keys(cache: KVCache, li: int, slot: int, p0: int, window: int, k_new, v_new, dtype):
