@@ -3,8 +3,9 @@
 A decode step multiplies a few rows of activations by every weight. The eager path
 dequantizes each weight tile to float32 and calls the BLAS: for one row that is several
 passes over memory per weight element. Here each format's block decode and the dot product
-are written as one expression, (x * dequant(W)).sum(), which inductor compiles into a single
-loop that reads the packed blocks once (on the CPU, C++; on a GPU, Triton).
+are written as one expression (codes times x, summed per block, then scaled), which inductor
+compiles into a single loop that reads the packed blocks once (on the CPU, C++; on a GPU,
+Triton).
 
 Enabled with `set_kernels("compiled")` (`--kernels compiled`); used for steps of at most
 MAX_ROWS rows and the formats in MATVEC. Shapes are static: each distinct (format, weight
