@@ -17,18 +17,23 @@ from ._common import bits8, crumbs, f16_field, nibbles
 QK_K = 256
 
 
-def scale_min_k4(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Q4_K/Q5_K packed 6-bit scales and mins: (n, 12) uint8 -> sc (n, 8), mn (n, 8) uint8.
+def scale_min_k4_halves(scales: torch.Tensor):
+    """Q4_K/Q5_K packed 6-bit scales and mins: (..., 12) uint8 -> ((sc[0:4], sc[4:8]), (mn[0:4], mn[4:8])),
+    each (..., 4) uint8. Kept in halves so that the compiled kernels (fused.py) need no torch.cat.
 
     bytes 0-3: sc[0:4] low 6 bits, sc[4:8] top 2 bits (<< 4)
     bytes 4-7: mn[0:4] low 6 bits, mn[4:8] top 2 bits
     bytes 8-11: low nibble sc[4:8] low 4 bits, high nibble mn[4:8] low 4 bits
     """
-    s = scales.reshape(-1, 3, 4)
-    d, m, md = s[:, 0], s[:, 1], s[:, 2]                     # (n, 4) each
-    sc = torch.cat([d & 0x3F, (md & 0x0F) | ((d >> 2) & 0x30)], dim=-1)
-    mn = torch.cat([m & 0x3F, (md >> 4) | ((m >> 2) & 0x30)], dim=-1)
-    return sc, mn
+    d, m, md = scales[..., 0:4], scales[..., 4:8], scales[..., 8:12]
+    return ((d & 0x3F, (md & 0x0F) | ((d >> 2) & 0x30)),
+            (m & 0x3F, (md >> 4) | ((m >> 2) & 0x30)))
+
+
+def scale_min_k4(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n, 12) uint8 -> sc (n, 8), mn (n, 8) uint8 (see scale_min_k4_halves)."""
+    sc, mn = scale_min_k4_halves(scales)
+    return torch.cat(sc, dim=-1), torch.cat(mn, dim=-1)
 
 
 def dequant_q2_k(blocks: torch.Tensor) -> torch.Tensor:

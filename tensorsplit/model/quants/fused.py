@@ -22,6 +22,7 @@ import sys
 import torch
 
 from .formats_iq import KVALUES
+from .formats_k import scale_min_k4_halves
 from .qtypes import QType
 
 MAX_ROWS = 4          # steps with more rows (prompt chunks, big batches) go to dequantize + BLAS: at 16
@@ -46,36 +47,51 @@ def _f16(b: torch.Tensor, lo: int) -> torch.Tensor:
 # Q5_1 3.7, Q5_K 3.6, IQ4_NL/IQ4_XS 0.9 (a table lookup per weight; eager: 0.13) billion weights/s.
 # torch.cat inside a kernel made inductor write a buffer and cost 2-5x. Q2_K and Q3_K: eager.
 
+def _halves_dot(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor):
+    """Blocks of 32 whose elements 0-15 have codes `lo` and 16-31 codes `hi`, each (R, nb, 16):
+    (sum over each block of x * code (M, R, nb), sum over each block of x (M, 1, nb))."""
+    xv = x.view(x.shape[0], 1, -1, 2, 16)                               # (M, 1, nb, half, 16)
+    return (xv[..., 0, :] * lo + xv[..., 1, :] * hi).sum(-1), xv.sum((-1, -2))
+
+
+def _q5_codes(qh: torch.Tensor, qs: torch.Tensor):
+    """Q5_0/Q5_1 codes: qh (R, nb, 4) uint8, a little-endian uint32 whose bit j is the 5th bit of
+    element j; qs (R, nb, 16) nibbles as Q4_0's -> codes of elements 0-15 and 16-31, float32."""
+    qh = qh.contiguous().view(torch.int32)                              # (R, nb, 1)
+    j = torch.arange(16, dtype=torch.int32, device=qs.device)
+    lo = (qs & 0x0F) | (((qh >> j) & 1) << 4).to(torch.uint8)
+    hi = (qs >> 4) | (((qh >> (j + 16)) & 1) << 4).to(torch.uint8)
+    return lo.float(), hi.float()
+
+
 def _q4_0(x: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
     # block: d f16 | qs[16]; element j = low nibble of qs[j], j + 16 = high nibble; w = d * (q - 8)
     b = data.view(data.shape[0], -1, 18)
     qs = b[..., 2:18]
-    xv = x.view(x.shape[0], 1, -1, 2, 16)                               # (M, 1, nb, half, 16)
-    dot = (xv[..., 0, :] * (qs & 0x0F).float() + xv[..., 1, :] * (qs >> 4).float()).sum(-1)  # (M, R, nb)
-    return (_f16(b, 0)[..., 0] * (dot - 8.0 * xv.sum((-1, -2)))).sum(-1)
+    dot, xsum = _halves_dot(x, (qs & 0x0F).float(), (qs >> 4).float())
+    return (_f16(b, 0)[..., 0] * (dot - 8.0 * xsum)).sum(-1)
 
 
 def _q4_1(x: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
     # block: d f16 | m f16 | qs[16]; w = d * q + m
     b = data.view(data.shape[0], -1, 20)
     qs = b[..., 4:20]
-    xv = x.view(x.shape[0], 1, -1, 2, 16)
-    dot = (xv[..., 0, :] * (qs & 0x0F).float() + xv[..., 1, :] * (qs >> 4).float()).sum(-1)
-    return (_f16(b, 0)[..., 0] * dot + _f16(b, 2)[..., 0] * xv.sum((-1, -2))).sum(-1)
+    dot, xsum = _halves_dot(x, (qs & 0x0F).float(), (qs >> 4).float())
+    return (_f16(b, 0)[..., 0] * dot + _f16(b, 2)[..., 0] * xsum).sum(-1)
 
 
 def _q5_0(x: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
-    # block: d f16 | qh[4] | qs[16]; element j < 16: low nibble of qs[j], j >= 16: high nibble of
-    # qs[j - 16]; its 5th bit is bit j of the little-endian uint32 qh; w = d * (q - 16)
+    # block: d f16 | qh[4] | qs[16]; w = d * (q - 16)
     b = data.view(data.shape[0], -1, 22)
-    qs = b[..., 6:22]
-    qh = b[..., 2:6].contiguous().view(torch.int32)                     # (R, nb, 1)
-    j = torch.arange(16, dtype=torch.int32, device=data.device)
-    q_lo = (qs & 0x0F) | (((qh >> j) & 1) << 4).to(torch.uint8)
-    q_hi = (qs >> 4) | (((qh >> (j + 16)) & 1) << 4).to(torch.uint8)
-    xv = x.view(x.shape[0], 1, -1, 2, 16)
-    dot = (xv[..., 0, :] * q_lo.float() + xv[..., 1, :] * q_hi.float()).sum(-1)
-    return (_f16(b, 0)[..., 0] * (dot - 16.0 * xv.sum((-1, -2)))).sum(-1)
+    dot, xsum = _halves_dot(x, *_q5_codes(b[..., 2:6], b[..., 6:22]))
+    return (_f16(b, 0)[..., 0] * (dot - 16.0 * xsum)).sum(-1)
+
+
+def _q5_1(x: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
+    # block: d f16 | m f16 | qh[4] | qs[16]; w = d * q + m
+    b = data.view(data.shape[0], -1, 24)
+    dot, xsum = _halves_dot(x, *_q5_codes(b[..., 4:8], b[..., 8:24]))
+    return (_f16(b, 0)[..., 0] * dot + _f16(b, 2)[..., 0] * xsum).sum(-1)
 
 
 def _q8_0(x: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
@@ -85,29 +101,43 @@ def _q8_0(x: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
     return (_f16(b, 0)[..., 0] * dot).sum(-1)
 
 
-def _q4_k(x: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
-    # super-block: d f16 | dmin f16 | scales[12] (8 6-bit scales and mins) | qs[128]. Sub-block
-    # s = 4a + 2p + t (a, p, t in {0, 1}) reads qs[32 (2a + p) ...], low nibbles for t = 0, high for
-    # t = 1; w = d sc[s] q - dmin mn[s]. Scales and mins of s < 4 are bytes 0-3 and 4-7 (low 6 bits);
-    # of s >= 4, nibbles of bytes 8-11 with the top 2 bits of bytes 0-3 and 4-7.
-    b = data.view(data.shape[0], -1, 144)
+def _k_sub32(x: torch.Tensor, b: torch.Tensor, qh_at: int | None, qs_at: int) -> torch.Tensor:
+    """Q4_K (qh_at None) and Q5_K. Super-block b (R, nb, bytes): d f16 | dmin f16 | scales[12] |
+    [qh[32]] | qs[128]. Sub-block s = 4a + 2p + t (a, p, t in {0, 1}) of 32 reads qs[32 (2a + p) ...],
+    low nibbles for t = 0, high for t = 1; Q5_K's 5th bit of its element l is bit s of qh[l].
+    w = d sc[s] q - dmin mn[s], scales and mins from scale_min_k4_halves (one half per a)."""
     R, nb = b.shape[0], b.shape[1]
     d, dmin = _f16(b, 0).unsqueeze(-1), _f16(b, 2).unsqueeze(-1)          # (R, nb, 1, 1)
-    s_lo, m_lo, top = b[..., 4:8], b[..., 8:12], b[..., 12:16]
-    scales = ((s_lo & 0x3F), (top & 0x0F) | ((s_lo >> 2) & 0x30))         # a = 0, 1: (R, nb, 4)
-    mins = ((m_lo & 0x3F), (top >> 4) | ((m_lo >> 2) & 0x30))
-    qs = b[..., 16:144].reshape(R, nb, 2, 2, 32)                          # (R, nb, a, p, 32)
+    scales, mins = scale_min_k4_halves(b[..., 4:16])                      # each a: (R, nb, 4)
+    qs = b[..., qs_at:qs_at + 128].reshape(R, nb, 2, 2, 32)               # (R, nb, a, p, 32)
     xv = x.view(x.shape[0], 1, nb, 2, 2, 2, 32)                           # (M, 1, nb, a, p, t, 32)
+    if qh_at is not None:
+        qh = b[..., qh_at:qh_at + 32].unsqueeze(-2)                       # (R, nb, 1, 32)
+        p2 = 2 * torch.arange(2, dtype=torch.uint8, device=b.device).view(2, 1)
     total = 0
     for a in (0, 1):
         sc = d * scales[a].view(R, nb, 2, 2).float()                      # (R, nb, p, t)
         mn = dmin * mins[a].view(R, nb, 2, 2).float()
         q = qs[:, :, a]                                                   # (R, nb, p, 32)
+        q0, q1 = q & 0x0F, q >> 4
+        if qh_at is not None:
+            q0 = q0 | (((qh >> (p2 + 4 * a)) & 1) << 4)
+            q1 = q1 | (((qh >> (p2 + 4 * a + 1)) & 1) << 4)
         x0, x1 = xv[:, :, :, a, :, 0], xv[:, :, :, a, :, 1]               # (M, 1, nb, p, 32)
-        dot0, dot1 = (x0 * (q & 0x0F).float()).sum(-1), (x1 * (q >> 4).float()).sum(-1)   # (M, R, nb, p)
+        dot0, dot1 = (x0 * q0.float()).sum(-1), (x1 * q1.float()).sum(-1)   # (M, R, nb, p)
         total = total + (sc[..., 0] * dot0 + sc[..., 1] * dot1
                          - mn[..., 0] * x0.sum(-1) - mn[..., 1] * x1.sum(-1)).sum((-1, -2))
     return total
+
+
+def _q4_k(x: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
+    # super-block: d f16 | dmin f16 | scales[12] | qs[128]
+    return _k_sub32(x, data.view(data.shape[0], -1, 144), None, 16)
+
+
+def _q5_k(x: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
+    # super-block: d f16 | dmin f16 | scales[12] | qh[32] | qs[128]
+    return _k_sub32(x, data.view(data.shape[0], -1, 176), 16, 48)
 
 
 def _q6_k(x: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
@@ -129,46 +159,6 @@ def _q6_k(x: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
     return total
 
 
-def _q5_1(x: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
-    # block: d f16 | m f16 | qh[4] | qs[16]; codes as Q5_0's; w = d * q + m
-    b = data.view(data.shape[0], -1, 24)
-    qs = b[..., 8:24]
-    qh = b[..., 4:8].contiguous().view(torch.int32)                     # (R, nb, 1)
-    j = torch.arange(16, dtype=torch.int32, device=data.device)
-    q_lo = (qs & 0x0F) | (((qh >> j) & 1) << 4).to(torch.uint8)
-    q_hi = (qs >> 4) | (((qh >> (j + 16)) & 1) << 4).to(torch.uint8)
-    xv = x.view(x.shape[0], 1, -1, 2, 16)
-    dot = (xv[..., 0, :] * q_lo.float() + xv[..., 1, :] * q_hi.float()).sum(-1)
-    return (_f16(b, 0)[..., 0] * dot + _f16(b, 2)[..., 0] * xv.sum((-1, -2))).sum(-1)
-
-
-def _q5_k(x: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
-    # super-block: d f16 | dmin f16 | scales[12] | qh[32] | qs[128]: Q4_K's layout plus a 5th bit,
-    # bit s of qh[l] for element l of sub-block s = 4a + 2p + t; w = d sc[s] q - dmin mn[s]
-    b = data.view(data.shape[0], -1, 176)
-    R, nb = b.shape[0], b.shape[1]
-    d, dmin = _f16(b, 0).unsqueeze(-1), _f16(b, 2).unsqueeze(-1)          # (R, nb, 1, 1)
-    s_lo, m_lo, top = b[..., 4:8], b[..., 8:12], b[..., 12:16]
-    scales = ((s_lo & 0x3F), (top & 0x0F) | ((s_lo >> 2) & 0x30))
-    mins = ((m_lo & 0x3F), (top >> 4) | ((m_lo >> 2) & 0x30))
-    qh = b[..., 16:48].unsqueeze(-2)                                      # (R, nb, 1, 32)
-    qs = b[..., 48:176].reshape(R, nb, 2, 2, 32)                          # (R, nb, a, p, 32)
-    xv = x.view(x.shape[0], 1, nb, 2, 2, 2, 32)                           # (M, 1, nb, a, p, t, 32)
-    p2 = 2 * torch.arange(2, dtype=torch.uint8, device=data.device).view(2, 1)
-    total = 0
-    for a in (0, 1):
-        sc = d * scales[a].view(R, nb, 2, 2).float()                      # (R, nb, p, t)
-        mn = dmin * mins[a].view(R, nb, 2, 2).float()
-        q = qs[:, :, a]                                                   # (R, nb, p, 32)
-        q0 = (q & 0x0F) | (((qh >> (p2 + 4 * a)) & 1) << 4)
-        q1 = (q >> 4) | (((qh >> (p2 + 4 * a + 1)) & 1) << 4)
-        x0, x1 = xv[:, :, :, a, :, 0], xv[:, :, :, a, :, 1]               # (M, 1, nb, p, 32)
-        dot0, dot1 = (x0 * q0.float()).sum(-1), (x1 * q1.float()).sum(-1)
-        total = total + (sc[..., 0] * dot0 + sc[..., 1] * dot1
-                         - mn[..., 0] * x0.sum(-1) - mn[..., 1] * x1.sum(-1)).sum((-1, -2))
-    return total
-
-
 def _kvalues(q: torch.Tensor) -> torch.Tensor:
     """IQ4 codes (uint8 in [0, 16)) -> their non-linear values (formats_iq.KVALUES), float32."""
     table = torch.tensor(KVALUES, dtype=torch.float32, device=q.device)
@@ -179,8 +169,7 @@ def _iq4_nl(x: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
     # block: d f16 | qs[16], nibbles as Q4_0's; w = d * KVALUES[q]
     b = data.view(data.shape[0], -1, 18)
     qs = b[..., 2:18]
-    xv = x.view(x.shape[0], 1, -1, 2, 16)
-    dot = (xv[..., 0, :] * _kvalues(qs & 0x0F) + xv[..., 1, :] * _kvalues(qs >> 4)).sum(-1)
+    dot, _ = _halves_dot(x, _kvalues(qs & 0x0F), _kvalues(qs >> 4))
     return (_f16(b, 0)[..., 0] * dot).sum(-1)
 
 
