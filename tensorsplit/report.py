@@ -28,8 +28,7 @@ def _metadata(kv: dict) -> dict:
 
 def _kv_line(cfg, plan) -> str:
     """KV cache per rank for one sequence at the training context, float32 (sliding layers: a ring)."""
-    windows = [cfg.swa_window if cfg.is_swa(i) else 0 for i in range(cfg.n_layers)]
-    per_rank = [KVCache.planned_bytes(windows, 1, cfg.n_ctx_train, r.n_local_kv_heads, cfg.head_dim) / 2**20
+    per_rank = [KVCache.planned_bytes(cfg.layer_windows, 1, cfg.n_ctx_train, r.n_local_kv_heads, cfg.head_dim) / 2**20
                 for r in plan.ranks]
     return (f"kv cache    {' + '.join(f'{b:.1f}' for b in per_rank)} MiB per sequence at context "
             f"{cfg.n_ctx_train} (float32{', sliding layers keep their window' if cfg.swa_layers else ''})")

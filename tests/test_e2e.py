@@ -136,7 +136,6 @@ def test_perplexity_command_matches_in_process_and_takes_numerics(smollm2_path):
     """`tensorsplit perplexity` at 2 workers equals the coordinator's perplexity() over a one-rank
     engine in this process (float32 order only); --numerics llamacpp reaches the workers and moves
     the number (seen over these 126 tokens: 30.07 -> 28.67; llama.cpp itself gives 29.36)."""
-    import torch  # noqa: F401 - the in-process engine below
     from test_llamacpp_golden import local_engine
     from tensorsplit.coordinator.perplexity import perplexity
     from tensorsplit.coordinator.tokenizer import Tokenizer

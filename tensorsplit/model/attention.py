@@ -21,14 +21,19 @@ from . import numerics
 _SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)   # its enable_gqa
 
 
+def _rings(windows, n_ctx: int) -> tuple[int, ...]:
+    """Per layer, the ring size of a sliding layer, or 0 where all n_ctx positions are kept: a
+    window as long as the context is no window at all."""
+    return tuple(w if 0 < w < n_ctx else 0 for w in windows)
+
+
 class KVCache:
     def __init__(self, n_layers: int, n_slots: int, n_ctx: int, n_local_kv_heads: int, head_dim: int,
                  device, dtype=torch.float32, windows: tuple[int, ...] | None = None):
         """windows: per layer, 0 for a global layer or the sliding window w; default all global."""
         windows = tuple(windows or (0,) * n_layers)
         assert len(windows) == n_layers, (len(windows), n_layers)
-        # a window as long as the context is no window at all: keep those layers in the full store
-        self.windows = tuple(w if 0 < w < n_ctx else 0 for w in windows)
+        self.windows = _rings(windows, n_ctx)
         self.ring = max(self.windows, default=0)   # ring entries per sliding layer (all share one window)
         assert all(w in (0, self.ring) for w in self.windows), self.windows
         # layer -> index in its store
@@ -54,7 +59,7 @@ class KVCache:
                       elem_bytes: int = 4) -> int:
         """What the cache of these arguments will hold, without allocating it: k and v, a ring of
         w entries for a sliding layer whose window w is shorter than the context."""
-        entries = sum(w if 0 < w < n_ctx else n_ctx for w in windows)
+        entries = sum(w or n_ctx for w in _rings(windows, n_ctx))
         return 2 * entries * n_slots * n_local_kv_heads * head_dim * elem_bytes
 
     def check(self, positions: torch.Tensor, slots: torch.Tensor) -> None:

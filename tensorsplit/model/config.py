@@ -59,6 +59,11 @@ class ModelConfig:
         return bool(self.swa_layers) and self.swa_layers[layer]
 
     @property
+    def layer_windows(self) -> tuple[int, ...]:
+        """Per layer: the sliding window, or 0 for a global layer (the KV cache's `windows`)."""
+        return tuple(self.swa_window if self.is_swa(i) else 0 for i in range(self.n_layers))
+
+    @property
     def q_dim(self) -> int:
         return self.n_heads * self.head_dim
 

@@ -137,9 +137,8 @@ class RankModel:
     def allocate_cache(self, n_slots: int, n_ctx: int, dtype: torch.dtype | None = None) -> KVCache:
         if dtype is None:   # llama.cpp's cache is f16; ours is exact unless asked to match it
             dtype = torch.float16 if numerics.llamacpp() else torch.float32
-        windows = tuple(self.cfg.swa_window if b.local else 0 for b in self.blocks)
         self.cache = KVCache(self.cfg.n_layers, n_slots, n_ctx, self.shard.n_local_kv_heads,
-                             self.cfg.head_dim, self.device, dtype, windows)
+                             self.cfg.head_dim, self.device, dtype, self.cfg.layer_windows)
         self.ropes = self._ropes(n_ctx)
         return self.cache
 

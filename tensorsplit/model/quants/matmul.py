@@ -26,7 +26,8 @@ def qmatmul(x: torch.Tensor, w: QWeight) -> torch.Tensor:
     if x.shape[-1] != w.n_cols:
         raise ValueError(f"{w.name}: input has {x.shape[-1]} features, weight expects {w.n_cols}")
     lead = x.shape[:-1]
-    x2 = round_inputs(x.reshape(-1, w.n_cols).to(torch.float32), w.qtype)  # (M, n_cols); as-is unless --numerics llamacpp
+    # (M, n_cols); rounded only under --numerics llamacpp
+    x2 = round_inputs(x.reshape(-1, w.n_cols).to(torch.float32), w.qtype)
     if w.data.dtype == torch.float32:                        # dense F32: no tiling needed
         return (x2 @ w.data.T).reshape(*lead, w.n_rows)
     fused = fused_matmul(x2, w.qtype, w.data)                # decode steps, when compiled kernels are on
