@@ -40,11 +40,12 @@ class Rope:
     def _angles_like_ggml(self, positions: torch.Tensor) -> torch.Tensor:
         """(n, rope_dim/2) angles as ggml_rope_cache_init forms them, each float32 product rounded."""
         step = torch.tensor(self.base, dtype=torch.float32) ** torch.tensor(-2.0 / self.rope_dim, dtype=torch.float32)
+        scale = torch.tensor(self.freq_scale, dtype=torch.float32)
         theta = positions.to("cpu", torch.float32)
         cols = []
         for i in range(self.rope_dim // 2):
             ff = 1.0 if self.freq_factors is None else self.freq_factors[i]
-            cols.append(theta / ff * torch.tensor(self.freq_scale, dtype=torch.float32))
+            cols.append(theta / ff * scale)
             theta = theta * step
         return torch.stack(cols, dim=-1)
 
