@@ -31,8 +31,7 @@ from .worker.process import RankEnv
 class LLM:
     def __init__(self, model: str | Path | None = None, *, nproc_per_node: int = 1, split: str | None = None,
                  device: str = "auto", n_ctx: int = 2048, parallel: int = 4, threads: int | None = None,
-                 timeout: float = 120.0, kernels: str = "eager",
-                 numerics: str = "exact"):
+                 timeout: float = 120.0, numerics: str = "llamacpp"):
         """parallel: sequences decoded together (KV-cache slots); n_ctx: context per sequence."""
         path = Path(model) if model is not None else models.fetch(models.DEFAULT)
         if not path.exists():
@@ -41,8 +40,7 @@ class LLM:
         port = free_port(node.master_addr)
         self._tmp = tempfile.TemporaryDirectory(prefix="tensorsplit-api-")
         argv = ["serve", "--model", str(path), "--ctx-size", str(n_ctx), "--parallel", str(parallel), "--device", device,
-                "--timeout", str(timeout), "--kernels", kernels,
-                "--numerics", numerics] + (["--split", split] if split else []) + \
+                "--timeout", str(timeout), "--numerics", numerics] + (["--split", split] if split else []) + \
                (["--threads", str(threads)] if threads else [])
         gpus = visible_gpus()
         self._procs = [subprocess.Popen([sys.executable, "-m", "tensorsplit.worker", *argv],
@@ -51,8 +49,7 @@ class LLM:
                        for i in range(1, nproc_per_node)]
         env = RankEnv(0, nproc_per_node, 0, nproc_per_node, node.master_addr, port)
         spec = WorldSpec(model=path, split=split, device=device, n_ctx=n_ctx, n_slots=parallel, timeout_s=timeout,
-                         threads=threads, quiet=True, kernels=kernels,
-                         numerics=numerics)
+                         threads=threads, quiet=True, numerics=numerics)
         try:
             shard, self._gf, self.config = join_and_load(env, spec)
         except BaseException:

@@ -44,12 +44,10 @@ def _world_options(f):
                      help="Override the torch.distributed backend chosen from the devices."),
         click.option("--threads", "-t", default=None, type=int,
                      help="CPU threads per worker. Default: cores / workers on this node."),
-        click.option("--kernels", default="eager", show_default=True, type=click.Choice(["eager", "compiled"]),
-                     help="compiled: fuse dequantization into the matmul of decode steps with torch.compile "
-                          "(all quant formats but Q2_K, Q3_K; compiles for seconds at the first step)."),
-        click.option("--numerics", default="exact", show_default=True, type=click.Choice(["exact", "llamacpp"]),
-                     help="llamacpp: round each matmul's inputs to 8 bits (f16 for F16 weights) as llama.cpp does, "
-                          "to reproduce its logits and perplexity; exact keeps float32."),
+        click.option("--numerics", default="llamacpp", show_default=True, type=click.Choice(["llamacpp", "exact"]),
+                     help="llamacpp: llama.cpp's arithmetic (8-bit matmul inputs multiplied in integers, an f16 KV "
+                          "cache): fast, and reproduces its logits. exact: float32 activations throughout "
+                          "(slower; closer to the unquantized model on some models)."),
         click.option("--timeout", default=120.0, show_default=True, type=float,
                      help="Seconds before a collective or the rendezvous gives up (a dead or stuck rank)."),
         click.option("--nnodes", default=1, show_default=True, type=int, help="Nodes in the world."),
@@ -112,7 +110,7 @@ def _run_world(ctx: click.Context, job, *, n_ctx: int, n_slots: int = 1, overrid
         from .worker.main import WorldSpec, run_worker
         spec = WorldSpec(model=_model_path(p["model"]), split=p["split"], device=p["device"], backend=p["backend"],
                          n_ctx=n_ctx, n_slots=n_slots, timeout_s=p["timeout"], threads=p["threads"],
-                         kernels=p["kernels"], numerics=p["numerics"])
+                         numerics=p["numerics"])
         return run_worker(spec, job)
     from .launcher import NodeSpec, launch
     model = str(_model_path(p["model"]))

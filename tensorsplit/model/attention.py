@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import TensorsplitError
-from . import numerics
+from .numerics import Numerics, round_f16
 
 _SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)   # its enable_gqa
 
@@ -75,7 +75,9 @@ class Attention:
     """Attention for the rank's query heads [q0, q1), reading KV heads [k0, k1)."""
 
     def __init__(self, q_heads: tuple[int, int], kv_heads: tuple[int, int], group_size: int,
-                 head_dim: int, scale: float | None = None, device="cpu"):
+                 head_dim: int, scale: float | None = None, device="cpu", numerics: Numerics = Numerics(),
+                 native: bool = False):
+        """native: one native op per layer (kernels/csrc/attention_body.h) instead of torch per slot."""
         q0, q1 = q_heads
         k0, _ = kv_heads
         # local query head i reads local KV head kv_of_q[i]: global q head h uses KV head h // group_size
@@ -90,6 +92,7 @@ class Attention:
         self.gqa_in_place = (_SDPA_HAS_GQA and self.n_local_heads == n_kv * local_group and
                              self.kv_of_q.tolist() == [i // local_group for i in range(self.n_local_heads)])
         self.scale = scale if scale is not None else 1.0 / math.sqrt(head_dim)
+        self.numerics, self.native = numerics, native
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, layer: int,
                  positions: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
@@ -99,6 +102,10 @@ class Attention:
         and a slot's tokens in one step have consecutive positions.
         """
         window, li = cache.windows[layer], cache.index[layer]
+        if self.native:   # writes the step's keys and values into the cache, and attends, in one op
+            kc, vc = (cache.k_ring[li], cache.v_ring[li]) if window else (cache.k[li], cache.v[li])
+            return torch.ops.tensorsplit.attention(q.contiguous(), k.contiguous(), v.contiguous(), kc, vc, positions,
+                                                   slots, self.kv_of_q, window, self.scale, self.numerics.llamacpp)
         if not window:
             cache.k[li, slots, positions] = k.to(cache.k.dtype)
             cache.v[li, slots, positions] = v.to(cache.v.dtype)
@@ -112,12 +119,12 @@ class Attention:
                 keys = cache.k[li, slot, :kv_len].to(q.dtype)            # (L, n_local_kv_heads, hd)
                 vals = cache.v[li, slot, :kv_len].to(q.dtype)
                 kpos = torch.arange(kv_len, device=q.device)
-            in_place = self.gqa_in_place and not numerics.llamacpp()
+            in_place = self.gqa_in_place and not self.numerics.llamacpp
             if not in_place:
                 keys, vals = keys.index_select(1, self.kv_of_q), vals.index_select(1, self.kv_of_q)  # (L, H, hd)
             qh, kh, vh = q[idx].transpose(0, 1), keys.transpose(0, 1), vals.transpose(0, 1)
             mask = allowed_mask(kpos, qpos, window)                   # (t, L)
-            if numerics.llamacpp():
+            if self.numerics.llamacpp:
                 o = _attend_like_llamacpp(qh, kh, vh, mask, self.scale)
             else:
                 o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=self.scale,
@@ -153,8 +160,8 @@ def _ring_keys(cache: KVCache, li: int, slot: int, p0: int, window: int, k_new, 
 def _attend_like_llamacpp(q, k, v, attn_mask, scale):
     """q (H, t, hd), k and v (H, L, hd) f16-valued -> (H, t, hd), rounding as llama.cpp's CPU path does
     without flash attention: q to f16 for q @ k.T, the probabilities to f16 for p @ v."""
-    scores = (numerics.round_f16(q * scale) @ k.transpose(1, 2)).masked_fill(~attn_mask, float("-inf"))
-    return numerics.round_f16(torch.softmax(scores, dim=-1)) @ v
+    scores = (round_f16(q * scale) @ k.transpose(1, 2)).masked_fill(~attn_mask, float("-inf"))
+    return round_f16(torch.softmax(scores, dim=-1)) @ v
 
 
 def _group_by_slot(slots: torch.Tensor):

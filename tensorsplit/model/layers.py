@@ -6,7 +6,10 @@ partial sum that `reduce` (an all-reduce handed in by the caller) completes, the
 added once. Vocab-parallel: each rank holds a range of vocabulary rows of the embedding (and
 of the output layer). `reduce` is any callable summing a tensor over ranks in place or not:
 torch.distributed in a real world, a thread barrier in tests that build every rank in one
-process, identity for one rank.
+process, identity for one rank. The arithmetic (`Numerics`) is handed in the same way.
+
+A linear takes a tensor or a MatmulInput: projections that share an input (q, k, v; gate, up)
+share one MatmulInput, so its 8-bit quantization is done once.
 """
 from __future__ import annotations
 
@@ -14,9 +17,11 @@ from typing import Callable
 
 import torch
 
-from .quants import QWeight, get_rows, qmatmul
+from .numerics import Numerics
+from .quants import MatmulInput, QWeight, get_rows, qmatmul
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
+Input = torch.Tensor | MatmulInput
 
 
 def no_reduce(x: torch.Tensor) -> torch.Tensor:
@@ -28,27 +33,32 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
 
 
+def native_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """rms_norm in one native op (the sum of squares in double, as ggml takes it)."""
+    return torch.ops.tensorsplit.rms_norm(x, weight, eps)
+
+
 class ColumnParallelLinear:
     """y[:, local outputs] = x @ W_local.T (+ b_local). No communication."""
 
-    def __init__(self, weight: QWeight, bias: torch.Tensor | None = None):
+    def __init__(self, weight: QWeight, bias: torch.Tensor | None, numerics: Numerics):
         assert bias is None or bias.shape == (weight.n_rows,), (weight.name, bias.shape, weight.n_rows)
-        self.weight, self.bias = weight, bias
+        self.weight, self.bias, self.numerics = weight, bias, numerics
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        y = qmatmul(x, self.weight)           # (n, local_out)
+    def __call__(self, x: Input) -> torch.Tensor:
+        y = qmatmul(x, self.weight, self.numerics)           # (n, local_out)
         return y + self.bias if self.bias is not None else y
 
 
 class RowParallelLinear:
     """y = reduce(x[:, local inputs] @ W[:, local inputs].T) + b: the bias is added once, after the sum."""
 
-    def __init__(self, weight: QWeight, bias: torch.Tensor | None, reduce: Reduce):
+    def __init__(self, weight: QWeight, bias: torch.Tensor | None, reduce: Reduce, numerics: Numerics):
         assert bias is None or bias.shape == (weight.n_rows,), (weight.name, bias.shape, weight.n_rows)
-        self.weight, self.bias, self.reduce = weight, bias, reduce
+        self.weight, self.bias, self.reduce, self.numerics = weight, bias, reduce, numerics
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.reduce(qmatmul(x, self.weight))  # (n, out): partial sums completed across ranks
+    def __call__(self, x: Input) -> torch.Tensor:
+        y = self.reduce(qmatmul(x, self.weight, self.numerics))  # (n, out): partial sums completed across ranks
         return y + self.bias if self.bias is not None else y
 
 
@@ -64,17 +74,16 @@ class VocabParallelEmbedding:
             return get_rows(self.weight, ids)
         local = ids - self.vocab_start
         mine = (local >= 0) & (local < self.weight.n_rows)
-        out = torch.zeros(ids.shape[0], self.weight.n_cols, dtype=torch.float32, device=ids.device)
-        if bool(mine.any()):
-            out[mine] = get_rows(self.weight, local[mine])
-        return self.reduce(out)
+        # rows of other ranks' tokens read row 0 and are zeroed: no host sync on which tokens are ours
+        rows = get_rows(self.weight, torch.where(mine, local, torch.zeros_like(local)))
+        return self.reduce(rows * mine.unsqueeze(1).to(rows.dtype))
 
 
 class VocabParallelHead:
     """Output layer: this rank's vocabulary slice of the logits, (n, local_vocab). Gathered by the runtime."""
 
-    def __init__(self, weight: QWeight):
-        self.weight = weight
+    def __init__(self, weight: QWeight, numerics: Numerics):
+        self.weight, self.numerics = weight, numerics
 
-    def __call__(self, h: torch.Tensor) -> torch.Tensor:
-        return qmatmul(h, self.weight)
+    def __call__(self, h: Input) -> torch.Tensor:
+        return qmatmul(h, self.weight, self.numerics)

@@ -2,7 +2,8 @@
 
 Only the planned bytes are copied: a row-split weight is a contiguous run of whole rows (whole
 blocks), or for a fused weight several runs concatenated in plan order; a column-split weight
-takes whole blocks from each row. Quantized weights stay in GGUF block layout (`QWeight`);
+takes whole blocks from each row. Quantized weights stay quantized (`QWeight`): in GGUF block layout,
+or, for the native CPU kernels, in their tile layout (the same blocks with 16 rows interleaved);
 1-D tensors (norms, biases) are small and become float32.
 """
 from __future__ import annotations
@@ -12,12 +13,14 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..kernels.layout import FORMATS
 from .quants import QWeight, dequantize, row_bytes
 from .shard_plan import TensorSlice
 
 
-def load_weight(gf, ts: TensorSlice, device="cpu") -> QWeight:
-    """The rank's part of a 2-D weight as a QWeight of shape (local rows, local cols)."""
+def load_weight(gf, ts: TensorSlice, device="cpu", native: bool = False) -> QWeight:
+    """The rank's part of a 2-D weight as a QWeight of shape (local rows, local cols); with `native`,
+    in the native kernels' layout where its type has one (F32 weights stay dense)."""
     info = gf.tensors[ts.name]
     n_cols, n_rows = int(info.shape[0]), int(info.shape[1])
     rb = row_bytes(info.qtype, n_cols)
@@ -32,6 +35,8 @@ def load_weight(gf, ts: TensorSlice, device="cpu") -> QWeight:
         raw, shape = rows, (n_rows, n_cols)
     w = QWeight.from_numpy(raw, info.qtype, shape[0], shape[1], name=ts.name)
     assert w.nbytes == ts.nbytes, (ts.name, w.nbytes, ts.nbytes)
+    if native and int(w.qtype) in FORMATS:
+        return w.to_native()          # the GGUF copy is freed: a rank holds one copy of its shard
     return w.to(device)
 
 

@@ -12,7 +12,8 @@ Data path of `forward`, per step (n tokens from possibly several sequences):
     x += f
   rms_norm(x[logit_rows]) -> vocab-parallel head -> (m, local_vocab): this rank's logit slice
 The bracketed steps are switched by the architecture's flags in arch.py.
-The module knows nothing of processes: `reduce` is handed in.
+The module knows nothing of processes: `reduce` is handed in, and so is the arithmetic (`Numerics`).
+Weights are loaded into the native kernels' layout when those are available (`native`).
 """
 from __future__ import annotations
 
@@ -20,18 +21,16 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from . import numerics
 from .attention import Attention, KVCache
 from .config import ModelConfig
 from .layers import (ColumnParallelLinear, Reduce, RowParallelLinear, VocabParallelEmbedding,
-                     VocabParallelHead, rms_norm)
+                     VocabParallelHead, native_rms_norm, rms_norm)
 from .loader import LoadProgress, load_vector, load_weight
+from .numerics import Numerics
+from .quants import MatmulInput
 from .rope import Rope
 from .shard_plan import RankShard
-
-ACTIVATION = {"silu": F.silu, "gelu_tanh": numerics.gelu_tanh}
 
 
 @dataclass
@@ -55,15 +54,25 @@ class Block:
 
 class RankModel:
     def __init__(self, cfg: ModelConfig, shard: RankShard, world: int, reduce: Reduce, gf,
-                 device="cpu", on_progress=None):
+                 device="cpu", on_progress=None, numerics: Numerics = Numerics(), native: bool | None = None):
+        """native: load weights into the native kernels' layout (default: when the device is a CPU and
+        the kernels are available)."""
         self.cfg, self.shard, self.world, self.device = cfg, shard, world, torch.device(device)
+        self.numerics = numerics
+        if native is None:
+            from ..kernels import native as kernels_native
+            native = self.device.type == "cpu" and kernels_native()
+        self.native = native
+        self.norm = native_rms_norm if native else rms_norm
         spec = cfg.spec
         slices = {t.name: t for t in shard.tensors}
         progress = LoadProgress(shard.nbytes, on_progress)
+        self.resident_bytes = 0    # weight bytes held, after any repacking
 
         def weight(name):
-            w = load_weight(gf, slices[name], self.device)
+            w = load_weight(gf, slices[name], self.device, native)
             progress.step(slices[name])
+            self.resident_bytes += w.nbytes
             return w
 
         def vector(name):
@@ -74,18 +83,18 @@ class RankModel:
             return v
 
         def column(name, bias=None):
-            return ColumnParallelLinear(weight(name), vector(bias)) if name in slices else None
+            return ColumnParallelLinear(weight(name), vector(bias), numerics) if name in slices else None
 
         self.embed = VocabParallelEmbedding(weight("token_embd.weight"), shard.vocab[0], reduce, world)
         self.embed_scale = math.sqrt(cfg.n_embd) if spec.embed_scale else None
-        self.head = VocabParallelHead(self.embed.weight if cfg.tied_output else weight("output.weight"))
+        self.head = VocabParallelHead(self.embed.weight if cfg.tied_output else weight("output.weight"), numerics)
         self.output_norm = vector("output_norm.weight")
         # rope frequency factors: llama3's rope_freqs, or Phi-3 LongRoPE's pair (chosen by context size)
         self.rope_factors = {k: vector(k + ".weight")
                              for k in ("rope_freqs", "rope_factors_long", "rope_factors_short")}
-        self.act = ACTIVATION[spec.activation]
+        self.act = numerics.activation(spec.activation)
         self.attention = Attention(shard.q_heads, shard.kv_heads, cfg.group_size, cfg.head_dim,
-                                   scale=cfg.attn_scale, device=self.device)
+                                   scale=cfg.attn_scale, device=self.device, numerics=numerics, native=native)
         self.blocks = []
         for i in range(cfg.n_layers):
             p = f"blk.{i}."
@@ -97,12 +106,14 @@ class RankModel:
                 wqkv=column(p + "attn_qkv.weight", p + "attn_qkv.bias"),
                 q_norm=vector(p + "attn_q_norm.weight"),
                 k_norm=vector(p + "attn_k_norm.weight"),
-                wo=RowParallelLinear(weight(p + "attn_output.weight"), vector(p + "attn_output.bias"), reduce),
+                wo=RowParallelLinear(weight(p + "attn_output.weight"), vector(p + "attn_output.bias"), reduce,
+                                     numerics),
                 post_attn_norm=vector(p + "post_attention_norm.weight"),
                 ffn_norm=vector(p + "ffn_norm.weight"),
                 w_gate=column(p + "ffn_gate.weight"),
                 w_up=column(p + "ffn_up.weight"),
-                w_down=RowParallelLinear(weight(p + "ffn_down.weight"), vector(p + "ffn_down.bias"), reduce),
+                w_down=RowParallelLinear(weight(p + "ffn_down.weight"), vector(p + "ffn_down.bias"), reduce,
+                                         numerics),
                 post_ffn_norm=vector(p + "post_ffw_norm.weight"),
                 local=cfg.is_swa(i),
             ))
@@ -112,8 +123,9 @@ class RankModel:
 
     @property
     def weight_bytes(self) -> int:
-        """Bytes of weights this rank holds (the tied head shares the embedding's bytes)."""
-        return self.shard.nbytes
+        """Bytes of weights this rank holds, as loaded (the tied head shares the embedding's bytes);
+        the native layout pads rows to whole tiles and widens some K-quant scales (<= 4%)."""
+        return self.resident_bytes
 
     def _ropes(self, n_ctx: int) -> dict[bool, Rope]:
         """Rope of global layers (key False) and, with sliding-window layers, of local ones (key True).
@@ -129,14 +141,15 @@ class RankModel:
             factors = self.rope_factors["rope_factors_long" if n_ctx > original else "rope_factors_short"]
         freq_scale = 1.0 / cfg.rope_scaling.factor if cfg.rope_scaling.kind == "linear" else 1.0
         ropes = {False: Rope(cfg.head_dim, cfg.rope_dim, cfg.rope_base, cfg.spec.rope_neox, freq_scale, factors,
-                             cfg.rope_scaling.attn_factor)}
+                             cfg.rope_scaling.attn_factor, numerics=self.numerics)}
         if cfg.swa_layers:
-            ropes[True] = Rope(cfg.head_dim, cfg.rope_dim, cfg.rope_base_swa, cfg.spec.rope_neox)
-        return ropes
+            ropes[True] = Rope(cfg.head_dim, cfg.rope_dim, cfg.rope_base_swa, cfg.spec.rope_neox,
+                               numerics=self.numerics)
+        return {local: rope.build(max(n_ctx, 1), self.device, self.native) for local, rope in ropes.items()}
 
     def allocate_cache(self, n_slots: int, n_ctx: int, dtype: torch.dtype | None = None) -> KVCache:
-        if dtype is None:   # llama.cpp's cache is f16; ours is exact unless asked to match it
-            dtype = torch.float16 if numerics.llamacpp() else torch.float32
+        if dtype is None:
+            dtype = self.numerics.kv_dtype
         self.cache = KVCache(self.cfg.n_layers, n_slots, n_ctx, self.shard.n_local_kv_heads,
                              self.cfg.head_dim, self.device, dtype, self.cfg.layer_windows)
         self.ropes = self._ropes(n_ctx)
@@ -145,6 +158,7 @@ class RankModel:
     def _qkv(self, b: Block, h: torch.Tensor):
         """h (n, n_embd) -> q (n, n_local_heads, hd), k and v (n, n_local_kv_heads, hd)."""
         n, hd, sh = h.shape[0], self.cfg.head_dim, self.shard
+        h = MatmulInput(h, self.numerics)             # quantized once for q, k and v
         if b.wqkv is not None:   # fused rows: this rank's q heads, then its k heads, then its v heads
             q, k, v = b.wqkv(h).split([sh.n_local_heads * hd, sh.n_local_kv_heads * hd, sh.n_local_kv_heads * hd], -1)
         else:
@@ -154,6 +168,7 @@ class RankModel:
 
     def _ffn(self, b: Block, h: torch.Tensor) -> torch.Tensor:
         """Gated FFN: down(act(gate(h)) * up(h)), before the all-reduce completes it."""
+        h = MatmulInput(h, self.numerics)             # quantized once for gate and up
         if b.w_gate is None:     # fused rows: this rank's gate range, then its up range
             gate, up = b.w_up(h).chunk(2, dim=-1)
         else:
@@ -169,22 +184,21 @@ class RankModel:
         assert self.cache is not None, "allocate_cache() before forward()"
         self.cache.check(positions, slots)
         ids, positions, slots = (t.to(self.device) for t in (ids, positions, slots))
-        trig = {local: rope.cos_sin(positions, self.device) for local, rope in self.ropes.items()}
         x = self.embed(ids)                                                   # (n, n_embd)
         if self.embed_scale is not None:
             x = x * self.embed_scale
         for i, b in enumerate(self.blocks):
-            h = rms_norm(x, b.attn_norm, cfg.rms_eps)
+            h = self.norm(x, b.attn_norm, cfg.rms_eps)
             q, k, v = self._qkv(b, h)
             if b.q_norm is not None:                                          # per head, over head_dim
-                q, k = rms_norm(q, b.q_norm, cfg.rms_eps), rms_norm(k, b.k_norm, cfg.rms_eps)
-            rope, (cos, sin) = self.ropes[b.local], trig[b.local]
-            q, k = rope.apply(q, cos, sin), rope.apply(k, cos, sin)
+                q, k = self.norm(q, b.q_norm, cfg.rms_eps), self.norm(k, b.k_norm, cfg.rms_eps)
+            rope = self.ropes[b.local]
+            q, k = rope.rotate(q, positions), rope.rotate(k, positions)
             attn = self.attention(q, k, v, self.cache, i, positions, slots)  # (n, n_local_heads * head_dim)
             a = b.wo(attn)
-            x = x + (rms_norm(a, b.post_attn_norm, cfg.rms_eps) if b.post_attn_norm is not None else a)
-            f = self._ffn(b, rms_norm(x, b.ffn_norm, cfg.rms_eps))
-            x = x + (rms_norm(f, b.post_ffn_norm, cfg.rms_eps) if b.post_ffn_norm is not None else f)
+            x = x + (self.norm(a, b.post_attn_norm, cfg.rms_eps) if b.post_attn_norm is not None else a)
+            f = self._ffn(b, self.norm(x, b.ffn_norm, cfg.rms_eps))
+            x = x + (self.norm(f, b.post_ffn_norm, cfg.rms_eps) if b.post_ffn_norm is not None else f)
         if logit_rows is not None:
             x = x[logit_rows.to(self.device)]
-        return self.head(rms_norm(x, self.output_norm, cfg.rms_eps))          # (m, local_vocab)
+        return self.head(self.norm(x, self.output_norm, cfg.rms_eps))          # (m, local_vocab)

@@ -16,8 +16,7 @@ from typing import Callable
 
 from ..comm import choose_backend, init_comm
 from ..model import make_plan, open_model, parse_split
-from ..model.numerics import set_numerics
-from ..model.quants import set_kernels
+from ..model.numerics import DEFAULT as DEFAULT_NUMERICS, Numerics
 from ..model.transformer import RankModel
 from .engine import Engine, Shard, StepGuard, serve
 from .faults import FaultPlan
@@ -37,8 +36,7 @@ class WorldSpec:
     timeout_s: float = 120.0   # every collective on the device group, and the rendezvous
     threads: int | None = None
     quiet: bool = False        # no load progress
-    kernels: str = "eager"     # "compiled": fused dequantize-and-matvec for decode steps (model/quants/fused.py)
-    numerics: str = "exact"    # "llamacpp": matmul inputs rounded as ggml does (model/quants/activations.py)
+    numerics: str = DEFAULT_NUMERICS   # "llamacpp" (8-bit matmul inputs, as ggml) or "exact" (model/numerics.py)
 
 
 LOAD_TIMEOUT_S = 3600.0   # a rank still loading after an hour is taken as stuck
@@ -87,8 +85,6 @@ def _run(env: RankEnv, spec: WorldSpec, job: Job) -> int:
 def join_and_load(env: RankEnv, spec: WorldSpec) -> tuple[Shard, object, object]:
     """Threads, device, backend, plan; join the world; load this rank's shard and allocate its cache."""
     set_threads(env, spec.threads)
-    set_kernels(spec.kernels)
-    set_numerics(spec.numerics)
     kinds = device_kinds(spec.device, env.world)
     device = resolve_device(kinds[env.rank], env.local_rank)
     backend = choose_backend(kinds, spec.backend)
@@ -110,7 +106,8 @@ def join_and_load(env: RankEnv, spec: WorldSpec) -> tuple[Shard, object, object]
             faults.at("load")
             if bar:
                 bar(done, total, name)
-        model = RankModel(cfg, plan.ranks[env.rank], env.world, comm.all_reduce, gf, device, on_progress=progress)
+        model = RankModel(cfg, plan.ranks[env.rank], env.world, comm.all_reduce, gf, device, on_progress=progress,
+                          numerics=Numerics(spec.numerics))
         model.allocate_cache(spec.n_slots, spec.n_ctx)
         # ranks load at different speeds: start stepping only when all have loaded, so that the first
         # step's collectives are not charged with another rank's loading time

@@ -1,12 +1,15 @@
-"""Rounding of matmul inputs the way llama.cpp's ggml backends round them (--numerics llamacpp).
+"""Rounding of matmul inputs the way llama.cpp's ggml backends round them (numerics "llamacpp"), for
+the torch path (weights in GGUF layout, when the native kernels are unavailable). The native
+kernels quantize the same way in C++ (kernels/csrc/kernel_body.h, quantize_rows).
 
 ggml never multiplies a quantized weight by float32 activations: it first quantizes the
 activation row to the weight type's "vec_dot type" and takes integer dot products:
-  - Q4_0, Q5_0, Q8_0, IQ4_NL -> Q8_0: blocks of 32, d = amax / 127 stored as f16, q = round(x / d);
+  - Q4_0, Q5_0, Q8_0, IQ4_NL -> Q8_0: blocks of 32, q = round(x * 127 / amax), d = amax / 127 as f16;
   - Q4_1, Q5_1             -> Q8_1: the same 8-bit values (its extra field is a sum, not a rounding);
-  - K-quants, IQ4_XS       -> Q8_K: blocks of 256, d = amax / 127 kept in f32;
+  - K-quants, IQ4_XS       -> Q8_K: blocks of 256, iscale = -127 / (the signed value of largest
+                              magnitude), q = min(127, round(x * iscale)), d = 1 / iscale in f32;
   - F16 / BF16 weights     -> the activations rounded to f16 / bf16.
-See model/numerics.py for why this is optional and what else that mode rounds.
+Rounding is to nearest even, as ggml's x86 code rounds.
 
 Row-parallel shards cut the input only on weight-block boundaries, which are multiples of these
 activation blocks, so a sharded forward rounds exactly as an unsharded one does.
@@ -15,32 +18,40 @@ from __future__ import annotations
 
 import torch
 
-from .. import numerics
 from .qtypes import QType
 
-_Q8_0_INPUT = {QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1, QType.Q8_0, QType.IQ4_NL}
-_Q8_K_INPUT = {QType.Q2_K, QType.Q3_K, QType.Q4_K, QType.Q5_K, QType.Q6_K, QType.IQ4_XS}
+Q8_0_INPUT = frozenset({QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1, QType.Q8_0, QType.IQ4_NL})
+Q8_K_INPUT = frozenset({QType.Q2_K, QType.Q3_K, QType.Q4_K, QType.Q5_K, QType.Q6_K, QType.IQ4_XS})
 
 
-def _round_8bit(x2: torch.Tensor, block: int, f16_scale: bool) -> torch.Tensor:
-    """x2 (M, K) float32, K a multiple of block -> q * d per block, q = round(x / d) in [-127, 127]."""
-    xb = x2.reshape(x2.shape[0], -1, block)                       # (M, K / block, block)
-    d = xb.abs().amax(-1, keepdim=True) / 127.0                   # (M, K / block, 1)
-    inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))        # ggml: id = d ? 1/d : 0
-    q = torch.round(xb * inv).clamp_(-127, 127)
-    if f16_scale:
-        d = d.half().float()
+def _round_q8_0(x2: torch.Tensor) -> torch.Tensor:
+    """x2 (M, K) float32, K a multiple of 32 -> q * d per block of 32 (ggml's quantize_row_q8_0)."""
+    xb = x2.reshape(x2.shape[0], -1, 32)                          # (M, K / 32, 32)
+    amax = xb.abs().amax(-1, keepdim=True)                        # (M, K / 32, 1)
+    # (a scalar / tensor in torch is reciprocal-then-multiply, rounded twice: divide tensors instead)
+    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))
+    q = torch.round(xb * inv)
+    d = (amax / 127.0).half().float()
     return (q * d).reshape(x2.shape)
 
 
-def round_inputs(x2: torch.Tensor, qtype: QType) -> torch.Tensor:
-    """The activations x2 (M, n_cols) float32 as a quantized matmul against `qtype` will see them."""
-    if not numerics.llamacpp():
-        return x2
-    if qtype in _Q8_0_INPUT:
-        return _round_8bit(x2, 32, f16_scale=True)
-    if qtype in _Q8_K_INPUT:
-        return _round_8bit(x2, 256, f16_scale=False)
+def _round_q8_k(x2: torch.Tensor) -> torch.Tensor:
+    """x2 (M, K) float32, K a multiple of 256 -> q * d per block of 256 (ggml's quantize_row_q8_K)."""
+    xb = x2.reshape(x2.shape[0], -1, 256)
+    pick = xb.abs().argmax(-1, keepdim=True)                      # first index of the largest magnitude
+    mx = xb.gather(-1, pick)                                      # its signed value
+    iscale = torch.where(mx != 0, torch.full_like(mx, -127.0) / mx, torch.zeros_like(mx))
+    q = torch.round(xb * iscale).clamp_(max=127)
+    d = torch.where(mx != 0, torch.ones_like(mx) / iscale, torch.zeros_like(mx))
+    return (q * d).reshape(x2.shape)
+
+
+def round_inputs(x2: torch.Tensor, qtype) -> torch.Tensor:
+    """The activations x2 (M, n_cols) float32 as llama.cpp's matmul against `qtype` sees them."""
+    if qtype in Q8_0_INPUT:
+        return _round_q8_0(x2)
+    if qtype in Q8_K_INPUT:
+        return _round_q8_k(x2)
     if qtype == QType.F16:
         return x2.half().float()
     if qtype == QType.BF16:

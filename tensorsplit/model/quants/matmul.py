@@ -1,49 +1,104 @@
-"""qmatmul (y = x @ W.T over quantized W, tile by tile) and get_rows (embedding lookup).
+"""qmatmul (y = x @ W.T over a quantized W) and get_rows (embedding lookup): the single entry point
+for matmuls against GGUF weights, on either layout of QWeight.
 
-qmatmul is THE single entry point for quantized matmuls: a faster fused kernel slots in
-here, keyed on w.qtype / device, without touching callers.
+  native layout (the default on a CPU, kernels/): one op per matmul, straight from the blocks.
+    numerics llamacpp: the input is quantized to 8 bits once (MatmulInput caches it, so q/k/v
+    and gate/up share it) and multiplied in integers; exact: float input, weights decoded in
+    registers.
+  GGUF layout (no native kernels, or a GPU): dequantize a bounded tile of rows at a time to
+    float32 and multiply; in llamacpp numerics the input is first rounded as llama.cpp rounds it.
 """
 from __future__ import annotations
 
 import torch
 
+from ..numerics import Numerics
 from .activations import round_inputs
 from .dequant import dequantize
-from .fused import fused_matmul
+from .qtypes import QType
 from .qweight import QWeight
 
-# Most weight elements dequantized at once by qmatmul (one tile of whole rows): 4M float32
+# Most weight elements dequantized at once on the torch path (one tile of whole rows): 4M float32
 # = 16 MiB of scratch. Tests shrink it with monkeypatch to exercise multi-tile paths.
 TILE_ELEMS = 1 << 22
 
 
-def qmatmul(x: torch.Tensor, w: QWeight) -> torch.Tensor:
-    """y = x @ W.T: x (..., n_cols) -> (..., n_rows) float32, on x's / w.data's device.
+class MatmulInput:
+    """A matmul input x (..., K) that several weights multiply (q, k, v; gate, up): each form a weight
+    needs (8-bit blocks of a kind, per-group sums, a rounded copy) is computed once and kept."""
 
-    Dequantizes at most TILE_ELEMS weight elements (whole rows) at a time and never
-    materializes the full dense matrix when it is larger than one tile.
-    """
-    if x.shape[-1] != w.n_cols:
-        raise ValueError(f"{w.name}: input has {x.shape[-1]} features, weight expects {w.n_cols}")
-    lead = x.shape[:-1]
-    # (M, n_cols); rounded only under --numerics llamacpp
-    x2 = round_inputs(x.reshape(-1, w.n_cols).to(torch.float32), w.qtype)
-    if w.data.dtype == torch.float32:                        # dense F32: no tiling needed
-        return (x2 @ w.data.T).reshape(*lead, w.n_rows)
-    fused = fused_matmul(x2, w.qtype, w.data)                # decode steps, when compiled kernels are on
-    if fused is not None:
-        return fused.reshape(*lead, w.n_rows)
+    def __init__(self, x: torch.Tensor, numerics: Numerics):
+        self.lead, self.n_cols, self.numerics = x.shape[:-1], x.shape[-1], numerics
+        self.x2 = x.reshape(-1, x.shape[-1]).to(torch.float32).contiguous()     # (M, K)
+        self._forms: dict = {}
+
+    def _form(self, key, make):
+        if key not in self._forms:
+            self._forms[key] = make()
+        return self._forms[key]
+
+    def q8(self, kind: int, group: int):
+        """(q int8 (M, K), d, s, isum (M, K / group)): llama.cpp's Q8_0 / Q8_1 / Q8_K of x."""
+        return self._form(("q8", kind, group), lambda: torch.ops.tensorsplit.quantize_act(self.x2, kind, group))
+
+    def sums(self, group: int) -> torch.Tensor:
+        return self._form(("sums", group), lambda: torch.ops.tensorsplit.group_sums(self.x2, group))
+
+    def rounded(self, qtype) -> torch.Tensor:
+        """x as a llamacpp-numerics matmul against qtype sees it (torch path and float weights)."""
+        if not self.numerics.llamacpp:
+            return self.x2
+        key = "f16" if qtype == QType.F16 else "bf16" if qtype == QType.BF16 else \
+            "q8_k" if qtype in (QType.Q2_K, QType.Q3_K, QType.Q4_K, QType.Q5_K, QType.Q6_K, QType.IQ4_XS) else \
+            "q8_0" if qtype != QType.F32 else "f32"
+        return self._form(("rounded", key), lambda: round_inputs(self.x2, qtype))
+
+
+def qmatmul(x: torch.Tensor | MatmulInput, w: QWeight, numerics: Numerics | None = None) -> torch.Tensor:
+    """y = x @ W.T: x (..., n_cols) -> (..., n_rows) float32, on x's / w.data's device."""
+    inp = x if isinstance(x, MatmulInput) else MatmulInput(x, numerics or Numerics())
+    if inp.n_cols != w.n_cols:
+        raise ValueError(f"{w.name}: input has {inp.n_cols} features, weight expects {w.n_cols}")
+    if w.layout == "native":
+        y = _native(inp, w)
+    elif w.data.dtype == torch.float32:                         # dense F32: ggml multiplies in float32 too
+        y = inp.x2 @ w.data.T
+    else:
+        y = _tiled(inp.rounded(w.qtype), w)
+    return y.reshape(*inp.lead, w.n_rows)
+
+
+def _native(inp: MatmulInput, w: QWeight) -> torch.Tensor:
+    from ...kernels.layout import ACT_KINDS, FORMATS
+    ops = torch.ops.tensorsplit
+    f = FORMATS[int(w.qtype)]
+    if f.act is None:                                           # F16 / BF16: float arithmetic
+        return ops.matmul_f32(w.data, int(w.qtype), w.n_rows, w.n_cols, inp.rounded(w.qtype), None)
+    if inp.numerics.llamacpp:
+        q, d, s, isum = inp.q8(ACT_KINDS[f.act], f.group)
+        return ops.matmul_q8(w.data, int(w.qtype), w.n_rows, w.n_cols, q, d, s, isum)
+    sums = inp.sums(f.group) if f.has_min else None
+    return ops.matmul_f32(w.data, int(w.qtype), w.n_rows, w.n_cols, inp.x2, sums)
+
+
+def _tiled(x2: torch.Tensor, w: QWeight) -> torch.Tensor:
+    """Dequantize at most TILE_ELEMS weight elements (whole rows) at a time; never the whole matrix
+    when it is larger than one tile."""
     out = torch.empty(x2.shape[0], w.n_rows, dtype=torch.float32, device=x2.device)  # (M, n_rows)
     step = max(1, TILE_ELEMS // max(1, w.n_cols))            # rows per tile
     for r0 in range(0, w.n_rows, step):
         r1 = min(r0 + step, w.n_rows)
         tile = dequantize(w.data[r0:r1], w.qtype, w.n_cols, w.name)  # (r1 - r0, n_cols)
         out[:, r0:r1] = x2 @ tile.T
-    return out.reshape(*lead, w.n_rows)
+    return out
 
 
 def get_rows(w: QWeight, ids: torch.Tensor) -> torch.Tensor:
     """Dequantize only rows `ids` of w: ids (k,) -> (k, n_cols) float32 (any ids shape -> (*ids.shape, n_cols))."""
     flat = ids.reshape(-1).to(device=w.data.device, dtype=torch.long)
-    rows = dequantize(w.data.index_select(0, flat), w.qtype, w.n_cols, w.name)
+    if w.layout == "native":
+        raw = torch.ops.tensorsplit.unpack_rows(w.data, int(w.qtype), w.n_rows, w.n_cols, flat)  # GGUF bytes
+    else:
+        raw = w.data.index_select(0, flat)
+    rows = dequantize(raw, w.qtype, w.n_cols, w.name)
     return rows.reshape(*ids.shape, w.n_cols)

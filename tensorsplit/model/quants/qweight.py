@@ -21,14 +21,17 @@ class QWeight:
     """A 2-D weight kept in GGUF block layout. shape = (n_rows, n_cols) in torch order:
     n_rows = out features (ggml ne[1]), n_cols = in features (ggml ne[0]).
 
-    data: uint8 (n_rows, row_bytes) for quantized types;
-          float32/float16/bfloat16 (n_rows, n_cols) for F32/F16/BF16.
+    layout "gguf":   data is uint8 (n_rows, row_bytes) GGUF blocks for quantized types, or
+                     float32/float16/bfloat16 (n_rows, n_cols) for F32/F16/BF16;
+    layout "native": data is uint8 (ceil(n_rows / 16), tile_bytes), the same blocks with 16 rows
+                     interleaved for the native kernels (kernels/csrc/layout.h); see to_native().
     """
     data: torch.Tensor
     qtype: QType
     n_rows: int
     n_cols: int
     name: str = ""
+    layout: str = "gguf"
 
     def __post_init__(self):
         self.qtype = check_supported(self.qtype, self.name)
@@ -36,7 +39,12 @@ class QWeight:
         if self.n_cols % bs:
             raise ConfigError(f"{self.name}: {self.n_cols} columns is not a multiple of the "
                               f"{self.qtype.name} block size {bs}")
-        if self.qtype in FLOAT_TYPES and self.data.dtype != torch.uint8:
+        if self.layout == "native":
+            from ...kernels.layout import FORMATS, n_tiles
+            f = FORMATS[int(self.qtype)]
+            want = (n_tiles(self.n_rows), self.n_cols // f.block * f.tile_block)
+            assert self.data.dtype == torch.uint8, f"{self.name}: expected uint8 tiles, got {self.data.dtype}"
+        elif self.qtype in FLOAT_TYPES and self.data.dtype != torch.uint8:
             want = (self.n_rows, self.n_cols)
         else:
             want = (self.n_rows, row_bytes(self.qtype, self.n_cols))
@@ -53,7 +61,15 @@ class QWeight:
         return self.data.numel() * self.data.element_size()
 
     def to(self, device) -> "QWeight":
-        return QWeight(self.data.to(device), self.qtype, self.n_rows, self.n_cols, self.name)
+        return QWeight(self.data.to(device), self.qtype, self.n_rows, self.n_cols, self.name, self.layout)
+
+    def to_native(self) -> "QWeight":
+        """The same weight in the native kernels' tile layout (CPU; needs kernels.native()). Same bytes
+        but for whole-tile padding of the rows and, for Q3_K/Q4_K/Q5_K/IQ4_XS, scales widened to bytes."""
+        assert self.layout == "gguf" and self.data.device.type == "cpu", (self.name, self.layout, self.data.device)
+        raw = self.data if self.data.dtype == torch.uint8 else self.data.view(torch.uint8)
+        tiles = torch.ops.tensorsplit.repack(raw.reshape(self.n_rows, -1).contiguous(), int(self.qtype), self.n_cols)
+        return QWeight(tiles, self.qtype, self.n_rows, self.n_cols, self.name, "native")
 
     @staticmethod
     def from_numpy(raw: np.ndarray, qtype, n_rows: int, n_cols: int, name: str = "") -> "QWeight":
@@ -88,6 +104,7 @@ def slice_cols(w: QWeight, start: int, end: int) -> QWeight:
     Raises ShardPlanError naming the tensor, type, block size and offending column otherwise.
     The result owns a contiguous copy of its bytes.
     """
+    assert w.layout == "gguf", f"{w.name}: slice columns before converting to the native layout"
     bs, ts = block_info(w.qtype)
     if not 0 <= start < end <= w.n_cols:
         raise ShardPlanError(f"{w.name}: column range [{start}, {end}) is empty or outside "

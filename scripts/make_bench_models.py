@@ -1,0 +1,169 @@
+#!/usr/bin/env python3
+"""Write the synthetic speed subjects: a TinyLlama-shaped 1.1B llama model with random weights.
+
+    .venv/bin/python scripts/make_bench_models.py [--out DIR] [--llama-py /work/refvenv/bin/python]
+
+Files written into DIR (default: the tensorsplit model cache, $TENSORSPLIT_CACHE or
+~/.cache/tensorsplit):
+  tinyllama-1.1b-random.Q4_0.gguf     every 2-D weight Q4_0 but the output layer (Q6_K, as llama.cpp's
+                                      quantizer leaves it), random blocks written by gguf-py
+  tinyllama-1.1b-random.Q4_K_M.gguf   the same shape quantized by llama.cpp's own quantizer
+                                      (llama_model_quantize, type Q4_K_M) from an F16 file; only when
+                                      a Python with llama-cpp-python is given (--llama-py)
+
+Shape: 22 layers, n_embd 2048, 32 heads, 4 KV heads, n_ff 5632 (TinyLlama 1.1B). The tokenizer is
+SmolLM2's (so the vocabulary has 49152 entries instead of TinyLlama's 32000); the weights are random
+and only the speed of these files means anything.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from gguf import GGMLQuantizationType as Q, GGUFReader, GGUFValueType, GGUFWriter
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tensorsplit import models  # noqa: E402
+
+N_LAYERS, N_EMBD, N_HEADS, N_KV, N_FF = 22, 2048, 32, 4, 5632
+
+
+def _copy_tokenizer(w: GGUFWriter, src: Path) -> int:
+    """Copy every tokenizer.* key of `src` into `w`; returns the vocabulary size."""
+    r = GGUFReader(str(src))
+    n_vocab = 0
+    for name, field in r.fields.items():
+        if not name.startswith("tokenizer."):
+            continue
+        vtype = field.types[0]
+        if vtype == GGUFValueType.ARRAY:
+            sub = field.types[-1]
+            if sub == GGUFValueType.STRING:
+                value = [bytes(field.parts[i]).decode("utf-8") for i in field.data]
+            else:
+                value = [field.parts[i].tolist()[0] for i in field.data]
+            w.add_key_value(name, value, vtype, sub_type=sub)
+            if name == "tokenizer.ggml.tokens":
+                n_vocab = len(value)
+        elif vtype == GGUFValueType.STRING:
+            w.add_key_value(name, bytes(field.parts[-1]).decode("utf-8"), vtype)
+        else:
+            w.add_key_value(name, field.parts[-1].tolist()[0], vtype)
+    return n_vocab
+
+
+def _random_q4_0(n_rows: int, n_cols: int, rng: np.random.Generator) -> np.ndarray:
+    """(n_rows, n_cols / 32 * 18) uint8: Q4_0 blocks with random nibbles and scales near 0.02/8."""
+    nb = n_rows * n_cols // 32
+    blocks = rng.integers(0, 256, (nb, 18), dtype=np.uint8)
+    d = (rng.uniform(0.5, 1.5, nb) * 0.0025).astype(np.float16)
+    blocks[:, 0:2] = d.view(np.uint8).reshape(-1, 2)
+    return blocks.reshape(n_rows, -1)
+
+
+def _random_q6_k(n_rows: int, n_cols: int, rng: np.random.Generator) -> np.ndarray:
+    nb = n_rows * n_cols // 256
+    blocks = rng.integers(0, 256, (nb, 210), dtype=np.uint8)
+    blocks[:, 192:208] = rng.integers(-20, 20, (nb, 16), dtype=np.int8).view(np.uint8)
+    d = (rng.uniform(0.5, 1.5, nb) * 0.0001).astype(np.float16)
+    blocks[:, 208:210] = d.view(np.uint8).reshape(-1, 2)
+    return blocks.reshape(n_rows, -1)
+
+
+def write(path: Path, tokenizer_src: Path, dense_f16: bool, seed: int = 0) -> Path:
+    """The 1.1B file: Q4_0 weights (Q6_K output), or with dense_f16 every weight F16 (quantizer input)."""
+    rng = np.random.default_rng(seed)
+    w = GGUFWriter(str(path), "llama")
+    w.add_name("tinyllama-1.1b-random")
+    w.add_block_count(N_LAYERS)
+    w.add_context_length(2048)
+    w.add_embedding_length(N_EMBD)
+    w.add_feed_forward_length(N_FF)
+    w.add_head_count(N_HEADS)
+    w.add_head_count_kv(N_KV)
+    w.add_rope_dimension_count(N_EMBD // N_HEADS)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_file_type(1 if dense_f16 else 2)        # LLAMA_FTYPE_MOSTLY_F16 / MOSTLY_Q4_0
+    n_vocab = _copy_tokenizer(w, tokenizer_src)
+
+    def tensor(name: str, n_rows: int, n_cols: int, qtype: Q = Q.Q4_0) -> None:
+        if dense_f16:
+            data = (rng.standard_normal((n_rows, n_cols), dtype=np.float32) * 0.02).astype(np.float16)
+            w.add_tensor(name, data)
+            return
+        data = _random_q4_0(n_rows, n_cols, rng) if qtype == Q.Q4_0 else _random_q6_k(n_rows, n_cols, rng)
+        w.add_tensor(name, data, raw_shape=data.shape, raw_dtype=qtype)
+
+    def vector(name: str, n: int) -> None:
+        w.add_tensor(name, (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32))
+
+    hd = N_EMBD // N_HEADS
+    tensor("token_embd.weight", n_vocab, N_EMBD)
+    tensor("output.weight", n_vocab, N_EMBD, Q.Q6_K)
+    vector("output_norm.weight", N_EMBD)
+    for i in range(N_LAYERS):
+        p = f"blk.{i}."
+        vector(p + "attn_norm.weight", N_EMBD)
+        tensor(p + "attn_q.weight", N_HEADS * hd, N_EMBD)
+        tensor(p + "attn_k.weight", N_KV * hd, N_EMBD)
+        tensor(p + "attn_v.weight", N_KV * hd, N_EMBD)
+        tensor(p + "attn_output.weight", N_EMBD, N_HEADS * hd)
+        vector(p + "ffn_norm.weight", N_EMBD)
+        tensor(p + "ffn_gate.weight", N_FF, N_EMBD)
+        tensor(p + "ffn_up.weight", N_FF, N_EMBD)
+        tensor(p + "ffn_down.weight", N_EMBD, N_FF)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file(progress=False)
+    w.close()
+    return path
+
+
+QUANTIZE = """
+import sys, llama_cpp
+params = llama_cpp.llama_model_quantize_default_params()
+params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
+params.nthread = 2
+rc = llama_cpp.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), params)
+sys.exit(rc)
+"""
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, default=None, help="folder (default: the tensorsplit model cache)")
+    ap.add_argument("--llama-py", default=os.environ.get("LLAMA_PY"),
+                    help="a Python with llama-cpp-python, for the Q4_K_M file (default: $LLAMA_PY)")
+    a = ap.parse_args()
+    out = a.out or models.cache_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    tok = models.fetch("smollm2")
+    q4_0 = out / "tinyllama-1.1b-random.Q4_0.gguf"
+    if not q4_0.exists():
+        print(f"writing {q4_0}", file=sys.stderr)
+        write(q4_0.with_suffix(".partial"), tok, dense_f16=False)
+        os.replace(q4_0.with_suffix(".partial"), q4_0)
+    if a.llama_py:
+        q4_k_m = out / "tinyllama-1.1b-random.Q4_K_M.gguf"
+        if not q4_k_m.exists():
+            f16 = out / "tinyllama-1.1b-random.F16.gguf.tmp"
+            print(f"writing {f16} and quantizing it to {q4_k_m} with llama.cpp", file=sys.stderr)
+            write(f16, tok, dense_f16=True)
+            try:
+                subprocess.run([a.llama_py, "-c", QUANTIZE, str(f16), str(q4_k_m)], check=True)
+            finally:
+                f16.unlink(missing_ok=True)
+    else:
+        print("no --llama-py: the Q4_K_M file is not written", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

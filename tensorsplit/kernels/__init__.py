@@ -1,0 +1,50 @@
+"""Native CPU kernels: quantized matmul straight from GGUF blocks, and activation quantization.
+
+C++ in csrc/, built on first use with torch.utils.cpp_extension (build.py) and registered as torch
+custom ops (`torch.ops.tensorsplit.*`, with fake implementations so torch.compile can trace them).
+Instruction sets are chosen at run time: AVX-512 VNNI, AVX2, or portable scalar code.
+
+    kernels.native()    -> True when the ops are loaded (building them the first time)
+    kernels.isa()       -> "avx512-vnni", "avx2" or "scalar"
+
+With no compiler (or a failed build) one warning line is printed and the callers use their torch
+fallback. TENSORSPLIT_NATIVE=0 turns the native kernels off (for debugging and tests).
+Each kernel has a reference it is tested against: gguf-py's numpy dequantization followed by a
+float64 matmul, and a numpy transcription of llama.cpp's activation quantization (tests/).
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from .build import BuildError, load_library
+
+_state: dict = {}
+
+
+def native(announce: bool = True) -> bool:
+    """Whether the native kernels are usable in this process; builds and loads them once."""
+    if "ok" in _state:
+        return _state["ok"]
+    if os.environ.get("TENSORSPLIT_NATIVE", "1") == "0":
+        _state["ok"] = False
+        return False
+    try:
+        load_library(announce=announce)
+        from . import fake  # noqa: F401 - registers the fake (meta) implementations
+        _state["ok"] = True
+    except (BuildError, OSError, RuntimeError) as e:
+        print(f"tensorsplit: native kernels unavailable ({e}); using the slower torch path", file=sys.stderr, flush=True)
+        _state["ok"] = False
+    return _state["ok"]
+
+
+def isa() -> str:
+    """The instruction set the native kernels run with, or "torch" when they are unavailable."""
+    if not native():
+        return "torch"
+    import torch
+    return torch.ops.tensorsplit.isa()
+
+
+__all__ = ["native", "isa", "BuildError"]

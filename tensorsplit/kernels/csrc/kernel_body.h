@@ -1,0 +1,452 @@
+// The matmul kernels over native tiles, written once against a SIMD traits class S (simd_*.h) and
+// compiled once per instruction set (isa_*.cpp). Everything here has internal linkage.
+//
+// For one tile (16 weight rows) and up to S::MAX_RN token rows at a time, per scale group:
+//   integer numerics (llama.cpp's): codes are unpacked to 16 lanes x 4 bytes per chunk, and each
+//     chunk is dotted with 4 activation bytes broadcast to every lane (vpdpbusd), so lane i holds
+//     row i's exact integer dot of the group, sum((code - offset) * q_x). Then, in float:
+//       acc += float(dot) * (s_w * d_x)   [+ o_w * s_x for formats with a min]
+//   exact numerics: codes (minus offset) are converted to float and multiplied with float x:
+//       acc += (sum over the group of code * x) * s_w   [+ o_w * sum(x)]
+// Each output's operations depend only on its row and its token, never on how many tokens share a
+// pass, how rows are split over threads, or which instruction set runs: results are bitwise the
+// same for any batch composition and thread count, and across the AVX-512 / AVX2 / scalar paths.
+#pragma once
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "attention_body.h"
+#include "kernels.h"
+#include "layout.h"
+
+namespace {
+
+using namespace ts;
+
+// ---- formats: scales and codes of group g of a tile-block, for lanes [h * LANES, (h + 1) * LANES) ----
+// Byte offsets of a lane range inside a plane: f16 planes 2 B per row, byte planes 1 B, chunk loads 4 B,
+// mask words 4 bits per row.
+template <class S> struct Off {
+  static constexpr int F16 = 2 * S::LANES, BYTE = S::LANES, LOAD = 4 * S::LANES, MASK = S::LANES / 2;
+};
+
+template <class S, int LOADS>
+static inline void q4_codes(const uint8_t* p, typename S::VB* w) {
+  for (int t = 0; t < LOADS; ++t) {
+    const typename S::VB b = S::loadb(p + 64 * t);
+    w[2 * t] = S::nib_lo(b);
+    w[2 * t + 1] = S::nib_hi(b);
+  }
+}
+template <class S, int CHUNKS>
+static inline void add_mask_bits(const uint8_t* p, typename S::VB* w, uint8_t v) {
+  for (int j = 0; j < CHUNKS; ++j) w[j] = S::add_bits(w[j], p + 8 * j, v);
+}
+
+// Each format: GS (group size), NG (groups per block), OFFSET (integer code offset), MIN (has a float
+// min term), SIGNED (codes are signed bytes, dotted with dot_s), TB; Blk = per-block values hoisted
+// out of the group loop; blk(), group() give the group's scale s and min o (16 lanes), codes() the chunks.
+struct NoBlk {};
+
+template <class S> struct FQ4_0 {
+  using VF = typename S::VF; using VB = typename S::VB; using Blk = NoBlk;
+  static constexpr int GS = 32, NG = 1, OFFSET = 8, TB = Q4_0::TB; static constexpr bool MIN = false, SIGNED = false;
+  static inline Blk blk(const uint8_t*, int) { return {}; }
+  static inline void group(const Blk&, const uint8_t* tb, int h, int, VF& s, VF&) { s = S::f16(tb + Q4_0::D + Off<S>::F16 * h); }
+  static inline void codes(const uint8_t* tb, int h, int, VB* w) { q4_codes<S, 4>(tb + Q4_0::QS + Off<S>::LOAD * h, w); }
+};
+template <class S> struct FQ4_1 {
+  using VF = typename S::VF; using VB = typename S::VB; using Blk = NoBlk;
+  static constexpr int GS = 32, NG = 1, OFFSET = 0, TB = Q4_1::TB; static constexpr bool MIN = true, SIGNED = false;
+  static inline Blk blk(const uint8_t*, int) { return {}; }
+  static inline void group(const Blk&, const uint8_t* tb, int h, int, VF& s, VF& o) {
+    s = S::f16(tb + Q4_1::D + Off<S>::F16 * h);
+    o = S::f16(tb + Q4_1::M + Off<S>::F16 * h);
+  }
+  static inline void codes(const uint8_t* tb, int h, int, VB* w) { q4_codes<S, 4>(tb + Q4_1::QS + Off<S>::LOAD * h, w); }
+};
+template <class S> struct FQ5_0 {
+  using VF = typename S::VF; using VB = typename S::VB; using Blk = NoBlk;
+  static constexpr int GS = 32, NG = 1, OFFSET = 16, TB = Q5_0::TB; static constexpr bool MIN = false, SIGNED = false;
+  static inline Blk blk(const uint8_t*, int) { return {}; }
+  static inline void group(const Blk&, const uint8_t* tb, int h, int, VF& s, VF&) { s = S::f16(tb + Q5_0::D + Off<S>::F16 * h); }
+  static inline void codes(const uint8_t* tb, int h, int, VB* w) {
+    q4_codes<S, 4>(tb + Q5_0::QS + Off<S>::LOAD * h, w);
+    add_mask_bits<S, 8>(tb + Q5_0::QH + Off<S>::MASK * h, w, 0x10);
+  }
+};
+template <class S> struct FQ5_1 {
+  using VF = typename S::VF; using VB = typename S::VB; using Blk = NoBlk;
+  static constexpr int GS = 32, NG = 1, OFFSET = 0, TB = Q5_1::TB; static constexpr bool MIN = true, SIGNED = false;
+  static inline Blk blk(const uint8_t*, int) { return {}; }
+  static inline void group(const Blk&, const uint8_t* tb, int h, int, VF& s, VF& o) {
+    s = S::f16(tb + Q5_1::D + Off<S>::F16 * h);
+    o = S::f16(tb + Q5_1::M + Off<S>::F16 * h);
+  }
+  static inline void codes(const uint8_t* tb, int h, int, VB* w) {
+    q4_codes<S, 4>(tb + Q5_1::QS + Off<S>::LOAD * h, w);
+    add_mask_bits<S, 8>(tb + Q5_1::QH + Off<S>::MASK * h, w, 0x10);
+  }
+};
+template <class S> struct FQ8_0 {
+  using VF = typename S::VF; using VB = typename S::VB; using Blk = NoBlk;
+  static constexpr int GS = 32, NG = 1, OFFSET = 0, TB = Q8_0::TB; static constexpr bool MIN = false, SIGNED = true;
+  static inline Blk blk(const uint8_t*, int) { return {}; }
+  static inline void group(const Blk&, const uint8_t* tb, int h, int, VF& s, VF&) { s = S::f16(tb + Q8_0::D + Off<S>::F16 * h); }
+  static inline void codes(const uint8_t* tb, int h, int, VB* w) {
+    for (int j = 0; j < 8; ++j) w[j] = S::loadb(tb + Q8_0::QS + 64 * j + Off<S>::LOAD * h);
+  }
+};
+template <class S> struct FIQ4_NL {
+  using VF = typename S::VF; using VB = typename S::VB; using Blk = NoBlk;
+  static constexpr int GS = 32, NG = 1, OFFSET = 0, TB = IQ4_NL::TB; static constexpr bool MIN = false, SIGNED = true;
+  static inline Blk blk(const uint8_t*, int) { return {}; }
+  static inline void group(const Blk&, const uint8_t* tb, int h, int, VF& s, VF&) { s = S::f16(tb + IQ4_NL::D + Off<S>::F16 * h); }
+  static inline void codes(const uint8_t* tb, int h, int, VB* w) {
+    q4_codes<S, 4>(tb + IQ4_NL::QS + Off<S>::LOAD * h, w);
+    for (int j = 0; j < 8; ++j) w[j] = S::lookup(w[j], IQ4_VALUES);
+  }
+};
+
+template <class S> struct BlkD { typename S::VF d; };
+template <class S> struct BlkDM { typename S::VF d, dm; };
+
+template <class S> struct FQ2_K {
+  using VF = typename S::VF; using VB = typename S::VB; using Blk = BlkDM<S>;
+  static constexpr int GS = 16, NG = 16, OFFSET = 0, TB = Q2_K::TB; static constexpr bool MIN = true, SIGNED = false;
+  static inline Blk blk(const uint8_t* tb, int h) { return {S::f16(tb + Q2_K::D + Off<S>::F16 * h), S::f16(tb + Q2_K::DM + Off<S>::F16 * h)}; }
+  static inline void group(const Blk& b, const uint8_t* tb, int h, int g, VF& s, VF& o) {
+    const uint8_t* sc = tb + Q2_K::SC + 16 * g + Off<S>::BYTE * h;
+    s = S::mul(b.d, S::u8f_lo4(sc));
+    o = S::mul(S::mul(b.dm, S::setf(-1.0f)), S::u8f_hi4(sc));
+  }
+  static inline void codes(const uint8_t* tb, int h, int g, VB* w) {
+    const VB q = S::loadb(tb + Q2_K::QS + CRUMB_PLANE(16) * g + Off<S>::LOAD * h);
+    w[0] = S::template crumb<0>(q); w[1] = S::template crumb<1>(q);
+    w[2] = S::template crumb<2>(q); w[3] = S::template crumb<3>(q);
+  }
+};
+template <class S> struct FQ3_K {
+  using VF = typename S::VF; using VB = typename S::VB; using Blk = BlkD<S>;
+  static constexpr int GS = 16, NG = 16, OFFSET = 4, TB = Q3_K::TB; static constexpr bool MIN = false, SIGNED = false;
+  static inline Blk blk(const uint8_t* tb, int h) { return {S::f16(tb + Q3_K::D + Off<S>::F16 * h)}; }
+  static inline void group(const Blk& b, const uint8_t* tb, int h, int g, VF& s, VF&) {
+    s = S::mul(b.d, S::i8f(tb + Q3_K::SC + 16 * g + Off<S>::BYTE * h));
+  }
+  static inline void codes(const uint8_t* tb, int h, int g, VB* w) {
+    const VB q = S::loadb(tb + Q3_K::QS + CRUMB_PLANE(16) * g + Off<S>::LOAD * h);
+    w[0] = S::template crumb<0>(q); w[1] = S::template crumb<1>(q);
+    w[2] = S::template crumb<2>(q); w[3] = S::template crumb<3>(q);
+    add_mask_bits<S, 4>(tb + Q3_K::QH + MASK_PLANE(16) * g + Off<S>::MASK * h, w, 4);
+  }
+};
+template <class S> struct FQ4_K {
+  using VF = typename S::VF; using VB = typename S::VB; using Blk = BlkDM<S>;
+  static constexpr int GS = 32, NG = 8, OFFSET = 0, TB = Q4_K::TB; static constexpr bool MIN = true, SIGNED = false;
+  static inline Blk blk(const uint8_t* tb, int h) { return {S::f16(tb + Q4_K::D + Off<S>::F16 * h), S::f16(tb + Q4_K::DM + Off<S>::F16 * h)}; }
+  static inline void group(const Blk& b, const uint8_t* tb, int h, int g, VF& s, VF& o) {
+    s = S::mul(b.d, S::u8f(tb + Q4_K::SC + 16 * g + Off<S>::BYTE * h));
+    o = S::mul(S::mul(b.dm, S::setf(-1.0f)), S::u8f(tb + Q4_K::MN + 16 * g + Off<S>::BYTE * h));
+  }
+  static inline void codes(const uint8_t* tb, int h, int g, VB* w) { q4_codes<S, 4>(tb + Q4_K::QS + Q4_PLANE(32) * g + Off<S>::LOAD * h, w); }
+};
+template <class S> struct FQ5_K {
+  using VF = typename S::VF; using VB = typename S::VB; using Blk = BlkDM<S>;
+  static constexpr int GS = 32, NG = 8, OFFSET = 0, TB = Q5_K::TB; static constexpr bool MIN = true, SIGNED = false;
+  static inline Blk blk(const uint8_t* tb, int h) { return {S::f16(tb + Q5_K::D + Off<S>::F16 * h), S::f16(tb + Q5_K::DM + Off<S>::F16 * h)}; }
+  static inline void group(const Blk& b, const uint8_t* tb, int h, int g, VF& s, VF& o) {
+    s = S::mul(b.d, S::u8f(tb + Q5_K::SC + 16 * g + Off<S>::BYTE * h));
+    o = S::mul(S::mul(b.dm, S::setf(-1.0f)), S::u8f(tb + Q5_K::MN + 16 * g + Off<S>::BYTE * h));
+  }
+  static inline void codes(const uint8_t* tb, int h, int g, VB* w) {
+    q4_codes<S, 4>(tb + Q5_K::QS + Q4_PLANE(32) * g + Off<S>::LOAD * h, w);
+    add_mask_bits<S, 8>(tb + Q5_K::QH + MASK_PLANE(32) * g + Off<S>::MASK * h, w, 0x10);
+  }
+};
+template <class S> struct FQ6_K {
+  using VF = typename S::VF; using VB = typename S::VB; using Blk = BlkD<S>;
+  static constexpr int GS = 16, NG = 16, OFFSET = 32, TB = Q6_K::TB; static constexpr bool MIN = false, SIGNED = false;
+  static inline Blk blk(const uint8_t* tb, int h) { return {S::f16(tb + Q6_K::D + Off<S>::F16 * h)}; }
+  static inline void group(const Blk& b, const uint8_t* tb, int h, int g, VF& s, VF&) {
+    s = S::mul(b.d, S::i8f(tb + Q6_K::SC + 16 * g + Off<S>::BYTE * h));
+  }
+  static inline void codes(const uint8_t* tb, int h, int g, VB* w) {
+    const uint8_t* ql = tb + Q6_K::QS + Q4_PLANE(16) * g + Off<S>::LOAD * h;
+    const VB l0 = S::loadb(ql), l1 = S::loadb(ql + 64);
+    const VB hi = S::loadb(tb + Q6_K::QH + CRUMB_PLANE(16) * g + Off<S>::LOAD * h);
+    w[0] = S::or_(S::nib_lo(l0), S::template crumb_hi4<0>(hi));
+    w[1] = S::or_(S::nib_hi(l0), S::template crumb_hi4<1>(hi));
+    w[2] = S::or_(S::nib_lo(l1), S::template crumb_hi4<2>(hi));
+    w[3] = S::or_(S::nib_hi(l1), S::template crumb_hi4<3>(hi));
+  }
+};
+template <class S> struct FIQ4_XS {
+  using VF = typename S::VF; using VB = typename S::VB; using Blk = BlkD<S>;
+  static constexpr int GS = 32, NG = 8, OFFSET = 0, TB = IQ4_XS::TB; static constexpr bool MIN = false, SIGNED = true;
+  static inline Blk blk(const uint8_t* tb, int h) { return {S::f16(tb + IQ4_XS::D + Off<S>::F16 * h)}; }
+  static inline void group(const Blk& b, const uint8_t* tb, int h, int g, VF& s, VF&) {
+    s = S::mul(b.d, S::i8f(tb + IQ4_XS::SC + 16 * g + Off<S>::BYTE * h));
+  }
+  static inline void codes(const uint8_t* tb, int h, int g, VB* w) {
+    q4_codes<S, 4>(tb + IQ4_XS::QS + Q4_PLANE(32) * g + Off<S>::LOAD * h, w);
+    for (int j = 0; j < 8; ++j) w[j] = S::lookup(w[j], IQ4_VALUES);
+  }
+};
+
+// ---- the tile kernels ----------------------------------------------------------------------------
+// One tile (16 rows, n_blocks block columns), token rows [m0, m0 + RN).
+template <class S, class F, int RN>
+static void tile_q8(const uint8_t* tile, int64_t n_blocks, const ActQ& a, int64_t m0, float* out, int64_t ldo,
+                    int n_valid) {
+  using VF = typename S::VF; using VB = typename S::VB; using VI = typename S::VI;
+  constexpr int C = F::GS / 4;
+  constexpr int OFF = F::SIGNED ? S::DOT_S_BIAS : F::OFFSET;   // dot = sum((code + bias) x): remove bias * sum(q)
+  for (int h = 0; h < 16 / S::LANES; ++h) {
+    const int valid = n_valid - h * S::LANES;
+    if (valid <= 0) break;
+    VF acc[RN];
+    for (int n = 0; n < RN; ++n) acc[n] = S::zerof();
+    for (int64_t b = 0; b < n_blocks; ++b) {
+      const uint8_t* tb = tile + b * F::TB;
+      const typename F::Blk bv = F::blk(tb, h);
+      for (int g = 0; g < F::NG; ++g) {
+        VF s, o;
+        F::group(bv, tb, h, g, s, o);
+        VB w[C];
+        F::codes(tb, h, g, w);
+        const int64_t G = b * F::NG + g;                        // group index along the row
+        for (int n = 0; n < RN; ++n) {
+          const int64_t m = m0 + n;
+          const int8_t* xq = a.q + m * a.ldq + G * F::GS;
+          VI ia = S::seti(OFF ? -OFF * a.isum[m * a.ldg + G] : 0);
+          for (int j = 0; j < C; ++j) ia = F::SIGNED ? S::dot_s(ia, w[j], xq + 4 * j) : S::dot_u(ia, w[j], xq + 4 * j);
+          acc[n] = S::fma(S::cvt(ia), S::mul(s, S::setf(a.d[m * a.ldg + G])), acc[n]);
+          if (F::MIN) acc[n] = S::fma(o, S::setf(a.s[m * a.ldg + G]), acc[n]);
+        }
+      }
+    }
+    for (int n = 0; n < RN; ++n) S::store(out + (m0 + n) * ldo + h * S::LANES, acc[n], valid);
+  }
+}
+
+template <class S, class F, int RN>
+static void tile_f32(const uint8_t* tile, int64_t n_blocks, const ActF& a, int64_t m0, float* out, int64_t ldo,
+                     int n_valid) {
+  using VF = typename S::VF; using VB = typename S::VB;
+  constexpr int C = F::GS / 4;
+  for (int h = 0; h < 16 / S::LANES; ++h) {
+    const int valid = n_valid - h * S::LANES;
+    if (valid <= 0) break;
+    VF acc[RN];
+    for (int n = 0; n < RN; ++n) acc[n] = S::zerof();
+    for (int64_t b = 0; b < n_blocks; ++b) {
+      const uint8_t* tb = tile + b * F::TB;
+      const typename F::Blk bv = F::blk(tb, h);
+      for (int g = 0; g < F::NG; ++g) {
+        VF s, o;
+        F::group(bv, tb, h, g, s, o);
+        VB w[C];
+        F::codes(tb, h, g, w);
+        if (!F::SIGNED && F::OFFSET)
+          for (int j = 0; j < C; ++j) w[j] = S::sub8(w[j], F::OFFSET);   // signed codes: code - offset
+        const int64_t G = b * F::NG + g;
+        VF part[RN];
+        for (int n = 0; n < RN; ++n) part[n] = S::zerof();
+        for (int j = 0; j < C; ++j) {
+          const VF w0 = S::template byte_sf<0>(w[j]), w1 = S::template byte_sf<1>(w[j]);
+          const VF w2 = S::template byte_sf<2>(w[j]), w3 = S::template byte_sf<3>(w[j]);
+          for (int n = 0; n < RN; ++n) {
+            const float* x = a.x + (m0 + n) * a.ldx + G * F::GS + 4 * j;
+            part[n] = S::fma(w0, S::setf(x[0]), part[n]);
+            part[n] = S::fma(w1, S::setf(x[1]), part[n]);
+            part[n] = S::fma(w2, S::setf(x[2]), part[n]);
+            part[n] = S::fma(w3, S::setf(x[3]), part[n]);
+          }
+        }
+        for (int n = 0; n < RN; ++n) {
+          acc[n] = S::fma(part[n], s, acc[n]);
+          if (F::MIN) acc[n] = S::fma(o, S::setf(a.xsum[(m0 + n) * a.ldg + G]), acc[n]);
+        }
+      }
+    }
+    for (int n = 0; n < RN; ++n) S::store(out + (m0 + n) * ldo + h * S::LANES, acc[n], valid);
+  }
+}
+
+// F16 / BF16 weights: a tile-block is one column of 16 rows (2 bytes each); float arithmetic.
+template <class S, bool BF, int RN>
+static void tile_half(const uint8_t* tile, int64_t n_cols, const ActF& a, int64_t m0, float* out, int64_t ldo,
+                      int n_valid) {
+  using VF = typename S::VF;
+  for (int h = 0; h < 16 / S::LANES; ++h) {
+    const int valid = n_valid - h * S::LANES;
+    if (valid <= 0) break;
+    VF acc[RN];
+    for (int n = 0; n < RN; ++n) acc[n] = S::zerof();
+    for (int64_t c = 0; c < n_cols; ++c) {
+      const uint8_t* p = tile + 32 * c + 2 * S::LANES * h;
+      const VF w = BF ? S::bf16(p) : S::f16(p);
+      for (int n = 0; n < RN; ++n) acc[n] = S::fma(w, S::setf(a.x[(m0 + n) * a.ldx + c]), acc[n]);
+    }
+    for (int n = 0; n < RN; ++n) S::store(out + (m0 + n) * ldo + h * S::LANES, acc[n], valid);
+  }
+}
+
+// ---- drivers: a range of tiles, all token rows ---------------------------------------------------
+// Tiles are taken in groups that fit in L2 (about 256 KiB of weights); each group is read once per
+// pass of MAX_RN token rows, so a long prompt streams the activations, not the weights, from afar.
+constexpr int64_t L2_BYTES = 256 * 1024;
+
+template <class Act, class Fn>
+static inline void drive(const MatArgs& m, const Act& a, int64_t t0, int64_t t1, int64_t tile_bytes, int max_rn, Fn&& run) {
+  int64_t group = L2_BYTES / (tile_bytes > 0 ? tile_bytes : 1);
+  if (group < 1) group = 1;
+  for (int64_t g0 = t0; g0 < t1; g0 += group) {
+    const int64_t g1 = g0 + group < t1 ? g0 + group : t1;
+    for (int64_t m0 = 0; m0 < m.M; m0 += max_rn) {
+      const int rn = (int)(m.M - m0 < max_rn ? m.M - m0 : max_rn);
+      for (int64_t t = g0; t < g1; ++t) {
+        const int64_t left = m.n_rows - t * TILE_ROWS;
+        run(m.w + t * tile_bytes, m0, rn, m.out + t * TILE_ROWS, (int)(left < TILE_ROWS ? left : TILE_ROWS));
+      }
+    }
+  }
+}
+
+template <class S, class F>
+static void mat_q8(const MatArgs& m, const ActQ& a, int64_t t0, int64_t t1) {
+  drive(m, a, t0, t1, m.n_blocks * F::TB, S::MAX_RN, [&](const uint8_t* tile, int64_t m0, int rn, float* out, int valid) {
+    switch (rn) {
+      case 1: tile_q8<S, F, 1>(tile, m.n_blocks, a, m0, out, m.ldo, valid); break;
+      case 2: tile_q8<S, F, 2>(tile, m.n_blocks, a, m0, out, m.ldo, valid); break;
+      case 3: tile_q8<S, F, 3>(tile, m.n_blocks, a, m0, out, m.ldo, valid); break;
+      case 4: tile_q8<S, F, 4>(tile, m.n_blocks, a, m0, out, m.ldo, valid); break;
+#define TS_RN(k) case k: if constexpr (S::MAX_RN >= k) tile_q8<S, F, (S::MAX_RN >= k ? k : 1)>(tile, m.n_blocks, a, m0, out, m.ldo, valid); break;
+      TS_RN(5) TS_RN(6) TS_RN(7) TS_RN(8)
+#undef TS_RN
+    }
+  });
+}
+
+template <class S, class F>
+static void mat_f32(const MatArgs& m, const ActF& a, int64_t t0, int64_t t1) {
+  drive(m, a, t0, t1, m.n_blocks * F::TB, S::MAX_RN, [&](const uint8_t* tile, int64_t m0, int rn, float* out, int valid) {
+    switch (rn) {
+      case 1: tile_f32<S, F, 1>(tile, m.n_blocks, a, m0, out, m.ldo, valid); break;
+      case 2: tile_f32<S, F, 2>(tile, m.n_blocks, a, m0, out, m.ldo, valid); break;
+      case 3: tile_f32<S, F, 3>(tile, m.n_blocks, a, m0, out, m.ldo, valid); break;
+      case 4: tile_f32<S, F, 4>(tile, m.n_blocks, a, m0, out, m.ldo, valid); break;
+#define TS_RN(k) case k: if constexpr (S::MAX_RN >= k) tile_f32<S, F, (S::MAX_RN >= k ? k : 1)>(tile, m.n_blocks, a, m0, out, m.ldo, valid); break;
+      TS_RN(5) TS_RN(6) TS_RN(7) TS_RN(8)
+#undef TS_RN
+    }
+  });
+}
+
+template <class S, bool BF>
+static void mat_half(const MatArgs& m, const ActF& a, int64_t t0, int64_t t1) {
+  // n_blocks = n_cols for the float formats (a "block" is one column)
+  drive(m, a, t0, t1, m.n_blocks * 32, S::MAX_RN, [&](const uint8_t* tile, int64_t m0, int rn, float* out, int valid) {
+    switch (rn) {
+      case 1: tile_half<S, BF, 1>(tile, m.n_blocks, a, m0, out, m.ldo, valid); break;
+      case 2: tile_half<S, BF, 2>(tile, m.n_blocks, a, m0, out, m.ldo, valid); break;
+      case 3: tile_half<S, BF, 3>(tile, m.n_blocks, a, m0, out, m.ldo, valid); break;
+      case 4: tile_half<S, BF, 4>(tile, m.n_blocks, a, m0, out, m.ldo, valid); break;
+#define TS_RN(k) case k: if constexpr (S::MAX_RN >= k) tile_half<S, BF, (S::MAX_RN >= k ? k : 1)>(tile, m.n_blocks, a, m0, out, m.ldo, valid); break;
+      TS_RN(5) TS_RN(6) TS_RN(7) TS_RN(8)
+#undef TS_RN
+    }
+  });
+}
+
+// ---- activation quantization (llama.cpp's quantize_row_q8_0 / q8_1 / q8_K) ------------------------
+// Round half to even, as the x86 paths of ggml do (_mm256_round_ps, and nearest_int's magic number).
+static inline int round_even(float v) {
+  float r = v + 12582912.0f;   // 1.5 * 2^23: the float addition rounds to an integer, ties to even
+  r -= 12582912.0f;
+  return (int)r;
+}
+
+static void quantize_rows(const float* x, int64_t ldx, int64_t K, int kind, int group, int8_t* q, float* d, float* s,
+                          int32_t* isum, int64_t r0, int64_t r1) {
+  const int64_t ng = K / group;
+  for (int64_t m = r0; m < r1; ++m) {
+    const float* xr = x + m * ldx;
+    int8_t* qr = q + m * K;
+    float* dr = d + m * ng;
+    float* sr = s + m * ng;
+    int32_t* ir = isum + m * ng;
+    const int block = kind == A_Q8_K ? 256 : 32;
+    for (int64_t b0 = 0; b0 < K; b0 += block) {
+      float dq, dstore;                  // the quantization step, and the scale the dot uses
+      if (kind == A_Q8_K) {
+        float amax = 0.0f, mx = 0.0f;
+        for (int j = 0; j < block; ++j) {
+          const float ax = fabsf(xr[b0 + j]);
+          if (ax > amax) { amax = ax; mx = xr[b0 + j]; }
+        }
+        if (amax == 0.0f) {
+          for (int j = 0; j < block; ++j) qr[b0 + j] = 0;
+          dq = dstore = 0.0f;
+        } else {
+          const float iscale = -127.0f / mx;
+          for (int j = 0; j < block; ++j) {
+            const int v = round_even(iscale * xr[b0 + j]);
+            qr[b0 + j] = (int8_t)(v < 127 ? v : 127);
+          }
+          dq = dstore = 1.0f / iscale;
+        }
+      } else {
+        float amax = 0.0f;
+        for (int j = 0; j < block; ++j) {
+          const float ax = fabsf(xr[b0 + j]);
+          amax = ax > amax ? ax : amax;
+        }
+        dq = amax / 127.0f;
+        const float id = amax != 0.0f ? 127.0f / amax : 0.0f;
+        for (int j = 0; j < block; ++j) qr[b0 + j] = (int8_t)round_even(xr[b0 + j] * id);
+        dstore = f16_to_f32(f32_to_f16(dq));
+      }
+      for (int64_t g0 = b0; g0 < b0 + block; g0 += group) {
+        int32_t sum = 0;
+        for (int j = 0; j < group; ++j) sum += qr[g0 + j];
+        const int64_t gi = g0 / group;
+        ir[gi] = sum;
+        dr[gi] = dstore;
+        sr[gi] = kind == A_Q8_1 ? f16_to_f32(f32_to_f16(dq * (float)sum)) : dstore * (float)sum;
+      }
+    }
+  }
+}
+
+}  // namespace
+
+// The table of one instruction set's kernels: ISA_TABLE(fn_name, "name", Traits)
+#define TS_KERNEL_TABLE(FN, NAME, S)                                                              \
+  namespace ts {                                                                                  \
+  static KernelTable make_table_##S() {                                                           \
+    KernelTable t{};                                                                              \
+    t.name = NAME;                                                                                \
+    t.q8[T_Q4_0] = mat_q8<S, FQ4_0<S>>;   t.f32[T_Q4_0] = mat_f32<S, FQ4_0<S>>;                   \
+    t.q8[T_Q4_1] = mat_q8<S, FQ4_1<S>>;   t.f32[T_Q4_1] = mat_f32<S, FQ4_1<S>>;                   \
+    t.q8[T_Q5_0] = mat_q8<S, FQ5_0<S>>;   t.f32[T_Q5_0] = mat_f32<S, FQ5_0<S>>;                   \
+    t.q8[T_Q5_1] = mat_q8<S, FQ5_1<S>>;   t.f32[T_Q5_1] = mat_f32<S, FQ5_1<S>>;                   \
+    t.q8[T_Q8_0] = mat_q8<S, FQ8_0<S>>;   t.f32[T_Q8_0] = mat_f32<S, FQ8_0<S>>;                   \
+    t.q8[T_IQ4_NL] = mat_q8<S, FIQ4_NL<S>>; t.f32[T_IQ4_NL] = mat_f32<S, FIQ4_NL<S>>;             \
+    t.q8[T_Q2_K] = mat_q8<S, FQ2_K<S>>;   t.f32[T_Q2_K] = mat_f32<S, FQ2_K<S>>;                   \
+    t.q8[T_Q3_K] = mat_q8<S, FQ3_K<S>>;   t.f32[T_Q3_K] = mat_f32<S, FQ3_K<S>>;                   \
+    t.q8[T_Q4_K] = mat_q8<S, FQ4_K<S>>;   t.f32[T_Q4_K] = mat_f32<S, FQ4_K<S>>;                   \
+    t.q8[T_Q5_K] = mat_q8<S, FQ5_K<S>>;   t.f32[T_Q5_K] = mat_f32<S, FQ5_K<S>>;                   \
+    t.q8[T_Q6_K] = mat_q8<S, FQ6_K<S>>;   t.f32[T_Q6_K] = mat_f32<S, FQ6_K<S>>;                   \
+    t.q8[T_IQ4_XS] = mat_q8<S, FIQ4_XS<S>>; t.f32[T_IQ4_XS] = mat_f32<S, FIQ4_XS<S>>;             \
+    t.f32[T_F16] = mat_half<S, false>;    t.f32[T_BF16] = mat_half<S, true>;                      \
+    t.quantize = quantize_rows;                                                                   \
+    t.attend = attend_items<S>;                                                                   \
+    return t;                                                                                     \
+  }                                                                                               \
+  const KernelTable* FN() {                                                                       \
+    static const KernelTable table = make_table_##S();                                            \
+    return &table;                                                                                \
+  }                                                                                               \
+  }

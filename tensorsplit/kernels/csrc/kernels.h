@@ -1,0 +1,77 @@
+// The interface between ops.cpp (torch, threads, dispatch) and the per-instruction-set kernel files.
+// Plain structs and function pointers: the ISA files include no torch header, so nothing they
+// compile with AVX-512 can leak into code that runs on a CPU without it.
+#pragma once
+#include <stdint.h>
+
+#include "layout.h"
+
+namespace ts {
+
+// Activations quantized to 8 bits (llama.cpp's Q8_0 / Q8_1 / Q8_K), one row per token.
+// Per group of `group` elements (the weight's scale group): d = the activation scale that applies,
+// s = the scaled sum the format's min term needs (d * sum q; Q8_1: rounded to f16 as ggml does),
+// isum = sum of the codes (for formats with an integer offset).
+struct ActQ {
+  const int8_t* q;       // (M, K)
+  const float* d;        // (M, K / group)
+  const float* s;        // (M, K / group)
+  const int32_t* isum;   // (M, K / group)
+  int64_t ldq, ldg;      // row strides of q and of the per-group arrays
+};
+
+// Float activations (exact numerics): x and, per group, the sum of x (for the min term).
+struct ActF {
+  const float* x;        // (M, K)
+  const float* xsum;     // (M, K / group); may be null for formats without a min
+  int64_t ldx, ldg;
+};
+
+struct MatArgs {
+  const uint8_t* w;      // native tiles (ceil(n_rows / 16), n_blocks * tile_block)
+  int64_t n_rows, n_blocks;
+  float* out;            // (M, ldo): out[m * ldo + row]
+  int64_t ldo, M;
+};
+
+using MatQ8Fn = void (*)(const MatArgs&, const ActQ&, int64_t tile_begin, int64_t tile_end);
+using MatF32Fn = void (*)(const MatArgs&, const ActF&, int64_t tile_begin, int64_t tile_end);
+// rows [r0, r1) of x (M, K) -> q, d, s, isum (see ActQ) for activation kind `kind` (layout.h ActKind)
+using QuantFn = void (*)(const float* x, int64_t ldx, int64_t K, int kind, int group, int8_t* q, float* d,
+                         float* s, int32_t* isum, int64_t r0, int64_t r1);
+
+// Attention of a step's tokens over one layer's KV cache (see attention_body.h).
+struct AttnArgs {
+  const float* q;          // (n, H, hd) queries, already roped
+  const float* k_new;      // (n, KH, hd) this step's keys and values (already in the cache of a global layer)
+  const float* v_new;
+  const void* k_cache;     // (n_slots, cap, KH, hd) float16 or float32
+  const void* v_cache;
+  int cache_f16;
+  int64_t n, H, KH, hd, cap;
+  const int64_t* pos;      // (n,) token positions
+  const int64_t* slot;     // (n,) KV-cache slots
+  const int64_t* first;    // (n,) index of the first token of the same slot in this step
+  const int64_t* kv_of_q;  // (H,) local KV head read by each local q head
+  int64_t window;          // 0: global layer, keys read from the cache; w: a ring of cap == w entries
+  float scale;
+  int round16;             // llama.cpp numerics: q * scale and the probabilities rounded to f16
+  float* out;              // (n, H, hd)
+  float* scratch;          // per thread: max_keys + hd floats
+  int64_t scratch_stride;
+};
+using AttnFn = void (*)(const AttnArgs&, int64_t item_begin, int64_t item_end, int thread);   // items: (token, head)
+
+struct KernelTable {
+  const char* name;
+  MatQ8Fn q8[T_COUNT];     // null where a type has no integer kernel (F16, BF16, F32)
+  MatF32Fn f32[T_COUNT];
+  QuantFn quantize;
+  AttnFn attend;
+};
+
+const KernelTable* kernels_avx512();
+const KernelTable* kernels_avx2();
+const KernelTable* kernels_scalar();
+
+}  // namespace ts

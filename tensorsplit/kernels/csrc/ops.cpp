@@ -1,0 +1,389 @@
+// torch custom ops over the native kernels (namespace `tensorsplit`), the instruction-set choice at
+// run time, and the threading (at::parallel_for: torch's own OpenMP pool and its --threads count).
+//
+//   isa() -> str                                      the kernels in use: avx512-vnni, avx2 or scalar
+//   use_isa(name) -> str                              switch to scalar / avx2 / avx512 / auto (tests)
+//   repack(rows, type, n_cols) -> tiles               GGUF rows (n_rows, row_bytes) uint8 -> native tiles
+//   unpack_rows(tiles, type, n_rows, n_cols, ids)     native tiles -> the GGUF bytes of rows `ids`
+//   quantize_act(x, kind, group) -> (q, d, s, isum)   float activations -> llama.cpp's Q8_0/Q8_1/Q8_K
+//   group_sums(x, group) -> sums                      per-group sums of x (the exact path's min term)
+//   matmul_q8(tiles, type, n_rows, n_cols, q, d, s, isum) -> (M, n_rows)    integer numerics
+//   matmul_f32(tiles, type, n_rows, n_cols, x, xsum?) -> (M, n_rows)       float activations
+//   attention(q, k, v, k_cache!, v_cache!, positions, slots, kv_of_q, window, scale, round16) -> (n, H * hd)
+//   rms_norm(x, weight, eps) -> x * rsqrt(mean(x^2) + eps) * weight          (sum of squares in double, as ggml)
+//   rope(x, positions, cos, sin, neox, rope_dim) -> x rotated (cos/sin: (n_positions, rope_dim / 2) tables)
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <cpuid.h>
+#endif
+
+#include "kernels.h"
+#include "repack.h"
+
+namespace ts {
+namespace {
+
+#if defined(__x86_64__) && defined(__GNUC__)
+uint64_t xgetbv0() {
+  uint32_t eax, edx;
+  __asm__ volatile("xgetbv" : "=a"(eax), "=d"(edx) : "c"(0));
+  return ((uint64_t)edx << 32) | eax;
+}
+
+// What this CPU and OS can run: 2 = AVX-512 F/BW/VL/DQ/VNNI, 1 = AVX2+FMA+F16C+BMI2, 0 = neither
+int detect_level() {
+  unsigned a, b, c, d;
+  if (!__get_cpuid(1, &a, &b, &c, &d)) return 0;
+  const bool osxsave = c & (1u << 27), fma = c & (1u << 12), f16c = c & (1u << 29);
+  if (!osxsave) return 0;
+  const uint64_t xcr0 = xgetbv0();
+  const bool ymm_os = (xcr0 & 0x6) == 0x6, zmm_os = (xcr0 & 0xE6) == 0xE6;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return 0;
+  const bool avx2 = b & (1u << 5), bmi2 = b & (1u << 8);
+  const bool f = b & (1u << 16), dq = b & (1u << 17), bw = b & (1u << 30), vl = b & (1u << 31);
+  const bool vnni = c & (1u << 11);
+  if (zmm_os && f && dq && bw && vl && vnni && fma && f16c && avx2 && bmi2) return 2;
+  if (ymm_os && avx2 && fma && f16c && bmi2) return 1;
+  return 0;
+}
+#else
+int detect_level() { return 0; }
+#endif
+
+// The table for "scalar", "avx2", "avx512" or "auto" (the best this CPU has); more than the CPU has is refused.
+const KernelTable* table_for(const std::string& s) {
+  const int have = detect_level();
+  int want = have;
+  if (s == "scalar") want = 0;
+  else if (s == "avx2") want = 1;
+  else if (s == "avx512") want = 2;
+  else TORCH_CHECK(s.empty() || s == "auto", "instruction set ", s, ": expected scalar, avx2, avx512 or auto");
+  TORCH_CHECK(want <= have, "instruction set ", s, ": this CPU does not have those instructions");
+  if (want == 2) return kernels_avx512();
+  if (want == 1) return kernels_avx2();
+  return kernels_scalar();
+}
+
+// TENSORSPLIT_ISA picks a lower level than the CPU allows (for tests and benchmarks), as use_isa() does.
+std::atomic<const KernelTable*> current{nullptr};
+
+const KernelTable& table() {
+  const KernelTable* t = current.load(std::memory_order_acquire);
+  if (!t) {
+    const char* env = std::getenv("TENSORSPLIT_ISA");
+    t = table_for(env ? env : "auto");
+    current.store(t, std::memory_order_release);
+  }
+  return *t;
+}
+
+// Switch the kernels' instruction set in this process (tests compare the paths); returns the previous one.
+std::string use_isa(const std::string& s) {
+  const std::string before = table().name;
+  current.store(table_for(s), std::memory_order_release);
+  return before;
+}
+
+int64_t n_tiles_of(int64_t n_rows) { return (n_rows + TILE_ROWS - 1) / TILE_ROWS; }
+
+FormatInfo checked_format(int64_t type, int64_t n_cols) {
+  const FormatInfo f = format_info((int)type);
+  TORCH_CHECK(f.block > 0, "tensorsplit kernels: quant type ", type, " has no native layout");
+  TORCH_CHECK(n_cols > 0 && n_cols % f.block == 0, "tensorsplit kernels: ", n_cols,
+              " columns is not a multiple of the block size ", f.block);
+  return f;
+}
+
+// Threads take whole tiles; a task gets at least ~64 KiB of weights, so small matrices stay on one thread.
+int64_t grain_for(int64_t tile_bytes) { return std::max<int64_t>(1, (64 * 1024) / std::max<int64_t>(1, tile_bytes)); }
+
+std::string isa() { return table().name; }
+
+at::Tensor repack(const at::Tensor& rows, int64_t type, int64_t n_cols) {
+  const FormatInfo f = checked_format(type, n_cols);
+  TORCH_CHECK(rows.dtype() == at::kByte && rows.dim() == 2 && rows.is_contiguous() && rows.device().is_cpu(),
+              "repack: rows must be a contiguous 2-D uint8 CPU tensor");
+  const int64_t n_blocks = n_cols / f.block, n_rows = rows.size(0);
+  TORCH_CHECK(rows.size(1) == n_blocks * f.block_bytes, "repack: rows of ", rows.size(1), " bytes, expected ",
+              n_blocks * f.block_bytes);
+  const int64_t n_tiles = n_tiles_of(n_rows), tile_bytes = n_blocks * f.tile_block;
+  at::Tensor out = at::empty({n_tiles, tile_bytes}, rows.options());
+  const uint8_t* src = rows.data_ptr<uint8_t>();
+  uint8_t* dst = out.data_ptr<uint8_t>();
+  at::parallel_for(0, n_tiles, 1, [&](int64_t b, int64_t e) { repack_tiles((int)type, src, n_rows, n_blocks, dst, b, e); });
+  return out;
+}
+
+at::Tensor unpack_rows(const at::Tensor& tiles, int64_t type, int64_t n_rows, int64_t n_cols, const at::Tensor& ids) {
+  const FormatInfo f = checked_format(type, n_cols);
+  const int64_t n_blocks = n_cols / f.block;
+  TORCH_CHECK(tiles.dtype() == at::kByte && tiles.is_contiguous() && tiles.numel() == n_tiles_of(n_rows) * n_blocks * f.tile_block,
+              "unpack_rows: tiles do not match ", n_rows, " x ", n_cols);
+  const at::Tensor idx = ids.to(at::kLong).contiguous();
+  const int64_t k = idx.numel();
+  at::Tensor out = at::empty({k, n_blocks * f.block_bytes}, tiles.options());
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  for (int64_t j = 0; j < k; ++j) {
+    TORCH_CHECK(ip[j] >= 0 && ip[j] < n_rows, "unpack_rows: row ", ip[j], " outside 0..", n_rows - 1);
+    unpack_row((int)type, tiles.data_ptr<uint8_t>(), n_blocks, ip[j], out.data_ptr<uint8_t>() + j * n_blocks * f.block_bytes);
+  }
+  return out;
+}
+
+void check_x(const at::Tensor& x, const char* what) {
+  TORCH_CHECK(x.dtype() == at::kFloat && x.dim() == 2 && x.stride(1) == 1 && x.device().is_cpu(), what,
+              ": x must be a 2-D float32 CPU tensor with unit column stride");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_act(const at::Tensor& x, int64_t kind, int64_t group) {
+  check_x(x, "quantize_act");
+  const int64_t M = x.size(0), K = x.size(1), block = kind == A_Q8_K ? 256 : 32;
+  TORCH_CHECK(kind == A_Q8_0 || kind == A_Q8_1 || kind == A_Q8_K, "quantize_act: kind ", kind);
+  TORCH_CHECK((group == 16 || group == 32) && K % block == 0 && block % group == 0, "quantize_act: K ", K,
+              " and group ", group, " do not fit blocks of ", block);
+  at::Tensor q = at::empty({M, K}, x.options().dtype(at::kChar));
+  at::Tensor d = at::empty({M, K / group}, x.options());
+  at::Tensor s = at::empty({M, K / group}, x.options());
+  at::Tensor isum = at::empty({M, K / group}, x.options().dtype(at::kInt));
+  const float* xp = x.data_ptr<float>();
+  const int64_t ldx = x.stride(0);
+  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, K)), [&](int64_t b, int64_t e) {
+    table().quantize(xp, ldx, K, (int)kind, (int)group, q.data_ptr<int8_t>(), d.data_ptr<float>(), s.data_ptr<float>(),
+                     isum.data_ptr<int32_t>(), b, e);
+  });
+  return {q, d, s, isum};
+}
+
+at::Tensor group_sums(const at::Tensor& x, int64_t group) {
+  check_x(x, "group_sums");
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(group > 0 && K % group == 0, "group_sums: K ", K, " is not a multiple of ", group);
+  at::Tensor out = at::empty({M, K / group}, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < K / group; ++g) {
+      float acc = 0.0f;                       // in element order: the kernels' float order is fixed too
+      for (int64_t j = 0; j < group; ++j) acc += xp[m * x.stride(0) + g * group + j];
+      op[m * (K / group) + g] = acc;
+    }
+  return out;
+}
+
+MatArgs mat_args(const at::Tensor& w, const FormatInfo& f, int64_t n_rows, int64_t n_cols, int64_t M, at::Tensor& out) {
+  const int64_t n_blocks = n_cols / f.block;
+  TORCH_CHECK(w.dtype() == at::kByte && w.is_contiguous() && w.device().is_cpu() &&
+                  w.numel() == n_tiles_of(n_rows) * n_blocks * f.tile_block,
+              "matmul: weight tiles do not match ", n_rows, " x ", n_cols);
+  MatArgs a{};
+  a.w = w.data_ptr<uint8_t>();
+  a.n_rows = n_rows;
+  a.n_blocks = n_blocks;
+  a.out = out.data_ptr<float>();
+  a.ldo = n_rows;
+  a.M = M;
+  return a;
+}
+
+at::Tensor matmul_q8(const at::Tensor& w, int64_t type, int64_t n_rows, int64_t n_cols, const at::Tensor& q,
+                     const at::Tensor& d, const at::Tensor& s, const at::Tensor& isum) {
+  const FormatInfo f = checked_format(type, n_cols);
+  const MatQ8Fn fn = table().q8[type];
+  TORCH_CHECK(fn != nullptr, "matmul_q8: no integer kernel for type ", type);
+  TORCH_CHECK(q.dtype() == at::kChar && q.dim() == 2 && q.is_contiguous() && q.size(1) == n_cols,
+              "matmul_q8: q must be contiguous int8 (M, ", n_cols, ")");
+  const int64_t M = q.size(0), ng = n_cols / f.group;
+  for (const at::Tensor* t : {&d, &s, &isum})
+    TORCH_CHECK(t->is_contiguous() && t->dim() == 2 && t->size(0) == M && t->size(1) == ng,
+                "matmul_q8: per-group activation arrays must be contiguous (", M, ", ", ng, ")");
+  at::Tensor out = at::empty({M, n_rows}, d.options());
+  const MatArgs a = mat_args(w, f, n_rows, n_cols, M, out);
+  const ActQ act{q.data_ptr<int8_t>(), d.data_ptr<float>(), s.data_ptr<float>(), isum.data_ptr<int32_t>(), n_cols, ng};
+  at::parallel_for(0, n_tiles_of(n_rows), grain_for(a.n_blocks * f.tile_block),
+                   [&](int64_t b, int64_t e) { fn(a, act, b, e); });
+  return out;
+}
+
+at::Tensor matmul_f32(const at::Tensor& w, int64_t type, int64_t n_rows, int64_t n_cols, const at::Tensor& x,
+                      const c10::optional<at::Tensor>& xsum) {
+  const FormatInfo f = checked_format(type, n_cols);
+  const MatF32Fn fn = table().f32[type];
+  TORCH_CHECK(fn != nullptr, "matmul_f32: no kernel for type ", type);
+  check_x(x, "matmul_f32");
+  TORCH_CHECK(x.size(1) == n_cols && x.is_contiguous(), "matmul_f32: x must be contiguous (M, ", n_cols, ")");
+  const int64_t M = x.size(0), ng = n_cols / f.group;
+  const float* sums = nullptr;
+  if (xsum.has_value() && xsum->defined()) {
+    TORCH_CHECK(xsum->is_contiguous() && xsum->dtype() == at::kFloat && xsum->numel() == M * ng,
+                "matmul_f32: xsum must be contiguous float (", M, ", ", ng, ")");
+    sums = xsum->data_ptr<float>();
+  }
+  at::Tensor out = at::empty({M, n_rows}, x.options());
+  const MatArgs a = mat_args(w, f, n_rows, n_cols, M, out);
+  const ActF act{x.data_ptr<float>(), sums, n_cols, ng};
+  at::parallel_for(0, n_tiles_of(n_rows), grain_for(a.n_blocks * f.tile_block),
+                   [&](int64_t b, int64_t e) { fn(a, act, b, e); });
+  return out;
+}
+
+// Write this step's keys and values of a layer into its cache, converted to the cache's dtype.
+void write_cache(const at::Tensor& kv, at::Tensor& cache, const int64_t* pos, const int64_t* slot, int64_t cap,
+                 int64_t window) {
+  const int64_t n = kv.size(0), row = kv.size(1) * kv.size(2);
+  const float* src = kv.data_ptr<float>();
+  const bool f16 = cache.scalar_type() == at::kHalf;
+  for (int64_t t = 0; t < n; ++t) {          // token order: a ring keeps the newest of a position class
+    const int64_t idx = window ? pos[t] % cap : pos[t];
+    const int64_t off = (slot[t] * cap + idx) * row;
+    if (f16) {
+      uint16_t* dst = (uint16_t*)cache.data_ptr<at::Half>() + off;
+      for (int64_t e = 0; e < row; ++e) dst[e] = f32_to_f16(src[t * row + e]);
+    } else {
+      std::memcpy(cache.data_ptr<float>() + off, src + t * row, (size_t)row * sizeof(float));
+    }
+  }
+}
+
+at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache,
+                     at::Tensor& v_cache, const at::Tensor& positions, const at::Tensor& slots, const at::Tensor& kv_of_q,
+                     int64_t window, double scale, bool round16) {
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.sizes() == k.sizes() && q.size(0) == k.size(0) && q.size(2) == k.size(2),
+              "attention: q (n, H, hd), k and v (n, KH, hd)");
+  for (const at::Tensor* t : {&q, &k, &v})
+    TORCH_CHECK(t->dtype() == at::kFloat && t->is_contiguous() && t->device().is_cpu(), "attention: q, k, v must be contiguous float32");
+  TORCH_CHECK(k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes() && k_cache.is_contiguous() && v_cache.is_contiguous() &&
+                  (k_cache.scalar_type() == at::kHalf || k_cache.scalar_type() == at::kFloat) &&
+                  v_cache.scalar_type() == k_cache.scalar_type() && k_cache.size(2) == k.size(1) && k_cache.size(3) == k.size(2),
+              "attention: caches must be contiguous (n_slots, cap, KH, hd) float16 or float32 matching k");
+  const int64_t n = q.size(0), H = q.size(1), hd = q.size(2), KH = k.size(1), n_slots = k_cache.size(0), cap = k_cache.size(1);
+  const at::Tensor pos = positions.to(at::kLong).contiguous(), sl = slots.to(at::kLong).contiguous();
+  const at::Tensor kvq = kv_of_q.to(at::kLong).contiguous();
+  TORCH_CHECK(pos.numel() == n && sl.numel() == n && kvq.numel() == H, "attention: positions, slots (n,), kv_of_q (H,)");
+  const int64_t* pp = pos.data_ptr<int64_t>();
+  const int64_t* sp = sl.data_ptr<int64_t>();
+  std::vector<int64_t> first(n), seen(n_slots, -1);
+  for (int64_t t = 0; t < n; ++t) {
+    TORCH_CHECK(sp[t] >= 0 && sp[t] < n_slots, "attention: slot ", sp[t], " outside 0..", n_slots - 1);
+    TORCH_CHECK(pp[t] >= 0 && (window || pp[t] < cap), "attention: position ", pp[t], " outside the cache of ", cap);
+    if (seen[sp[t]] < 0) seen[sp[t]] = t;
+    first[t] = seen[sp[t]];
+  }
+  for (int64_t h = 0; h < H; ++h) TORCH_CHECK(kvq.data_ptr<int64_t>()[h] >= 0 && kvq.data_ptr<int64_t>()[h] < KH, "attention: kv_of_q");
+  if (!window) {
+    write_cache(k, k_cache, pp, sp, cap, 0);
+    write_cache(v, v_cache, pp, sp, cap, 0);
+  }
+  at::Tensor out = at::empty({n, H * hd}, q.options());
+  const int threads = at::get_num_threads();
+  const int64_t stride = cap + 2 * hd;
+  at::Tensor scratch = at::empty({threads, stride}, q.options());
+  AttnArgs a{};
+  a.q = q.data_ptr<float>(); a.k_new = k.data_ptr<float>(); a.v_new = v.data_ptr<float>();
+  a.k_cache = k_cache.data_ptr(); a.v_cache = v_cache.data_ptr(); a.cache_f16 = k_cache.scalar_type() == at::kHalf;
+  a.n = n; a.H = H; a.KH = KH; a.hd = hd; a.cap = cap;
+  a.pos = pp; a.slot = sp; a.first = first.data(); a.kv_of_q = kvq.data_ptr<int64_t>();
+  a.window = window; a.scale = (float)scale; a.round16 = round16;
+  a.out = out.data_ptr<float>(); a.scratch = scratch.data_ptr<float>(); a.scratch_stride = stride;
+  // an item is one (token, head); a task gets enough keys to be worth a thread
+  const int64_t keys = pp[n - 1] + 1;
+  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, keys * hd / 64));
+  at::parallel_for(0, n * H, grain, [&](int64_t b, int64_t e) { table().attend(a, b, e, at::get_thread_num()); });
+  if (window) {
+    write_cache(k, k_cache, pp, sp, cap, window);
+    write_cache(v, v_cache, pp, sp, cap, window);
+  }
+  return out;
+}
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
+  TORCH_CHECK(x.dtype() == at::kFloat && w.dtype() == at::kFloat && x.size(-1) == w.numel() && w.is_contiguous(),
+              "rms_norm: float32 x (..., d) and weight (d,)");
+  const at::Tensor xc = x.contiguous();
+  const int64_t d = w.numel(), rows = xc.numel() / d;
+  at::Tensor out = at::empty_like(xc);
+  const float* xp = xc.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, rows, std::max<int64_t>(1, 65536 / d), [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      const float* xr = xp + r * d;
+      double ss = 0.0;
+      for (int64_t i = 0; i < d; ++i) ss += (double)(xr[i] * xr[i]);
+      const float scale = 1.0f / std::sqrt((float)(ss / (double)d) + (float)eps);
+      for (int64_t i = 0; i < d; ++i) op[r * d + i] = (xr[i] * scale) * wp[i];
+    }
+  });
+  return out;
+}
+
+at::Tensor rope(const at::Tensor& x, const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& sin, bool neox,
+                int64_t rope_dim) {
+  TORCH_CHECK(x.dim() == 3 && x.dtype() == at::kFloat, "rope: x (n, heads, head_dim) float32");
+  TORCH_CHECK(cos.dim() == 2 && cos.sizes() == sin.sizes() && cos.size(1) * 2 == rope_dim && cos.is_contiguous() &&
+                  sin.is_contiguous() && cos.dtype() == at::kFloat,
+              "rope: cos and sin tables (n_positions, rope_dim / 2) float32");
+  const at::Tensor xc = x.contiguous(), pos = positions.to(at::kLong).contiguous();
+  const int64_t n = xc.size(0), heads = xc.size(1), hd = xc.size(2), half = rope_dim / 2;
+  TORCH_CHECK(rope_dim % 2 == 0 && rope_dim <= hd && pos.numel() == n, "rope: rope_dim ", rope_dim, " of head_dim ", hd);
+  at::Tensor out = at::empty_like(xc);
+  const float* xp = xc.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t* pp = pos.data_ptr<int64_t>();
+  for (int64_t t = 0; t < n; ++t) {
+    TORCH_CHECK(pp[t] >= 0 && pp[t] < cos.size(0), "rope: position ", pp[t], " past the table of ", cos.size(0));
+    const float* c = cos.data_ptr<float>() + pp[t] * half;
+    const float* s = sin.data_ptr<float>() + pp[t] * half;
+    for (int64_t h = 0; h < heads; ++h) {
+      const float* xr = xp + (t * heads + h) * hd;
+      float* orow = op + (t * heads + h) * hd;
+      for (int64_t i = 0; i < half; ++i) {
+        // neox rotates (x[i], x[i + d/2]); normal rotates adjacent pairs (x[2i], x[2i + 1])
+        const int64_t a = neox ? i : 2 * i, b = neox ? i + half : 2 * i + 1;
+        orow[a] = xr[a] * c[i] - xr[b] * s[i];
+        orow[b] = xr[a] * s[i] + xr[b] * c[i];
+      }
+      for (int64_t i = rope_dim; i < hd; ++i) orow[i] = xr[i];
+    }
+  }
+  return out;
+}
+
+}  // namespace
+}  // namespace ts
+
+TORCH_LIBRARY(tensorsplit, m) {
+  m.def("isa() -> str", &ts::isa);
+  m.def("use_isa(str name) -> str", &ts::use_isa);
+  m.def("repack(Tensor rows, int type, int n_cols) -> Tensor");
+  m.def("unpack_rows(Tensor tiles, int type, int n_rows, int n_cols, Tensor ids) -> Tensor");
+  m.def("quantize_act(Tensor x, int kind, int group) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("group_sums(Tensor x, int group) -> Tensor");
+  m.def("matmul_q8(Tensor w, int type, int n_rows, int n_cols, Tensor q, Tensor d, Tensor s, Tensor isum) -> Tensor");
+  m.def("matmul_f32(Tensor w, int type, int n_rows, int n_cols, Tensor x, Tensor? xsum) -> Tensor");
+  m.def("attention(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor positions, "
+        "Tensor slots, Tensor kv_of_q, int window, float scale, bool round16) -> Tensor");
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("rope(Tensor x, Tensor positions, Tensor cos, Tensor sin, bool neox, int rope_dim) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(tensorsplit, CPU, m) {
+  m.impl("repack", &ts::repack);
+  m.impl("unpack_rows", &ts::unpack_rows);
+  m.impl("quantize_act", &ts::quantize_act);
+  m.impl("group_sums", &ts::group_sums);
+  m.impl("matmul_q8", &ts::matmul_q8);
+  m.impl("matmul_f32", &ts::matmul_f32);
+  m.impl("attention", &ts::attention);
+  m.impl("rms_norm", &ts::rms_norm);
+  m.impl("rope", &ts::rope);
+}

@@ -1,0 +1,74 @@
+// Portable "SIMD" traits: 16 lanes as plain arrays, for CPUs without AVX2 (and any non-x86 CPU).
+// Same arithmetic, in the same order per lane, as the vector paths: integer dots are exact, and
+// every float operation is one fma / mul per lane (std::fma), so results match them bit for bit.
+#pragma once
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "layout.h"
+
+namespace {
+
+struct Scalar {
+  static constexpr int LANES = 16;
+  static constexpr int DOT_S_BIAS = 0;
+  static constexpr int MAX_RN = 4;
+  struct VB { uint8_t b[64]; };
+  struct VI { int32_t v[16]; };
+  struct VF { float v[16]; };
+
+  static inline VB loadb(const uint8_t* p) { VB r; memcpy(r.b, p, 64); return r; }
+  static inline VB nib_lo(VB b) { for (int k = 0; k < 64; ++k) b.b[k] &= 0x0F; return b; }
+  static inline VB nib_hi(VB b) { for (int k = 0; k < 64; ++k) b.b[k] >>= 4; return b; }
+  template <int C> static inline VB crumb(VB b) { for (int k = 0; k < 64; ++k) b.b[k] = (b.b[k] >> (2 * C)) & 3; return b; }
+  template <int C> static inline VB crumb_hi4(VB b) { for (int k = 0; k < 64; ++k) b.b[k] = (uint8_t)(((b.b[k] >> (2 * C)) & 3) << 4); return b; }
+  static inline VB or_(VB a, VB b) { for (int k = 0; k < 64; ++k) a.b[k] |= b.b[k]; return a; }
+  static inline VB add_bits(VB u, const uint8_t* p, uint8_t v) {
+    for (int k = 0; k < 64; ++k) if ((p[k >> 3] >> (k & 7)) & 1) u.b[k] = (uint8_t)(u.b[k] + v);
+    return u;
+  }
+  static inline VB lookup(VB idx, const int8_t* table16) {
+    for (int k = 0; k < 64; ++k) idx.b[k] = (uint8_t)table16[idx.b[k] & 15];
+    return idx;
+  }
+  static inline VB sub8(VB u, int c) { for (int k = 0; k < 64; ++k) u.b[k] = (uint8_t)(u.b[k] - c); return u; }
+
+  static inline VI seti(int32_t x) { VI r; for (int i = 0; i < 16; ++i) r.v[i] = x; return r; }
+  static inline VI dot_u(VI acc, VB w, const int8_t* x) {
+    for (int i = 0; i < 16; ++i)
+      for (int r = 0; r < 4; ++r) acc.v[i] += (int32_t)w.b[4 * i + r] * (int32_t)x[r];
+    return acc;
+  }
+  static inline VI dot_s(VI acc, VB w, const int8_t* x) {
+    for (int i = 0; i < 16; ++i)
+      for (int r = 0; r < 4; ++r) acc.v[i] += (int32_t)(int8_t)w.b[4 * i + r] * (int32_t)x[r];
+    return acc;
+  }
+
+  static inline VF cvt(VI a) { VF r; for (int i = 0; i < 16; ++i) r.v[i] = (float)a.v[i]; return r; }
+  static inline VF fma(VF a, VF b, VF c) { for (int i = 0; i < 16; ++i) c.v[i] = fmaf(a.v[i], b.v[i], c.v[i]); return c; }
+  static inline VF mul(VF a, VF b) { for (int i = 0; i < 16; ++i) a.v[i] *= b.v[i]; return a; }
+  static inline VF setf(float x) { VF r; for (int i = 0; i < 16; ++i) r.v[i] = x; return r; }
+  static inline VF zerof() { return setf(0.0f); }
+  static inline VF f16(const uint8_t* p) { VF r; for (int i = 0; i < 16; ++i) r.v[i] = ts::f16_to_f32(ts::rd16(p + 2 * i)); return r; }
+  static inline VF bf16(const uint8_t* p) {
+    VF r;
+    for (int i = 0; i < 16; ++i) { uint32_t u = (uint32_t)ts::rd16(p + 2 * i) << 16; memcpy(&r.v[i], &u, 4); }
+    return r;
+  }
+  static inline VF u8f(const uint8_t* p) { VF r; for (int i = 0; i < 16; ++i) r.v[i] = (float)p[i]; return r; }
+  static inline VF i8f(const uint8_t* p) { VF r; for (int i = 0; i < 16; ++i) r.v[i] = (float)(int8_t)p[i]; return r; }
+  static inline VF u8f_lo4(const uint8_t* p) { VF r; for (int i = 0; i < 16; ++i) r.v[i] = (float)(p[i] & 15); return r; }
+  static inline VF u8f_hi4(const uint8_t* p) { VF r; for (int i = 0; i < 16; ++i) r.v[i] = (float)(p[i] >> 4); return r; }
+  template <int R> static inline VF byte_sf(VB w) { VF r; for (int i = 0; i < 16; ++i) r.v[i] = (float)(int8_t)w.b[4 * i + R]; return r; }
+  static inline void store(float* p, VF v, int n) { for (int i = 0; i < n && i < 16; ++i) p[i] = v.v[i]; }
+
+  static inline VF loadf(const float* p) { VF r; memcpy(r.v, p, 64); return r; }
+  static inline void storef(float* p, VF v) { memcpy(p, v.v, 64); }
+  static inline VF add(VF a, VF b) { for (int i = 0; i < 16; ++i) a.v[i] += b.v[i]; return a; }
+  static inline float hsum(VF v) { float s = 0.0f; for (int i = 0; i < 16; ++i) s += v.v[i]; return s; }
+  static inline VF exp_neg(VF x) { for (int i = 0; i < 16; ++i) x.v[i] = expf(x.v[i]); return x; }
+};
+
+}  // namespace

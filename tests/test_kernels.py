@@ -1,0 +1,197 @@
+"""The quantized matmuls, native kernels and torch fallback, against an independent reference
+(tests/kernel_reference.py: gguf-py's dequantization, a float64 product, and a NumPy transcription of
+llama.cpp's activation quantization).
+
+Tolerances. The reference is exact (float64, and for llama.cpp's numerics the integer block dots are
+exact too); the kernels differ from it only by float32 roundings: per scale group a few products and
+one accumulation (integer numerics: ~4 roundings; exact numerics: the group's GS fused multiply-adds
+as well), so |y - ref| <= (c + k * n_groups) * 2^-24 * sum(|w| |x|), with c, k in _factor. The torch
+fallback sums a whole row in float32 (the BLAS), so its bound grows with the row length instead.
+An error in a bit field, a scale or a block order is larger by orders of magnitude.
+
+The native kernels must also be: bitwise the same at 1 and 2 threads, for any number of token rows
+in a call, on a rank's row shard as on the unsharded weight, and across the AVX-512 / AVX2 / scalar
+paths; and the repacking to their layout must be lossless.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+
+from kernel_reference import EPS32, matmul_exact, matmul_llamacpp
+from synthetic import random_quantized
+from tensorsplit import kernels
+from tensorsplit.kernels.layout import FORMATS
+from tensorsplit.model.numerics import EXACT, LLAMACPP
+from tensorsplit.model.quants import QWeight, qmatmul
+
+QUANTS = [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.IQ4_NL, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_XS]
+FLOATS = [Q.F16, Q.BF16]
+ROWS_M = (1, 2, 3, 4, 7, 16, 128)
+# byte offsets of each format's f16 scale fields inside a block (d, and dmin / m where there is one)
+F16_FIELDS = {Q.Q4_0: (0,), Q.Q4_1: (0, 2), Q.Q5_0: (0,), Q.Q5_1: (0, 2), Q.Q8_0: (0,), Q.IQ4_NL: (0,),
+              Q.Q2_K: (80, 82), Q.Q3_K: (108,), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,), Q.IQ4_XS: (0,)}
+
+
+def _native_or_skip():
+    if not kernels.native():
+        pytest.fail("the native kernels did not build (see the warning above)")
+
+
+@pytest.fixture(params=["native", "torch"])
+def backend(request):
+    """Each test runs on the native kernels and on the torch fallback (GGUF layout, no extension)."""
+    if request.param == "native":
+        _native_or_skip()
+    return request.param
+
+
+def _weight(raw: np.ndarray, qtype, n_cols: int, backend: str) -> QWeight:
+    w = QWeight.from_numpy(raw, qtype, raw.shape[0], n_cols, name=f"w.{qtype.name}")
+    return w.to_native() if backend == "native" else w
+
+
+def _raw(qtype, n_rows, n_cols, rng) -> np.ndarray:
+    if qtype == Q.F16:
+        return (rng.standard_normal((n_rows, n_cols)) * 0.05).astype(np.float16).view(np.uint8)
+    if qtype == Q.BF16:
+        bits = ((rng.standard_normal((n_rows, n_cols)) * 0.05).astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
+        return bits.view(np.uint8)
+    return random_quantized(qtype, n_rows, n_cols, rng)
+
+
+def _check(y: torch.Tensor, ref: np.ndarray, scale: np.ndarray, factor: float, what: str) -> None:
+    err = np.abs(y.numpy().astype(np.float64) - ref)
+    bound = factor * EPS32 * scale + 1e-30
+    worst = float((err / bound).max())
+    assert worst <= 1.0, f"{what}: error {err.max():.3g} is {worst:.2f} x the bound ({factor:g} * 2^-24 * sum|w||x|)"
+
+
+def _factor(qtype, n_cols: int, numerics, backend: str) -> float:
+    f = FORMATS[int(qtype)]
+    n_groups = n_cols // f.group
+    if backend == "torch" or f.act is None:
+        # float32 weights times float32 inputs summed over the whole row (the BLAS on the torch path;
+        # one fma per column for F16 / BF16), after the inputs were rounded once (llamacpp numerics)
+        return 8 + n_cols
+    return 8 + 2 * n_groups if numerics is LLAMACPP else 8 + f.group + 2 * n_groups
+
+
+def _cols(qtype) -> list[int]:
+    """The smallest legal row and odd multiples of the block."""
+    block = FORMATS[int(qtype)].block
+    if block == 1:
+        return [16, 48, 208]
+    return [block, 3 * block, 5 * block]
+
+
+@pytest.mark.parametrize("numerics", [LLAMACPP, EXACT], ids=["llamacpp", "exact"])
+@pytest.mark.parametrize("qtype", QUANTS + FLOATS, ids=lambda q: q.name)
+def test_matmul_matches_reference(qtype, numerics, backend):
+    rng = np.random.default_rng(int(qtype) * 7 + (numerics is LLAMACPP))
+    for n_cols in _cols(qtype):
+        raw = _raw(qtype, 37, n_cols, rng)                      # 37 rows: two full tiles and a partial one
+        w = _weight(raw, qtype, n_cols, backend)
+        x_all = (rng.standard_normal((max(ROWS_M), n_cols)) * rng.uniform(0.1, 10, (max(ROWS_M), 1))).astype(np.float32)
+        x_all[0, :32] = 0.0                                     # an all-zero activation block
+        for m in ROWS_M:
+            x = x_all[:m]
+            if numerics is LLAMACPP:
+                ref, scale = matmul_llamacpp(raw, qtype, x, q8_1_sum_f16=backend == "native")
+            else:
+                ref, scale = matmul_exact(raw, qtype, x)
+            y = qmatmul(torch.from_numpy(x), w, numerics)
+            assert y.shape == (m, 37)
+            _check(y, ref, scale, _factor(qtype, n_cols, numerics, backend), f"{qtype.name} K={n_cols} M={m} {numerics.mode}")
+
+
+@pytest.mark.parametrize("numerics", [LLAMACPP, EXACT], ids=["llamacpp", "exact"])
+@pytest.mark.parametrize("qtype", QUANTS, ids=lambda q: q.name)
+def test_edge_scales(qtype, numerics, backend):
+    """Blocks whose f16 scales are zero, negative zero, the smallest and largest subnormals and the
+    largest finite f16, next to ordinary blocks."""
+    rng = np.random.default_rng(int(qtype))
+    n_cols = FORMATS[int(qtype)].block * 5
+    raw = random_quantized(qtype, 20, n_cols, rng)
+    bs = FORMATS[int(qtype)].block_bytes
+    blocks = raw.reshape(-1, bs)
+    edges = np.array([0x0000, 0x8000, 0x0001, 0x03FF, 0x7BFF], dtype=np.uint16).view(np.uint8).reshape(-1, 2)
+    for i in range(blocks.shape[0]):
+        if i % 3 == 0:
+            for off in F16_FIELDS[qtype]:
+                blocks[i, off:off + 2] = edges[(i // 3 + off) % len(edges)]
+    w = _weight(raw, qtype, n_cols, backend)
+    x = rng.standard_normal((3, n_cols)).astype(np.float32)
+    ref, scale = (matmul_llamacpp(raw, qtype, x, q8_1_sum_f16=backend == "native") if numerics is LLAMACPP
+                  else matmul_exact(raw, qtype, x))
+    assert np.isfinite(ref).all()
+    _check(qmatmul(torch.from_numpy(x), w, numerics), ref, scale, _factor(qtype, n_cols, numerics, backend),
+           f"{qtype.name} edge scales {numerics.mode}")
+
+
+@pytest.mark.parametrize("qtype", QUANTS + FLOATS, ids=lambda q: q.name)
+def test_repack_is_lossless(qtype):
+    _native_or_skip()
+    rng = np.random.default_rng(3)
+    n_cols = _cols(qtype)[1]
+    raw = _raw(qtype, 45, n_cols, rng)
+    w = _weight(raw, qtype, n_cols, "native")
+    ops = torch.ops.tensorsplit
+    back = ops.unpack_rows(w.data, int(qtype), 45, n_cols, torch.arange(45))
+    assert torch.equal(back, torch.from_numpy(np.ascontiguousarray(raw)).view(torch.uint8).reshape(45, -1))
+    # resident bytes: whole tiles of 16 rows, and at most 4% more for the widened K-quant scales
+    f = FORMATS[int(qtype)]
+    assert w.nbytes == 3 * (n_cols // f.block) * f.tile_block
+    assert f.tile_block <= 1.04 * 16 * f.block_bytes
+
+
+@pytest.mark.parametrize("qtype", QUANTS + FLOATS, ids=lambda q: q.name)
+def test_native_results_do_not_depend_on_threads_rows_shards_or_isa(qtype):
+    _native_or_skip()
+    rng = np.random.default_rng(5)
+    n_cols = _cols(qtype)[2]
+    n_rows = 200
+    raw = _raw(qtype, n_rows, n_cols, rng)
+    w = _weight(raw, qtype, n_cols, "native")
+    x = torch.from_numpy(rng.standard_normal((19, n_cols)).astype(np.float32))
+    ops = torch.ops.tensorsplit
+    threads = torch.get_num_threads()
+    for numerics in (LLAMACPP, EXACT):
+        torch.set_num_threads(1)
+        one = qmatmul(x, w, numerics)
+        torch.set_num_threads(2)
+        try:
+            two = qmatmul(x, w, numerics)
+        finally:
+            torch.set_num_threads(threads)
+        assert torch.equal(one, two), f"{qtype.name} {numerics.mode}: 1 vs 2 threads"
+        # each token row alone gives the same bits as in a batch of 19
+        rows = torch.cat([qmatmul(x[i:i + 1], w, numerics) for i in range(19)])
+        assert torch.equal(rows, one), f"{qtype.name} {numerics.mode}: batch composition"
+        # a rank's row shard (not on a tile boundary) gives the slice of the unsharded result
+        shard = _weight(raw[37:141], qtype, n_cols, "native")
+        assert torch.equal(qmatmul(x, shard, numerics), one[:, 37:141]), f"{qtype.name} {numerics.mode}: shard"
+        for isa in ("avx2", "scalar"):
+            before = ops.use_isa(isa)
+            try:
+                other = qmatmul(x, w, numerics)
+            finally:
+                ops.use_isa("auto")
+            assert torch.equal(other, one), f"{qtype.name} {numerics.mode}: {isa} vs {before}"
+
+
+def test_torch_fallback_when_the_kernels_cannot_build(tmp_path):
+    """No compiler: one warning line, and the model still runs (on the torch path)."""
+    import subprocess
+    import sys
+    code = ("from tensorsplit import kernels; import sys; ok = kernels.native(); "
+            "print('native', ok); sys.exit(0 if not ok else 3)")
+    env = {"TENSORSPLIT_CACHE": str(tmp_path), "CXX": str(tmp_path / "no-such-compiler"), "PATH": "/usr/bin:/bin"}
+    import os
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **env})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    warnings = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(warnings) == 1 and "native kernels unavailable" in warnings[0] and "compiler" in warnings[0], proc.stderr
