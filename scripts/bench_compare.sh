@@ -1,27 +1,55 @@
 #!/usr/bin/env bash
-# tensorsplit bench at the given world sizes and llama.cpp on the same model and threads, in one run,
-# with tensorsplit/llama.cpp ratios.
-#   scripts/bench_compare.sh MODEL [WORLDS=1,2] [PP=512] [TG=128] [REPS=2]
-# LLAMA_PY: a python with llama-cpp-python (default: python3). Threads: all cores, shared by the workers.
-# TS_ARGS: more flags for tensorsplit bench, e.g. TS_ARGS="--kernels compiled".
+# tensorsplit bench next to llama.cpp on the same models and threads, in one run, as ratios.
+#
+#   LLAMA_PY=/path/to/python-with-llama-cpp-python scripts/bench_compare.sh [MODEL.gguf ...]
+#
+# Without models: the four speed subjects (the synthetic TinyLlama-shaped 1.1B in Q4_0 and Q4_K_M,
+# written by scripts/make_bench_models.py if missing; Gemma 3 270M Q4_K_M; SmolLM2-135M Q4_1).
+# WORLDS (default 1,2): tensorsplit world sizes; the workers share all cores (threads = cores / world).
+# PP (128), TG (32), REPS (3): llama-bench's pp<PP> and tg<TG>, timed REPS times after a warm-up.
+# TS_ARGS: more flags for tensorsplit bench. llama.cpp runs with as many threads as there are cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-MODEL=$1; WORLDS=${2:-1,2}; PP=${3:-512}; TG=${4:-128}; REPS=${5:-2}
+WORLDS=${WORLDS:-1,2}; PP=${PP:-128}; TG=${TG:-32}; REPS=${REPS:-3}
 LLAMA_PY=${LLAMA_PY:-python3}
 THREADS=$(nproc)
+CACHE=${TENSORSPLIT_CACHE:-$HOME/.cache/tensorsplit}
+if [ $# -eq 0 ]; then
+    .venv/bin/python scripts/make_bench_models.py --llama-py "$LLAMA_PY" >&2
+    .venv/bin/python -c "from tensorsplit import models; models.fetch('smollm2'); models.fetch('gemma3-270m')"
+    set -- "$CACHE/tinyllama-1.1b-random.Q4_0.gguf" "$CACHE/tinyllama-1.1b-random.Q4_K_M.gguf" \
+           "$CACHE/gemma-3-270m-q4_k_m.gguf" "$CACHE/SmolLM2-135M-Instruct.Q4_1.gguf"
+fi
 OUT=$(mktemp -d)
-.venv/bin/tensorsplit bench -m "$MODEL" --nproc-per-node "$WORLDS" -p "$PP" -n "$TG" -r "$REPS" ${TS_ARGS:-} -o "$OUT/ts.json" >/dev/null
-"$LLAMA_PY" scripts/llamacpp_bench.py "$MODEL" -p "$PP" -n "$TG" -r "$REPS" -t "$THREADS" > "$OUT/llama.json"
-.venv/bin/python - "$OUT/ts.json" "$OUT/llama.json" <<'PY'
-import json, sys
-ts, ll = (json.load(open(p)) for p in sys.argv[1:3])
-ref = {r["test"]: r["tokens_per_s"] for r in ll["results"]}
-print(f"| engine | world | threads/worker | test | t/s | vs llama.cpp |")
-print(f"| --- | ---: | ---: | --- | ---: | ---: |")
-for r in ll["results"]:
-    print(f"| llama.cpp {ll['version']} | 1 | {ll['threads']} | {r['test']} | {r['tokens_per_s']:.2f} | 1.00 |")
-for w in ts["worlds"]:
-    for r in w["results"]:
-        print(f"| tensorsplit | {w['world']} | {w['threads']} | {r['test']} | {r['tokens_per_s']:.2f} | "
-              f"{r['tokens_per_s'] / ref[r['test']]:.3f} |")
+i=0
+for MODEL in "$@"; do
+    [ -f "$MODEL" ] || { echo "bench_compare: $MODEL: no such file" >&2; continue; }
+    i=$((i + 1))
+    echo "bench_compare: $(basename "$MODEL")" >&2
+    "$LLAMA_PY" scripts/llamacpp_bench.py "$MODEL" -p "$PP" -n "$TG" -r "$REPS" -t "$THREADS" > "$OUT/llama$i.json"
+    .venv/bin/tensorsplit bench -m "$MODEL" --nproc-per-node "$WORLDS" -p "$PP" -n "$TG" -r "$REPS" ${TS_ARGS:-} \
+        -o "$OUT/ts$i.json" >/dev/null
+    echo "$MODEL" > "$OUT/name$i"
+done
+.venv/bin/python - "$OUT" "$i" <<'PY'
+import json, os, sys
+out, n = sys.argv[1], int(sys.argv[2])
+rows = []
+for i in range(1, n + 1):
+    name = os.path.basename(open(f"{out}/name{i}").read().strip()).removesuffix(".gguf")
+    ll = json.load(open(f"{out}/llama{i}.json"))
+    ts = json.load(open(f"{out}/ts{i}.json"))
+    ref = {r["test"]: r["tokens_per_s"] for r in ll["results"]}
+    worlds = ts["worlds"]
+    if i == 1:
+        head = ["model", "test", f"llama.cpp {ll['version']} ({ll['threads']} threads)"]
+        head += [f"tensorsplit {w['world']} x {w['threads']} threads" for w in worlds]
+        print("| " + " | ".join(head) + " |")
+        print("| --- | --- | " + " | ".join("---:" for _ in head[2:]) + " |")
+    for test, base in ref.items():
+        cells = [name, test, f"{base:.1f}"]
+        for w in worlds:
+            r = next(r for r in w["results"] if r["test"] == test)
+            cells.append(f"{r['tokens_per_s']:.1f} ({r['tokens_per_s'] / base:.2f}x)")
+        print("| " + " | ".join(cells) + " |")
 PY

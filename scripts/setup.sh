@@ -16,4 +16,7 @@ if [ -n "$TORCH_SPEC" ] && ! .venv/bin/python -c "import torch" 2>/dev/null; the
     .venv/bin/python -m pip install -q "$TORCH_SPEC"
 fi
 .venv/bin/python -m pip install -q -e ".[test]"
+# compile the native CPU kernels now (about a minute, once) rather than at the first run; without a
+# C++ compiler this prints why, and tensorsplit runs on its (slower) torch path
+.venv/bin/python -c "from tensorsplit import kernels; kernels.native()"
 echo "setup: ready (.venv/bin/tensorsplit)" >&2

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from .model import make_plan, open_model, parse_split
 from .model.attention import KVCache
+from .model.loader import resident_bytes
 from .model.shard_plan import format_plan
 
 _BIG_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges", "tokenizer.ggml.scores")
@@ -27,22 +28,31 @@ def _metadata(kv: dict) -> dict:
 
 
 def _kv_line(cfg, plan) -> str:
-    """KV cache per rank for one sequence at the training context, float32 (sliding layers: a ring)."""
-    per_rank = [KVCache.planned_bytes(cfg.layer_windows, 1, cfg.n_ctx_train, r.n_local_kv_heads, cfg.head_dim) / 2**20
-                for r in plan.ranks]
+    """KV cache per rank for one sequence at the training context, float16 as the default numerics keep
+    it (sliding layers: a ring)."""
+    per_rank = [KVCache.planned_bytes(cfg.layer_windows, 1, cfg.n_ctx_train, r.n_local_kv_heads, cfg.head_dim,
+                                      elem_bytes=2) / 2**20 for r in plan.ranks]
     return (f"kv cache    {' + '.join(f'{b:.1f}' for b in per_rank)} MiB per sequence at context "
-            f"{cfg.n_ctx_train} (float32{', sliding layers keep their window' if cfg.swa_layers else ''})")
+            f"{cfg.n_ctx_train} (float16; twice that with --numerics exact"
+            f"{'; sliding layers keep their window' if cfg.swa_layers else ''})")
+
+
+def _resident(gf, plan) -> list[int]:
+    """Bytes each rank will hold once loaded on the CPU, in the native kernels' layout when available."""
+    from .kernels import native
+    return [resident_bytes(gf, r.tensors, native(announce=False)) for r in plan.ranks]
 
 
 def info_report(path: Path, world: int, split: str | None, verbose: bool, as_json: bool) -> str:
     gf, cfg = open_model(path)
     plan = make_plan(cfg, gf.tensors, world, parse_split(split, world))
     total = sum(t.nbytes for t in gf.tensors.values())
+    resident = _resident(gf, plan)
     if as_json:
         config = {k: v for k, v in asdict(cfg).items() if k != "spec"}
         return json.dumps({"file": str(path), "file_bytes": path.stat().st_size, "weight_bytes": total,
                            "fingerprint": gf.fingerprint(), "metadata": _metadata(gf.kv), "config": config,
-                           "plan": plan.to_dict()}, indent=2, default=str)
+                           "plan": plan.to_dict(), "resident_bytes_per_rank": resident}, indent=2, default=str)
     types: dict[str, int] = {}
     for t in gf.tensors.values():
         types[t.qtype.name] = types.get(t.qtype.name, 0) + 1
@@ -58,6 +68,8 @@ def info_report(path: Path, world: int, split: str | None, verbose: bool, as_jso
         f"context     {cfg.n_ctx_train} (training)",
         f"tensors     {len(gf.tensors)}: " + ", ".join(f"{n} {k}" for k, n in sorted(types.items())),
         f"weights     {total / 2**20:.1f} MiB",
+        f"resident    {' + '.join(f'{b / 2**20:.1f}' for b in resident)} MiB per rank once loaded on the CPU "
+        f"({sum(resident) / max(1, sum(r.nbytes for r in plan.ranks)):.3f} x the shards' file bytes)",
         _kv_line(cfg, plan),
         "",
         format_plan(plan, cfg, verbose),

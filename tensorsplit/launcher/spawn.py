@@ -67,6 +67,14 @@ def default_nproc() -> int:
     return max(1, len(visible_gpus()))
 
 
+def native_kernels_env() -> dict[str, str]:
+    """Build the native CPU kernels here, once, before the workers start (they load the built library
+    instead of racing to compile it). If they cannot be built, the reason was printed once here and the
+    workers are told to use the torch path without trying again."""
+    from ..kernels import native
+    return {} if native() else {"TENSORSPLIT_NATIVE": "0"}
+
+
 def worker_env(node: NodeSpec, local_rank: int, port: int, error_file: str, gpus: list[str]) -> dict[str, str]:
     env = dict(os.environ)
     threads = node.threads or default_threads(node.nproc)
@@ -100,11 +108,13 @@ class Launch:
         gpus = visible_gpus() if node.pin_gpus else []
         self.error_files = [str(Path(self.tmp.name) / f"rank{node.node_rank * node.nproc + i}.json")
                             for i in range(node.nproc)]
+        extra = native_kernels_env()
         self.procs: list[subprocess.Popen] = []
         for i in range(node.nproc):
             args = argv if self.rank_of(i) == 0 or worker_argv is None else worker_argv
             self.procs.append(subprocess.Popen([sys.executable, "-m", "tensorsplit.worker", *args],
-                                               env=worker_env(node, i, self.port, self.error_files[i], gpus),
+                                               env={**worker_env(node, i, self.port, self.error_files[i], gpus),
+                                                    **extra},
                                                start_new_session=True))
         self.stop_requested = False
 

@@ -13,7 +13,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..kernels.layout import FORMATS
+from ..kernels.layout import FORMATS, native_bytes
 from .quants import QWeight, dequantize, row_bytes
 from .shard_plan import TensorSlice
 
@@ -48,6 +48,24 @@ def load_vector(gf, ts: TensorSlice, device="cpu") -> torch.Tensor:
     full = dequantize(torch.from_numpy(raw), info.qtype, n)[0]    # (n,) float32; 1-D tensors are small
     part = full if ts.axis is None else torch.cat([full[a:b] for a, b in ts.ranges])
     return part.contiguous().to(device)
+
+
+def resident_bytes(gf, slices, native: bool) -> int:
+    """Bytes a rank holds after loading these slices: 2-D weights as loaded (native tile layout where
+    `native` and the type has one), 1-D tensors as float32. `tensorsplit info` reports it before loading."""
+    total = 0
+    for ts in slices:
+        info = gf.tensors[ts.name]
+        if len(info.shape) < 2 or int(info.shape[1]) == 1:
+            total += 4 * (ts.length if ts.axis is not None else int(info.shape[0]))
+            continue
+        n_cols, n_rows = int(info.shape[0]), int(info.shape[1])
+        if ts.axis == 1:
+            n_rows = ts.length
+        elif ts.axis == 0:
+            n_cols = ts.length
+        total += native_bytes(info.qtype, n_rows, n_cols) if native and int(info.qtype) in FORMATS else ts.nbytes
+    return total
 
 
 class LoadProgress:

@@ -80,6 +80,7 @@ class RankModel:
                 return None
             v = load_vector(gf, slices[name], self.device)
             progress.step(slices[name])
+            self.resident_bytes += v.numel() * v.element_size()
             return v
 
         def column(name, bias=None):
@@ -123,8 +124,9 @@ class RankModel:
 
     @property
     def weight_bytes(self) -> int:
-        """Bytes of weights this rank holds, as loaded (the tied head shares the embedding's bytes);
-        the native layout pads rows to whole tiles and widens some K-quant scales (<= 4%)."""
+        """Bytes of weights this rank holds, as loaded (the tied head shares the embedding's bytes; 1-D
+        tensors as float32); the native layout pads rows to whole tiles and widens some K-quant scales
+        (<= 4%). Equal to loader.resident_bytes of the shard, which `info` shows before loading."""
         return self.resident_bytes
 
     def _ropes(self, n_ctx: int) -> dict[bool, Rope]:

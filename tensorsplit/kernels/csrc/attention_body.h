@@ -50,6 +50,19 @@ static inline void axpy_row(float* acc, float p, const uint8_t* vrow, int f16, i
 
 static inline float round16(float x) { return ts::f16_to_f32(ts::f32_to_f16(x)); }
 
+// dst[i] = src[i] * mul, rounded to f16 when r16 (vectorized; a scalar tail)
+template <class S>
+static inline void scale_round(float* dst, const float* src, float mul, int r16, int64_t n) {
+  constexpr int L = S::LANES;
+  const typename S::VF m = S::setf(mul);
+  int64_t i = 0;
+  for (; i + L <= n; i += L) {
+    typename S::VF v = S::mul(S::loadf(src + i), m);
+    S::storef(dst + i, r16 ? S::round16(v) : v);
+  }
+  for (; i < n; ++i) dst[i] = r16 ? round16(src[i] * mul) : src[i] * mul;
+}
+
 template <class S>
 static void attend_items(const ts::AttnArgs& a, int64_t i0, int64_t i1, int thread) {
   using VF = typename S::VF;
@@ -60,10 +73,10 @@ static void attend_items(const ts::AttnArgs& a, int64_t i0, int64_t i1, int thre
   float* qs = scores + (a.scratch_stride - 2 * hd);          // the scaled query
   float* tmp = qs + hd;                                      // a new key / value rounded like the cache
   for (int64_t it = i0; it < i1; ++it) {
-    const int64_t t = it / a.H, h = it % a.H, kh = a.kv_of_q[h];
+    const int64_t t = a.tokens[it / a.H], h = it % a.H, kh = a.kv_of_q[h];
     const int64_t p = a.pos[t], sl = a.slot[t];
     const float* qrow = a.q + (t * a.H + h) * hd;
-    for (int64_t d = 0; d < hd; ++d) qs[d] = a.round16 ? round16(qrow[d] * a.scale) : qrow[d] * a.scale;
+    scale_round<S>(qs, qrow, a.scale, a.round16, hd);
     const int64_t lo = a.window ? (p - a.window + 1 > 0 ? p - a.window + 1 : 0) : 0;
     const int64_t p0 = a.window ? a.pos[a.first[t]] : p + 1;  // positions >= p0 come from the step (rings)
     const uint8_t* kbase = (const uint8_t*)a.k_cache + sl * a.cap * row_bytes + kh * hd * esz;
@@ -79,7 +92,7 @@ static void attend_items(const ts::AttnArgs& a, int64_t i0, int64_t i1, int thre
         s = dot_row<S>(qs, kbase + idx * row_bytes, a.cache_f16, hd);
       } else {                                                // this step's key, rounded as the cache stores it
         const float* kn = a.k_new + ((a.first[t] + (pj - p0)) * a.KH + kh) * hd;
-        for (int64_t d = 0; d < hd; ++d) tmp[d] = a.cache_f16 ? round16(kn[d]) : kn[d];
+        scale_round<S>(tmp, kn, 1.0f, a.cache_f16, hd);
         s = dot_row<S>(qs, (const uint8_t*)tmp, 0, hd);
       }
       scores[j] = s;
@@ -94,20 +107,19 @@ static void attend_items(const ts::AttnArgs& a, int64_t i0, int64_t i1, int thre
     }
     for (; j < nk; ++j) scores[j] = expf(scores[j] - mx);
     for (j = 0; j < nk; ++j) sum += scores[j];
-    const float inv = (float)(1.0 / sum);
+    scale_round<S>(scores, scores, (float)(1.0 / sum), a.round16, nk);   // the probabilities
     // output
     float* o = a.out + (t * a.H + h) * hd;
     for (int64_t d = 0; d < hd; ++d) o[d] = 0.0f;
     for (j = 0; j < nk; ++j) {
-      float pr = scores[j] * inv;
-      if (a.round16) pr = round16(pr);
+      const float pr = scores[j];
       const int64_t pj = lo + j;
       if (pj < p0) {
         const int64_t idx = a.window ? pj % a.cap : pj;
         axpy_row<S>(o, pr, vbase + idx * row_bytes, a.cache_f16, hd);
       } else {
         const float* vn = a.v_new + ((a.first[t] + (pj - p0)) * a.KH + kh) * hd;
-        for (int64_t d = 0; d < hd; ++d) tmp[d] = a.cache_f16 ? round16(vn[d]) : vn[d];
+        scale_round<S>(tmp, vn, 1.0f, a.cache_f16, hd);
         axpy_row<S>(o, pr, (const uint8_t*)tmp, 0, hd);
       }
     }

@@ -53,6 +53,7 @@ struct AttnArgs {
   const int64_t* slot;     // (n,) KV-cache slots
   const int64_t* first;    // (n,) index of the first token of the same slot in this step
   const int64_t* kv_of_q;  // (H,) local KV head read by each local q head
+  const int64_t* tokens;   // the tokens to attend: item i is (tokens[i / H], head i % H)
   int64_t window;          // 0: global layer, keys read from the cache; w: a ring of cap == w entries
   float scale;
   int round16;             // llama.cpp numerics: q * scale and the probabilities rounded to f16

@@ -254,6 +254,58 @@ void write_cache(const at::Tensor& kv, at::Tensor& cache, const int64_t* pos, co
   }
 }
 
+// A slot with at least this many tokens in a step (a prompt chunk) attends through matrix products
+// (ATen's BLAS); fewer (decode steps) go token by token through the native kernel.
+constexpr int64_t GEMM_MIN_TOKENS = 8;
+
+// One slot's prompt chunk: scores = (q * scale) K^T per KV head for the q heads that read it, masked
+// (causal, window), softmax, (P) V. Rounded as attend_items rounds under llama.cpp numerics.
+void attend_chunk(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,
+                  const at::Tensor& v_cache, const at::Tensor& pos, int64_t slot, const std::vector<int64_t>& tokens,
+                  const at::Tensor& kv_of_q, int64_t window, double scale, bool round16, at::Tensor& out) {
+  const int64_t H = q.size(1), hd = q.size(2), KH = k.size(1), cap = k_cache.size(1);
+  const bool f16 = k_cache.scalar_type() == at::kHalf;
+  const at::Tensor idx = at::tensor(tokens, pos.options());
+  const at::Tensor qpos = pos.index_select(0, idx);                                 // (t,)
+  const int64_t p0 = tokens.empty() ? 0 : pos.data_ptr<int64_t>()[tokens.front()];
+  const int64_t p_last = pos.data_ptr<int64_t>()[tokens.back()];
+  at::Tensor keys, vals, kpos;                                                     // (L, KH, hd) float32, (L,)
+  if (!window) {
+    keys = k_cache[slot].narrow(0, 0, p_last + 1).to(at::kFloat);
+    vals = v_cache[slot].narrow(0, 0, p_last + 1).to(at::kFloat);
+    kpos = at::arange(p_last + 1, pos.options());
+  } else {
+    const int64_t lo = std::max<int64_t>(0, p0 - window + 1);
+    const at::Tensor past = at::arange(lo, p0, pos.options());
+    const at::Tensor ring = at::remainder(past, cap);
+    auto as_cache = [&](const at::Tensor& t) { return f16 ? t.to(at::kHalf).to(at::kFloat) : t; };
+    keys = at::cat({k_cache[slot].index_select(0, ring).to(at::kFloat), as_cache(k.index_select(0, idx))});
+    vals = at::cat({v_cache[slot].index_select(0, ring).to(at::kFloat), as_cache(v.index_select(0, idx))});
+    kpos = at::cat({past, qpos});
+  }
+  at::Tensor allowed = kpos.unsqueeze(0) <= qpos.unsqueeze(1);                      // (t, L)
+  if (window) allowed = allowed & (kpos.unsqueeze(0) > (qpos - window).unsqueeze(1));
+  at::Tensor qs = q.index_select(0, idx) * scale;                                  // (t, H, hd)
+  if (round16) qs = qs.to(at::kHalf).to(at::kFloat);
+  const int64_t* kvq = kv_of_q.data_ptr<int64_t>();
+  at::Tensor out3 = out.view({out.size(0), H, hd});
+  const int64_t t = (int64_t)tokens.size();
+  for (int64_t kh = 0; kh < KH; ++kh) {
+    std::vector<int64_t> hs;
+    for (int64_t h = 0; h < H; ++h) if (kvq[h] == kh) hs.push_back(h);
+    if (hs.empty()) continue;
+    const int64_t g = (int64_t)hs.size();
+    const at::Tensor heads = at::tensor(hs, pos.options());
+    const at::Tensor qg = qs.index_select(1, heads).permute({1, 0, 2}).reshape({g * t, hd});
+    at::Tensor sc = at::mm(qg, keys.select(1, kh).t()).view({g, t, -1});          // (g, t, L)
+    sc.masked_fill_(allowed.logical_not().unsqueeze(0), -INFINITY);
+    at::Tensor p = at::softmax(sc, -1);
+    if (round16) p = p.to(at::kHalf).to(at::kFloat);
+    const at::Tensor o = at::mm(p.view({g * t, -1}), vals.select(1, kh)).view({g, t, hd}).permute({1, 0, 2});
+    out3.index_put_({idx.unsqueeze(1), heads.unsqueeze(0)}, o);
+  }
+}
+
 at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache,
                      at::Tensor& v_cache, const at::Tensor& positions, const at::Tensor& slots, const at::Tensor& kv_of_q,
                      int64_t window, double scale, bool round16) {
@@ -272,11 +324,15 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   const int64_t* pp = pos.data_ptr<int64_t>();
   const int64_t* sp = sl.data_ptr<int64_t>();
   std::vector<int64_t> first(n), seen(n_slots, -1);
+  std::vector<std::vector<int64_t>> by_slot(n_slots);
   for (int64_t t = 0; t < n; ++t) {
     TORCH_CHECK(sp[t] >= 0 && sp[t] < n_slots, "attention: slot ", sp[t], " outside 0..", n_slots - 1);
     TORCH_CHECK(pp[t] >= 0 && (window || pp[t] < cap), "attention: position ", pp[t], " outside the cache of ", cap);
     if (seen[sp[t]] < 0) seen[sp[t]] = t;
     first[t] = seen[sp[t]];
+    TORCH_CHECK(pp[t] == pp[first[t]] + (int64_t)by_slot[sp[t]].size(),
+                "attention: a slot's tokens in a step must have consecutive positions");
+    by_slot[sp[t]].push_back(t);
   }
   for (int64_t h = 0; h < H; ++h) TORCH_CHECK(kvq.data_ptr<int64_t>()[h] >= 0 && kvq.data_ptr<int64_t>()[h] < KH, "attention: kv_of_q");
   if (!window) {
@@ -284,20 +340,29 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
     write_cache(v, v_cache, pp, sp, cap, 0);
   }
   at::Tensor out = at::empty({n, H * hd}, q.options());
-  const int threads = at::get_num_threads();
-  const int64_t stride = cap + 2 * hd;
-  at::Tensor scratch = at::empty({threads, stride}, q.options());
-  AttnArgs a{};
-  a.q = q.data_ptr<float>(); a.k_new = k.data_ptr<float>(); a.v_new = v.data_ptr<float>();
-  a.k_cache = k_cache.data_ptr(); a.v_cache = v_cache.data_ptr(); a.cache_f16 = k_cache.scalar_type() == at::kHalf;
-  a.n = n; a.H = H; a.KH = KH; a.hd = hd; a.cap = cap;
-  a.pos = pp; a.slot = sp; a.first = first.data(); a.kv_of_q = kvq.data_ptr<int64_t>();
-  a.window = window; a.scale = (float)scale; a.round16 = round16;
-  a.out = out.data_ptr<float>(); a.scratch = scratch.data_ptr<float>(); a.scratch_stride = stride;
-  // an item is one (token, head); a task gets enough keys to be worth a thread
-  const int64_t keys = pp[n - 1] + 1;
-  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, keys * hd / 64));
-  at::parallel_for(0, n * H, grain, [&](int64_t b, int64_t e) { table().attend(a, b, e, at::get_thread_num()); });
+  std::vector<int64_t> single;                 // tokens attended one by one (decode steps)
+  for (int64_t s = 0; s < n_slots; ++s) {
+    if ((int64_t)by_slot[s].size() >= GEMM_MIN_TOKENS)
+      attend_chunk(q, k, v, k_cache, v_cache, pos, s, by_slot[s], kvq, window, scale, round16, out);
+    else
+      single.insert(single.end(), by_slot[s].begin(), by_slot[s].end());
+  }
+  if (!single.empty()) {
+    const int threads = at::get_num_threads();
+    const int64_t stride = cap + 2 * hd;
+    at::Tensor scratch = at::empty({threads, stride}, q.options());
+    AttnArgs a{};
+    a.q = q.data_ptr<float>(); a.k_new = k.data_ptr<float>(); a.v_new = v.data_ptr<float>();
+    a.k_cache = k_cache.data_ptr(); a.v_cache = v_cache.data_ptr(); a.cache_f16 = k_cache.scalar_type() == at::kHalf;
+    a.n = n; a.H = H; a.KH = KH; a.hd = hd; a.cap = cap;
+    a.pos = pp; a.slot = sp; a.first = first.data(); a.kv_of_q = kvq.data_ptr<int64_t>(); a.tokens = single.data();
+    a.window = window; a.scale = (float)scale; a.round16 = round16;
+    a.out = out.data_ptr<float>(); a.scratch = scratch.data_ptr<float>(); a.scratch_stride = stride;
+    // an item is one (token, head); a task gets enough keys to be worth a thread
+    const int64_t keys = pp[n - 1] + 1, items = (int64_t)single.size() * H;
+    const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, keys * hd / 64));
+    at::parallel_for(0, items, grain, [&](int64_t b, int64_t e) { table().attend(a, b, e, at::get_thread_num()); });
+  }
   if (window) {
     write_cache(k, k_cache, pp, sp, cap, window);
     write_cache(v, v_cache, pp, sp, cap, window);

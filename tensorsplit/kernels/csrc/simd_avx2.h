@@ -84,6 +84,7 @@ struct Avx2 {
     for (int i = 0; i < n; ++i) p[i] = tmp[i];
   }
 
+  static inline VF round16(VF v) { return _mm256_cvtph_ps(_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)); }
   static inline VF loadf(const float* p) { return _mm256_loadu_ps(p); }
   static inline void storef(float* p, VF v) { _mm256_storeu_ps(p, v); }
   static inline VF add(VF a, VF b) { return _mm256_add_ps(a, b); }

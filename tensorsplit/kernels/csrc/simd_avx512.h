@@ -75,6 +75,7 @@ struct Avx512 {
   }
 
   // for attention
+  static inline VF round16(VF v) { return _mm512_cvtph_ps(_mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)); }
   static inline VF loadf(const float* p) { return _mm512_loadu_ps(p); }
   static inline void storef(float* p, VF v) { _mm512_storeu_ps(p, v); }
   static inline VF add(VF a, VF b) { return _mm512_add_ps(a, b); }

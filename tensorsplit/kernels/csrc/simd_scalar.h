@@ -64,6 +64,7 @@ struct Scalar {
   template <int R> static inline VF byte_sf(VB w) { VF r; for (int i = 0; i < 16; ++i) r.v[i] = (float)(int8_t)w.b[4 * i + R]; return r; }
   static inline void store(float* p, VF v, int n) { for (int i = 0; i < n && i < 16; ++i) p[i] = v.v[i]; }
 
+  static inline VF round16(VF v) { for (int i = 0; i < 16; ++i) v.v[i] = ts::f16_to_f32(ts::f32_to_f16(v.v[i])); return v; }
   static inline VF loadf(const float* p) { VF r; memcpy(r.v, p, 64); return r; }
   static inline void storef(float* p, VF v) { memcpy(p, v.v, 64); }
   static inline VF add(VF a, VF b) { for (int i = 0; i < 16; ++i) a.v[i] += b.v[i]; return a; }
