@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import TensorsplitError
+from ..kernels.ops import ops
 from .numerics import Numerics, round_f16
 
 _SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)   # its enable_gqa
@@ -104,7 +105,7 @@ class Attention:
         window, li = cache.windows[layer], cache.index[layer]
         if self.native:   # writes the step's keys and values into the cache, and attends, in one op
             kc, vc = (cache.k_ring[li], cache.v_ring[li]) if window else (cache.k[li], cache.v[li])
-            return torch.ops.tensorsplit.attention(q.contiguous(), k.contiguous(), v.contiguous(), kc, vc, positions,
+            return ops.attention(q.contiguous(), k.contiguous(), v.contiguous(), kc, vc, positions,
                                                    slots, self.kv_of_q, window, self.scale, self.numerics.llamacpp)
         if not window:
             cache.k[li, slots, positions] = k.to(cache.k.dtype)

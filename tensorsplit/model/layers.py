@@ -17,6 +17,8 @@ from typing import Callable
 
 import torch
 
+from ..kernels.ops import ops
+
 from .numerics import Numerics
 from .quants import MatmulInput, QWeight, get_rows, qmatmul
 
@@ -35,7 +37,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 def native_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """rms_norm in one native op (the sum of squares in double, as ggml takes it)."""
-    return torch.ops.tensorsplit.rms_norm(x, weight, eps)
+    return ops.rms_norm(x, weight, eps)
 
 
 class ColumnParallelLinear:

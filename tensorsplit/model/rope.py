@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from ..kernels.ops import ops
+
 from .numerics import Numerics
 
 
@@ -45,7 +47,7 @@ class Rope:
     def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """x (n, heads, head_dim), positions (n,) -> rotated copy."""
         if self.native:
-            return torch.ops.tensorsplit.rope(x, positions, self.cos, self.sin, self.neox, self.rope_dim)
+            return ops.rope(x, positions, self.cos, self.sin, self.neox, self.rope_dim)
         return self.apply(x, self.cos[positions][:, None, :], self.sin[positions][:, None, :])
 
     def _angles_like_ggml(self, positions: torch.Tensor) -> torch.Tensor:

@@ -22,6 +22,9 @@ from .qtypes import QType
 
 Q8_0_INPUT = frozenset({QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1, QType.Q8_0, QType.IQ4_NL})
 Q8_K_INPUT = frozenset({QType.Q2_K, QType.Q3_K, QType.Q4_K, QType.Q5_K, QType.Q6_K, QType.IQ4_XS})
+# weight type -> the rounding its input gets (types sharing one share a rounded copy of the input)
+ROUNDING_KIND = {**{t: "q8_0" for t in Q8_0_INPUT}, **{t: "q8_k" for t in Q8_K_INPUT},
+                 QType.F16: "f16", QType.BF16: "bf16", QType.F32: "f32"}
 
 
 def _round_q8_0(x2: torch.Tensor) -> torch.Tensor:

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import torch
 
+from ...kernels.ops import ops
 from ..numerics import Numerics
-from .activations import round_inputs
+from .activations import ROUNDING_KIND, round_inputs
 from .dequant import dequantize
 from .qtypes import QType
 from .qweight import QWeight
@@ -26,32 +27,38 @@ TILE_ELEMS = 1 << 22
 class MatmulInput:
     """A matmul input x (..., K) that several weights multiply (q, k, v; gate, up): each form a weight
     needs (8-bit blocks of a kind, per-group sums, a rounded copy) is computed once and kept."""
+    __slots__ = ("lead", "n_cols", "numerics", "x2", "_forms")
 
     def __init__(self, x: torch.Tensor, numerics: Numerics):
         self.lead, self.n_cols, self.numerics = x.shape[:-1], x.shape[-1], numerics
         self.x2 = x.reshape(-1, x.shape[-1]).to(torch.float32).contiguous()     # (M, K)
         self._forms: dict = {}
 
-    def _form(self, key, make):
-        if key not in self._forms:
-            self._forms[key] = make()
-        return self._forms[key]
-
     def q8(self, kind: int, group: int):
         """(q int8 (M, K), d, s, isum (M, K / group)): llama.cpp's Q8_0 / Q8_1 / Q8_K of x."""
-        return self._form(("q8", kind, group), lambda: torch.ops.tensorsplit.quantize_act(self.x2, kind, group))
+        key = (kind, group)
+        form = self._forms.get(key)
+        if form is None:
+            form = self._forms[key] = ops.quantize_act(self.x2, kind, group)
+        return form
 
     def sums(self, group: int) -> torch.Tensor:
-        return self._form(("sums", group), lambda: torch.ops.tensorsplit.group_sums(self.x2, group))
+        """Per-group sums of x (M, K / group), for the min term of the exact path."""
+        key = ("sums", group)
+        form = self._forms.get(key)
+        if form is None:
+            form = self._forms[key] = ops.group_sums(self.x2, group)
+        return form
 
     def rounded(self, qtype) -> torch.Tensor:
         """x as a llamacpp-numerics matmul against qtype sees it (torch path and float weights)."""
-        if not self.numerics.llamacpp:
+        if not self.numerics.llamacpp or qtype == QType.F32:
             return self.x2
-        key = "f16" if qtype == QType.F16 else "bf16" if qtype == QType.BF16 else \
-            "q8_k" if qtype in (QType.Q2_K, QType.Q3_K, QType.Q4_K, QType.Q5_K, QType.Q6_K, QType.IQ4_XS) else \
-            "q8_0" if qtype != QType.F32 else "f32"
-        return self._form(("rounded", key), lambda: round_inputs(self.x2, qtype))
+        key = ("rounded", ROUNDING_KIND[qtype])
+        form = self._forms.get(key)
+        if form is None:
+            form = self._forms[key] = round_inputs(self.x2, qtype)
+        return form
 
 
 def qmatmul(x: torch.Tensor | MatmulInput, w: QWeight, numerics: Numerics | None = None) -> torch.Tensor:
@@ -59,26 +66,20 @@ def qmatmul(x: torch.Tensor | MatmulInput, w: QWeight, numerics: Numerics | None
     inp = x if isinstance(x, MatmulInput) else MatmulInput(x, numerics or Numerics())
     if inp.n_cols != w.n_cols:
         raise ValueError(f"{w.name}: input has {inp.n_cols} features, weight expects {w.n_cols}")
-    if w.layout == "native":
-        y = _native(inp, w)
+    k = w.kernel
+    if k is not None:                                           # native layout
+        if k.act is None:                                       # F16 / BF16: float arithmetic
+            y = ops.matmul_f32(w.data, k.type_id, w.n_rows, w.n_cols, inp.rounded(w.qtype), None)
+        elif inp.numerics.llamacpp:
+            q, d, s, isum = inp.q8(k.act, k.group)
+            y = ops.matmul_q8(w.data, k.type_id, w.n_rows, w.n_cols, q, d, s, isum)
+        else:
+            y = ops.matmul_f32(w.data, k.type_id, w.n_rows, w.n_cols, inp.x2, inp.sums(k.group) if k.has_min else None)
     elif w.data.dtype == torch.float32:                         # dense F32: ggml multiplies in float32 too
         y = inp.x2 @ w.data.T
     else:
         y = _tiled(inp.rounded(w.qtype), w)
-    return y.reshape(*inp.lead, w.n_rows)
-
-
-def _native(inp: MatmulInput, w: QWeight) -> torch.Tensor:
-    from ...kernels.layout import ACT_KINDS, FORMATS
-    ops = torch.ops.tensorsplit
-    f = FORMATS[int(w.qtype)]
-    if f.act is None:                                           # F16 / BF16: float arithmetic
-        return ops.matmul_f32(w.data, int(w.qtype), w.n_rows, w.n_cols, inp.rounded(w.qtype), None)
-    if inp.numerics.llamacpp:
-        q, d, s, isum = inp.q8(ACT_KINDS[f.act], f.group)
-        return ops.matmul_q8(w.data, int(w.qtype), w.n_rows, w.n_cols, q, d, s, isum)
-    sums = inp.sums(f.group) if f.has_min else None
-    return ops.matmul_f32(w.data, int(w.qtype), w.n_rows, w.n_cols, inp.x2, sums)
+    return y if len(inp.lead) == 1 else y.reshape(*inp.lead, w.n_rows)
 
 
 def _tiled(x2: torch.Tensor, w: QWeight) -> torch.Tensor:
@@ -97,7 +98,7 @@ def get_rows(w: QWeight, ids: torch.Tensor) -> torch.Tensor:
     """Dequantize only rows `ids` of w: ids (k,) -> (k, n_cols) float32 (any ids shape -> (*ids.shape, n_cols))."""
     flat = ids.reshape(-1).to(device=w.data.device, dtype=torch.long)
     if w.layout == "native":
-        raw = torch.ops.tensorsplit.unpack_rows(w.data, int(w.qtype), w.n_rows, w.n_cols, flat)  # GGUF bytes
+        raw = ops.unpack_rows(w.data, int(w.qtype), w.n_rows, w.n_cols, flat)  # GGUF bytes
     else:
         raw = w.data.index_select(0, flat)
     rows = dequantize(raw, w.qtype, w.n_cols, w.name)

@@ -8,12 +8,24 @@ import numpy as np
 import torch
 
 from ...errors import ConfigError, ShardPlanError
+from ...kernels.layout import ACT_KINDS, FORMATS, n_tiles
 from .qtypes import FLOAT_TYPES, QType, block_info, check_supported, row_bytes, type_name
 
 # dense dtype kept for each float type
 FLOAT_DTYPES = {QType.F32: torch.float32, QType.F16: torch.float16, QType.BF16: torch.bfloat16}
 # numpy dtype to reinterpret file bytes as (numpy has no bfloat16: int16 then torch view)
 _NP_VIEW = {QType.F32: np.float32, QType.F16: np.float16, QType.BF16: np.int16}
+
+
+@dataclass(frozen=True)
+class NativeKernel:
+    """A native weight's kernel arguments, worked out once: the GGML type id, the activation
+    quantization kind of its integer kernel (None: a float kernel), its scale group, and whether
+    it has a min term (the exact path then needs per-group sums of x)."""
+    type_id: int
+    act: int | None
+    group: int
+    has_min: bool
 
 
 @dataclass
@@ -32,6 +44,7 @@ class QWeight:
     n_cols: int
     name: str = ""
     layout: str = "gguf"
+    kernel: "NativeKernel | None" = None     # how the native kernels multiply it (native layout only)
 
     def __post_init__(self):
         self.qtype = check_supported(self.qtype, self.name)
@@ -40,10 +53,10 @@ class QWeight:
             raise ConfigError(f"{self.name}: {self.n_cols} columns is not a multiple of the "
                               f"{self.qtype.name} block size {bs}")
         if self.layout == "native":
-            from ...kernels.layout import FORMATS, n_tiles
             f = FORMATS[int(self.qtype)]
             want = (n_tiles(self.n_rows), self.n_cols // f.block * f.tile_block)
             assert self.data.dtype == torch.uint8, f"{self.name}: expected uint8 tiles, got {self.data.dtype}"
+            self.kernel = NativeKernel(int(self.qtype), ACT_KINDS.get(f.act), f.group, f.has_min)
         elif self.qtype in FLOAT_TYPES and self.data.dtype != torch.uint8:
             want = (self.n_rows, self.n_cols)
         else:
@@ -62,6 +75,7 @@ class QWeight:
 
     def to(self, device) -> "QWeight":
         return QWeight(self.data.to(device), self.qtype, self.n_rows, self.n_cols, self.name, self.layout)
+
 
     def to_native(self) -> "QWeight":
         """The same weight in the native kernels' tile layout (CPU; needs kernels.native()). Same bytes
