@@ -6,6 +6,11 @@
 - `control_group` (always Gloo, on host memory) carries the coordinator's step messages to
   the workers. Workers wait on it while the coordinator is idle (a person typing in chat), so
   its timeout is long; a dead coordinator still ends the wait at once (the socket closes).
+- `host`: when every rank is on a CPU (and the native library is loaded), the ranks of a node
+  share a memory segment (shm.py) that carries the all-reduces, and on a single node also the step
+  messages and the logits gather, in microseconds. Across nodes an all-reduce is hierarchical:
+  summed inside each node, all-reduced between one leader per node over `leader_group` (Gloo),
+  and shared inside each node again, so every rank ends with the same bits.
 Only fixed-dtype tensors cross the wire: no pickling, no object collectives.
 """
 from __future__ import annotations
@@ -21,6 +26,7 @@ from .backend import BackendChoice
 from .netif import gloo_interface_for
 from .watchdog import CollectiveWatchdog
 from .rendezvous import agree, open_store
+from .shm import HostSegment
 
 CONTROL_TIMEOUT_S = 7 * 24 * 3600
 
@@ -35,11 +41,22 @@ class CommGroup:
     device_group: object | None = None   # torch ProcessGroup; None for a world of one
     control_group: object | None = None
     watchdog: CollectiveWatchdog | None = None
+    host: HostSegment | None = None      # this node's shared-memory segment (all-CPU worlds)
+    leader_group: object | None = None   # local rank 0 of every node, when the world spans nodes
+    single_node: bool = True
 
     # -- data path ---------------------------------------------------------------------------
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum x over ranks. Returns the summed tensor (x itself, modified, on the direct path)."""
         if self.world == 1:
+            return x
+        if self.host is not None:
+            self.host.all_reduce(x)                              # the node's sum, the same bits on each rank
+            if self.leader_group is not None:
+                if self.host.local_rank == 0:
+                    with self.watchdog.watch("all_reduce between nodes"):
+                        dist.all_reduce(x, group=self.leader_group)
+                self.host.broadcast(x, 0)
             return x
         with self.watchdog.watch("all_reduce"):
             if self.backend.staging and x.device.type != "cpu":
@@ -60,6 +77,9 @@ class CommGroup:
         padded[:, : local.shape[1]] = local
         if self.backend.staging:
             padded = padded.cpu()
+        if self.host is not None and self.single_node:
+            parts = self.host.gather(padded, 0)                  # (world, m, width) on rank 0
+            return torch.cat([p[:, :n] for p, n in zip(parts, vocab_sizes)], dim=1) if self.rank == 0 else None
         parts = [torch.empty_like(padded) for _ in range(self.world)] if self.rank == 0 else None
         with self.watchdog.watch("the logits gather"):
             dist.gather(padded, parts, dst=0, group=self.device_group)
@@ -72,6 +92,8 @@ class CommGroup:
         """Broadcast an int64 CPU tensor from rank 0 (the coordinator) to every rank, in place.
         idle: a worker waiting for the next step, however long the coordinator takes (not timed)."""
         assert t.dtype == torch.int64 and t.device.type == "cpu", (t.dtype, t.device)
+        if self.host is not None and self.single_node:
+            return self.host.broadcast(t, 0, idle)
         if self.world > 1:
             if idle:
                 dist.broadcast(t, src=0, group=self.control_group)
@@ -93,8 +115,9 @@ class CommGroup:
 
 def init_comm(rank: int, world: int, local_rank: int, device: torch.device, backend: BackendChoice,
               master_addr: str, master_port: int, timeout_s: float, identity: dict | None = None,
-              local_world: int = 1, on_timeout=None) -> CommGroup:
-    """Join the world: the store at master_addr:master_port (rank 0 serves it), agreement, then both groups."""
+              local_world: int = 1, on_timeout=None, shared_memory: bool = True) -> CommGroup:
+    """Join the world: the store at master_addr:master_port (rank 0 serves it), agreement, both groups,
+    and for CPU ranks the node's shared-memory segment (shared_memory=False: Gloo only, for comparison)."""
     group = CommGroup(rank, world, local_rank, device, backend)
     if world == 1:
         return group
@@ -112,4 +135,23 @@ def init_comm(rank: int, world: int, local_rank: int, device: torch.device, back
     group.device_group = dist.group.WORLD
     group.control_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=CONTROL_TIMEOUT_S))
     group.watchdog = CollectiveWatchdog(timeout_s, on_timeout)
+    if shared_memory and backend.name == "gloo" and not backend.staging and device.type == "cpu":
+        _open_host_segment(group, store, local_world, timeout_s)
     return group
+
+
+def _open_host_segment(group: CommGroup, store, local_world: int, timeout_s: float) -> None:
+    """Every rank calls this (new_group is collective). Nodes hold local_world consecutive ranks."""
+    from ..kernels import native
+    nnodes = group.world // local_world
+    group.single_node = nnodes == 1
+    if not native(announce=False) or group.world % local_world or group.rank % local_world != group.local_rank:
+        return                         # no native library, or ranks not laid out node by node: Gloo only
+    if local_world > 1:
+        group.host = HostSegment.open(store, group.rank, group.local_rank, local_world, timeout_s)
+    if nnodes > 1:
+        leaders = [n * local_world for n in range(nnodes)]
+        group.leader_group = dist.new_group(ranks=leaders, backend="gloo",
+                                            timeout=datetime.timedelta(seconds=timeout_s))
+        if group.host is None:         # one rank per node: the leaders are the world
+            group.leader_group = None

@@ -54,3 +54,4 @@ def _rms_norm(x, weight, eps):
 @torch.library.register_fake("tensorsplit::rope")
 def _rope(x, positions, cos, sin, neox, rope_dim):
     return torch.empty_like(x)
+

@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..comm.shm import remove_job_segments
 from ..worker.process import default_threads
 
 POLL_S = 0.05
@@ -128,6 +129,7 @@ class Launch:
             return self._watch()
         finally:
             self._kill_all()
+            remove_job_segments(str(os.getpid()))    # a shared-memory name a crash left behind
             for s, h in previous.items():
                 signal.signal(s, h)
             self.tmp.cleanup()
