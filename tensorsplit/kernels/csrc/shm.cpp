@@ -33,6 +33,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <cstdio>
 #include <cstring>
 #include <mutex>
 #include <string>
@@ -138,6 +139,22 @@ int64_t shm_attach(const std::string& name, bool create, int64_t rank, int64_t n
 
 void shm_unlink_name(const std::string& name) { shm_unlink(name.c_str()); }
 
+// Whether process `pid` is gone: no such process, or a zombie its parent has not reaped yet.
+bool exited(int64_t pid) {
+  if (pid <= 0) return false;
+  if (kill((pid_t)pid, 0) != 0) return errno == ESRCH;
+  char path[64], buf[256];
+  snprintf(path, sizeof path, "/proc/%lld/stat", (long long)pid);
+  const int fd = open(path, O_RDONLY);
+  if (fd < 0) return false;
+  const ssize_t n = read(fd, buf, sizeof buf - 1);
+  close(fd);
+  if (n <= 0) return false;
+  buf[n] = 0;
+  const char* paren = strrchr(buf, ')');          // "pid (comm) S ...": the state follows the name
+  return paren && paren[1] == ' ' && (paren[2] == 'Z' || paren[2] == 'X');
+}
+
 // Post `round` for this rank, then wait until every rank has posted it.
 void post_and_wait(Segment& s, uint64_t round, double timeout_s, bool idle, const char* what) {
   Control* c = s.ctl();
@@ -162,9 +179,7 @@ void post_and_wait(Segment& s, uint64_t round, double timeout_s, bool idle, cons
       }
       if (t < next_check) continue;
       next_check = t + 0.05;
-      const int64_t pid = c[r].pid;
-      if (pid > 0 && kill((pid_t)pid, 0) != 0 && errno == ESRCH)
-        TORCH_CHECK(false, "shm: local rank ", r, " exited during ", what);
+      if (exited(c[r].pid)) TORCH_CHECK(false, "shm: local rank ", r, " exited during ", what);
       if (!idle && t - start > timeout_s) {
         std::string missing;
         for (int64_t q = 0; q < s.n; ++q)
