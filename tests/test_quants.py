@@ -60,13 +60,31 @@ def reference(raw: np.ndarray, qtype) -> torch.Tensor:
 CASES = [(t, "quantize") for t in QUANTIZABLE] + [(t, "random") for t in ALL if t not in FLOATS]
 
 
+# (elements per block, bytes per block), written out from ggml's block structs (ggml-common.h)
+# rather than read from gguf-py's GGML_QUANT_SIZES, which is where block_info comes from
+BLOCKS = {
+    QT.F32: (1, 4), QT.F16: (1, 2), QT.BF16: (1, 2),
+    QT.Q8_0: (32, 2 + 32),                    # d | qs[32]
+    QT.Q4_0: (32, 2 + 16),                    # d | qs[16]
+    QT.Q4_1: (32, 2 + 2 + 16),                # d | m | qs[16]
+    QT.Q5_0: (32, 2 + 4 + 16),                # d | qh[4] | qs[16]
+    QT.Q5_1: (32, 2 + 2 + 4 + 16),            # d | m | qh[4] | qs[16]
+    QT.Q2_K: (256, 16 + 64 + 2 + 2),          # scales[16] | qs[64] | d | dmin
+    QT.Q3_K: (256, 32 + 64 + 12 + 2),         # hmask[32] | qs[64] | scales[12] | d
+    QT.Q4_K: (256, 2 + 2 + 12 + 128),         # d | dmin | scales[12] | qs[128]
+    QT.Q5_K: (256, 2 + 2 + 12 + 32 + 128),    # d | dmin | scales[12] | qh[32] | qs[128]
+    QT.Q6_K: (256, 128 + 64 + 16 + 2),        # ql[128] | qh[64] | scales[16] | d
+    QT.IQ4_NL: (32, 2 + 16),                  # d | qs[16]
+    QT.IQ4_XS: (256, 2 + 2 + 4 + 128),        # d | scales_h | scales_l[4] | qs[128]
+}
+
+
 def test_supported_and_block_info():
-    assert quants.SUPPORTED == frozenset(ALL)
+    assert quants.SUPPORTED == frozenset(ALL) == frozenset(BLOCKS)
     for t in ALL:
-        assert block_info(t) == GGML_QUANT_SIZES[t]
-        bs, ts = GGML_QUANT_SIZES[t]
+        assert block_info(t) == BLOCKS[t], t.name
+        bs, ts = BLOCKS[t]
         assert row_bytes(t, bs * 3) == ts * 3
-    assert block_info(QT.F32) == (1, 4) and block_info(QT.BF16) == (1, 2)
 
 
 @pytest.mark.parametrize("qtype,how", CASES, ids=[f"{t.name}-{h}" for t, h in CASES])
