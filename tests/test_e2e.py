@@ -10,12 +10,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 
-from cli_helpers import ROOT, run_cli, workers_of
+from cli_helpers import ROOT, assert_all_gone, run_cli, start_cli, workers_of
 
 PROMPT = "The capital of France is"
 N = 12
@@ -49,33 +48,25 @@ def test_generate_streams_text_and_reports(smollm2_path):
 
 def test_sigkill_of_a_worker_ends_everything(smollm2_path):
     """SIGKILL rank 1 mid-generation: the launcher exits non-zero within 15 s naming rank 1, nothing left."""
-    proc = subprocess.Popen([sys.executable, "-m", "tensorsplit", "generate", "-m", str(smollm2_path), "-p", PROMPT,
-                             "-n", "2000", "-c", "4096", "--temp", "0", "--nproc-per-node", "2"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    job = start_cli("generate", "-m", str(smollm2_path), "-p", PROMPT, "-n", "2000", "-c", "4096", "--temp", "0",
+                    "--nproc-per-node", "2")
     try:
-        assert proc.stdout.read(1), "no text was generated"          # generation is under way
-        workers = workers_of(proc.pid)
+        job.out.wait_for(lambda s: len(s) > 0, 180, "generated text")      # generation is under way
+        workers = workers_of(job.pid)
         assert set(workers) == {0, 1}, workers
         # workers never see text: only rank 0 (the coordinator) was given the prompt
         cmdline = {r: open(f"/proc/{pid}/cmdline", "rb").read().decode() for r, pid in workers.items()}
         assert PROMPT in cmdline[0] and PROMPT not in cmdline[1]
-        killed_at = time.monotonic()
         os.kill(workers[1], signal.SIGKILL)
-        _, err = proc.communicate(timeout=15)
-        elapsed = time.monotonic() - killed_at
+        code, err, elapsed = job.finish(15)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode != 0
+        job.kill()
+    assert code != 0
     assert elapsed < 15
     lines = [ln for ln in err.splitlines() if ln.startswith("tensorsplit:")]
     assert lines[-1] == "tensorsplit: rank 1 failed: killed by SIGKILL", err
     assert "Traceback" not in err
-    deadline = time.monotonic() + 5
-    while workers_of(proc.pid) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert workers_of(proc.pid) == {}
+    assert_all_gone(job.pid)
 
 
 def test_bad_input_gives_one_line(tmp_path):
