@@ -3,8 +3,9 @@ K-quant (Q2_K..Q6_K) and IQ4 (IQ4_NL, IQ4_XS) blocks, and matmul over weights ke
 
 Modules: qtypes (type facts, errors), formats_* (block decoders), dequant (dispatch table),
 qweight (QWeight, slice_cols), matmul (qmatmul, get_rows; its TILE_ELEMS bounds the tile),
-fused (opt-in compiled dequantize-and-matvec for decode steps), activations (opt-in
-llama.cpp-style rounding of matmul inputs).
+fused (opt-in compiled dequantize-and-matvec for decode steps), paths (counts of which path,
+eager or a fast kernel, computed each matmul), activations (opt-in llama.cpp-style rounding of
+matmul inputs).
 """
 from .dequant import DEQUANTIZERS, dequantize
 from .fused import set_kernels

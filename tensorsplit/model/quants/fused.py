@@ -13,7 +13,9 @@ shape, rows) compiles once per process (seconds; inductor caches the code on dis
 runs); rows are padded to a power of two, so that a batch whose size changes as sequences
 finish compiles at most three times per weight shape.
 If compilation fails (no C++ compiler, say), a warning is printed once and the eager path
-is used from then on.
+is used from then on. Each matmul this module computes is counted as "compiled" in paths.py,
+each one it was asked for and could not compute as "compiled:fallback", so that tests can
+tell the fast path from a silent fallback.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import sys
 
 import torch
 
+from . import paths
 from .formats_iq import KVALUES
 from .formats_k import scale_min_k4_halves
 from .qtypes import QType
@@ -213,7 +216,10 @@ def set_kernels(mode: str) -> None:
 def fused_matmul(x2: torch.Tensor, qtype, data: torch.Tensor) -> torch.Tensor | None:
     """x2 (M, n_cols) float32 @ W.T for a packed weight, or None when the fused path does not apply."""
     global _failed
-    if _mode != "compiled" or _failed or x2.shape[0] > MAX_ROWS or qtype not in MATVEC:
+    if _mode != "compiled" or x2.shape[0] > MAX_ROWS or qtype not in MATVEC:
+        return None                                      # eager by design
+    if _failed:
+        paths.record("compiled" + paths.FALLBACK)
         return None
     fn = _compiled.get(qtype)
     if fn is None:
@@ -223,9 +229,12 @@ def fused_matmul(x2: torch.Tensor, qtype, data: torch.Tensor) -> torch.Tensor | 
     if rows != m:
         x2 = torch.cat([x2, x2.new_zeros(rows - m, x2.shape[1])])
     try:
-        return fn(x2, data)[:m]
+        y = fn(x2, data)[:m]
     except Exception as e:  # noqa: BLE001 - a toolchain problem must not stop generation
         _failed = True
+        paths.record("compiled" + paths.FALLBACK)
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         print(f"tensorsplit: compiled kernels unavailable ({first}); using eager kernels", file=sys.stderr)
         return None
+    paths.record("compiled")
+    return y

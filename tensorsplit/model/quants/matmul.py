@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from . import paths
 from .activations import round_inputs
 from .dequant import dequantize
 from .fused import fused_matmul
@@ -33,6 +34,7 @@ def qmatmul(x: torch.Tensor, w: QWeight) -> torch.Tensor:
     fused = fused_matmul(x2, w.qtype, w.data)                # decode steps, when compiled kernels are on
     if fused is not None:
         return fused.reshape(*lead, w.n_rows)
+    paths.record("eager")
     out = torch.empty(x2.shape[0], w.n_rows, dtype=torch.float32, device=x2.device)  # (M, n_rows)
     step = max(1, TILE_ELEMS // max(1, w.n_cols))            # rows per tile
     for r0 in range(0, w.n_rows, step):
