@@ -14,6 +14,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from cli_helpers import ROOT, assert_all_gone, run_cli, start_cli, workers_of
 from fast_path import assert_fast_path, rank_counts
@@ -137,24 +138,35 @@ def test_torchrun_command_from_readme(smollm2_path):
 
 
 def test_perplexity_command_matches_in_process_and_takes_numerics(smollm2_path):
-    """`tensorsplit perplexity` at 2 workers equals the coordinator's perplexity() over a one-rank
-    engine in this process (float32 order only); --numerics llamacpp reaches the workers and moves
-    the number (seen over these 126 tokens: 30.07 -> 28.67; llama.cpp itself gives 29.36)."""
-    from test_llamacpp_golden import local_engine
+    """`tensorsplit perplexity` at 2 workers equals the coordinator's perplexity() over 2 ranks as
+    threads in this process, in each numerics mode: --numerics llamacpp must reach the workers and
+    round there as it does in-process (seen over these 126 tokens: exact 30.07, llamacpp 28.67;
+    llama.cpp itself gives 29.36). One thread per rank on both sides, so that both run the same
+    float32 kernels in the same order: seen identical to the last digit; allowed 1e-9 relative."""
+    from test_llamacpp_golden import world_forward
     from tensorsplit.coordinator.perplexity import perplexity
     from tensorsplit.coordinator.tokenizer import Tokenizer
     from tensorsplit.model import open_model
+    from tensorsplit.model.numerics import set_numerics
 
     text = ROOT / "tests" / "fixtures" / "english.txt"
     args = ["perplexity", "-m", str(smollm2_path), "-f", str(text), "-c", "128", "--chunks", "2", "--json",
-            "--nproc-per-node", "2"]
-    exact = json.loads(run_cli(*args).stdout)
-    rounded = json.loads(run_cli(*args, "--numerics", "llamacpp").stdout)
+            "--nproc-per-node", "2", "--threads", "1"]
+    cli = {mode: json.loads(run_cli(*args, "--numerics", mode).stdout) for mode in ("exact", "llamacpp")}
     gf, cfg = open_model(smollm2_path)
     tok = Tokenizer.from_gguf_kv(gf.kv)
     tokens = tok.encode(text.read_text(), add_special=True)
-    ref = perplexity(local_engine(gf, cfg, 128).forward, tokens, 128, tok.bos_id if tok.add_bos else None,
-                     max_chunks=2)
-    assert exact["scored_tokens"] == 126 and exact["world"] == 2
-    assert abs(exact["ppl"] / ref.ppl - 1) < 1e-4
-    assert 1e-4 < abs(rounded["ppl"] / exact["ppl"] - 1) < 0.1
+    ref, threads = {}, torch.get_num_threads()
+    for mode in ("exact", "llamacpp"):
+        set_numerics(mode)
+        torch.set_num_threads(1)
+        try:
+            ref[mode] = perplexity(world_forward(gf, cfg, 2, 128), tokens, 128, tok.bos_id if tok.add_bos else None,
+                                   max_chunks=2).ppl
+        finally:
+            set_numerics("exact")
+            torch.set_num_threads(threads)
+    for mode in ("exact", "llamacpp"):
+        assert cli[mode]["scored_tokens"] == 126 and cli[mode]["world"] == 2
+        assert abs(cli[mode]["ppl"] / ref[mode] - 1) < 1e-9, (mode, cli[mode]["ppl"], ref[mode])
+    assert abs(ref["llamacpp"] / ref["exact"] - 1) > 0.01       # the modes are told apart
