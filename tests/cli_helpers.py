@@ -4,14 +4,18 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_cli(*args: str, timeout: float = 240, env: dict | None = None) -> subprocess.CompletedProcess:
+def run_cli(*args: str, timeout: float = 240, env: dict | None = None, stdin_text: str | None = None,
+            ) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "tensorsplit", *args], capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, **(env or {})}, cwd=ROOT)
+                          timeout=timeout, env={**os.environ, **(env or {})}, cwd=ROOT, input=stdin_text)
 
 
 def environ_of(pid: int) -> dict[str, str]:
@@ -39,16 +43,90 @@ def workers_of(launcher_pid: int) -> dict[int, int]:
     return out
 
 
-def start_cli(*args: str, env: dict | None = None, stdin=None):
-    """Popen of the real command, text mode, stdout and stderr piped."""
-    import time  # noqa: F401
-    return subprocess.Popen([sys.executable, "-m", "tensorsplit", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, stdin=stdin, text=True, cwd=ROOT,
-                            env={**os.environ, **(env or {})})
+class PipeReader:
+    """Reads a child's pipe on a thread, so that a test can wait for what the child printed with a
+    deadline (a blocking `proc.stdout.read(1)` hangs CI when the child prints nothing)."""
+
+    def __init__(self, pipe, name: str = "output"):
+        self.name, self._chunks, self._lock = name, [], threading.Lock()
+        self.closed = threading.Event()
+        self._fd = pipe.fileno()
+        self._thread = threading.Thread(target=self._pump, daemon=True, name=f"read {name}")
+        self._thread.start()
+
+    def _pump(self) -> None:
+        while True:
+            try:
+                chunk = os.read(self._fd, 65536)
+            except OSError:
+                chunk = b""
+            if not chunk:
+                break
+            with self._lock:
+                self._chunks.append(chunk)
+        self.closed.set()
+
+    def text(self) -> str:
+        with self._lock:
+            return b"".join(self._chunks).decode(errors="replace")
+
+    def wait_for(self, condition: str | Callable[[str], bool], timeout: float, what: str | None = None) -> str:
+        """Wait until the text read so far contains `condition` (a string) or satisfies it (a
+        predicate); fail with everything read so far when `timeout` seconds pass first, or when the
+        pipe closes without it."""
+        test = (lambda s: condition in s) if isinstance(condition, str) else condition
+        deadline = time.monotonic() + timeout
+        while True:
+            closed = self.closed.is_set()
+            text = self.text()
+            if test(text):
+                return text
+            if closed:
+                raise AssertionError(f"{self.name} closed before {what or repr(condition)} appeared: {text!r}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {what or repr(condition)} on {self.name} within {timeout:g} s: {text!r}")
+            time.sleep(0.05)
+
+    def join(self, timeout: float = 10) -> str:
+        """Everything, once the child has closed the pipe."""
+        self._thread.join(timeout)
+        return self.text()
 
 
-def wait_for_workers(launcher_pid: int, n: int, timeout: float = 60) -> dict[int, int]:
-    import time
+class Child:
+    """A started command with both pipes read on threads: `out` and `err` are PipeReaders."""
+
+    def __init__(self, args: list[str], env: dict | None = None, stdin=None):
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=stdin, cwd=ROOT,
+                                     env={**os.environ, **(env or {})})
+        self.pid = self.proc.pid
+        self.out, self.err = PipeReader(self.proc.stdout, "stdout"), PipeReader(self.proc.stderr, "stderr")
+
+    def finish(self, within: float) -> tuple[int, str, float]:
+        """Wait at most `within` seconds for the exit: (exit code, stderr, seconds waited). On the
+        deadline the child is killed and the test fails."""
+        t0 = time.monotonic()
+        try:
+            code = self.proc.wait(timeout=within)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"still running after {within:g} s; stderr: {self.err.text()!r}") from None
+        took = time.monotonic() - t0
+        self.out.join()
+        return code, self.err.join(), took
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def start_cli(*args: str, env: dict | None = None, stdin=None) -> Child:
+    """The real command, started; its stdout and stderr are read on threads (Child.out, Child.err)."""
+    return Child([sys.executable, "-m", "tensorsplit", *args], env=env, stdin=stdin)
+
+
+def wait_for_workers(launcher_pid: int, n: int, timeout: float = 120) -> dict[int, int]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         w = workers_of(launcher_pid)
@@ -58,9 +136,30 @@ def wait_for_workers(launcher_pid: int, n: int, timeout: float = 60) -> dict[int
     raise AssertionError(f"{n} workers did not appear within {timeout} s: {workers_of(launcher_pid)}")
 
 
-def assert_all_gone(launcher_pid: int, within: float = 5) -> None:
-    import time
+def assert_all_gone(launcher_pid: int, within: float = 10) -> None:
     deadline = time.monotonic() + within
     while workers_of(launcher_pid) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert workers_of(launcher_pid) == {}, f"orphaned workers: {workers_of(launcher_pid)}"
+
+
+def assert_pids_gone(pids, within: float = 10) -> None:
+    """Every process in `pids` has ended (gone from /proc, or a zombie awaiting its reaper)."""
+    def alive(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+        except OSError:
+            return False
+    deadline = time.monotonic() + within
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not [p for p in pids if alive(p)], f"still running: {[p for p in pids if alive(p)]}"
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll `condition` until it holds; fail naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout:g} s")
+        time.sleep(0.05)

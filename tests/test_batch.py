@@ -10,9 +10,8 @@ import sys
 import time
 
 import pytest
-import torch
 
-from cli_helpers import ROOT, run_cli
+from cli_helpers import ROOT, assert_pids_gone, run_cli, wait_for_workers
 from tensorsplit.coordinator.batch_io import BadLine, InputLine, done_ids, parse_line
 from tensorsplit.coordinator.generate import Generator, Request, generate_one
 from tensorsplit.coordinator.sampling import SamplingParams
@@ -88,7 +87,7 @@ def test_batch_cli_skips_or_fails_on_bad_lines(smollm2_path, tmp_path):
     prompts, out = tmp_path / "p.jsonl", tmp_path / "o.jsonl"
     _write_prompts(prompts, 3, bad=True)
     r = run_cli("batch", str(smollm2_path), str(prompts), "-o", str(out), "--on-error", "fail")
-    assert r.returncode == 1 and not out.exists() or out.read_text() == ""
+    assert r.returncode == 1 and (not out.exists() or out.read_text() == ""), r.stderr
     assert "line 3: not valid JSON" in r.stderr and "nothing generated" in r.stderr
     r = run_cli("batch", str(smollm2_path), str(prompts), "-o", str(out), "-np", "2")
     assert r.returncode == 0, r.stderr
@@ -105,12 +104,20 @@ def test_batch_killed_midway_then_rerun_gives_one_line_per_id(smollm2_path, tmp_
     _write_prompts(prompts, n)
     cmd = [sys.executable, "-m", "tensorsplit", "batch", str(smollm2_path), str(prompts), "-o", str(out),
            "-np", "2", "--nproc-per-node", "2"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and (not out.exists() or out.read_text().count("\n") < 2):
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)     # the launcher; its workers die with it
-    proc.wait()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    try:
+        workers = wait_for_workers(proc.pid, 2)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and (not out.exists() or out.read_text().count("\n") < 2):
+            time.sleep(0.05)
+        assert proc.poll() is None, "the batch ended before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)     # the launcher; its workers die with it
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert_pids_gone(workers.values())
     first = out.read_text().splitlines()
     assert 2 <= len(first) < n
     r = run_cli("batch", str(smollm2_path), str(prompts), "-o", str(out), "-np", "3", "--nproc-per-node", "2")

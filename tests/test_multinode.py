@@ -1,21 +1,27 @@
 """Multi-node worlds: two real hosts as two network namespaces joined by a veth pair, one node
 each; arrival timeouts and agreement checks between nodes.
 
-The namespaces are made by the test itself (root and iproute2 needed); where the machine
-forbids them, the namespace test says so and skips.
+The namespaces are made by the test itself (root and iproute2 needed). Where the machine forbids
+them (not root, or the kernel refuses), the namespace test skips with the reason, which `-rs`
+shows in the summary; a missing `ip` command is a broken test machine, and fails.
 """
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
-from cli_helpers import ROOT, run_cli
+from cli_helpers import ROOT, assert_all_gone, run_cli, start_cli, wait_until
+from tensorsplit.model.gguf_file import GGUFFile
 
 PROMPT = "The capital of France is"
 GEN = ["-p", PROMPT, "-n", "8", "--temp", "0", "--json"]
@@ -40,7 +46,8 @@ class Netns:
             r = subprocess.run(["ip", *s], capture_output=True, text=True)
             if r.returncode != 0:
                 self.close()
-                raise PermissionError(f"ip {' '.join(s)}: {r.stderr.strip()}")
+                forbidden = any(m in r.stderr for m in ("Operation not permitted", "Permission denied"))
+                raise (PermissionError if forbidden else RuntimeError)(f"ip {' '.join(s)}: {r.stderr.strip()}")
 
     def popen(self, ns: str, *args: str) -> subprocess.Popen:
         return subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-m", "tensorsplit", *args],
@@ -53,8 +60,10 @@ class Netns:
 
 @pytest.fixture
 def netns():
-    if shutil.which("ip") is None or os.geteuid() != 0:
-        pytest.skip("needs root and iproute2 to make network namespaces")
+    if os.geteuid() != 0:
+        pytest.skip("network namespaces need root, and this test runs as uid " + str(os.geteuid()))
+    if shutil.which("ip") is None:
+        pytest.fail("the `ip` command (iproute2) is missing: install it to make network namespaces")
     try:
         ns = Netns()
     except PermissionError as e:
@@ -89,19 +98,155 @@ def test_two_namespace_nodes_equal_single_node(netns, smollm2_path, per_node):
 def test_missing_node_is_named_after_the_timeout(smollm2_path):
     t0 = time.monotonic()
     r = run_cli("generate", "-m", str(smollm2_path), "-p", "x", "--nnodes", "2", "--node-rank", "0",
-                "--nproc-per-node", "1", "--master-port", "29614", "--timeout", "3")
+                "--nproc-per-node", "1", "--master-port", _free_port(), "--timeout", "3")
     assert r.returncode == 1
     assert "tensorsplit: rank 0 failed: rank(s) 1 did not join within 3 s (node(s) 1" in r.stderr
     assert time.monotonic() - t0 < 60
 
 
-def test_nodes_that_disagree_fail_fast_with_both_values(smollm2_path, tmp_path):
-    common = ["generate", "-m", str(smollm2_path), "-p", "x", "--nnodes", "2", "--nproc-per-node", "1",
-              "--master-port", "29615", "--timeout", "30"]
-    node1 = subprocess.Popen([sys.executable, "-m", "tensorsplit", *common, "--node-rank", "1", "--split", "3,1"],
+def _free_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def _edited_copy(src, dst):
+    """A copy of the GGUF `src` with one letter of its general.name changed: the same size, another
+    header, so another fingerprint."""
+    data = bytearray(src.read_bytes())
+    at = data.index(b"general.name") + len(b"general.name") + 4 + 8    # value type, string length
+    data[at] = ord("X") if data[at] != ord("X") else ord("Y")
+    dst.write_bytes(bytes(data))
+    return dst
+
+
+@pytest.mark.parametrize("field", ["split", "model_fingerprint", "world"])
+def test_nodes_that_disagree_fail_fast_with_both_values(smollm2_path, tmp_path, field):
+    """README: at start the ranks agree on the model file (size and a hash of its header and tensor
+    table), the world size, the split and the dtype; a disagreement fails at once with both values.
+    Two nodes on this machine, node 1 differing in one thing (the dtype cannot differ from the command
+    line: see test_agreement_covers_the_dtype)."""
+    port = _free_port()
+    common = ["generate", "-p", "x", "--nproc-per-node", "1", "--master-port", port, "--timeout", "30"]
+    node0 = ["-m", str(smollm2_path), "--nnodes", "2", "--node-rank", "0", "--split", "1,1"]
+    node1 = ["-m", str(smollm2_path), "--nnodes", "2", "--node-rank", "1", "--split", "1,1"]
+    if field == "split":
+        node1[-1] = "3,1"
+        msg = "rank 1 (node 1) disagrees with rank 0 on split: [0.75, 0.25] vs [0.5, 0.5]"
+    elif field == "model_fingerprint":
+        other = _edited_copy(smollm2_path, tmp_path / "other.gguf")
+        node1[1] = str(other)
+        with GGUFFile(smollm2_path) as a, GGUFFile(other) as b:
+            assert a.fingerprint() != b.fingerprint()
+            msg = f"rank 1 (node 1) disagrees with rank 0 on model_fingerprint: {b.fingerprint()!r} vs {a.fingerprint()!r}"
+    else:
+        node1[3], node1[-2:] = "3", []         # a world of 3 on node 1's side, 2 on node 0's
+        node0[-2:] = []
+        msg = "rank 1 (node 1) disagrees with rank 0 on world: 3 vs 2"
+    t0 = time.monotonic()
+    proc1 = subprocess.Popen([sys.executable, "-m", "tensorsplit", *common, *node1],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-    r0 = run_cli(*common, "--node-rank", "0", "--split", "1,1")
-    _, err1 = node1.communicate(timeout=60)
-    msg = "disagrees with rank 0 on split: [0.75, 0.25] vs [0.5, 0.5]"
-    assert r0.returncode == 1 and msg in r0.stderr
-    assert node1.returncode == 1 and msg in err1
+    try:
+        r0 = run_cli(*common, *node0)
+        _, err1 = proc1.communicate(timeout=60)
+    finally:
+        if proc1.poll() is None:
+            proc1.kill()
+            proc1.wait()
+    assert r0.returncode == 1 and f"tensorsplit: rank 0 failed: {msg}" in r0.stderr, r0.stderr
+    assert proc1.returncode == 1 and f"tensorsplit: rank 1 failed: {msg}" in err1, err1
+    assert time.monotonic() - t0 < 30          # at once: well before the 30 s rendezvous timeout
+
+
+def test_agreement_covers_the_dtype(smollm2_path, monkeypatch):
+    """The identity a rank posts holds the model's size and fingerprint, the world, the split and the
+    dtype (captured where join_and_load hands it to init_comm); and agree() refuses two ranks whose
+    dtype differs, both values in the message, on every rank (two ranks as threads on a real store)."""
+    import threading
+
+    import torch
+    from torch.distributed import TCPStore
+
+    from tensorsplit.comm.rendezvous import agree
+    from tensorsplit.errors import TensorsplitError
+    from tensorsplit.worker import main as worker_main
+    from tensorsplit.worker.process import RankEnv
+
+    class Captured(Exception):
+        pass
+
+    def capture(*args, **kwargs):
+        raise Captured(args[8])                   # init_comm(rank, world, ..., identity, ...)
+    monkeypatch.setattr(worker_main, "init_comm", capture)
+    threads = torch.get_num_threads()
+    try:
+        worker_main.join_and_load(RankEnv(0, 2, 0, 1, "127.0.0.1", 1), worker_main.WorldSpec(model=smollm2_path))
+    except Captured as e:
+        identity = e.args[0]
+    finally:
+        torch.set_num_threads(threads)            # join_and_load set this process's threads for a rank
+    with GGUFFile(smollm2_path) as gf:
+        assert identity["model_fingerprint"] == gf.fingerprint()
+    assert identity["model_bytes"] == smollm2_path.stat().st_size
+    assert (identity["world"], identity["split"], identity["dtype"]) == (2, [0.5, 0.5], "float32")
+
+    port = int(_free_port())
+    store0 = TCPStore("127.0.0.1", port, None, True, datetime.timedelta(seconds=10), wait_for_workers=False)
+    store1 = TCPStore("127.0.0.1", port, None, False, datetime.timedelta(seconds=10))
+    errors = {}
+
+    def rank(r, store, dtype):
+        try:
+            agree(store, r, 2, {**identity, "dtype": dtype}, 10, 1)
+        except TensorsplitError as e:
+            errors[r] = str(e)
+    ranks = [threading.Thread(target=rank, args=(1, store1, "bfloat16")),
+             threading.Thread(target=rank, args=(0, store0, "float32"))]
+    for t in ranks:
+        t.start()
+    for t in ranks:
+        t.join(60)
+    msg = "rank 1 (node 1) disagrees with rank 0 on dtype: 'bfloat16' vs 'float32'"
+    assert errors == {0: msg, 1: msg}
+
+
+def _listeners(port: int) -> list[str]:
+    """Local addresses of the sockets listening on `port` (/proc/net/tcp and tcp6, state 0A)."""
+    out = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            addr, p = local.split(":")
+            if state == "0A" and int(p, 16) == port:
+                raw = bytes.fromhex(addr)
+                if len(raw) == 4:   # little-endian IPv4
+                    out.append(socket.inet_ntop(socket.AF_INET, raw[::-1]))
+                else:               # IPv6: four little-endian 32-bit words
+                    words = b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4))
+                    out.append(socket.inet_ntop(socket.AF_INET6, words))
+    return out
+
+
+def test_rendezvous_listens_on_master_addr_only(smollm2_path):
+    """README: node 0 hosts the rendezvous, bound to --master-addr only. With --master-addr 127.0.0.2
+    (a loopback address other than the usual one), the only socket listening on the port is on
+    127.0.0.2, and a connection to 127.0.0.1 on that port is refused."""
+    port = int(_free_port())
+    job = start_cli("generate", "-m", str(smollm2_path), "-p", "x", "--nnodes", "2", "--node-rank", "0",
+                    "--nproc-per-node", "1", "--master-addr", "127.0.0.2", "--master-port", str(port),
+                    "--timeout", "120")
+    try:
+        wait_until(lambda: _listeners(port) or job.proc.poll() is not None, 120, f"a listener on port {port}")
+        assert job.proc.poll() is None, job.err.text()
+        assert _listeners(port) == ["127.0.0.2"]
+        with socket.socket() as s, pytest.raises(ConnectionRefusedError):
+            s.settimeout(10)
+            s.connect(("127.0.0.1", port))
+        with socket.create_connection(("127.0.0.2", port), timeout=10):
+            pass                                  # the rendezvous itself is there
+        os.kill(job.pid, signal.SIGTERM)          # node 1 never comes; stop waiting for it
+        code, err, _ = job.finish(60)
+    finally:
+        job.kill()
+    assert code == 130, err
+    assert_all_gone(job.pid)

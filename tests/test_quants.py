@@ -60,13 +60,31 @@ def reference(raw: np.ndarray, qtype) -> torch.Tensor:
 CASES = [(t, "quantize") for t in QUANTIZABLE] + [(t, "random") for t in ALL if t not in FLOATS]
 
 
+# (elements per block, bytes per block), written out from ggml's block structs (ggml-common.h)
+# rather than read from gguf-py's GGML_QUANT_SIZES, which is where block_info comes from
+BLOCKS = {
+    QT.F32: (1, 4), QT.F16: (1, 2), QT.BF16: (1, 2),
+    QT.Q8_0: (32, 2 + 32),                    # d | qs[32]
+    QT.Q4_0: (32, 2 + 16),                    # d | qs[16]
+    QT.Q4_1: (32, 2 + 2 + 16),                # d | m | qs[16]
+    QT.Q5_0: (32, 2 + 4 + 16),                # d | qh[4] | qs[16]
+    QT.Q5_1: (32, 2 + 2 + 4 + 16),            # d | m | qh[4] | qs[16]
+    QT.Q2_K: (256, 16 + 64 + 2 + 2),          # scales[16] | qs[64] | d | dmin
+    QT.Q3_K: (256, 32 + 64 + 12 + 2),         # hmask[32] | qs[64] | scales[12] | d
+    QT.Q4_K: (256, 2 + 2 + 12 + 128),         # d | dmin | scales[12] | qs[128]
+    QT.Q5_K: (256, 2 + 2 + 12 + 32 + 128),    # d | dmin | scales[12] | qh[32] | qs[128]
+    QT.Q6_K: (256, 128 + 64 + 16 + 2),        # ql[128] | qh[64] | scales[16] | d
+    QT.IQ4_NL: (32, 2 + 16),                  # d | qs[16]
+    QT.IQ4_XS: (256, 2 + 2 + 4 + 128),        # d | scales_h | scales_l[4] | qs[128]
+}
+
+
 def test_supported_and_block_info():
-    assert quants.SUPPORTED == frozenset(ALL)
+    assert quants.SUPPORTED == frozenset(ALL) == frozenset(BLOCKS)
     for t in ALL:
-        assert block_info(t) == GGML_QUANT_SIZES[t]
-        bs, ts = GGML_QUANT_SIZES[t]
+        assert block_info(t) == BLOCKS[t], t.name
+        bs, ts = BLOCKS[t]
         assert row_bytes(t, bs * 3) == ts * 3
-    assert block_info(QT.F32) == (1, 4) and block_info(QT.BF16) == (1, 2)
 
 
 @pytest.mark.parametrize("qtype,how", CASES, ids=[f"{t.name}-{h}" for t, h in CASES])
@@ -184,24 +202,72 @@ def test_unsupported_type_raises():
         assert name in str(e.value) and "IQ2_XXS" in str(e.value) and "Q4_K" in str(e.value)
 
 
+COMPILED = [QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.IQ4_NL, QT.IQ4_XS]
+
+
+@pytest.fixture
+def compiled_kernels():
+    """--kernels compiled for one test, with the path counts reset (model/quants/paths.py)."""
+    from tensorsplit.model.quants import fused, paths
+    fused.set_kernels("compiled")
+    paths.reset()
+    yield paths
+    fused.set_kernels("eager")
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("qtype", [QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.Q4_K, QT.Q5_K, QT.Q6_K,
-                                   QT.IQ4_NL, QT.IQ4_XS], ids=lambda t: t.name)
-def test_compiled_decode_kernels_match_gguf_py(qtype):
-    """The opt-in fused (torch.compile) decode path against a float64 product of gguf-py's weights
-    (random bytes with sane f16 scales: every bit pattern of the packed fields is exercised)."""
-    from tensorsplit.model.quants import fused
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])      # decode steps: one row per sequence, up to fused.MAX_ROWS
+@pytest.mark.parametrize("qtype", COMPILED, ids=lambda t: t.name)
+def test_compiled_decode_kernels_match_gguf_py(qtype, rows, compiled_kernels):
+    """The opt-in fused (torch.compile) decode path, through qmatmul as the model calls it, against a
+    float64 product of gguf-py's weights (random bytes with sane f16 scales: every bit pattern of the
+    packed fields is exercised). 3 rows are padded to 4 inside and sliced back. The path counts show
+    that the compiled kernel computed it: the eager path would give the same numbers."""
+    from fast_path import assert_fast_path
     n_rows, n_cols = 96, 512
     raw = make_raw(qtype, n_rows, n_cols, "random", seed=7)
     dense = reference(raw, qtype).double()
     qw = quants.QWeight.from_numpy(raw, qtype, n_rows, n_cols)
-    x = torch.randn(3, n_cols)                    # padded to 4 rows inside, sliced back
-    fused.set_kernels("compiled")
-    try:
-        y = fused.fused_matmul(x, qtype, qw.data)
-    finally:
-        fused.set_kernels("eager")
-    assert y is not None and y.shape == (3, n_rows) and not fused._failed
+    x = torch.randn(rows, n_cols, generator=torch.Generator().manual_seed(rows))
+    y = qmatmul(x, qw)
+    assert_fast_path(compiled_kernels.counts(), "compiled", exclusive=True)
+    assert y.shape == (rows, n_rows)
     ref = x.double() @ dense.T
     bound = 2 * n_cols * 2.0 ** -24 * (x.double().abs() @ dense.abs().T) + 1e-30
     assert ((y.double() - ref).abs() <= bound).all()
+
+
+def test_path_counts_catch_a_compiled_kernel_that_falls_back(compiled_kernels, monkeypatch, capsys):
+    """Force the fallback (the compiled kernel raises, as a missing C++ compiler makes it): the result is
+    still right, from the eager path, so only the path counts show it, and assert_fast_path fails."""
+    from fast_path import assert_fast_path
+    from tensorsplit.model.quants import fused
+
+    def broken(x, data):
+        raise RuntimeError("no C++ compiler")
+    monkeypatch.setattr(fused, "_failed", False)
+    monkeypatch.setitem(fused._compiled, QT.Q8_0, broken)
+    raw = make_raw(QT.Q8_0, 8, 64, "quantize")
+    w = QWeight.from_numpy(raw, QT.Q8_0, 8, 64)
+    x = torch.randn(2, 64, generator=torch.Generator().manual_seed(3))
+    for _ in range(2):                      # the failing call, then one after the switch to eager
+        _check_matmul(x, w, reference(raw, QT.Q8_0))
+    assert compiled_kernels.counts() == {"compiled:fallback": 2, "eager": 2}
+    assert "compiled kernels unavailable (no C++ compiler)" in capsys.readouterr().err
+    with pytest.raises(AssertionError, match="never ran"):
+        assert_fast_path(compiled_kernels.counts(), "compiled")
+    # one fast call is not enough when another fell back
+    compiled_kernels.record("compiled")
+    with pytest.raises(AssertionError, match="fell back"):
+        assert_fast_path(compiled_kernels.counts(), "compiled")
+
+
+def test_path_counts_of_steps_the_kernels_leave_to_eager(compiled_kernels):
+    """Steps with more rows than fused.MAX_ROWS, and formats without a kernel, are eager by design,
+    not a fallback; in eager mode everything is."""
+    from tensorsplit.model.quants import fused
+    for qtype, m in [(QT.Q8_0, fused.MAX_ROWS + 1), (QT.Q3_K, 1)]:
+        n_cols = n_cols_for(qtype, 2)
+        raw = make_raw(qtype, 4, n_cols, "quantize" if qtype in QUANTIZABLE else "random")
+        qmatmul(torch.randn(m, n_cols), QWeight.from_numpy(raw, qtype, 4, n_cols))
+    assert compiled_kernels.counts() == {"eager": 2}

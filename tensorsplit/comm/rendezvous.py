@@ -103,7 +103,9 @@ def _judge(store, world: int, mine: dict, timeout_s: float, local_world: int) ->
     for r in range(1, world):
         posted = json.loads(store.get(keys[r]).decode())
         theirs = posted["identity"]
-        for field in sorted(set(mine) | set(theirs)):
+        # in the order rank 0 lists its identity (the model and the world first), so that a message names
+        # the cause (world 3 vs 2) rather than what follows from it (three devices vs two)
+        for field in [*mine, *sorted(set(theirs) - set(mine))]:
             if theirs.get(field) != mine.get(field):
                 return (f"rank {r} (node {posted['node_rank']}) disagrees with rank 0 on {field}: "
                         f"{theirs.get(field)!r} vs {mine.get(field)!r}")

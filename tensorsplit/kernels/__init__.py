@@ -39,6 +39,11 @@ def native(announce: bool = True) -> bool:
     return _state["ok"]
 
 
+def unavailable() -> bool:
+    """The native kernels were wanted (not turned off by TENSORSPLIT_NATIVE=0) but could not load."""
+    return _state.get("ok") is False and os.environ.get("TENSORSPLIT_NATIVE", "1") != "0"
+
+
 def isa() -> str:
     """The instruction set the native kernels run with, or "torch" when they are unavailable."""
     if not native():
@@ -47,4 +52,4 @@ def isa() -> str:
     return torch.ops.tensorsplit.isa()
 
 
-__all__ = ["native", "isa", "BuildError"]
+__all__ = ["native", "unavailable", "isa", "BuildError"]

@@ -42,7 +42,7 @@ def _matmul_f32(w, type, n_rows, n_cols, x, xsum):
 
 
 @torch.library.register_fake("tensorsplit::attention")
-def _attention(q, k, v, k_cache, v_cache, positions, slots, kv_of_q, window, scale, round16):
+def _attention(q, k, v, k_cache, v_cache, positions, slots, kv_of_q, window, scale, round16, scale_scores):
     return q.new_empty((q.shape[0], q.shape[1] * q.shape[2]))
 
 

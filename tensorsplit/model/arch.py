@@ -60,6 +60,8 @@ class ArchSpec:
     swa_pattern: int = 0          # sliding-window layers: every n-th layer global, the rest local; 0 = none
     rope_base_swa: float = 0.0    # rope base of the local layers unless {arch}.rope.freq_base_swa says otherwise
     attn_scale: Callable[[object], float] = _head_dim_scale   # cfg -> softmax scale of q.k
+    q_prescaled: bool = False     # llama.cpp scales q itself before attention (kq_scale 1), not q.k in its
+                                  # softmax: it matters only where --numerics llamacpp rounds q to f16
 
     def __post_init__(self):
         assert self.activation in ACTIVATIONS, self.activation
@@ -147,7 +149,7 @@ ARCHS: dict[str, ArchSpec] = {
     # Phi-3: fused attn_qkv and fused ffn_up = [gate; up] (ggml_swiglu: silu of the first half times the
     # second), NeoX rope; LongRoPE variants carry rope_factors_long/short (see config.py). llama.cpp
     # ignores phi3's sliding_window (disabled there), and so do we.
-    "phi3": ArchSpec("phi3", rope_neox=True, global_tensors=_ROPE_FACTORS,
+    "phi3": ArchSpec("phi3", rope_neox=True, global_tensors=_ROPE_FACTORS, q_prescaled=True,
                      layer_tensors=_layer(qkv_bias="none", fused_qkv=True, fused_gate_up=True)),
     # Gemma 3: embeddings * sqrt(n_embd); q/k norms; post-attention and post-FFN norms; GeGLU (tanh);
     # every 6th layer global, the others sliding-window with rope base 10000 (set_swa_pattern(6),
@@ -155,7 +157,7 @@ ARCHS: dict[str, ArchSpec] = {
     # norms are the plain x * w here.
     "gemma3": ArchSpec("gemma3", rope_neox=True, layer_tensors=_layer(qkv_bias="none", qk_norm=True, post_norms=True),
                        embed_scale=True, qk_norm=True, post_norms=True, activation="gelu_tanh",
-                       swa_pattern=6, rope_base_swa=10000.0, attn_scale=_gemma3_attn_scale),
+                       swa_pattern=6, rope_base_swa=10000.0, attn_scale=_gemma3_attn_scale, q_prescaled=True),
 }
 
 

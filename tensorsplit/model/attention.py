@@ -76,9 +76,11 @@ class Attention:
     """Attention for the rank's query heads [q0, q1), reading KV heads [k0, k1)."""
 
     def __init__(self, q_heads: tuple[int, int], kv_heads: tuple[int, int], group_size: int,
-                 head_dim: int, scale: float | None = None, device="cpu", numerics: Numerics = Numerics(),
-                 native: bool = False):
-        """native: one native op per layer (kernels/csrc/attention_body.h) instead of torch per slot."""
+                 head_dim: int, scale: float | None = None, q_prescaled: bool = False, device="cpu",
+                 numerics: Numerics = Numerics(), native: bool = False):
+        """q_prescaled: under llama.cpp numerics, q is scaled before its f16 rounding (llama.cpp's
+        Gemma and Phi-3 graphs scale q itself), else the scores are (its other graphs: in the softmax).
+        native: one native op per layer (kernels/csrc/attention_body.h) instead of torch per slot."""
         q0, q1 = q_heads
         k0, _ = kv_heads
         # local query head i reads local KV head kv_of_q[i]: global q head h uses KV head h // group_size
@@ -93,6 +95,7 @@ class Attention:
         self.gqa_in_place = (_SDPA_HAS_GQA and self.n_local_heads == n_kv * local_group and
                              self.kv_of_q.tolist() == [i // local_group for i in range(self.n_local_heads)])
         self.scale = scale if scale is not None else 1.0 / math.sqrt(head_dim)
+        self.q_prescaled = q_prescaled
         self.numerics, self.native = numerics, native
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, layer: int,
@@ -105,8 +108,9 @@ class Attention:
         window, li = cache.windows[layer], cache.index[layer]
         if self.native:   # writes the step's keys and values into the cache, and attends, in one op
             kc, vc = (cache.k_ring[li], cache.v_ring[li]) if window else (cache.k[li], cache.v[li])
-            return ops.attention(q.contiguous(), k.contiguous(), v.contiguous(), kc, vc, positions,
-                                                   slots, self.kv_of_q, window, self.scale, self.numerics.llamacpp)
+            return ops.attention(q.contiguous(), k.contiguous(), v.contiguous(), kc, vc, positions, slots,
+                                 self.kv_of_q, window, self.scale, self.numerics.llamacpp,
+                                 self.numerics.llamacpp and not self.q_prescaled)
         if not window:
             cache.k[li, slots, positions] = k.to(cache.k.dtype)
             cache.v[li, slots, positions] = v.to(cache.v.dtype)
@@ -126,7 +130,7 @@ class Attention:
             qh, kh, vh = q[idx].transpose(0, 1), keys.transpose(0, 1), vals.transpose(0, 1)
             mask = allowed_mask(kpos, qpos, window)                   # (t, L)
             if self.numerics.llamacpp:
-                o = _attend_like_llamacpp(qh, kh, vh, mask, self.scale)
+                o = _attend_like_llamacpp(qh, kh, vh, mask, self.scale, self.q_prescaled)
             else:
                 o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=self.scale,
                                                    **({"enable_gqa": True} if in_place else {}))  # (H, t, hd)
@@ -158,10 +162,16 @@ def _ring_keys(cache: KVCache, li: int, slot: int, p0: int, window: int, k_new, 
     return keys, vals, torch.cat([past, new])
 
 
-def _attend_like_llamacpp(q, k, v, attn_mask, scale):
+def _attend_like_llamacpp(q, k, v, attn_mask, scale, q_prescaled):
     """q (H, t, hd), k and v (H, L, hd) f16-valued -> (H, t, hd), rounding as llama.cpp's CPU path does
-    without flash attention: q to f16 for q @ k.T, the probabilities to f16 for p @ v."""
-    scores = (round_f16(q * scale) @ k.transpose(1, 2)).masked_fill(~attn_mask, float("-inf"))
+    without flash attention: q to f16 for q @ k.T, the probabilities to f16 for p @ v. The scale
+    multiplies q before that rounding where llama.cpp's graph scales q (q_prescaled), else the
+    float32 scores (ggml_soft_max_ext's scale). Equal when the scale is a power of two."""
+    if q_prescaled:
+        scores = round_f16(q * scale) @ k.transpose(1, 2)
+    else:
+        scores = (round_f16(q) @ k.transpose(1, 2)) * scale
+    scores = scores.masked_fill(~attn_mask, float("-inf"))
     return round_f16(torch.softmax(scores, dim=-1)) @ v
 
 

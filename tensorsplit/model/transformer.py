@@ -95,7 +95,8 @@ class RankModel:
                              for k in ("rope_freqs", "rope_factors_long", "rope_factors_short")}
         self.act = numerics.activation(spec.activation)
         self.attention = Attention(shard.q_heads, shard.kv_heads, cfg.group_size, cfg.head_dim,
-                                   scale=cfg.attn_scale, device=self.device, numerics=numerics, native=native)
+                                   scale=cfg.attn_scale, q_prescaled=spec.q_prescaled, device=self.device,
+                                   numerics=numerics, native=native)
         self.blocks = []
         for i in range(cfg.n_layers):
             p = f"blk.{i}."

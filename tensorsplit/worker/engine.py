@@ -26,7 +26,9 @@ class Shard:
     def run(self, step: Step) -> torch.Tensor | None:
         self.faults.at("step")
         local = self.model.forward(step.ids, step.positions, step.slots, step.logit_rows)
-        return self.comm.gather_logits(local, self.vocab_sizes)
+        logits = self.comm.gather_logits(local, self.vocab_sizes)
+        self.faults.step_done()
+        return logits
 
 
 class StepGuard:

@@ -6,6 +6,7 @@ process to host it, and it saves one copy of the logits per step.
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -17,6 +18,7 @@ from typing import Callable
 from ..comm import choose_backend, init_comm
 from ..model import make_plan, open_model, parse_split
 from ..model.numerics import DEFAULT as DEFAULT_NUMERICS, Numerics
+from ..model.quants import paths as kernel_paths
 from ..model.transformer import RankModel
 from .engine import Engine, Shard, StepGuard, serve
 from .faults import FaultPlan
@@ -80,6 +82,15 @@ def _run(env: RankEnv, spec: WorldSpec, job: Job) -> int:
             engine.shutdown()
     finally:
         shard.comm.close()
+        _write_kernel_paths(env.rank)
+
+
+def _write_kernel_paths(rank: int) -> None:
+    """For tests: which kernels computed this rank's matmuls (model/quants/paths.py), as
+    <TENSORSPLIT_KERNEL_PATHS>/rank<r>.json. Unset in normal use."""
+    folder = os.environ.get("TENSORSPLIT_KERNEL_PATHS")
+    if folder:
+        Path(folder, f"rank{rank}.json").write_text(json.dumps(kernel_paths.counts()))
 
 
 def join_and_load(env: RankEnv, spec: WorldSpec) -> tuple[Shard, object, object]:

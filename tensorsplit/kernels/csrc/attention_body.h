@@ -7,8 +7,9 @@
 // its step reads positions older than the slot's first position in this step from the ring and
 // the rest from the step's own keys, which are written to the ring only after every token read.
 //
-// Arithmetic: scores = (q * scale) . k in float (q * scale rounded to f16 under llama.cpp numerics,
-// with an f16 cache), softmax with a double sum as ggml's (exp(s - max) / sum), probabilities
+// Arithmetic: scores = (q * scale) . k in float (under llama.cpp numerics, with an f16 cache, q * scale
+// rounded to f16, or with scale_scores q rounded unscaled and the score scaled, as llama.cpp's graphs
+// for llama / qwen do it in the softmax), softmax with a double sum as ggml's (exp(s - max) / sum), probabilities
 // rounded to f16 under llama.cpp numerics, then sum_j p_j v_j in float.
 #pragma once
 #include <math.h>
@@ -76,7 +77,8 @@ static void attend_items(const ts::AttnArgs& a, int64_t i0, int64_t i1, int thre
     const int64_t t = a.tokens[it / a.H], h = it % a.H, kh = a.kv_of_q[h];
     const int64_t p = a.pos[t], sl = a.slot[t];
     const float* qrow = a.q + (t * a.H + h) * hd;
-    scale_round<S>(qs, qrow, a.scale, a.round16, hd);
+    scale_round<S>(qs, qrow, a.scale_scores ? 1.0f : a.scale, a.round16, hd);
+    const float score_scale = a.scale_scores ? a.scale : 1.0f;
     const int64_t lo = a.window ? (p - a.window + 1 > 0 ? p - a.window + 1 : 0) : 0;
     const int64_t p0 = a.window ? a.pos[a.first[t]] : p + 1;  // positions >= p0 come from the step (rings)
     const uint8_t* kbase = (const uint8_t*)a.k_cache + sl * a.cap * row_bytes + kh * hd * esz;
@@ -95,6 +97,7 @@ static void attend_items(const ts::AttnArgs& a, int64_t i0, int64_t i1, int thre
         scale_round<S>(tmp, kn, 1.0f, a.cache_f16, hd);
         s = dot_row<S>(qs, (const uint8_t*)tmp, 0, hd);
       }
+      s *= score_scale;
       scores[j] = s;
       mx = s > mx ? s : mx;
     }

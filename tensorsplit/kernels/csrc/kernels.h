@@ -56,7 +56,8 @@ struct AttnArgs {
   const int64_t* tokens;   // the tokens to attend: item i is (tokens[i / H], head i % H)
   int64_t window;          // 0: global layer, keys read from the cache; w: a ring of cap == w entries
   float scale;
-  int round16;             // llama.cpp numerics: q * scale and the probabilities rounded to f16
+  int round16;             // llama.cpp numerics: q and the probabilities rounded to f16
+  int scale_scores;        // round q unscaled and scale the scores (llama.cpp's softmax scale), else q * scale
   float* out;              // (n, H, hd)
   float* scratch;          // per thread: max_keys + hd floats
   int64_t scratch_stride;

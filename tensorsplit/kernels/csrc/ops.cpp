@@ -9,7 +9,8 @@
 //   group_sums(x, group) -> sums                      per-group sums of x (the exact path's min term)
 //   matmul_q8(tiles, type, n_rows, n_cols, q, d, s, isum) -> (M, n_rows)    integer numerics
 //   matmul_f32(tiles, type, n_rows, n_cols, x, xsum?) -> (M, n_rows)       float activations
-//   attention(q, k, v, k_cache!, v_cache!, positions, slots, kv_of_q, window, scale, round16) -> (n, H * hd)
+//   attention(q, k, v, k_cache!, v_cache!, positions, slots, kv_of_q, window, scale, round16, scale_scores)
+//     -> (n, H * hd)
 //   rms_norm(x, weight, eps) -> x * rsqrt(mean(x^2) + eps) * weight          (sum of squares in double, as ggml)
 //   rope(x, positions, cos, sin, neox, rope_dim) -> x rotated (cos/sin: (n_positions, rope_dim / 2) tables)
 #include <ATen/ATen.h>
@@ -262,7 +263,8 @@ constexpr int64_t GEMM_MIN_TOKENS = 8;
 // (causal, window), softmax, (P) V. Rounded as attend_items rounds under llama.cpp numerics.
 void attend_chunk(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,
                   const at::Tensor& v_cache, const at::Tensor& pos, int64_t slot, const std::vector<int64_t>& tokens,
-                  const at::Tensor& kv_of_q, int64_t window, double scale, bool round16, at::Tensor& out) {
+                  const at::Tensor& kv_of_q, int64_t window, double scale, bool round16, bool scale_scores,
+                  at::Tensor& out) {
   const int64_t H = q.size(1), hd = q.size(2), KH = k.size(1), cap = k_cache.size(1);
   const bool f16 = k_cache.scalar_type() == at::kHalf;
   const at::Tensor idx = at::tensor(tokens, pos.options());
@@ -285,7 +287,8 @@ void attend_chunk(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   }
   at::Tensor allowed = kpos.unsqueeze(0) <= qpos.unsqueeze(1);                      // (t, L)
   if (window) allowed = allowed & (kpos.unsqueeze(0) > (qpos - window).unsqueeze(1));
-  at::Tensor qs = q.index_select(0, idx) * scale;                                  // (t, H, hd)
+  at::Tensor qs = q.index_select(0, idx);                                          // (t, H, hd)
+  if (!scale_scores) qs = qs * scale;
   if (round16) qs = qs.to(at::kHalf).to(at::kFloat);
   const int64_t* kvq = kv_of_q.data_ptr<int64_t>();
   at::Tensor out3 = out.view({out.size(0), H, hd});
@@ -298,6 +301,7 @@ void attend_chunk(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor heads = at::tensor(hs, pos.options());
     const at::Tensor qg = qs.index_select(1, heads).permute({1, 0, 2}).reshape({g * t, hd});
     at::Tensor sc = at::mm(qg, keys.select(1, kh).t()).view({g, t, -1});          // (g, t, L)
+    if (scale_scores) sc.mul_(scale);
     sc.masked_fill_(allowed.logical_not().unsqueeze(0), -INFINITY);
     at::Tensor p = at::softmax(sc, -1);
     if (round16) p = p.to(at::kHalf).to(at::kFloat);
@@ -308,7 +312,7 @@ void attend_chunk(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 
 at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache,
                      at::Tensor& v_cache, const at::Tensor& positions, const at::Tensor& slots, const at::Tensor& kv_of_q,
-                     int64_t window, double scale, bool round16) {
+                     int64_t window, double scale, bool round16, bool scale_scores) {
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.sizes() == k.sizes() && q.size(0) == k.size(0) && q.size(2) == k.size(2),
               "attention: q (n, H, hd), k and v (n, KH, hd)");
   for (const at::Tensor* t : {&q, &k, &v})
@@ -343,7 +347,7 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   std::vector<int64_t> single;                 // tokens attended one by one (decode steps)
   for (int64_t s = 0; s < n_slots; ++s) {
     if ((int64_t)by_slot[s].size() >= GEMM_MIN_TOKENS)
-      attend_chunk(q, k, v, k_cache, v_cache, pos, s, by_slot[s], kvq, window, scale, round16, out);
+      attend_chunk(q, k, v, k_cache, v_cache, pos, s, by_slot[s], kvq, window, scale, round16, scale_scores, out);
     else
       single.insert(single.end(), by_slot[s].begin(), by_slot[s].end());
   }
@@ -356,7 +360,7 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
     a.k_cache = k_cache.data_ptr(); a.v_cache = v_cache.data_ptr(); a.cache_f16 = k_cache.scalar_type() == at::kHalf;
     a.n = n; a.H = H; a.KH = KH; a.hd = hd; a.cap = cap;
     a.pos = pp; a.slot = sp; a.first = first.data(); a.kv_of_q = kvq.data_ptr<int64_t>(); a.tokens = single.data();
-    a.window = window; a.scale = (float)scale; a.round16 = round16;
+    a.window = window; a.scale = (float)scale; a.round16 = round16; a.scale_scores = scale_scores;
     a.out = out.data_ptr<float>(); a.scratch = scratch.data_ptr<float>(); a.scratch_stride = stride;
     // an item is one (token, head); a task gets enough keys to be worth a thread
     const int64_t keys = pp[n - 1] + 1, items = (int64_t)single.size() * H;
@@ -436,7 +440,7 @@ TORCH_LIBRARY(tensorsplit, m) {
   m.def("matmul_q8(Tensor w, int type, int n_rows, int n_cols, Tensor q, Tensor d, Tensor s, Tensor isum) -> Tensor");
   m.def("matmul_f32(Tensor w, int type, int n_rows, int n_cols, Tensor x, Tensor? xsum) -> Tensor");
   m.def("attention(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor positions, "
-        "Tensor slots, Tensor kv_of_q, int window, float scale, bool round16) -> Tensor");
+        "Tensor slots, Tensor kv_of_q, int window, float scale, bool round16, bool scale_scores) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("rope(Tensor x, Tensor positions, Tensor cos, Tensor sin, bool neox, int rope_dim) -> Tensor");
 }

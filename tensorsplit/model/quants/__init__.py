@@ -4,7 +4,8 @@ K-quant (Q2_K..Q6_K) and IQ4 (IQ4_NL, IQ4_XS) blocks, and matmul over weights ke
 Modules: qtypes (type facts, errors), formats_* (block decoders), dequant (dispatch table),
 qweight (QWeight in GGUF or native layout, slice_cols), matmul (qmatmul, MatmulInput, get_rows:
 the native kernels, or dequantized tiles of at most TILE_ELEMS elements on the torch path),
-activations (llama.cpp-style rounding of matmul inputs on the torch path).
+paths (counts of which path, native or torch, computed each matmul), activations (llama.cpp-style
+rounding of matmul inputs on the torch path).
 """
 from .dequant import DEQUANTIZERS, dequantize
 from .matmul import MatmulInput, get_rows, qmatmul

@@ -19,7 +19,7 @@ QK_K = 256
 
 def scale_min_k4_halves(scales: torch.Tensor):
     """Q4_K/Q5_K packed 6-bit scales and mins: (..., 12) uint8 -> ((sc[0:4], sc[4:8]), (mn[0:4], mn[4:8])),
-    each (..., 4) uint8. Kept in halves so that the compiled kernels (fused.py) need no torch.cat.
+    each (..., 4) uint8, in halves.
 
     bytes 0-3: sc[0:4] low 6 bits, sc[4:8] top 2 bits (<< 4)
     bytes 4-7: mn[0:4] low 6 bits, mn[4:8] top 2 bits

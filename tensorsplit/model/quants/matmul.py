@@ -14,6 +14,7 @@ import torch
 
 from ...kernels.ops import ops
 from ..numerics import Numerics
+from . import paths
 from .activations import ROUNDING_KIND, round_inputs
 from .dequant import dequantize
 from .qtypes import QType
@@ -68,6 +69,7 @@ def qmatmul(x: torch.Tensor | MatmulInput, w: QWeight, numerics: Numerics | None
         raise ValueError(f"{w.name}: input has {inp.n_cols} features, weight expects {w.n_cols}")
     k = w.kernel
     if k is not None:                                           # native layout
+        paths.record("native")
         if k.act is None:                                       # F16 / BF16: float arithmetic
             y = ops.matmul_f32(w.data, k.type_id, w.n_rows, w.n_cols, inp.rounded(w.qtype), None)
         elif inp.numerics.llamacpp:
@@ -78,6 +80,7 @@ def qmatmul(x: torch.Tensor | MatmulInput, w: QWeight, numerics: Numerics | None
     elif w.data.dtype == torch.float32:                         # dense F32: ggml multiplies in float32 too
         y = inp.x2 @ w.data.T
     else:
+        paths.record(paths.torch_path(w.data.device))
         y = _tiled(inp.rounded(w.qtype), w)
     return y if len(inp.lead) == 1 else y.reshape(*inp.lead, w.n_rows)
 

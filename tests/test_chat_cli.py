@@ -1,0 +1,86 @@
+"""Chat end to end, as real processes: `generate --chat`, `tensorsplit chat` driven through its stdin,
+and `batch` lines with `messages`. The prompt each builds must be llama.cpp's token ids for the
+conversation (test_chat_template.py checks the formatter against them): the greedy reply of each
+command must equal a greedy generation in this process from those ids."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cli_helpers import run_cli
+from tensorsplit.coordinator.generate import generate_one
+from tensorsplit.coordinator.sampling import SamplingParams
+from tensorsplit.coordinator.tokenizer import Tokenizer
+from tensorsplit.model import make_plan, open_model
+from tensorsplit.model.layers import no_reduce
+from tensorsplit.model.transformer import RankModel
+
+QUESTION = "What is the capital of France?"
+FOLLOW_UP = "And of Italy?"
+N = 8
+# llama.cpp's ids of SmolLM2's chat prompt for QUESTION alone (its template adds the default system
+# message): llama-cpp-python 0.3.36, Llama(vocab_only=True).tokenize(rendered, add_bos=True, special=True)
+QUESTION_IDS = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 7018, 411, 407, 19712,
+                8182, 2, 198, 1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2, 198, 1, 520, 9531, 198]
+
+
+@pytest.fixture(scope="module")
+def greedy(smollm2_path):
+    """ids -> the greedy GenerationResult of N tokens, one rank in this process."""
+    gf, cfg = open_model(smollm2_path)
+    tok = Tokenizer.from_gguf_kv(gf.kv)
+    model = RankModel(cfg, make_plan(cfg, gf.tensors, 1).ranks[0], 1, no_reduce, gf)
+
+    done = {}
+
+    def run(ids):
+        if tuple(ids) not in done:
+            model.allocate_cache(1, 256)
+            done[tuple(ids)] = generate_one(model.forward, tok, ids, SamplingParams(temperature=0), N, 256)
+        return done[tuple(ids)]
+    run.tok = tok
+    return run
+
+
+def test_generate_chat(smollm2_path, greedy):
+    r = run_cli("generate", "-m", str(smollm2_path), "--chat", "-p", QUESTION, "-n", str(N), "--temp", "0", "--json",
+                "--nproc-per-node", "2")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    ref = greedy(QUESTION_IDS)
+    assert res["prompt_tokens"] == len(QUESTION_IDS)
+    assert res["token_ids"] == ref.token_ids and res["text"] == ref.text
+    assert "Paris" in res["text"]
+
+
+def test_chat_command_through_stdin(smollm2_path, greedy):
+    """Two turns typed on stdin, then end of input: each reply is printed on its own line, and the
+    second turn's prompt holds the whole conversation (with the first reply as the assistant's)."""
+    r = run_cli("chat", str(smollm2_path), "-n", str(N), "--temp", "0", "--nproc-per-node", "2",
+                stdin_text=f"{QUESTION}\n{FOLLOW_UP}\n")
+    assert r.returncode == 0, r.stderr
+    first = greedy(QUESTION_IDS)
+    from test_chat_template import _formatter
+    conversation = [{"role": "user", "content": QUESTION}, {"role": "assistant", "content": first.text},
+                    {"role": "user", "content": FOLLOW_UP}]
+    ids = _formatter(smollm2_path).encode(conversation)
+    assert ids[:len(QUESTION_IDS) - 3] == QUESTION_IDS[:-3]      # the first turn, up to its generation prompt
+    second = greedy(ids)
+    assert r.stdout == f"{first.text}\n{second.text}\n"
+    assert "Paris" in first.text
+
+
+def test_batch_lines_with_messages(smollm2_path, greedy, tmp_path):
+    """A `messages` line goes through the chat template, a `prompt` line does not (without --chat)."""
+    prompts, out = tmp_path / "p.jsonl", tmp_path / "o.jsonl"
+    prompts.write_text(json.dumps({"id": "chat", "messages": [{"role": "user", "content": QUESTION}],
+                                   "max_tokens": N, "temperature": 0}) + "\n" +
+                       json.dumps({"id": "plain", "prompt": QUESTION, "max_tokens": N, "temperature": 0}) + "\n")
+    r = run_cli("batch", str(smollm2_path), str(prompts), "-o", str(out), "--nproc-per-node", "2")
+    assert r.returncode == 0, r.stderr
+    rows = {row["id"]: row for row in map(json.loads, out.read_text().splitlines())}
+    ref = greedy(QUESTION_IDS)
+    assert rows["chat"]["prompt_tokens"] == len(QUESTION_IDS) and rows["chat"]["text"] == ref.text
+    plain = greedy.tok.encode(QUESTION, add_special=True)
+    assert rows["plain"]["prompt_tokens"] == len(plain) and rows["plain"]["text"] == greedy(plain).text
