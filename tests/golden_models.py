@@ -56,16 +56,23 @@ def _tokenizer_fields(smollm2_path: str) -> tuple:
     return tuple(out)
 
 
-def tokenizer_items(smollm2_path: Path, pre: str | None = None, drop=()) -> list[tuple]:
+def tokenizer_items(smollm2_path: Path, pre: str | None = None, drop=(), extra_merges=()) -> list[tuple]:
     """SmolLM2's tokenizer.* metadata as (key, value, type[, array sub-type]) in file order;
-    `pre` replaces tokenizer.ggml.pre, keys in `drop` are left out."""
+    `pre` replaces tokenizer.ggml.pre, keys in `drop` are left out, and each of `extra_merges`
+    ("a b") is appended to the merges (last, so least preferred) with its token "ab" (normal)."""
+    extra = {"tokenizer.ggml.merges": list(extra_merges),
+             "tokenizer.ggml.tokens": [m.replace(" ", "") for m in extra_merges],
+             "tokenizer.ggml.token_type": [1] * len(extra_merges)}
     items = []
     for key, value, vtype, sub in _tokenizer_fields(str(smollm2_path)):
         if key in drop:
             continue
         if key == "tokenizer.ggml.pre" and pre is not None:
             value = pre
-        items.append((key, list(value), V.ARRAY, sub) if vtype == V.ARRAY else (key, value, vtype))
+        if vtype == V.ARRAY:
+            items.append((key, list(value) + extra.get(key, []), V.ARRAY, sub))
+        else:
+            items.append((key, value, vtype))
     return items
 
 
@@ -145,6 +152,10 @@ def write_arch_model(name: str, path: Path, smollm2_path: Path) -> Path:
 
 # Pre-tokenizer vocabularies: SmolLM2's vocabulary and merges under another tokenizer.ggml.pre.
 # "llama-bpe-no-add-bos" also drops add_bos_token, so that llama.cpp's llama3 default (add BOS) applies.
+# SmolLM2 spells every number digit by digit (it has no merges of digits), so on its own vocabulary
+# the pre-tokenizers' different digit rules (llama-bpe: runs of at most 3, qwen2: one digit, gpt-2:
+# any run) give the same ids; three digit merges are added (tokens 49152-49154) so that they differ.
+PRE_EXTRA_MERGES = ("1 2", "12 3", "4 5")
 PRE_VOCABS: dict[str, tuple[str, tuple[str, ...]]] = {
     "llama-bpe": ("llama-bpe", ()),
     "llama-bpe-no-add-bos": ("llama-bpe", ("tokenizer.ggml.add_bos_token",)),
@@ -166,8 +177,8 @@ def write_vocab(name: str, path: Path, smollm2_path: Path) -> Path:
     w.add_head_count_kv(2)
     w.add_rope_dimension_count(32)
     w.add_layer_norm_rms_eps(1e-5)
-    w.add_vocab_size(49152)
-    for key, value, vtype, *sub in tokenizer_items(smollm2_path, pre, drop):
+    w.add_vocab_size(49152 + len(PRE_EXTRA_MERGES))
+    for key, value, vtype, *sub in tokenizer_items(smollm2_path, pre, drop, PRE_EXTRA_MERGES):
         w.add_key_value(key, value, vtype, *sub)
     w.write_header_to_file()
     w.write_kv_data_to_file()
