@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from golden_models import PRE_VOCABS, sha256, write_vocab
+from tensorsplit import models
 from tensorsplit.coordinator.tokenizer import Tokenizer
 from tensorsplit.errors import UnsupportedError
 from tensorsplit.model.gguf_file import GGUFFile
@@ -65,6 +66,14 @@ def toks(kvs) -> dict[str, Tokenizer]:
 
 
 # --- llama.cpp parity -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("model", MODELS)
+def test_fixture_is_of_this_model_file(paths, model):
+    """The fixture was written from the very file under test, the one models.py pins."""
+    sha = _golden(model)["model_sha256"]
+    assert sha == models.KNOWN[model].sha256
+    assert sha256(paths[model]) == sha, f"{paths[model]} is not the file {model}_golden.json was made from"
+
 
 @pytest.mark.parametrize("model", MODELS)
 def test_ids_match_llamacpp(toks, model):
@@ -256,7 +265,8 @@ def test_pre_tokenizer_ids_match_llamacpp(pre_golden, smollm2_path, tmp_path, vo
         text = pre_golden["texts"][name] if name in pre_golden["texts"] else _text({"text_file": "english.txt"})
         ids = tok.encode(text, add_special=case["add_special"], parse_special=case["parse_special"])
         if ids != case["ids"]:
-            first = next((i for i, (a, b) in enumerate(zip(ids, case["ids"])) if a != b), min(len(ids), len(case["ids"])))
+            first = next((i for i, (a, b) in enumerate(zip(ids, case["ids"])) if a != b),
+                         min(len(ids), len(case["ids"])))
             bad.append(f"{name} add_special={case['add_special']}: first difference at {first}: ours "
                        f"{ids[first:first + 5]} llama.cpp {case['ids'][first:first + 5]}")
     assert not bad, "\n".join(bad)
