@@ -4,12 +4,22 @@
 Run with a Python that has llama-cpp-python (the reference llama.cpp); CI never runs this, the
 tests only read the JSON files it leaves in tests/fixtures/:
 
-    /work/refvenv/bin/python scripts/make_golden.py [--models smollm2,gemma3-270m]
+    /work/refvenv/bin/python scripts/make_golden.py [--models smollm2,gemma3-270m] [--archs all] [--pre all]
+
+(that Python needs numpy and gguf as well; `--models ''` etc. skips a group.)
 
 Files written:
   tests/fixtures/english.txt            plain English prose (the start of the GNU GPL v3 text,
                                          /usr/share/common-licenses/GPL-3; verbatim copying permitted)
   tests/fixtures/<model>_golden.json    per model: tokenize, pieces, vocab, top_logits, perplexity
+                                         (Gemma 3 also perplexity_long, at n_ctx 2048 > its window 512)
+  tests/fixtures/arch_<name>_golden.json  per synthetic architecture file (tests/golden_models.py):
+                                         top_logits and perplexity at each of its contexts
+  tests/fixtures/pretokenizers_golden.json  ids of the tokenizer texts under SmolLM2's vocabulary
+                                         with tokenizer.ggml.pre set to each of llama-bpe, qwen2, ...
+
+Every fixture records the sha256 of the GGUF file llama.cpp read; the synthetic files are written
+to a temporary folder from tests/golden_models.py, which the tests use to rebuild them.
 
 Perplexity follows llama-perplexity: tokenize the whole text once (BOS per the model's add_bos),
 cut it into chunks of n_ctx tokens, replace each chunk's first token by BOS where the model adds
@@ -31,12 +41,14 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
 FIXTURES = ROOT / "tests" / "fixtures"
 ENGLISH = FIXTURES / "english.txt"
 ENGLISH_SOURCE = Path("/usr/share/common-licenses/GPL-3")
 ENGLISH_MIN_CHARS = 19_600   # enough for >= 8 chunks of 512 SmolLM2 tokens
 
 N_CTX = 512
+N_CTX_LONG = {"gemma3-270m": 2048}   # a second perplexity run, past Gemma 3's sliding window of 512
 N_THREADS = 2
 TOP_K = 10
 
@@ -116,31 +128,101 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
     return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
 
 
-def make(model_key: str, english: str, command: str) -> dict:
-    import llama_cpp
+def load(path: Path, n_ctx: int, **kw):
     from llama_cpp import Llama
+    return Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=N_THREADS,
+                 n_threads_batch=N_THREADS, logits_all=True, verbose=False, seed=0, **kw)
 
-    from tensorsplit import models
 
-    path = models.fetch(model_key, quiet=True)
-    llm = Llama(model_path=str(path), n_ctx=N_CTX, n_batch=N_CTX, n_ubatch=N_CTX, n_threads=N_THREADS,
-                n_threads_batch=N_THREADS, logits_all=True, verbose=False, seed=0)
+def tokenizer(llm):
+    """tok(text, add_special, parse_special) -> llama.cpp's ids."""
+    import llama_cpp
     vocab = llm._model.vocab
-    n_vocab = llm.n_vocab()
-    add_bos = bool(llama_cpp.llama_vocab_get_add_bos(vocab))
-    add_eos = bool(llama_cpp.llama_vocab_get_add_eos(vocab))
-    bos = int(llama_cpp.llama_vocab_bos(vocab))
+    bos, add_bos = int(llama_cpp.llama_vocab_bos(vocab)), bool(llama_cpp.llama_vocab_get_add_bos(vocab))
 
     def tok(text: str, add_special: bool, parse_special: bool) -> list[int]:
         if not text:
             return [bos] if (add_special and add_bos) else []
         return [int(t) for t in llm.tokenize(text.encode("utf-8"), add_bos=add_special, special=parse_special)]
+    return tok
+
+
+def top_logits(llm, tok, prompts: dict, n_ctx: int) -> dict:
+    """The top TOP_K logits at every position of each prompt, each evaluated from an empty cache."""
+    top = []
+    for name, (text, parse_special) in prompts.items():
+        ids_p = tok(text, True, parse_special)
+        assert 10 <= len(ids_p) <= 40, (name, len(ids_p))
+        llm.reset()
+        llm.eval(ids_p)
+        logits = np.array(llm.scores[: len(ids_p)], dtype=np.float32)
+        positions = []
+        for row in logits:
+            idx = np.argsort(-row, kind="stable")[:TOP_K]
+            positions.append([[int(i), round(float(row[i]), 5)] for i in idx])
+        top.append({"name": name, "text": text, "parse_special": parse_special, "ids": ids_p, "top": positions})
+    return {"n_ctx": n_ctx, "n_threads": N_THREADS, "k": TOP_K, "prompts": top}
+
+
+def perplexity(llm, tokens: list[int], n_ctx: int, bos: int | None, label: str) -> dict:
+    """llama-perplexity's convention (see the module docstring); bos: the id that replaces each
+    chunk's first token, None where the model adds no BOS."""
+    n_chunks = len(tokens) // n_ctx
+    first = n_ctx // 2
+    chunks = []
+    t0 = time.time()
+    for c in range(n_chunks):
+        chunk = tokens[c * n_ctx:(c + 1) * n_ctx]
+        if bos is not None:
+            chunk[0] = bos
+        llm.reset()
+        llm.eval(chunk)
+        logits = np.array(llm.scores[first:n_ctx - 1], dtype=np.float32)
+        lp = log_softmax(logits)
+        targets = np.array(chunk[first + 1:n_ctx])
+        nll = -lp[np.arange(len(targets)), targets]
+        chunks.append({"nll_sum": float(nll.sum()), "count": int(len(targets)),
+                       "argmax": [int(i) for i in logits.argmax(axis=-1)]})
+        print(f"  {label} n_ctx {n_ctx}: chunk {c + 1}/{n_chunks} ppl so far "
+              f"{math.exp(sum(x['nll_sum'] for x in chunks) / sum(x['count'] for x in chunks)):.4f}",
+              file=sys.stderr)
+    total_nll = sum(x["nll_sum"] for x in chunks)
+    total_n = sum(x["count"] for x in chunks)
+    return {
+        "text_file": ENGLISH.name,
+        "n_ctx": n_ctx,
+        "n_threads": N_THREADS,
+        "add_bos": bos is not None,
+        "n_tokens": len(tokens),
+        "n_chunks": n_chunks,
+        "first_scored": first,
+        "chunks": chunks,
+        "ppl": math.exp(total_nll / total_n),
+        "seconds": round(time.time() - t0, 1),
+    }
+
+
+def make(model_key: str, english: str, command: str) -> dict:
+    import llama_cpp
+
+    from golden_models import sha256
+    from tensorsplit import models
+
+    path = models.fetch(model_key, quiet=True)
+    llm = load(path, N_CTX)
+    vocab = llm._model.vocab
+    n_vocab = llm.n_vocab()
+    add_bos = bool(llama_cpp.llama_vocab_get_add_bos(vocab))
+    add_eos = bool(llama_cpp.llama_vocab_get_add_eos(vocab))
+    bos = int(llama_cpp.llama_vocab_bos(vocab))
+    tok = tokenizer(llm)
 
     out: dict = {
         "_comment": (f"llama.cpp golden fixture for {path.name}. english.txt is the start of the GNU GPL v3 "
                      f"text ({ENGLISH_SOURCE}, verbatim copying permitted). Written by scripts/make_golden.py."),
         "model": model_key,
         "model_file": path.name,
+        "model_sha256": sha256(path),
         "llama_cpp_version": llama_cpp.__version__,
         "command": command,
         "vocab": {
@@ -182,75 +264,138 @@ def make(model_key: str, english: str, command: str) -> dict:
     # --- top logits for short prompts
     prompts = dict(PROMPTS)
     prompts["chat"] = (CHAT_PROMPT[model_key], True)
-    top = []
-    for name, (text, parse_special) in prompts.items():
-        ids_p = tok(text, True, parse_special)
-        assert 10 <= len(ids_p) <= 40, (name, len(ids_p))
-        llm.reset()
-        llm.eval(ids_p)
-        logits = np.array(llm.scores[: len(ids_p)], dtype=np.float32)
-        positions = []
-        for row in logits:
-            idx = np.argsort(-row, kind="stable")[:TOP_K]
-            positions.append([[int(i), round(float(row[i]), 5)] for i in idx])
-        top.append({"name": name, "text": text, "parse_special": parse_special, "ids": ids_p, "top": positions})
-    out["top_logits"] = {"n_ctx": N_CTX, "n_threads": N_THREADS, "k": TOP_K, "prompts": top}
+    out["top_logits"] = top_logits(llm, tok, prompts, N_CTX)
 
     # --- perplexity, llama-perplexity style
     tokens = tok(english, True, False)
-    n_chunks = len(tokens) // N_CTX
-    first = N_CTX // 2
-    chunks = []
-    t0 = time.time()
-    for c in range(n_chunks):
-        chunk = tokens[c * N_CTX:(c + 1) * N_CTX]
-        if add_bos:
-            chunk[0] = bos
-        llm.reset()
-        llm.eval(chunk)
-        logits = np.array(llm.scores[first:N_CTX - 1], dtype=np.float32)
-        lp = log_softmax(logits)
-        targets = np.array(chunk[first + 1:N_CTX])
-        nll = -lp[np.arange(len(targets)), targets]
-        chunks.append({"nll_sum": float(nll.sum()), "count": int(len(targets)),
-                       "argmax": [int(i) for i in logits.argmax(axis=-1)]})
-        print(f"  {model_key}: chunk {c + 1}/{n_chunks} ppl so far "
-              f"{math.exp(sum(x['nll_sum'] for x in chunks) / sum(x['count'] for x in chunks)):.4f}",
-              file=sys.stderr)
-    total_nll = sum(x["nll_sum"] for x in chunks)
-    total_n = sum(x["count"] for x in chunks)
-    out["perplexity"] = {
-        "text_file": ENGLISH.name,
-        "n_ctx": N_CTX,
-        "n_threads": N_THREADS,
-        "add_bos": add_bos,
-        "n_tokens": len(tokens),
-        "n_chunks": n_chunks,
-        "first_scored": first,
-        "chunks": chunks,
-        "ppl": math.exp(total_nll / total_n),
-        "seconds": round(time.time() - t0, 1),
-    }
+    out["perplexity"] = perplexity(llm, tokens, N_CTX, bos if add_bos else None, model_key)
+    if model_key in N_CTX_LONG:
+        n_ctx = N_CTX_LONG[model_key]
+        if hasattr(llm, "close"):
+            llm.close()
+        llm = load(path, n_ctx)
+        out["perplexity_long"] = perplexity(llm, tokens, n_ctx, bos if add_bos else None, model_key)
     if hasattr(llm, "close"):
         llm.close()
     return out
 
 
+def make_arch(name: str, english: str, command: str, smollm2: Path, tmp: Path) -> dict:
+    """Goldens of one synthetic architecture file (tests/golden_models.py's ARCH_MODELS[name])."""
+    from golden_models import ARCH_MODELS, sha256, write_arch_model
+
+    import llama_cpp
+    spec = ARCH_MODELS[name]
+    path = write_arch_model(name, tmp / f"{name}.gguf", smollm2)
+    out: dict = {
+        "_comment": (f"llama.cpp golden fixture for the synthetic {spec.arch} file '{name}' ({spec.note}): random "
+                     "weights, SmolLM2's tokenizer; tests/golden_models.py rebuilds it bit for bit (model_sha256). "
+                     "Written by scripts/make_golden.py."),
+        "arch_model": name,
+        "arch": spec.arch,
+        "model_sha256": sha256(path),
+        "model_bytes": path.stat().st_size,
+        "tokenizer_from": {"file": smollm2.name, "sha256": sha256(smollm2)},
+        "llama_cpp_version": llama_cpp.__version__,
+        "command": command,
+        "top_logits": [],
+        "perplexity": [],
+    }
+    prompts = dict(PROMPTS)
+    prompts["chat"] = (CHAT_PROMPT["smollm2"], True)
+    for n_ctx in sorted(set(spec.top_ctx) | set(spec.ppl_ctx)):
+        llm = load(path, n_ctx)
+        assert bool(llama_cpp.llama_vocab_get_add_bos(llm._model.vocab)) is False   # SmolLM2's tokenizer
+        tok = tokenizer(llm)
+        if n_ctx in spec.top_ctx:
+            out["top_logits"].append(top_logits(llm, tok, prompts, n_ctx))
+        if n_ctx in spec.ppl_ctx:
+            out["perplexity"].append(perplexity(llm, tok(english, True, False), n_ctx, None, name))
+        if hasattr(llm, "close"):
+            llm.close()
+    return out
+
+
+PRE_EXTRA_TEXTS = {
+    "multibyte": "𠀋 𝔘 䶵 ᚠ 𐌀 😀 👨‍👩‍👧‍👦 你好，世界 ½ ü",
+    "mixed": "Hello world! It's 12345 apples.\n\n  x 12345 I'M they'LL 3.14 ++x -- 'quoted' \r\n\tend",
+}
+
+
+def make_pretokenizers(english: str, command: str, smollm2: Path, tmp: Path) -> dict:
+    """Ids of the tokenizer texts under SmolLM2's vocabulary with each tokenizer.ggml.pre of
+    tests/golden_models.py's PRE_VOCABS (vocab-only files)."""
+    import llama_cpp
+    from llama_cpp import Llama
+
+    from golden_models import PRE_VOCABS, sha256, write_vocab
+
+    texts = {"english": None, "unicode": UNICODE_TEXT, "chat": CHAT_TEXT, "specials": SPECIALS_TEXT,
+             **EDGE_TEXTS, **PRE_EXTRA_TEXTS}
+    out: dict = {
+        "_comment": ("llama.cpp's ids for SmolLM2's vocabulary and merges under other pre-tokenizers "
+                     "(tokenizer.ggml.pre), from vocab-only files that tests/golden_models.py rebuilds bit for bit. "
+                     "English (english.txt) only with add_special; the other texts with add_special and no "
+                     "parse_special, and without add_special with parse_special. Written by scripts/make_golden.py."),
+        "tokenizer_from": {"file": smollm2.name, "sha256": sha256(smollm2)},
+        "llama_cpp_version": llama_cpp.__version__,
+        "command": command,
+        "texts": {k: v for k, v in texts.items() if v is not None},
+        "vocabs": {},
+    }
+    for name, (pre, drop) in PRE_VOCABS.items():
+        path = write_vocab(name, tmp / f"vocab-{name}.gguf", smollm2)
+        llm = Llama(model_path=str(path), vocab_only=True, verbose=False)
+        tok = tokenizer(llm)
+        cases = []
+        for text_name, text in texts.items():
+            combos = [(True, False)] if text is None else [(True, False), (False, True)]
+            for add_special, parse_special in combos:
+                cases.append({"text": text_name, "add_special": add_special, "parse_special": parse_special,
+                              "ids": tok(english if text is None else text, add_special, parse_special)})
+        out["vocabs"][name] = {"pre": pre, "dropped": list(drop), "sha256": sha256(path),
+                               "add_bos": bool(llama_cpp.llama_vocab_get_add_bos(llm._model.vocab)), "cases": cases}
+        if hasattr(llm, "close"):
+            llm.close()
+    return out
+
+
+def write_fixture(dest: Path, data: dict, summary: str) -> None:
+    text = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    dest.write_text(text + "\n", encoding="utf-8")
+    print(f"{dest.relative_to(ROOT)}: {len(text.encode()) / 1024:.0f} KiB, {summary}", file=sys.stderr)
+
+
 def main() -> None:
+    import tempfile
+
+    from golden_models import ARCH_MODELS
+    from tensorsplit import models
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default="smollm2,gemma3-270m")
+    ap.add_argument("--models", default="smollm2,gemma3-270m", help="real models ('' for none)")
+    ap.add_argument("--archs", default="all", help=f"synthetic architecture files: all, '' or some of "
+                                                   f"{','.join(ARCH_MODELS)}")
+    ap.add_argument("--pre", default="all", help="the pre-tokenizer fixture: all or ''")
     args = ap.parse_args()
     command = " ".join(shlex.quote(a) for a in [Path(sys.executable).as_posix(), "scripts/make_golden.py", *sys.argv[1:]])
     english = english_text()
-    for key in args.models.split(","):
-        key = key.strip()
+    for key in filter(None, (k.strip() for k in args.models.split(","))):
         data = make(key, english, command)
-        dest = FIXTURES / f"{key}_golden.json"
-        text = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
-        dest.write_text(text + "\n", encoding="utf-8")
-        print(f"{dest.relative_to(ROOT)}: {len(text.encode()) / 1024:.0f} KiB, "
-              f"ppl {data['perplexity']['ppl']:.4f} over {data['perplexity']['n_chunks']} chunks",
-              file=sys.stderr)
+        ppl = [data["perplexity"]] + ([data["perplexity_long"]] if "perplexity_long" in data else [])
+        write_fixture(FIXTURES / f"{key}_golden.json", data,
+                      "; ".join(f"ppl {p['ppl']:.4f} over {p['n_chunks']} chunks of {p['n_ctx']}" for p in ppl))
+    archs = list(ARCH_MODELS) if args.archs == "all" else list(filter(None, (a.strip() for a in args.archs.split(","))))
+    if archs or args.pre:
+        smollm2 = models.fetch("smollm2", quiet=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            for name in archs:
+                data = make_arch(name, english, command, smollm2, Path(tmp))
+                write_fixture(FIXTURES / f"arch_{name}_golden.json", data,
+                              "; ".join(f"ppl {p['ppl']:.2f} at n_ctx {p['n_ctx']}" for p in data["perplexity"]))
+            if args.pre:
+                data = make_pretokenizers(english, command, smollm2, Path(tmp))
+                write_fixture(FIXTURES / "pretokenizers_golden.json", data, f"{len(data['vocabs'])} vocabularies")
 
 
 if __name__ == "__main__":

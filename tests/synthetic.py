@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGUFWriter, GGMLQuantizationType as Q
-from gguf.quants import quantize
+from gguf.quants import dequantize, quantize
 
 # byte offsets of float16 scale fields inside one block, and the value range to write there
 _F16_FIELDS = {
@@ -19,18 +19,27 @@ _F16_FIELDS = {
 }
 
 
-def random_quantized(qtype: Q, n_rows: int, n_cols: int, rng: np.random.Generator) -> np.ndarray:
-    """(n_rows, row_bytes) uint8 blocks of `qtype`, or a float array for F32/F16/BF16-by-quantize."""
+def random_quantized(qtype: Q, n_rows: int, n_cols: int, rng: np.random.Generator,
+                     std: float = 0.05) -> np.ndarray:
+    """(n_rows, row_bytes) uint8 blocks of `qtype`, or a float array for F32/F16/BF16-by-quantize.
+    Values are N(0, std) before quantization; random blocks (K-quants, IQ4) have their own spread,
+    which a `std` other than 0.05 rescales to about `std` (their float16 scales, and so every
+    value, are multiplied by std / the spread measured on the random blocks)."""
     if qtype == Q.F32:
-        return (rng.standard_normal((n_rows, n_cols)) * 0.05).astype(np.float32)
+        return (rng.standard_normal((n_rows, n_cols)) * std).astype(np.float32)
     if qtype not in _F16_FIELDS:
-        return quantize((rng.standard_normal((n_rows, n_cols)) * 0.05).astype(np.float32), qtype)
+        return quantize((rng.standard_normal((n_rows, n_cols)) * std).astype(np.float32), qtype)
     block, size = GGML_QUANT_SIZES[qtype]
     blocks = rng.integers(0, 256, (n_rows * n_cols // block, size), dtype=np.uint8)
     offsets, scale = _F16_FIELDS[qtype]
-    for off in offsets:
-        vals = (rng.uniform(0.5, 1.5, blocks.shape[0]) * scale).astype(np.float16)
-        blocks[:, off:off + 2] = vals.view(np.uint8).reshape(-1, 2)
+    vals = [(rng.uniform(0.5, 1.5, blocks.shape[0]) * scale).astype(np.float16) for _ in offsets]
+    if std != 0.05:
+        for off, v in zip(offsets, vals):
+            blocks[:, off:off + 2] = v.view(np.uint8).reshape(-1, 2)
+        spread = float(dequantize(blocks, qtype).std())
+        vals = [(v.astype(np.float32) * (std / spread)).astype(np.float16) for v in vals]
+    for off, v in zip(offsets, vals):
+        blocks[:, off:off + 2] = v.view(np.uint8).reshape(-1, 2)
     return blocks.reshape(n_rows, -1)
 
 
@@ -43,7 +52,8 @@ def write_model(path: Path, arch: str = "llama", *, n_layers=2, n_embd=256, n_he
                 vocab=320, head_dim=None, types: dict[str, Q] | None = None, tied=True, seed=0,
                 rope_base=10000.0, extra_kv: dict | None = None, window=4, rope_factors=False,
                 bias_scale=0.5, original_context=32, rope_dim=None, fused_qkv=None,
-                extra_tensors: dict[str, np.ndarray] | None = None) -> Path:
+                extra_tensors: dict[str, np.ndarray] | None = None, context_length=256,
+                attn_factor=1.19, init="small", kv_items=()) -> Path:
     """A GGUF of `arch` with random weights, laid out as llama.cpp's converter writes that arch:
 
     llama   q, k, v, o, gate, up, down
@@ -57,13 +67,19 @@ def write_model(path: Path, arch: str = "llama", *, n_layers=2, n_embd=256, n_he
     its quant type; default Q8_0. Norm weights are 1 + 0.1 N(0, 1) (gemma's stored +1 included).
     rope_dim: rotated dims per head (partial rotary, as Phi-4-mini); default head_dim.
     extra_tensors: name -> float32 array, written as well (for unknown-tensor tests).
-    fused_qkv: False writes a phi3 file with separate attn_q/k/v (llama.cpp loads either)."""
+    fused_qkv: False writes a phi3 file with separate attn_q/k/v (llama.cpp loads either).
+    init: "small" draws every matrix N(0, 0.05); "fan_in" draws token_embd N(0, 1), output
+    N(0, 3.5 / sqrt(n_embd)) (logits of std ~3.5: a peaked, non-degenerate distribution) and every
+    other matrix N(0, 1 / sqrt(its input width)), so that each layer's output is O(1) like its input;
+    norm weights are 1 + 0.3 N(0, 1), far enough from 1 that ignoring one shows.
+    kv_items: (key, value, GGUFValueType[, array sub-type]) written after the arch's metadata (a
+    tokenizer copied from a real file, for instance)."""
     rng = np.random.default_rng(seed)
     types = types or {}
     hd = head_dim or n_embd // n_heads
     w = GGUFWriter(str(path), arch)
     w.add_block_count(n_layers)
-    w.add_context_length(256)
+    w.add_context_length(context_length)
     w.add_embedding_length(n_embd)
     w.add_feed_forward_length(n_ff)
     w.add_head_count(n_heads)
@@ -76,21 +92,29 @@ def write_model(path: Path, arch: str = "llama", *, n_layers=2, n_embd=256, n_he
     if arch == "gemma3":
         w.add_sliding_window(window)
     if rope_factors:
-        w.add_rope_scaling_attn_factors(1.19)
+        w.add_rope_scaling_attn_factors(attn_factor)
         w.add_rope_scaling_orig_ctx_len(original_context)
     for k, v in (extra_kv or {}).items():
         w.add_key_value(k, v[0], v[1])
+    for key, value, vtype, *sub in kv_items:
+        w.add_key_value(key, value, vtype, *sub)
+
+    def std_of(suffix, n_cols):
+        if init == "small":
+            return 0.05
+        assert init == "fan_in", init
+        return {"token_embd": 1.0, "output": 3.5 / n_embd ** 0.5}.get(suffix, 1.0 / n_cols ** 0.5)
 
     def tensor(name, suffix, n_rows, n_cols):
         qtype = types.get(suffix, Q.Q8_0)
-        data = random_quantized(qtype, n_rows, n_cols, rng)
+        data = random_quantized(qtype, n_rows, n_cols, rng, std_of(suffix, n_cols))
         if qtype == Q.F32:
             w.add_tensor(name, data)
         else:
             w.add_tensor(name, data, raw_shape=(n_rows, n_cols) if data.dtype != np.uint8
                          else data.shape, raw_dtype=qtype)
 
-    def vector(name, n, mean=1.0, std=0.1):
+    def vector(name, n, mean=1.0, std=0.1 if init == "small" else 0.3):
         w.add_tensor(name, (mean + std * rng.standard_normal(n)).astype(np.float32))
 
     q_dim, kv_dim = n_heads * hd, n_kv * hd

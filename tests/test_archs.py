@@ -1,4 +1,5 @@
 """Qwen2, Qwen3, Phi-3 and Gemma 3 against independent dense references, all ranks in one process.
+(The same families, and llama3 / linear rope scaling, against llama.cpp itself: test_arch_goldens.py.)
 
 - Synthetic files (tests/synthetic.py writes them as llama.cpp's converter lays each arch out):
   the one-rank forward equals tests/reference_archs.py, a float64 numpy forward of the

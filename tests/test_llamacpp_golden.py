@@ -15,6 +15,13 @@ n_ctx 512 (8 chunks) against llama.cpp 0.3.36's 14.974 (Gemma 3) and 18.388 (Smo
             steps) gives 14.933. SmolLM2: 18.430 (+0.23%), no closer than exact.
 So: top-1 agreement >= 95% everywhere; perplexity within 0.5% with llama.cpp's numerics, and
 with exact numerics within 0.5% (SmolLM2) / 0.75% (Gemma 3, for the bias above).
+Gemma 3 at n_ctx 2048 (perplexity_long: 2 chunks, 2,046 scored tokens), where its 15 sliding-window
+layers (window 512) mask most of each chunk: llama.cpp 16.449; with its numerics 16.414 (-0.21%) at
+1 rank and 16.386 (-0.38%) at 2, top-1 95.1% / 94.8%; exact 16.305 (-0.88%: the bias above, larger
+over 4x the context). Bounds 0.75% and >= 94% (only 2 chunks, so noisier than at 512). Without the
+window (every layer global) perplexity is 554 and top-1 10%.
+Every fixture records the sha256 of the model file llama.cpp read; a different file on disk fails
+the tests (and so does a missing fixture).
 """
 from __future__ import annotations
 
@@ -24,6 +31,7 @@ import pytest
 import torch
 
 from conftest import FIXTURES
+from golden_models import sha256
 from tensorsplit.comm import BackendChoice, CommGroup
 from tensorsplit.comm.local import ThreadWorld
 from tensorsplit.coordinator.perplexity import perplexity
@@ -35,15 +43,21 @@ from tensorsplit.model.transformer import RankModel
 from tensorsplit.worker.engine import Engine, Shard
 
 GOLDEN = {"smollm2": FIXTURES / "smollm2_golden.json", "gemma3": FIXTURES / "gemma3-270m_golden.json"}
-PPL_TOLERANCE = {("smollm2", "exact"): 0.005, ("gemma3", "exact"): 0.0075,
-                 ("smollm2", "llamacpp"): 0.005, ("gemma3", "llamacpp"): 0.005}
+PPL_TOLERANCE = {("smollm2", "exact"): 0.005, ("gemma3", "exact"): 0.0075, ("gemma3", "llamacpp"): 0.005}
+PPL_TOLERANCE_LONG, TOP1_LONG = 0.0075, 0.94     # Gemma 3 at n_ctx 2048 (module docstring)
+# 1 vs 2 ranks: relative perplexity difference, fraction of scored positions whose argmax differs
+# (None: not checked); see test_gemma3_perplexity_same_at_1_and_2_ranks
+RANK_TOLERANCE = {"exact": (1e-5, 0.002), "llamacpp": (0.005, None)}
 
 
-def golden(name):
+def golden(name, model_path):
+    """The fixture of model `name`, checked to be made from the file at `model_path`."""
     path = GOLDEN[name]
     if not path.exists():
-        pytest.skip(f"{path} is absent: run scripts/make_golden.py")
-    return json.loads(path.read_text())
+        pytest.fail(f"{path} is missing: run scripts/make_golden.py")
+    g = json.loads(path.read_text())
+    assert sha256(model_path) == g["model_sha256"], f"{model_path} is not the file {path.name} was made from"
+    return g
 
 
 def local_engine(gf, cfg, n_ctx):
@@ -71,41 +85,76 @@ def world_forward(gf, cfg, world, n_ctx):
 
 @pytest.fixture(scope="module", params=list(GOLDEN))
 def model(request):
-    """(name, gf, cfg) for each model with a golden fixture."""
+    """(name, gf, cfg, path) for each model with a golden fixture."""
     name = request.param
-    return (name, *open_model(request.getfixturevalue(f"{name}_path")))
+    path = request.getfixturevalue(f"{name}_path")
+    return (name, *open_model(path), path)
 
 
-@pytest.fixture
-def numerics(request):
-    """Set the process's numerics (model/numerics.py) for one test, and restore the default after."""
-    set_numerics(request.param)
-    yield request.param
-    set_numerics("exact")
+_RUNS: dict = {}   # (name, world, numerics, fixture key) -> (PerplexityResult, top-1 agreement, fixture run)
+
+
+def run_perplexity(request, name, world, mode, key="perplexity"):
+    """Our perplexity and top-1 agreement on fixture `key`'s run, computed once per session (the
+    rank-agreement test reuses the runs that the llama.cpp tests made)."""
+    if (name, world, mode, key) not in _RUNS:
+        path = request.getfixturevalue(f"{name}_path")
+        g = golden(name, path)[key]
+        gf, cfg = open_model(path)
+        tok = Tokenizer.from_gguf_kv(gf.kv)
+        tokens = tok.encode((FIXTURES / g["text_file"]).read_text(), add_special=True)
+        assert len(tokens) == g["n_tokens"]
+        set_numerics(mode)
+        try:
+            forward = (local_engine(gf, cfg, g["n_ctx"]).forward if world == 1
+                       else world_forward(gf, cfg, world, g["n_ctx"]))
+            res = perplexity(forward, tokens, g["n_ctx"], tok.bos_id if tok.add_bos else None)
+        finally:
+            set_numerics("exact")
+        assert len(res.chunk_nll) == g["n_chunks"]
+        ours = [t for chunk in res.argmax for t in chunk]
+        theirs = [t for chunk in g["chunks"] for t in chunk["argmax"]]
+        _RUNS[name, world, mode, key] = res, sum(a == b for a, b in zip(ours, theirs)) / len(theirs), g
+    return _RUNS[name, world, mode, key]
 
 
 @pytest.mark.slow
 # SmolLM2 at 2 ranks is left to test_model_parity (sharded == unsharded) and test_e2e
-@pytest.mark.parametrize("name,world,numerics", [
-    ("smollm2", 1, "exact"), ("gemma3", 1, "exact"),
-    ("gemma3", 1, "llamacpp"), ("gemma3", 2, "llamacpp"), ("gemma3", 4, "llamacpp"),
-], indirect=["numerics"])
-def test_perplexity_and_top1_match_llamacpp(request, name, world, numerics):
-    gf, cfg = open_model(request.getfixturevalue(f"{name}_path"))
-    g = golden(name)["perplexity"]
-    tok = Tokenizer.from_gguf_kv(gf.kv)
-    tokens = tok.encode((FIXTURES / g["text_file"]).read_text(), add_special=True)
-    assert len(tokens) == g["n_tokens"]
-    forward = local_engine(gf, cfg, g["n_ctx"]).forward if world == 1 else world_forward(gf, cfg, world, g["n_ctx"])
-    res = perplexity(forward, tokens, g["n_ctx"], tok.bos_id if tok.add_bos else None)
-    assert len(res.chunk_nll) == g["n_chunks"]
-    ours = [t for chunk in res.argmax for t in chunk]
-    theirs = [t for chunk in g["chunks"] for t in chunk["argmax"]]
-    agree = sum(a == b for a, b in zip(ours, theirs)) / len(theirs)
-    print(f"{name} world {world} {numerics}: tensorsplit ppl {res.ppl:.4f} vs llama.cpp {g['ppl']:.4f} "
-          f"({res.ppl / g['ppl'] - 1:+.2%}); top-1 agreement {agree:.2%}")
-    assert agree >= 0.95
-    assert abs(res.ppl / g["ppl"] - 1) < PPL_TOLERANCE[name, numerics]
+@pytest.mark.parametrize("name,world,mode,key", [
+    ("smollm2", 1, "exact", "perplexity"), ("gemma3", 1, "exact", "perplexity"),
+    ("gemma3", 2, "exact", "perplexity"),
+    ("gemma3", 1, "llamacpp", "perplexity"), ("gemma3", 2, "llamacpp", "perplexity"), ("gemma3", 4, "llamacpp", "perplexity"),
+    ("gemma3", 1, "llamacpp", "perplexity_long"), ("gemma3", 2, "llamacpp", "perplexity_long"),
+])
+def test_perplexity_and_top1_match_llamacpp(request, name, world, mode, key):
+    res, agree, g = run_perplexity(request, name, world, mode, key)
+    print(f"{name} n_ctx {g['n_ctx']} world {world} {mode}: tensorsplit ppl {res.ppl:.4f} vs llama.cpp "
+          f"{g['ppl']:.4f} ({res.ppl / g['ppl'] - 1:+.2%}); top-1 agreement {agree:.2%}")
+    if key == "perplexity_long":
+        assert agree >= TOP1_LONG and abs(res.ppl / g["ppl"] - 1) < PPL_TOLERANCE_LONG
+    else:
+        assert agree >= 0.95 and abs(res.ppl / g["ppl"] - 1) < PPL_TOLERANCE[name, mode]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode,key", [("exact", "perplexity"), ("llamacpp", "perplexity"),
+                                      ("llamacpp", "perplexity_long")])
+def test_gemma3_perplexity_same_at_1_and_2_ranks(request, mode, key):
+    """Sharding changes only the order of float32 partial sums. With exact numerics the perplexity at
+    2 ranks is the one at 1 within 1e-5 (seen: 7e-8) and the argmax differs at under 0.2% of the
+    scored positions (seen: none). Under llama.cpp's numerics a changed sum can move an 8-bit
+    rounding, and on Gemma's residual stream of ~1e4 that noise is as large as the distance to
+    llama.cpp itself: logits move by up to ~0.3 less their common offset, and the argmax differs at
+    4.5-4.9% of positions (near-ties), as it does from llama.cpp's; so there only the perplexity is
+    checked, within 0.5% (seen: 2.4e-5 at n_ctx 512, 1.7e-3 at 2048)."""
+    (one, _, g), (two, _, _) = (run_perplexity(request, "gemma3", w, mode, key) for w in (1, 2))
+    a, b = [t for c in one.argmax for t in c], [t for c in two.argmax for t in c]
+    argmax_diff = sum(x != y for x, y in zip(a, b)) / len(a)
+    print(f"gemma3 n_ctx {g['n_ctx']} {mode}: ppl {one.ppl:.6f} at 1 rank, {two.ppl:.6f} at 2 "
+          f"({two.ppl / one.ppl - 1:+.2e}); argmax differs at {argmax_diff:.3%} of positions")
+    ppl_tol, argmax_tol = RANK_TOLERANCE[mode]
+    assert abs(two.ppl / one.ppl - 1) < ppl_tol
+    assert argmax_tol is None or argmax_diff < argmax_tol
 
 
 @pytest.mark.parametrize("world", [1, 2])
@@ -116,9 +165,9 @@ def test_prompt_top_logits_match_llamacpp(model, world):
     The offset itself stays within 1.0 on SmolLM2; on Gemma 3 within 4.0 (seen: 2.9, at the chat
     prompt's token after <start_of_turn>, where the top logit is -12: the 8-bit rounding of a
     residual stream of ~1e4 shifts all logits alike there; emulating that rounding halves it)."""
-    name, gf, cfg = model
+    name, gf, cfg, path = model
     max_offset = {"smollm2": 1.0, "gemma3": 4.0}[name]
-    prompts = golden(name)["top_logits"]["prompts"]
+    prompts = golden(name, path)["top_logits"]["prompts"]
     plan = make_plan(cfg, gf.tensors, world)
     tw = ThreadWorld(world)
 

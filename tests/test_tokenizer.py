@@ -1,6 +1,9 @@
 """The coordinator's tokenizer against llama.cpp's ids (tests/fixtures/*_golden.json).
 
 The golden files are written by scripts/make_golden.py with llama-cpp-python; CI only reads them.
+A missing fixture fails its tests. Besides the two real models' own tokenizers, the pre-tokenizers
+llama-bpe, qwen2, gpt-2 and default are checked on SmolLM2's vocabulary (pretokenizers_golden.json,
+files rebuilt from tests/golden_models.py).
 """
 from __future__ import annotations
 
@@ -9,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from golden_models import PRE_VOCABS, sha256, write_vocab
+from tensorsplit import models
 from tensorsplit.coordinator.tokenizer import Tokenizer
 from tensorsplit.errors import UnsupportedError
 from tensorsplit.model.gguf_file import GGUFFile
@@ -20,11 +25,15 @@ MODELS = ("smollm2", "gemma3-270m")
 MULTIBYTE = "𠀋 𝔘 䶵 ᚠ 𐌀 😀 👨‍👩‍👧‍👦 你好，世界 ½ ü"
 
 
-def _golden(model: str) -> dict:
-    path = FIXTURES / f"{model}_golden.json"
+def _fixture(name: str) -> dict:
+    path = FIXTURES / name
     if not path.exists():
-        pytest.skip(f"{path.name} is absent (write it with scripts/make_golden.py and llama-cpp-python)")
+        pytest.fail(f"{path} is missing (write it with scripts/make_golden.py and llama-cpp-python)")
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _golden(model: str) -> dict:
+    return _fixture(f"{model}_golden.json")
 
 
 def _text(case: dict) -> str:
@@ -32,7 +41,7 @@ def _text(case: dict) -> str:
         return case["text"]
     path = FIXTURES / case["text_file"]
     if not path.exists():
-        pytest.skip(f"{path.name} is absent")
+        pytest.fail(f"{path} is missing")
     return path.read_text(encoding="utf-8")
 
 
@@ -42,8 +51,13 @@ def _kv(path: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def kvs(smollm2_path, gemma3_path) -> dict[str, dict]:
-    return {"smollm2": _kv(smollm2_path), "gemma3-270m": _kv(gemma3_path)}
+def paths(smollm2_path, gemma3_path) -> dict[str, Path]:
+    return {"smollm2": smollm2_path, "gemma3-270m": gemma3_path}
+
+
+@pytest.fixture(scope="module")
+def kvs(paths) -> dict[str, dict]:
+    return {name: _kv(path) for name, path in paths.items()}
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +66,14 @@ def toks(kvs) -> dict[str, Tokenizer]:
 
 
 # --- llama.cpp parity -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("model", MODELS)
+def test_fixture_is_of_this_model_file(paths, model):
+    """The fixture was written from the very file under test, the one models.py pins."""
+    sha = _golden(model)["model_sha256"]
+    assert sha == models.KNOWN[model].sha256
+    assert sha256(paths[model]) == sha, f"{paths[model]} is not the file {model}_golden.json was made from"
+
 
 @pytest.mark.parametrize("model", MODELS)
 def test_ids_match_llamacpp(toks, model):
@@ -217,3 +239,35 @@ def test_other_pre_tokenizers_build(kvs, pre):
               "gpt-2": ["12345", "ĠI", "'", "M"], "gpt2": ["12345", "ĠI", "'", "M"],
               "default": ["123", "45", "ĠI", "'", "M"]}[pre]
     assert words == expect
+
+
+# --- other pre-tokenizers on SmolLM2's vocabulary -------------------------------------------------
+
+@pytest.fixture(scope="module")
+def pre_golden(smollm2_path) -> dict:
+    g = _fixture("pretokenizers_golden.json")
+    assert sha256(smollm2_path) == g["tokenizer_from"]["sha256"], "made from another SmolLM2 file"
+    return g
+
+
+@pytest.mark.parametrize("vocab", list(PRE_VOCABS))
+def test_pre_tokenizer_ids_match_llamacpp(pre_golden, smollm2_path, tmp_path, vocab):
+    """llama.cpp's ids for the test texts under each tokenizer.ggml.pre, from the same vocab-only
+    file (rebuilt here; its sha256 is the one llama.cpp read)."""
+    g = pre_golden["vocabs"][vocab]
+    path = write_vocab(vocab, tmp_path / f"{vocab}.gguf", smollm2_path)
+    assert sha256(path) == g["sha256"], "the rebuilt vocabulary differs from the one llama.cpp read"
+    tok = Tokenizer.from_gguf_kv(_kv(path))
+    assert tok.add_bos == g["add_bos"]
+    bad = []
+    for case in g["cases"]:
+        name = case["text"]
+        text = pre_golden["texts"][name] if name in pre_golden["texts"] else _text({"text_file": "english.txt"})
+        ids = tok.encode(text, add_special=case["add_special"], parse_special=case["parse_special"])
+        if ids != case["ids"]:
+            first = next((i for i, (a, b) in enumerate(zip(ids, case["ids"])) if a != b),
+                         min(len(ids), len(case["ids"])))
+            bad.append(f"{name} add_special={case['add_special']}: first difference at {first}: ours "
+                       f"{ids[first:first + 5]} llama.cpp {case['ids'][first:first + 5]}")
+    assert not bad, "\n".join(bad)
+    assert len(g["cases"]) >= 30
