@@ -195,3 +195,28 @@ def test_torch_fallback_when_the_kernels_cannot_build(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     warnings = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(warnings) == 1 and "native kernels unavailable" in warnings[0] and "compiler" in warnings[0], proc.stderr
+
+
+def test_path_counts_show_the_native_kernels_ran_and_catch_a_fallback(monkeypatch):
+    """The counts name what computed each matmul (a fallback gives the same numbers to float32
+    rounding, so only they can show it): native on native weights; when the library could not load,
+    weights stay in GGUF layout and every CPU matmul counts as native:fallback, which fails the check."""
+    from fast_path import assert_fast_path
+    from tensorsplit.model.quants import paths
+    _native_or_skip()
+    rng = np.random.default_rng(9)
+    raw = random_quantized(Q.Q4_0, 32, 64, rng)
+    x = torch.from_numpy(rng.standard_normal((2, 64)).astype(np.float32))
+    paths.reset()
+    for numerics in (LLAMACPP, EXACT):
+        qmatmul(x, _weight(raw, Q.Q4_0, 64, "native"), numerics)
+    assert_fast_path(paths.counts(), "native", exclusive=True)
+    paths.reset()
+    qmatmul(x, _weight(raw, Q.Q4_0, 64, "torch"), LLAMACPP)
+    assert paths.counts() == {"torch": 1}           # asked for: a weight built in GGUF layout
+    monkeypatch.setitem(kernels._state, "ok", False)  # as after a failed build
+    paths.reset()
+    qmatmul(x, _weight(raw, Q.Q4_0, 64, "torch"), LLAMACPP)
+    assert paths.counts() == {"native:fallback": 1}
+    with pytest.raises(AssertionError, match="never ran"):
+        assert_fast_path(paths.counts(), "native")

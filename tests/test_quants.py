@@ -14,9 +14,9 @@ from gguf import quants as gq
 from gguf.constants import GGML_QUANT_SIZES
 
 from tensorsplit.errors import ShardPlanError, UnsupportedError
-from tensorsplit.model import quants
+from tensorsplit.model.numerics import EXACT
 from tensorsplit.model.quants import matmul as qmm
-from tensorsplit.model.quants import (QWeight, block_info, dequantize, get_rows, qmatmul,
+from tensorsplit.model.quants import (SUPPORTED, QWeight, block_info, dequantize, get_rows, qmatmul,
                                       row_bytes, slice_cols)
 
 ALL = [QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1,
@@ -80,7 +80,7 @@ BLOCKS = {
 
 
 def test_supported_and_block_info():
-    assert quants.SUPPORTED == frozenset(ALL) == frozenset(BLOCKS)
+    assert SUPPORTED == frozenset(ALL) == frozenset(BLOCKS)
     for t in ALL:
         assert block_info(t) == BLOCKS[t], t.name
         bs, ts = BLOCKS[t]
@@ -117,12 +117,13 @@ def test_float_types_accept_typed_tensors(qtype):
 
 
 def _check_matmul(x: torch.Tensor, w: QWeight, dense: torch.Tensor):
-    """qmatmul vs a float64 product of gguf-py's dense weights.
+    """qmatmul on the torch path (weights in GGUF layout, exact numerics) vs a float64 product of
+    gguf-py's dense weights. (The native kernels and llama.cpp's numerics: test_kernels.py.)
 
     Tolerance: the textbook float32 dot-product error bound, |err| <= K * u * sum_k |x_k w_k|
     with u = 2**-24 (doubled for slack). A single wrongly decoded weight would exceed it.
     """
-    y = qmatmul(x, w)
+    y = qmatmul(x, w, EXACT)
     assert y.dtype == torch.float32 and y.shape == (*x.shape[:-1], w.n_rows)
     xd, wd = x.double(), dense.double()
     ref = xd @ wd.T
@@ -200,74 +201,3 @@ def test_unsupported_type_raises():
         with pytest.raises(UnsupportedError) as e:
             make()
         assert name in str(e.value) and "IQ2_XXS" in str(e.value) and "Q4_K" in str(e.value)
-
-
-COMPILED = [QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.Q8_0, QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.IQ4_NL, QT.IQ4_XS]
-
-
-@pytest.fixture
-def compiled_kernels():
-    """--kernels compiled for one test, with the path counts reset (model/quants/paths.py)."""
-    from tensorsplit.model.quants import fused, paths
-    fused.set_kernels("compiled")
-    paths.reset()
-    yield paths
-    fused.set_kernels("eager")
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("rows", [1, 2, 3, 4])      # decode steps: one row per sequence, up to fused.MAX_ROWS
-@pytest.mark.parametrize("qtype", COMPILED, ids=lambda t: t.name)
-def test_compiled_decode_kernels_match_gguf_py(qtype, rows, compiled_kernels):
-    """The opt-in fused (torch.compile) decode path, through qmatmul as the model calls it, against a
-    float64 product of gguf-py's weights (random bytes with sane f16 scales: every bit pattern of the
-    packed fields is exercised). 3 rows are padded to 4 inside and sliced back. The path counts show
-    that the compiled kernel computed it: the eager path would give the same numbers."""
-    from fast_path import assert_fast_path
-    n_rows, n_cols = 96, 512
-    raw = make_raw(qtype, n_rows, n_cols, "random", seed=7)
-    dense = reference(raw, qtype).double()
-    qw = quants.QWeight.from_numpy(raw, qtype, n_rows, n_cols)
-    x = torch.randn(rows, n_cols, generator=torch.Generator().manual_seed(rows))
-    y = qmatmul(x, qw)
-    assert_fast_path(compiled_kernels.counts(), "compiled", exclusive=True)
-    assert y.shape == (rows, n_rows)
-    ref = x.double() @ dense.T
-    bound = 2 * n_cols * 2.0 ** -24 * (x.double().abs() @ dense.abs().T) + 1e-30
-    assert ((y.double() - ref).abs() <= bound).all()
-
-
-def test_path_counts_catch_a_compiled_kernel_that_falls_back(compiled_kernels, monkeypatch, capsys):
-    """Force the fallback (the compiled kernel raises, as a missing C++ compiler makes it): the result is
-    still right, from the eager path, so only the path counts show it, and assert_fast_path fails."""
-    from fast_path import assert_fast_path
-    from tensorsplit.model.quants import fused
-
-    def broken(x, data):
-        raise RuntimeError("no C++ compiler")
-    monkeypatch.setattr(fused, "_failed", False)
-    monkeypatch.setitem(fused._compiled, QT.Q8_0, broken)
-    raw = make_raw(QT.Q8_0, 8, 64, "quantize")
-    w = QWeight.from_numpy(raw, QT.Q8_0, 8, 64)
-    x = torch.randn(2, 64, generator=torch.Generator().manual_seed(3))
-    for _ in range(2):                      # the failing call, then one after the switch to eager
-        _check_matmul(x, w, reference(raw, QT.Q8_0))
-    assert compiled_kernels.counts() == {"compiled:fallback": 2, "eager": 2}
-    assert "compiled kernels unavailable (no C++ compiler)" in capsys.readouterr().err
-    with pytest.raises(AssertionError, match="never ran"):
-        assert_fast_path(compiled_kernels.counts(), "compiled")
-    # one fast call is not enough when another fell back
-    compiled_kernels.record("compiled")
-    with pytest.raises(AssertionError, match="fell back"):
-        assert_fast_path(compiled_kernels.counts(), "compiled")
-
-
-def test_path_counts_of_steps_the_kernels_leave_to_eager(compiled_kernels):
-    """Steps with more rows than fused.MAX_ROWS, and formats without a kernel, are eager by design,
-    not a fallback; in eager mode everything is."""
-    from tensorsplit.model.quants import fused
-    for qtype, m in [(QT.Q8_0, fused.MAX_ROWS + 1), (QT.Q3_K, 1)]:
-        n_cols = n_cols_for(qtype, 2)
-        raw = make_raw(qtype, 4, n_cols, "quantize" if qtype in QUANTIZABLE else "random")
-        qmatmul(torch.randn(m, n_cols), QWeight.from_numpy(raw, qtype, 4, n_cols))
-    assert compiled_kernels.counts() == {"eager": 2}

@@ -32,13 +32,13 @@ def _group_sums(x, group):
 
 
 @torch.library.register_fake("tensorsplit::matmul_q8")
-def _matmul_q8(w, type, n_rows, n_cols, q, d, s, isum):
-    return d.new_empty((q.shape[0], n_rows))
+def _matmul_q8(w, type, n_rows, n_cols, q, d, s, isum, wide=False):
+    return d.new_empty((q.shape[0], n_rows), dtype=torch.float64 if wide else torch.float32)
 
 
 @torch.library.register_fake("tensorsplit::matmul_f32")
-def _matmul_f32(w, type, n_rows, n_cols, x, xsum):
-    return x.new_empty((x.shape[0], n_rows))
+def _matmul_f32(w, type, n_rows, n_cols, x, xsum, wide=False):
+    return x.new_empty((x.shape[0], n_rows), dtype=torch.float64 if wide else torch.float32)
 
 
 @torch.library.register_fake("tensorsplit::attention")

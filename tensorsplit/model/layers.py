@@ -53,14 +53,19 @@ class ColumnParallelLinear:
 
 
 class RowParallelLinear:
-    """y = reduce(x[:, local inputs] @ W[:, local inputs].T) + b: the bias is added once, after the sum."""
+    """y = reduce(x[:, local inputs] @ W[:, local inputs].T) + b: the bias is added once, after the sum.
+
+    The partial sums are float64 (the kernels accumulate in double) and so is the all-reduce; the sum
+    is rounded to float32 once. One rank's full sum and several ranks' partials then round alike, so
+    the result does not depend on the world size or the split (to a tie at float32 rounding), and the
+    next layer's 8-bit activation rounding (llama.cpp's numerics) has no summation order to magnify."""
 
     def __init__(self, weight: QWeight, bias: torch.Tensor | None, reduce: Reduce, numerics: Numerics):
         assert bias is None or bias.shape == (weight.n_rows,), (weight.name, bias.shape, weight.n_rows)
         self.weight, self.bias, self.reduce, self.numerics = weight, bias, reduce, numerics
 
     def __call__(self, x: Input) -> torch.Tensor:
-        y = self.reduce(qmatmul(x, self.weight, self.numerics))  # (n, out): partial sums completed across ranks
+        y = self.reduce(qmatmul(x, self.weight, self.numerics, wide=True)).float()   # (n, out), summed over ranks
         return y + self.bias if self.bias is not None else y
 
 

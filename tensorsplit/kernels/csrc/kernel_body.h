@@ -194,10 +194,41 @@ template <class S> struct FIQ4_XS {
   }
 };
 
+// ---- accumulators --------------------------------------------------------------------------------
+// Narrow: float accumulators, float32 output. Wide: double accumulators and output, for the row-
+// parallel matmuls: a rank's partial sum and the all-reduce's sum of the partials are then both
+// rounded to float32 once, at the end, so every world size gets the same float32 result (to a
+// tie at float32 rounding), and llama.cpp's 8-bit rounding of the next input cannot magnify the
+// order of summation into different tokens.
+template <class S> struct Narrow {
+  using T = typename S::VF;
+  using Scale = typename S::VF;
+  using Out = float;
+  static inline T zero() { return S::zerof(); }
+  static inline Scale scale(typename S::VF s) { return s; }
+  static inline T add_int(T acc, typename S::VI ia, Scale s, float dx) { return S::fma(S::cvt(ia), S::mul(s, S::setf(dx)), acc); }
+  static inline T add_f(T acc, typename S::VF part, Scale s) { return S::fma(part, s, acc); }
+  static inline T add_min(T acc, Scale o, float sx) { return S::fma(o, S::setf(sx), acc); }
+  static inline void store(float* p, T v, int n) { S::store(p, v, n); }
+};
+template <class S> struct Wide {
+  using T = typename S::VD;
+  using Scale = typename S::VD;
+  using Out = double;
+  static inline T zero() { return S::zerod(); }
+  static inline Scale scale(typename S::VF s) { return S::to_d(s); }
+  static inline T add_int(T acc, typename S::VI ia, Scale s, float dx) {
+    return S::fma_d(S::to_d(ia), S::mul_d(s, S::setd((double)dx)), acc);   // s * dx is exact in double
+  }
+  static inline T add_f(T acc, typename S::VF part, Scale s) { return S::fma_d(S::to_d(part), s, acc); }
+  static inline T add_min(T acc, Scale o, float sx) { return S::fma_d(o, S::setd((double)sx), acc); }
+  static inline void store(double* p, T v, int n) { S::stored(p, v, n); }
+};
+
 // ---- the tile kernels ----------------------------------------------------------------------------
 // One tile (16 rows, n_blocks block columns), token rows [m0, m0 + RN).
-template <class S, class F, int RN>
-static void tile_q8(const uint8_t* tile, int64_t n_blocks, const ActQ& a, int64_t m0, float* out, int64_t ldo,
+template <class S, class F, class A, int RN>
+static void tile_q8(const uint8_t* tile, int64_t n_blocks, const ActQ& a, int64_t m0, typename A::Out* out, int64_t ldo,
                     int n_valid) {
   using VF = typename S::VF; using VB = typename S::VB; using VI = typename S::VI;
   constexpr int C = F::GS / 4;
@@ -205,14 +236,17 @@ static void tile_q8(const uint8_t* tile, int64_t n_blocks, const ActQ& a, int64_
   for (int h = 0; h < 16 / S::LANES; ++h) {
     const int valid = n_valid - h * S::LANES;
     if (valid <= 0) break;
-    VF acc[RN];
-    for (int n = 0; n < RN; ++n) acc[n] = S::zerof();
+    typename A::T acc[RN];
+    for (int n = 0; n < RN; ++n) acc[n] = A::zero();
     for (int64_t b = 0; b < n_blocks; ++b) {
       const uint8_t* tb = tile + b * F::TB;
       const typename F::Blk bv = F::blk(tb, h);
       for (int g = 0; g < F::NG; ++g) {
         VF s, o;
         F::group(bv, tb, h, g, s, o);
+        const typename A::Scale sa = A::scale(s);
+        typename A::Scale oa;
+        if (F::MIN) oa = A::scale(o);
         VB w[C];
         F::codes(tb, h, g, w);
         const int64_t G = b * F::NG + g;                        // group index along the row
@@ -221,31 +255,34 @@ static void tile_q8(const uint8_t* tile, int64_t n_blocks, const ActQ& a, int64_
           const int8_t* xq = a.q + m * a.ldq + G * F::GS;
           VI ia = S::seti(OFF ? -OFF * a.isum[m * a.ldg + G] : 0);
           for (int j = 0; j < C; ++j) ia = F::SIGNED ? S::dot_s(ia, w[j], xq + 4 * j) : S::dot_u(ia, w[j], xq + 4 * j);
-          acc[n] = S::fma(S::cvt(ia), S::mul(s, S::setf(a.d[m * a.ldg + G])), acc[n]);
-          if (F::MIN) acc[n] = S::fma(o, S::setf(a.s[m * a.ldg + G]), acc[n]);
+          acc[n] = A::add_int(acc[n], ia, sa, a.d[m * a.ldg + G]);
+          if (F::MIN) acc[n] = A::add_min(acc[n], oa, a.s[m * a.ldg + G]);
         }
       }
     }
-    for (int n = 0; n < RN; ++n) S::store(out + (m0 + n) * ldo + h * S::LANES, acc[n], valid);
+    for (int n = 0; n < RN; ++n) A::store(out + (m0 + n) * ldo + h * S::LANES, acc[n], valid);
   }
 }
 
-template <class S, class F, int RN>
-static void tile_f32(const uint8_t* tile, int64_t n_blocks, const ActF& a, int64_t m0, float* out, int64_t ldo,
+template <class S, class F, class A, int RN>
+static void tile_f32(const uint8_t* tile, int64_t n_blocks, const ActF& a, int64_t m0, typename A::Out* out, int64_t ldo,
                      int n_valid) {
   using VF = typename S::VF; using VB = typename S::VB;
   constexpr int C = F::GS / 4;
   for (int h = 0; h < 16 / S::LANES; ++h) {
     const int valid = n_valid - h * S::LANES;
     if (valid <= 0) break;
-    VF acc[RN];
-    for (int n = 0; n < RN; ++n) acc[n] = S::zerof();
+    typename A::T acc[RN];
+    for (int n = 0; n < RN; ++n) acc[n] = A::zero();
     for (int64_t b = 0; b < n_blocks; ++b) {
       const uint8_t* tb = tile + b * F::TB;
       const typename F::Blk bv = F::blk(tb, h);
       for (int g = 0; g < F::NG; ++g) {
         VF s, o;
         F::group(bv, tb, h, g, s, o);
+        const typename A::Scale sa = A::scale(s);
+        typename A::Scale oa;
+        if (F::MIN) oa = A::scale(o);
         VB w[C];
         F::codes(tb, h, g, w);
         if (!F::SIGNED && F::OFFSET)
@@ -265,31 +302,31 @@ static void tile_f32(const uint8_t* tile, int64_t n_blocks, const ActF& a, int64
           }
         }
         for (int n = 0; n < RN; ++n) {
-          acc[n] = S::fma(part[n], s, acc[n]);
-          if (F::MIN) acc[n] = S::fma(o, S::setf(a.xsum[(m0 + n) * a.ldg + G]), acc[n]);
+          acc[n] = A::add_f(acc[n], part[n], sa);
+          if (F::MIN) acc[n] = A::add_min(acc[n], oa, a.xsum[(m0 + n) * a.ldg + G]);
         }
       }
     }
-    for (int n = 0; n < RN; ++n) S::store(out + (m0 + n) * ldo + h * S::LANES, acc[n], valid);
+    for (int n = 0; n < RN; ++n) A::store(out + (m0 + n) * ldo + h * S::LANES, acc[n], valid);
   }
 }
 
 // F16 / BF16 weights: a tile-block is one column of 16 rows (2 bytes each); float arithmetic.
-template <class S, bool BF, int RN>
-static void tile_half(const uint8_t* tile, int64_t n_cols, const ActF& a, int64_t m0, float* out, int64_t ldo,
+template <class S, bool BF, class A, int RN>
+static void tile_half(const uint8_t* tile, int64_t n_cols, const ActF& a, int64_t m0, typename A::Out* out, int64_t ldo,
                       int n_valid) {
   using VF = typename S::VF;
   for (int h = 0; h < 16 / S::LANES; ++h) {
     const int valid = n_valid - h * S::LANES;
     if (valid <= 0) break;
-    VF acc[RN];
-    for (int n = 0; n < RN; ++n) acc[n] = S::zerof();
+    typename A::T acc[RN];
+    for (int n = 0; n < RN; ++n) acc[n] = A::zero();
     for (int64_t c = 0; c < n_cols; ++c) {
       const uint8_t* p = tile + 32 * c + 2 * S::LANES * h;
       const VF w = BF ? S::bf16(p) : S::f16(p);
-      for (int n = 0; n < RN; ++n) acc[n] = S::fma(w, S::setf(a.x[(m0 + n) * a.ldx + c]), acc[n]);
+      for (int n = 0; n < RN; ++n) acc[n] = A::add_f(acc[n], w, A::scale(S::setf(a.x[(m0 + n) * a.ldx + c])));
     }
-    for (int n = 0; n < RN; ++n) S::store(out + (m0 + n) * ldo + h * S::LANES, acc[n], valid);
+    for (int n = 0; n < RN; ++n) A::store(out + (m0 + n) * ldo + h * S::LANES, acc[n], valid);
   }
 }
 
@@ -298,65 +335,63 @@ static void tile_half(const uint8_t* tile, int64_t n_cols, const ActF& a, int64_
 // pass of MAX_RN token rows, so a long prompt streams the activations, not the weights, from afar.
 constexpr int64_t L2_BYTES = 256 * 1024;
 
-template <class Act, class Fn>
+template <class Out, class Act, class Fn>
 static inline void drive(const MatArgs& m, const Act& a, int64_t t0, int64_t t1, int64_t tile_bytes, int max_rn, Fn&& run) {
   int64_t group = L2_BYTES / (tile_bytes > 0 ? tile_bytes : 1);
   if (group < 1) group = 1;
+  Out* out = (Out*)m.out;
   for (int64_t g0 = t0; g0 < t1; g0 += group) {
     const int64_t g1 = g0 + group < t1 ? g0 + group : t1;
     for (int64_t m0 = 0; m0 < m.M; m0 += max_rn) {
       const int rn = (int)(m.M - m0 < max_rn ? m.M - m0 : max_rn);
       for (int64_t t = g0; t < g1; ++t) {
         const int64_t left = m.n_rows - t * TILE_ROWS;
-        run(m.w + t * tile_bytes, m0, rn, m.out + t * TILE_ROWS, (int)(left < TILE_ROWS ? left : TILE_ROWS));
+        run(m.w + t * tile_bytes, m0, rn, out + t * TILE_ROWS, (int)(left < TILE_ROWS ? left : TILE_ROWS));
       }
     }
   }
 }
 
-template <class S, class F>
+#define TS_RN_SWITCH(CALL)                                                                          \
+  switch (rn) {                                                                                     \
+    case 1: CALL(1); break;                                                                         \
+    case 2: CALL(2); break;                                                                         \
+    case 3: CALL(3); break;                                                                         \
+    case 4: CALL(4); break;                                                                         \
+    case 5: if constexpr (S::MAX_RN >= 5) CALL((S::MAX_RN >= 5 ? 5 : 1)); break;                  \
+    case 6: if constexpr (S::MAX_RN >= 6) CALL((S::MAX_RN >= 6 ? 6 : 1)); break;                  \
+    case 7: if constexpr (S::MAX_RN >= 7) CALL((S::MAX_RN >= 7 ? 7 : 1)); break;                  \
+    case 8: if constexpr (S::MAX_RN >= 8) CALL((S::MAX_RN >= 8 ? 8 : 1)); break;                  \
+  }
+
+template <class S, class F, class A>
 static void mat_q8(const MatArgs& m, const ActQ& a, int64_t t0, int64_t t1) {
-  drive(m, a, t0, t1, m.n_blocks * F::TB, S::MAX_RN, [&](const uint8_t* tile, int64_t m0, int rn, float* out, int valid) {
-    switch (rn) {
-      case 1: tile_q8<S, F, 1>(tile, m.n_blocks, a, m0, out, m.ldo, valid); break;
-      case 2: tile_q8<S, F, 2>(tile, m.n_blocks, a, m0, out, m.ldo, valid); break;
-      case 3: tile_q8<S, F, 3>(tile, m.n_blocks, a, m0, out, m.ldo, valid); break;
-      case 4: tile_q8<S, F, 4>(tile, m.n_blocks, a, m0, out, m.ldo, valid); break;
-#define TS_RN(k) case k: if constexpr (S::MAX_RN >= k) tile_q8<S, F, (S::MAX_RN >= k ? k : 1)>(tile, m.n_blocks, a, m0, out, m.ldo, valid); break;
-      TS_RN(5) TS_RN(6) TS_RN(7) TS_RN(8)
-#undef TS_RN
-    }
+  drive<typename A::Out>(m, a, t0, t1, m.n_blocks * F::TB, S::MAX_RN,
+                         [&](const uint8_t* tile, int64_t m0, int rn, typename A::Out* out, int valid) {
+#define TS_CALL(k) tile_q8<S, F, A, k>(tile, m.n_blocks, a, m0, out, m.ldo, valid)
+    TS_RN_SWITCH(TS_CALL)
+#undef TS_CALL
   });
 }
 
-template <class S, class F>
+template <class S, class F, class A>
 static void mat_f32(const MatArgs& m, const ActF& a, int64_t t0, int64_t t1) {
-  drive(m, a, t0, t1, m.n_blocks * F::TB, S::MAX_RN, [&](const uint8_t* tile, int64_t m0, int rn, float* out, int valid) {
-    switch (rn) {
-      case 1: tile_f32<S, F, 1>(tile, m.n_blocks, a, m0, out, m.ldo, valid); break;
-      case 2: tile_f32<S, F, 2>(tile, m.n_blocks, a, m0, out, m.ldo, valid); break;
-      case 3: tile_f32<S, F, 3>(tile, m.n_blocks, a, m0, out, m.ldo, valid); break;
-      case 4: tile_f32<S, F, 4>(tile, m.n_blocks, a, m0, out, m.ldo, valid); break;
-#define TS_RN(k) case k: if constexpr (S::MAX_RN >= k) tile_f32<S, F, (S::MAX_RN >= k ? k : 1)>(tile, m.n_blocks, a, m0, out, m.ldo, valid); break;
-      TS_RN(5) TS_RN(6) TS_RN(7) TS_RN(8)
-#undef TS_RN
-    }
+  drive<typename A::Out>(m, a, t0, t1, m.n_blocks * F::TB, S::MAX_RN,
+                         [&](const uint8_t* tile, int64_t m0, int rn, typename A::Out* out, int valid) {
+#define TS_CALL(k) tile_f32<S, F, A, k>(tile, m.n_blocks, a, m0, out, m.ldo, valid)
+    TS_RN_SWITCH(TS_CALL)
+#undef TS_CALL
   });
 }
 
-template <class S, bool BF>
+template <class S, bool BF, class A>
 static void mat_half(const MatArgs& m, const ActF& a, int64_t t0, int64_t t1) {
   // n_blocks = n_cols for the float formats (a "block" is one column)
-  drive(m, a, t0, t1, m.n_blocks * 32, S::MAX_RN, [&](const uint8_t* tile, int64_t m0, int rn, float* out, int valid) {
-    switch (rn) {
-      case 1: tile_half<S, BF, 1>(tile, m.n_blocks, a, m0, out, m.ldo, valid); break;
-      case 2: tile_half<S, BF, 2>(tile, m.n_blocks, a, m0, out, m.ldo, valid); break;
-      case 3: tile_half<S, BF, 3>(tile, m.n_blocks, a, m0, out, m.ldo, valid); break;
-      case 4: tile_half<S, BF, 4>(tile, m.n_blocks, a, m0, out, m.ldo, valid); break;
-#define TS_RN(k) case k: if constexpr (S::MAX_RN >= k) tile_half<S, BF, (S::MAX_RN >= k ? k : 1)>(tile, m.n_blocks, a, m0, out, m.ldo, valid); break;
-      TS_RN(5) TS_RN(6) TS_RN(7) TS_RN(8)
-#undef TS_RN
-    }
+  drive<typename A::Out>(m, a, t0, t1, m.n_blocks * 32, S::MAX_RN,
+                         [&](const uint8_t* tile, int64_t m0, int rn, typename A::Out* out, int valid) {
+#define TS_CALL(k) tile_half<S, BF, A, k>(tile, m.n_blocks, a, m0, out, m.ldo, valid)
+    TS_RN_SWITCH(TS_CALL)
+#undef TS_CALL
   });
 }
 
@@ -423,24 +458,22 @@ static void quantize_rows(const float* x, int64_t ldx, int64_t K, int kind, int 
 }  // namespace
 
 // The table of one instruction set's kernels: ISA_TABLE(fn_name, "name", Traits)
+#define TS_FORMAT(S, T, F) \
+  t.q8[T] = mat_q8<S, F<S>, Narrow<S>>;  t.q8_wide[T] = mat_q8<S, F<S>, Wide<S>>; \
+  t.f32[T] = mat_f32<S, F<S>, Narrow<S>>; t.f32_wide[T] = mat_f32<S, F<S>, Wide<S>>;
+
+// The table of one instruction set's kernels: TS_KERNEL_TABLE(fn_name, "name", Traits)
 #define TS_KERNEL_TABLE(FN, NAME, S)                                                              \
   namespace ts {                                                                                  \
   static KernelTable make_table_##S() {                                                           \
     KernelTable t{};                                                                              \
     t.name = NAME;                                                                                \
-    t.q8[T_Q4_0] = mat_q8<S, FQ4_0<S>>;   t.f32[T_Q4_0] = mat_f32<S, FQ4_0<S>>;                   \
-    t.q8[T_Q4_1] = mat_q8<S, FQ4_1<S>>;   t.f32[T_Q4_1] = mat_f32<S, FQ4_1<S>>;                   \
-    t.q8[T_Q5_0] = mat_q8<S, FQ5_0<S>>;   t.f32[T_Q5_0] = mat_f32<S, FQ5_0<S>>;                   \
-    t.q8[T_Q5_1] = mat_q8<S, FQ5_1<S>>;   t.f32[T_Q5_1] = mat_f32<S, FQ5_1<S>>;                   \
-    t.q8[T_Q8_0] = mat_q8<S, FQ8_0<S>>;   t.f32[T_Q8_0] = mat_f32<S, FQ8_0<S>>;                   \
-    t.q8[T_IQ4_NL] = mat_q8<S, FIQ4_NL<S>>; t.f32[T_IQ4_NL] = mat_f32<S, FIQ4_NL<S>>;             \
-    t.q8[T_Q2_K] = mat_q8<S, FQ2_K<S>>;   t.f32[T_Q2_K] = mat_f32<S, FQ2_K<S>>;                   \
-    t.q8[T_Q3_K] = mat_q8<S, FQ3_K<S>>;   t.f32[T_Q3_K] = mat_f32<S, FQ3_K<S>>;                   \
-    t.q8[T_Q4_K] = mat_q8<S, FQ4_K<S>>;   t.f32[T_Q4_K] = mat_f32<S, FQ4_K<S>>;                   \
-    t.q8[T_Q5_K] = mat_q8<S, FQ5_K<S>>;   t.f32[T_Q5_K] = mat_f32<S, FQ5_K<S>>;                   \
-    t.q8[T_Q6_K] = mat_q8<S, FQ6_K<S>>;   t.f32[T_Q6_K] = mat_f32<S, FQ6_K<S>>;                   \
-    t.q8[T_IQ4_XS] = mat_q8<S, FIQ4_XS<S>>; t.f32[T_IQ4_XS] = mat_f32<S, FIQ4_XS<S>>;             \
-    t.f32[T_F16] = mat_half<S, false>;    t.f32[T_BF16] = mat_half<S, true>;                      \
+    TS_FORMAT(S, T_Q4_0, FQ4_0) TS_FORMAT(S, T_Q4_1, FQ4_1) TS_FORMAT(S, T_Q5_0, FQ5_0)                    \
+    TS_FORMAT(S, T_Q5_1, FQ5_1) TS_FORMAT(S, T_Q8_0, FQ8_0) TS_FORMAT(S, T_IQ4_NL, FIQ4_NL)                \
+    TS_FORMAT(S, T_Q2_K, FQ2_K) TS_FORMAT(S, T_Q3_K, FQ3_K) TS_FORMAT(S, T_Q4_K, FQ4_K)                    \
+    TS_FORMAT(S, T_Q5_K, FQ5_K) TS_FORMAT(S, T_Q6_K, FQ6_K) TS_FORMAT(S, T_IQ4_XS, FIQ4_XS)                \
+    t.f32[T_F16] = mat_half<S, false, Narrow<S>>; t.f32_wide[T_F16] = mat_half<S, false, Wide<S>>;  \
+    t.f32[T_BF16] = mat_half<S, true, Narrow<S>>; t.f32_wide[T_BF16] = mat_half<S, true, Wide<S>>;  \
     t.quantize = quantize_rows;                                                                   \
     t.attend = attend_items<S>;                                                                   \
     return t;                                                                                     \

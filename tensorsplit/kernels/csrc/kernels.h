@@ -30,7 +30,7 @@ struct ActF {
 struct MatArgs {
   const uint8_t* w;      // native tiles (ceil(n_rows / 16), n_blocks * tile_block)
   int64_t n_rows, n_blocks;
-  float* out;            // (M, ldo): out[m * ldo + row]
+  void* out;             // (M, ldo): out[m * ldo + row], float32, or float64 for the wide kernels
   int64_t ldo, M;
 };
 
@@ -68,6 +68,8 @@ struct KernelTable {
   const char* name;
   MatQ8Fn q8[T_COUNT];     // null where a type has no integer kernel (F16, BF16, F32)
   MatF32Fn f32[T_COUNT];
+  MatQ8Fn q8_wide[T_COUNT];   // the same, accumulating and writing float64 (row-parallel matmuls)
+  MatF32Fn f32_wide[T_COUNT];
   QuantFn quantize;
   AttnFn attend;
 };

@@ -7,8 +7,9 @@
 //   unpack_rows(tiles, type, n_rows, n_cols, ids)     native tiles -> the GGUF bytes of rows `ids`
 //   quantize_act(x, kind, group) -> (q, d, s, isum)   float activations -> llama.cpp's Q8_0/Q8_1/Q8_K
 //   group_sums(x, group) -> sums                      per-group sums of x (the exact path's min term)
-//   matmul_q8(tiles, type, n_rows, n_cols, q, d, s, isum) -> (M, n_rows)    integer numerics
-//   matmul_f32(tiles, type, n_rows, n_cols, x, xsum?) -> (M, n_rows)       float activations
+//   matmul_q8(tiles, type, n_rows, n_cols, q, d, s, isum, wide) -> (M, n_rows)    integer numerics
+//   matmul_f32(tiles, type, n_rows, n_cols, x, xsum?, wide) -> (M, n_rows)       float activations
+//     (wide: accumulated in and returned as float64, for row-parallel partial sums)
 //   attention(q, k, v, k_cache!, v_cache!, positions, slots, kv_of_q, window, scale, round16, scale_scores)
 //     -> (n, H * hd)
 //   rms_norm(x, weight, eps) -> x * rsqrt(mean(x^2) + eps) * weight          (sum of squares in double, as ggml)
@@ -190,16 +191,16 @@ MatArgs mat_args(const at::Tensor& w, const FormatInfo& f, int64_t n_rows, int64
   a.w = w.data_ptr<uint8_t>();
   a.n_rows = n_rows;
   a.n_blocks = n_blocks;
-  a.out = out.data_ptr<float>();
+  a.out = out.data_ptr();
   a.ldo = n_rows;
   a.M = M;
   return a;
 }
 
 at::Tensor matmul_q8(const at::Tensor& w, int64_t type, int64_t n_rows, int64_t n_cols, const at::Tensor& q,
-                     const at::Tensor& d, const at::Tensor& s, const at::Tensor& isum) {
+                     const at::Tensor& d, const at::Tensor& s, const at::Tensor& isum, bool wide) {
   const FormatInfo f = checked_format(type, n_cols);
-  const MatQ8Fn fn = table().q8[type];
+  const MatQ8Fn fn = wide ? table().q8_wide[type] : table().q8[type];
   TORCH_CHECK(fn != nullptr, "matmul_q8: no integer kernel for type ", type);
   TORCH_CHECK(q.dtype() == at::kChar && q.dim() == 2 && q.is_contiguous() && q.size(1) == n_cols,
               "matmul_q8: q must be contiguous int8 (M, ", n_cols, ")");
@@ -207,7 +208,7 @@ at::Tensor matmul_q8(const at::Tensor& w, int64_t type, int64_t n_rows, int64_t 
   for (const at::Tensor* t : {&d, &s, &isum})
     TORCH_CHECK(t->is_contiguous() && t->dim() == 2 && t->size(0) == M && t->size(1) == ng,
                 "matmul_q8: per-group activation arrays must be contiguous (", M, ", ", ng, ")");
-  at::Tensor out = at::empty({M, n_rows}, d.options());
+  at::Tensor out = at::empty({M, n_rows}, d.options().dtype(wide ? at::kDouble : at::kFloat));
   const MatArgs a = mat_args(w, f, n_rows, n_cols, M, out);
   const ActQ act{q.data_ptr<int8_t>(), d.data_ptr<float>(), s.data_ptr<float>(), isum.data_ptr<int32_t>(), n_cols, ng};
   at::parallel_for(0, n_tiles_of(n_rows), grain_for(a.n_blocks * f.tile_block),
@@ -216,9 +217,9 @@ at::Tensor matmul_q8(const at::Tensor& w, int64_t type, int64_t n_rows, int64_t 
 }
 
 at::Tensor matmul_f32(const at::Tensor& w, int64_t type, int64_t n_rows, int64_t n_cols, const at::Tensor& x,
-                      const c10::optional<at::Tensor>& xsum) {
+                      const c10::optional<at::Tensor>& xsum, bool wide) {
   const FormatInfo f = checked_format(type, n_cols);
-  const MatF32Fn fn = table().f32[type];
+  const MatF32Fn fn = wide ? table().f32_wide[type] : table().f32[type];
   TORCH_CHECK(fn != nullptr, "matmul_f32: no kernel for type ", type);
   check_x(x, "matmul_f32");
   TORCH_CHECK(x.size(1) == n_cols && x.is_contiguous(), "matmul_f32: x must be contiguous (M, ", n_cols, ")");
@@ -229,7 +230,7 @@ at::Tensor matmul_f32(const at::Tensor& w, int64_t type, int64_t n_rows, int64_t
                 "matmul_f32: xsum must be contiguous float (", M, ", ", ng, ")");
     sums = xsum->data_ptr<float>();
   }
-  at::Tensor out = at::empty({M, n_rows}, x.options());
+  at::Tensor out = at::empty({M, n_rows}, x.options().dtype(wide ? at::kDouble : at::kFloat));
   const MatArgs a = mat_args(w, f, n_rows, n_cols, M, out);
   const ActF act{x.data_ptr<float>(), sums, n_cols, ng};
   at::parallel_for(0, n_tiles_of(n_rows), grain_for(a.n_blocks * f.tile_block),
@@ -437,8 +438,9 @@ TORCH_LIBRARY(tensorsplit, m) {
   m.def("unpack_rows(Tensor tiles, int type, int n_rows, int n_cols, Tensor ids) -> Tensor");
   m.def("quantize_act(Tensor x, int kind, int group) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("group_sums(Tensor x, int group) -> Tensor");
-  m.def("matmul_q8(Tensor w, int type, int n_rows, int n_cols, Tensor q, Tensor d, Tensor s, Tensor isum) -> Tensor");
-  m.def("matmul_f32(Tensor w, int type, int n_rows, int n_cols, Tensor x, Tensor? xsum) -> Tensor");
+  m.def("matmul_q8(Tensor w, int type, int n_rows, int n_cols, Tensor q, Tensor d, Tensor s, Tensor isum, "
+        "bool wide=False) -> Tensor");
+  m.def("matmul_f32(Tensor w, int type, int n_rows, int n_cols, Tensor x, Tensor? xsum, bool wide=False) -> Tensor");
   m.def("attention(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor positions, "
         "Tensor slots, Tensor kv_of_q, int window, float scale, bool round16, bool scale_scores) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");

@@ -17,7 +17,7 @@
 // torch ops (namespace tensorsplit):
 //   shm_attach(name, create, rank, n_ranks, slot_bytes) -> handle
 //   shm_unlink(name)
-//   shm_all_reduce(x!, handle, timeout_s) -> x          float32, summed in place
+//   shm_all_reduce(x!, handle, timeout_s) -> x          float32 or float64, summed in place
 //   shm_broadcast(x!, handle, root, timeout_s, idle) -> x
 //   shm_gather(x, handle, root, timeout_s) -> (n_ranks, *x.shape) on the root, empty elsewhere
 #include <ATen/ATen.h>
@@ -194,27 +194,31 @@ void check_tensor(const at::Tensor& x, const char* what) {
   TORCH_CHECK(x.device().is_cpu() && x.is_contiguous(), what, ": x must be a contiguous CPU tensor");
 }
 
-at::Tensor shm_all_reduce(at::Tensor& x, int64_t handle, double timeout_s) {
-  Segment& s = get(handle);
-  check_tensor(x, "shm_all_reduce");
-  TORCH_CHECK(x.scalar_type() == at::kFloat, "shm_all_reduce: float32 only");
-  float* data = x.data_ptr<float>();
-  const int64_t n = x.numel(), per = s.slot / 4;
+template <class T>
+void all_reduce_typed(Segment& s, T* data, int64_t n, double timeout_s) {
+  const int64_t per = s.slot / (int64_t)sizeof(T);
   for (int64_t off = 0; off < n || (n == 0 && off == 0); off += per) {
     const int64_t len = std::min<int64_t>(per, n - off);
     const uint64_t round = ++s.seq;
-    if (len > 0) std::memcpy(s.slot_ptr(round, s.rank), data + off, (size_t)len * 4);
+    if (len > 0) std::memcpy(s.slot_ptr(round, s.rank), data + off, (size_t)len * sizeof(T));
     post_and_wait(s, round, timeout_s, false, "an all-reduce");
     if (len <= 0) break;
     // the sum in rank order, the same on every rank (the rank's own slot too, not its input)
-    const float* s0 = (const float*)s.slot_ptr(round, 0);
-    float* out = data + off;
-    std::memcpy(out, s0, (size_t)len * 4);
+    T* out = data + off;
+    std::memcpy(out, s.slot_ptr(round, 0), (size_t)len * sizeof(T));
     for (int64_t r = 1; r < s.n; ++r) {
-      const float* sr = (const float*)s.slot_ptr(round, r);
+      const T* sr = (const T*)s.slot_ptr(round, r);
       for (int64_t i = 0; i < len; ++i) out[i] += sr[i];
     }
   }
+}
+
+at::Tensor shm_all_reduce(at::Tensor& x, int64_t handle, double timeout_s) {
+  Segment& s = get(handle);
+  check_tensor(x, "shm_all_reduce");
+  if (x.scalar_type() == at::kFloat) all_reduce_typed(s, x.data_ptr<float>(), x.numel(), timeout_s);
+  else if (x.scalar_type() == at::kDouble) all_reduce_typed(s, x.data_ptr<double>(), x.numel(), timeout_s);
+  else TORCH_CHECK(false, "shm_all_reduce: float32 or float64 only");
   return x;
 }
 

@@ -109,6 +109,21 @@ struct Avx2 {
     const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
   }
+
+  // double accumulators for the row-parallel matmuls (8 lanes as 2 x 4 doubles)
+  struct VD { __m256d lo, hi; };
+  static inline VD zerod() { return {_mm256_setzero_pd(), _mm256_setzero_pd()}; }
+  static inline VD setd(double v) { return {_mm256_set1_pd(v), _mm256_set1_pd(v)}; }
+  static inline VD to_d(VF v) { return {_mm256_cvtps_pd(_mm256_castps256_ps128(v)), _mm256_cvtps_pd(_mm256_extractf128_ps(v, 1))}; }
+  static inline VD to_d(VI v) { return {_mm256_cvtepi32_pd(_mm256_castsi256_si128(v)), _mm256_cvtepi32_pd(_mm256_extracti128_si256(v, 1))}; }
+  static inline VD mul_d(VD a, VD b) { return {_mm256_mul_pd(a.lo, b.lo), _mm256_mul_pd(a.hi, b.hi)}; }
+  static inline VD fma_d(VD a, VD b, VD c) { return {_mm256_fmadd_pd(a.lo, b.lo, c.lo), _mm256_fmadd_pd(a.hi, b.hi, c.hi)}; }
+  static inline void stored(double* p, VD v, int n) {
+    double tmp[8];
+    _mm256_storeu_pd(tmp, v.lo);
+    _mm256_storeu_pd(tmp + 4, v.hi);
+    for (int i = 0; i < n && i < 8; ++i) p[i] = tmp[i];
+  }
 };
 
 }  // namespace

@@ -95,6 +95,23 @@ struct Avx512 {
     p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
     return _mm512_scalef_ps(p, n);
   }
+
+  // double accumulators for the row-parallel matmuls (16 lanes as 2 x 8 doubles)
+  struct VD { __m512d lo, hi; };
+  static inline VD zerod() { return {_mm512_setzero_pd(), _mm512_setzero_pd()}; }
+  static inline VD setd(double v) { return {_mm512_set1_pd(v), _mm512_set1_pd(v)}; }
+  static inline VD to_d(VF v) {
+    return {_mm512_cvtps_pd(_mm512_castps512_ps256(v)), _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)))};
+  }
+  static inline VD to_d(VI v) { return {_mm512_cvtepi32_pd(_mm512_castsi512_si256(v)), _mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(v, 1))}; }
+  static inline VD mul_d(VD a, VD b) { return {_mm512_mul_pd(a.lo, b.lo), _mm512_mul_pd(a.hi, b.hi)}; }
+  static inline VD fma_d(VD a, VD b, VD c) { return {_mm512_fmadd_pd(a.lo, b.lo, c.lo), _mm512_fmadd_pd(a.hi, b.hi, c.hi)}; }
+  static inline void stored(double* p, VD v, int n) {
+    if (n >= 16) { _mm512_storeu_pd(p, v.lo); _mm512_storeu_pd(p + 8, v.hi); return; }
+    if (n <= 8) { _mm512_mask_storeu_pd(p, (__mmask8)((1u << n) - 1), v.lo); return; }
+    _mm512_storeu_pd(p, v.lo);
+    _mm512_mask_storeu_pd(p + 8, (__mmask8)((1u << (n - 8)) - 1), v.hi);
+  }
 };
 
 }  // namespace

@@ -70,6 +70,15 @@ struct Scalar {
   static inline VF add(VF a, VF b) { for (int i = 0; i < 16; ++i) a.v[i] += b.v[i]; return a; }
   static inline float hsum(VF v) { float s = 0.0f; for (int i = 0; i < 16; ++i) s += v.v[i]; return s; }
   static inline VF exp_neg(VF x) { for (int i = 0; i < 16; ++i) x.v[i] = expf(x.v[i]); return x; }
+
+  struct VD { double v[16]; };
+  static inline VD zerod() { return setd(0.0); }
+  static inline VD setd(double x) { VD r; for (int i = 0; i < 16; ++i) r.v[i] = x; return r; }
+  static inline VD to_d(VF a) { VD r; for (int i = 0; i < 16; ++i) r.v[i] = (double)a.v[i]; return r; }
+  static inline VD to_d(VI a) { VD r; for (int i = 0; i < 16; ++i) r.v[i] = (double)a.v[i]; return r; }
+  static inline VD mul_d(VD a, VD b) { for (int i = 0; i < 16; ++i) a.v[i] *= b.v[i]; return a; }
+  static inline VD fma_d(VD a, VD b, VD c) { for (int i = 0; i < 16; ++i) c.v[i] = ::fma(a.v[i], b.v[i], c.v[i]); return c; }
+  static inline void stored(double* p, VD v, int n) { for (int i = 0; i < n && i < 16; ++i) p[i] = v.v[i]; }
 };
 
 }  // namespace

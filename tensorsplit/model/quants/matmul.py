@@ -62,8 +62,12 @@ class MatmulInput:
         return form
 
 
-def qmatmul(x: torch.Tensor | MatmulInput, w: QWeight, numerics: Numerics | None = None) -> torch.Tensor:
-    """y = x @ W.T: x (..., n_cols) -> (..., n_rows) float32, on x's / w.data's device."""
+def qmatmul(x: torch.Tensor | MatmulInput, w: QWeight, numerics: Numerics | None = None,
+            wide: bool = False) -> torch.Tensor:
+    """y = x @ W.T: x (..., n_cols) -> (..., n_rows) float32, on x's / w.data's device.
+
+    wide: accumulate and return float64 (native kernels; the torch path returns its float32 result as
+    float64). A row-parallel partial sum is kept wide through the all-reduce and rounded once after."""
     inp = x if isinstance(x, MatmulInput) else MatmulInput(x, numerics or Numerics())
     if inp.n_cols != w.n_cols:
         raise ValueError(f"{w.name}: input has {inp.n_cols} features, weight expects {w.n_cols}")
@@ -71,17 +75,20 @@ def qmatmul(x: torch.Tensor | MatmulInput, w: QWeight, numerics: Numerics | None
     if k is not None:                                           # native layout
         paths.record("native")
         if k.act is None:                                       # F16 / BF16: float arithmetic
-            y = ops.matmul_f32(w.data, k.type_id, w.n_rows, w.n_cols, inp.rounded(w.qtype), None)
+            y = ops.matmul_f32(w.data, k.type_id, w.n_rows, w.n_cols, inp.rounded(w.qtype), None, wide)
         elif inp.numerics.llamacpp:
             q, d, s, isum = inp.q8(k.act, k.group)
-            y = ops.matmul_q8(w.data, k.type_id, w.n_rows, w.n_cols, q, d, s, isum)
+            y = ops.matmul_q8(w.data, k.type_id, w.n_rows, w.n_cols, q, d, s, isum, wide)
         else:
-            y = ops.matmul_f32(w.data, k.type_id, w.n_rows, w.n_cols, inp.x2, inp.sums(k.group) if k.has_min else None)
+            y = ops.matmul_f32(w.data, k.type_id, w.n_rows, w.n_cols, inp.x2,
+                               inp.sums(k.group) if k.has_min else None, wide)
     elif w.data.dtype == torch.float32:                         # dense F32: ggml multiplies in float32 too
         y = inp.x2 @ w.data.T
     else:
         paths.record(paths.torch_path(w.data.device))
         y = _tiled(inp.rounded(w.qtype), w)
+    if wide and y.dtype != torch.float64:
+        y = y.double()
     return y if len(inp.lead) == 1 else y.reshape(*inp.lead, w.n_rows)
 
 

@@ -13,6 +13,7 @@ numbers cannot tell the two apart. So every quantized matmul records here what c
 Tests read `counts()` (in-process) or the per-rank files a worker writes when
 TENSORSPLIT_KERNEL_PATHS names a folder (worker/main.py), and fail on any ":fallback".
 One dictionary update per matmul; counts are per process.
+"""
 from __future__ import annotations
 
 from collections import Counter
