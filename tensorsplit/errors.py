@@ -29,3 +29,8 @@ class ConfigError(TensorsplitError):
 
 class ShardPlanError(TensorsplitError):
     """The model cannot be split the way the user asked (world size, --split ratios)."""
+
+
+class CollectiveError(TensorsplitError):
+    """A collective could not complete because another rank died or stopped answering. Secondary: the
+    launcher blames the rank that failed first, not the ones that noticed."""

@@ -23,6 +23,7 @@ from tensorsplit.comm.local import ThreadWorld
 from tensorsplit.model import make_plan, open_model, parse_split
 from tensorsplit.model.attention import Attention
 from tensorsplit.model.layers import no_reduce
+from tensorsplit.model.numerics import EXACT
 from tensorsplit.model.transformer import RankModel
 
 SHARD_ATOL = 2.5e-4           # SmolLM2 sharded, decode vs prefill, logit rows (seen: 6.4e-5 at 4 ranks 1,1,1,3)
@@ -42,7 +43,7 @@ SYNTHETIC_SHARD_ATOL = {      # synthetic models, sharded vs one rank
 PROMPT = [1, 504, 3458, 282, 4649, 314, 253, 1345, 28, 2, 77, 88, 99, 1040, 12, 640]
 
 
-def world_logits(gf, cfg, world, ids, split=None):
+def world_logits(gf, cfg, world, ids, split=None, numerics=EXACT):
     """Run one forward of `ids` (one sequence from position 0) on every rank; concatenated logits."""
     plan = make_plan(cfg, gf.tensors, world, parse_split(split, world))
     tw = ThreadWorld(world)
@@ -50,7 +51,7 @@ def world_logits(gf, cfg, world, ids, split=None):
     n = len(ids)
 
     def rank(r):
-        m = RankModel(cfg, plan.ranks[r], world, tw.reducer(r) if world > 1 else no_reduce, gf)
+        m = RankModel(cfg, plan.ranks[r], world, tw.reducer(r) if world > 1 else no_reduce, gf, numerics=numerics)
         m.allocate_cache(1, 64)
         return m.forward(ids, torch.arange(n), torch.zeros(n, dtype=torch.long))
 
@@ -135,7 +136,7 @@ def test_decode_and_batching_match_prefill(smollm2):
     slots, give the logits of one prefill of each sequence."""
     gf, cfg = smollm2
     plan = make_plan(cfg, gf.tensors, 1)
-    m = RankModel(cfg, plan.ranks[0], 1, no_reduce, gf)
+    m = RankModel(cfg, plan.ranks[0], 1, no_reduce, gf, numerics=EXACT)
     m.allocate_cache(2, 64)
     a, b = torch.tensor(PROMPT[:9]), torch.tensor(PROMPT[5:])
     full_a = m.forward(a, torch.arange(9), torch.zeros(9, dtype=torch.long))
@@ -157,7 +158,7 @@ def test_decode_and_batching_match_prefill(smollm2):
 
 def test_logit_rows_select_positions(smollm2, smollm2_one_rank):
     gf, cfg = smollm2
-    m = RankModel(cfg, make_plan(cfg, gf.tensors, 1).ranks[0], 1, no_reduce, gf)
+    m = RankModel(cfg, make_plan(cfg, gf.tensors, 1).ranks[0], 1, no_reduce, gf, numerics=EXACT)
     m.allocate_cache(1, 64)
     n = len(PROMPT)
     last = m.forward(torch.tensor(PROMPT), torch.arange(n), torch.zeros(n, dtype=torch.long), torch.tensor([n - 1]))

@@ -127,7 +127,7 @@ def test_a_dead_or_stopped_peer_ends_the_wait(how):
         if how == "SIGKILL":
             assert "exited" in message and waited < 4.0, (message, waited)
         else:
-            assert "timed out after 4 s" in message, message
+            assert "Timed out after 4 s" in message, message
     finally:
         for p in procs:
             if p.is_alive():

@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from ..errors import TensorsplitError
+from ..errors import CollectiveError, TensorsplitError
 
 SLOT_BYTES = 1 << 20          # per rank and buffer: messages larger than this go through in chunks
 PREFIX = "tensorsplit-"
@@ -91,7 +91,7 @@ class HostSegment:
             return fn(*args)
         except RuntimeError as e:
             text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise TensorsplitError(self._ranks(text)) from None
+            raise CollectiveError(self._ranks(text)) from None
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum float32 x over the node's ranks in place; every rank gets the same bits."""

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import TensorsplitError
+from ..errors import CollectiveError, TensorsplitError
 
 
 @dataclass(frozen=True)
@@ -108,7 +108,9 @@ def report_failure(rank: int, exc: BaseException) -> str:
 
     A failure seen through a collective (a peer died or timed out) is marked secondary, so the
     launcher blames the rank that failed first rather than the ones that noticed it."""
-    if isinstance(exc, TensorsplitError):
+    if isinstance(exc, CollectiveError):
+        msg, secondary = str(exc), True
+    elif isinstance(exc, TensorsplitError):
         msg, secondary = str(exc), False
     elif isinstance(exc, (RuntimeError, OSError)) and any(m in str(exc) for m in COMM_FAILURE_MARKERS):
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -184,7 +184,7 @@ void post_and_wait(Segment& s, uint64_t round, double timeout_s, bool idle, cons
         std::string missing;
         for (int64_t q = 0; q < s.n; ++q)
           if (c[q].seq.load(std::memory_order_acquire) < round) missing += (missing.empty() ? "" : ", ") + std::to_string(q);
-        TORCH_CHECK(false, "shm: timed out after ", timeout_s, " s in ", what, ", waiting for local rank(s) ", missing);
+        TORCH_CHECK(false, "shm: Timed out after ", timeout_s, " s in ", what, ", waiting for local rank(s) ", missing);
       }
     }
   }

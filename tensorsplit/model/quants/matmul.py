@@ -83,24 +83,24 @@ def qmatmul(x: torch.Tensor | MatmulInput, w: QWeight, numerics: Numerics | None
             y = ops.matmul_f32(w.data, k.type_id, w.n_rows, w.n_cols, inp.x2,
                                inp.sums(k.group) if k.has_min else None, wide)
     elif w.data.dtype == torch.float32:                         # dense F32: ggml multiplies in float32 too
-        y = inp.x2 @ w.data.T
+        y = inp.x2.double() @ w.data.double().T if wide else inp.x2 @ w.data.T
     else:
         paths.record(paths.torch_path(w.data.device))
-        y = _tiled(inp.rounded(w.qtype), w)
-    if wide and y.dtype != torch.float64:
-        y = y.double()
+        y = _tiled(inp.rounded(w.qtype), w, wide)
     return y if len(inp.lead) == 1 else y.reshape(*inp.lead, w.n_rows)
 
 
-def _tiled(x2: torch.Tensor, w: QWeight) -> torch.Tensor:
+def _tiled(x2: torch.Tensor, w: QWeight, wide: bool = False) -> torch.Tensor:
     """Dequantize at most TILE_ELEMS weight elements (whole rows) at a time; never the whole matrix
-    when it is larger than one tile."""
-    out = torch.empty(x2.shape[0], w.n_rows, dtype=torch.float32, device=x2.device)  # (M, n_rows)
+    when it is larger than one tile. wide: the products summed in float64 (row-parallel partials)."""
+    dtype = torch.float64 if wide else torch.float32
+    out = torch.empty(x2.shape[0], w.n_rows, dtype=dtype, device=x2.device)  # (M, n_rows)
+    x2 = x2.to(dtype)
     step = max(1, TILE_ELEMS // max(1, w.n_cols))            # rows per tile
     for r0 in range(0, w.n_rows, step):
         r1 = min(r0 + step, w.n_rows)
         tile = dequantize(w.data[r0:r1], w.qtype, w.n_cols, w.name)  # (r1 - r0, n_cols)
-        out[:, r0:r1] = x2 @ tile.T
+        out[:, r0:r1] = x2 @ tile.to(dtype).T
     return out
 
 
