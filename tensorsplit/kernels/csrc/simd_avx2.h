@@ -124,6 +124,14 @@ struct Avx2 {
     _mm256_storeu_pd(tmp + 4, v.hi);
     for (int i = 0; i < n && i < 8; ++i) p[i] = tmp[i];
   }
+
+  static inline VI u8i(const uint8_t* p) { return _mm256_cvtepu8_epi32(ld8(p)); }
+  static inline VI i8i(const uint8_t* p) { return _mm256_cvtepi8_epi32(ld8(p)); }
+  static inline VI lo4i(VI v) { return _mm256_and_si256(v, _mm256_set1_epi32(15)); }
+  static inline VI hi4i(VI v) { return _mm256_srli_epi32(v, 4); }
+  static inline VI mullo(VI a, VI b) { return _mm256_mullo_epi32(a, b); }
+  static inline VI addi(VI a, VI b) { return _mm256_add_epi32(a, b); }
+  static inline VI zeroi() { return _mm256_setzero_si256(); }
 };
 
 }  // namespace

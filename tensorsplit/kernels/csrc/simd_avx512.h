@@ -112,6 +112,15 @@ struct Avx512 {
     _mm512_storeu_pd(p, v.lo);
     _mm512_mask_storeu_pd(p + 8, (__mmask8)((1u << (n - 8)) - 1), v.hi);
   }
+
+  // integer scales of the K-quants, one per lane (super-block sums in integers)
+  static inline VI u8i(const uint8_t* p) { return _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p)); }
+  static inline VI i8i(const uint8_t* p) { return _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)p)); }
+  static inline VI lo4i(VI v) { return _mm512_and_si512(v, _mm512_set1_epi32(15)); }
+  static inline VI hi4i(VI v) { return _mm512_srli_epi32(v, 4); }
+  static inline VI mullo(VI a, VI b) { return _mm512_mullo_epi32(a, b); }
+  static inline VI addi(VI a, VI b) { return _mm512_add_epi32(a, b); }
+  static inline VI zeroi() { return _mm512_setzero_si512(); }
 };
 
 }  // namespace

@@ -79,6 +79,14 @@ struct Scalar {
   static inline VD mul_d(VD a, VD b) { for (int i = 0; i < 16; ++i) a.v[i] *= b.v[i]; return a; }
   static inline VD fma_d(VD a, VD b, VD c) { for (int i = 0; i < 16; ++i) c.v[i] = ::fma(a.v[i], b.v[i], c.v[i]); return c; }
   static inline void stored(double* p, VD v, int n) { for (int i = 0; i < n && i < 16; ++i) p[i] = v.v[i]; }
+
+  static inline VI u8i(const uint8_t* p) { VI r; for (int i = 0; i < 16; ++i) r.v[i] = p[i]; return r; }
+  static inline VI i8i(const uint8_t* p) { VI r; for (int i = 0; i < 16; ++i) r.v[i] = (int8_t)p[i]; return r; }
+  static inline VI lo4i(VI a) { for (int i = 0; i < 16; ++i) a.v[i] &= 15; return a; }
+  static inline VI hi4i(VI a) { for (int i = 0; i < 16; ++i) a.v[i] = (int32_t)((uint32_t)a.v[i] >> 4); return a; }
+  static inline VI mullo(VI a, VI b) { for (int i = 0; i < 16; ++i) a.v[i] *= b.v[i]; return a; }
+  static inline VI addi(VI a, VI b) { for (int i = 0; i < 16; ++i) a.v[i] += b.v[i]; return a; }
+  static inline VI zeroi() { return seti(0); }
 };
 
 }  // namespace
