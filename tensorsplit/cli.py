@@ -239,18 +239,26 @@ def perplexity(ctx, model_arg, model, text_file, ctx_size, chunks, as_json, **_)
 @click.option("-r", "--repetitions", default=3, show_default=True, type=int, help="Timed runs per test.")
 @click.option("-o", "--output", "json_out", default=None, type=click.Path(dir_okay=False),
               help="Also write the JSON to this file.")
+@click.option("--comm", is_flag=True,
+              help="Time the all-reduce instead: the sizes a layer sends (n_embd values per token row, up to 1 MiB), "
+                   "the world's own path (shared memory between the CPU ranks of a node) against plain Gloo.")
 @click.option("--result-file", hidden=True, default=None)
 @_world_options
 @click.pass_context
-def bench(ctx, model_arg, model, n_prompt, n_gen, repetitions, json_out, result_file, nproc, **_):
-    """Prompt-processing and generation speed per world size (--nproc-per-node 1,2), as llama-bench."""
-    from .coordinator.jobs import BenchJob
+def bench(ctx, model_arg, model, n_prompt, n_gen, repetitions, comm, json_out, result_file, nproc, **_):
+    """Prompt-processing and generation speed per world size (--nproc-per-node 1,2), as llama-bench;
+    with --comm, all-reduce latency per message size."""
+    from .coordinator.jobs import BenchJob, CommBenchJob
     from .worker.process import in_worker
     ctx.params["model"] = model or model_arg
     n_ctx = max(n_prompt, n_gen) + 1
     if in_worker():
-        return _run_world(ctx, BenchJob(n_prompt, n_gen, repetitions, Path(result_file)), n_ctx=n_ctx)
+        job = CommBenchJob(200 * repetitions, Path(result_file)) if comm else \
+            BenchJob(n_prompt, n_gen, repetitions, Path(result_file))
+        return _run_world(ctx, job, n_ctx=16 if comm else n_ctx)
     worlds = [_single_nproc(x) for x in (nproc or "1").split(",")]
+    if comm:
+        return _bench_comm(ctx, worlds, json_out)
     results = []
     with tempfile.TemporaryDirectory(prefix="tensorsplit-bench-") as tmp:
         for n in worlds:
@@ -264,6 +272,30 @@ def bench(ctx, model_arg, model, n_prompt, n_gen, repetitions, json_out, result_
     model_name = Path(ctx.params["model"] or models.cache_dir() / models.KNOWN[models.DEFAULT].name).name
     doc = {"model": model_name, "n_prompt": n_prompt, "n_gen": n_gen, "repetitions": repetitions, "worlds": results}
     print(bench_table(doc))
+    print()
+    print(json.dumps(doc, indent=2))
+    if json_out:
+        Path(json_out).write_text(json.dumps(doc, indent=2))
+    return 0
+
+
+def _bench_comm(ctx, worlds: list[int], json_out) -> int:
+    from .report import comm_table
+    results = []
+    with tempfile.TemporaryDirectory(prefix="tensorsplit-bench-") as tmp:
+        for n in worlds:
+            if n < 2:
+                continue
+            out = Path(tmp) / f"world{n}.json"
+            print(f"tensorsplit: all-reduce bench with {n} worker(s)...", file=sys.stderr, flush=True)
+            code = _run_world(ctx, None, n_ctx=16, overrides={"nproc": str(n), "result_file": str(out)})
+            if code != 0:
+                return code
+            results.append(json.loads(out.read_text()))
+    if not results:
+        raise TensorsplitError("bench --comm needs a world of at least 2 ranks (--nproc-per-node 2)")
+    doc = {"worlds": results}
+    print(comm_table(doc))
     print()
     print(json.dumps(doc, indent=2))
     if json_out:

@@ -85,3 +85,14 @@ def bench_table(doc: dict) -> str:
             lines.append(f"| {doc['model']} | {w['world']} | {w['backend']} | {w['threads']} | {r['test']} | "
                          f"{r['tokens_per_s']:.2f} ± {r['stddev']:.2f} |")
     return "\n".join(lines)
+
+
+def comm_table(doc: dict) -> str:
+    """`bench --comm`: microseconds per all-reduce, the world's path against plain Gloo."""
+    lines = ["| world | path | rows | bytes | all-reduce (us) | Gloo (us) | Gloo / path |",
+             "| ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for w in doc["worlds"]:
+        for r in w["results"]:
+            lines.append(f"| {w['world']} | {w['path']} | {r['rows']} | {r['bytes']} | {r['auto_us']:.1f} | "
+                         f"{r['gloo_us']:.1f} | {r['gloo_us'] / r['auto_us']:.1f}x |")
+    return "\n".join(lines)

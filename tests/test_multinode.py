@@ -79,8 +79,9 @@ def _tokens(stdout: str) -> list[int]:
 @pytest.mark.slow
 @pytest.mark.parametrize("per_node", [1, 2])
 def test_two_namespace_nodes_equal_single_node(netns, smollm2_path, per_node):
-    single = run_cli("generate", "-m", str(smollm2_path), *GEN, "--nproc-per-node", str(2 * per_node),
-                     "--threads", "1")
+    """Two nodes of 1 rank (Gloo between them) and of 2 ranks (the hierarchical all-reduce: shared memory
+    inside each node, Gloo between the nodes' leaders) give the tokens of one rank on one node."""
+    single = run_cli("generate", "-m", str(smollm2_path), *GEN, "--nproc-per-node", "1")
     assert single.returncode == 0, single.stderr
     port = "29613"
     common = ["generate", "-m", str(smollm2_path), *GEN, "--nnodes", "2", "--nproc-per-node", str(per_node),
@@ -92,6 +93,8 @@ def test_two_namespace_nodes_equal_single_node(netns, smollm2_path, per_node):
     assert node0.returncode == 0, err0
     assert node1.returncode == 0, err1
     assert _tokens(out0) == _tokens(single.stdout)
+    path = ("shared memory inside each node (2 ranks), Gloo between 2 nodes" if per_node == 2 else "all-reduce: gloo")
+    assert path in err0, err0
     assert out1.strip() == ""          # the coordinator and its output live on node 0
 
 

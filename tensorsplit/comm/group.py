@@ -87,6 +87,37 @@ class CommGroup:
             return None
         return torch.cat([p[:, :n].cpu() for p, n in zip(parts, vocab_sizes)], dim=1)
 
+    def path_name(self) -> str:
+        """How all_reduce travels, for reports."""
+        if self.world == 1:
+            return "none (one rank)"
+        if self.host is None:
+            return self.backend.name + (" staged through host memory" if self.backend.staging else "")
+        if self.leader_group is None:
+            return f"shared memory ({self.host.local_world} ranks on one node)"
+        return (f"shared memory inside each node ({self.host.local_world} ranks), Gloo between "
+                f"{self.world // self.host.local_world} nodes")
+
+    def time_all_reduce(self, n_elems: int, iters: int, path: str, dtype=torch.float64) -> float:
+        """Seconds per all-reduce of n_elems values (float64: what the row-parallel layers send), averaged
+        over iters calls after a warm-up; path "auto" is all_reduce, "gloo" plain Gloo on the device group.
+        Every rank must call it with the same arguments."""
+        import time
+        x = torch.ones(n_elems, dtype=dtype, device=self.device)
+        def once():
+            if path == "gloo":
+                with self.watchdog.watch("all_reduce"):
+                    dist.all_reduce(x, group=self.device_group)
+            else:
+                self.all_reduce(x)
+        for _ in range(max(3, iters // 10)):
+            once()
+        self.barrier_control("the all-reduce benchmark", 60.0)
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            once()
+        return (time.perf_counter() - t0) / iters
+
     # -- control path ------------------------------------------------------------------------
     def broadcast_control(self, t: torch.Tensor, idle: bool = False) -> torch.Tensor:
         """Broadcast an int64 CPU tensor from rank 0 (the coordinator) to every rank, in place.

@@ -127,6 +127,31 @@ class BenchJob:
 
 
 @dataclass(frozen=True)
+class CommBenchJob:
+    """`bench --comm`: all-reduce latency for the sizes a layer sends (n_embd values per token row,
+    float64 partial sums: rows 1, 4, 16, then 4x more up to 1 MiB), the world's own path against plain
+    Gloo, written as JSON to result_file."""
+    iters: int
+    result_file: Path
+
+    def __call__(self, engine, gf, cfg) -> int:
+        rows, r = [], 1
+        while cfg.n_embd * r * 8 <= 1 << 20:
+            rows.append(r)
+            r *= 4
+        results = []
+        for r in rows:
+            n = cfg.n_embd * r
+            auto = engine.time_all_reduce(n, self.iters, "auto")
+            gloo = engine.time_all_reduce(n, max(10, self.iters // 10), "gloo")
+            results.append({"rows": r, "elements": n, "bytes": 8 * n, "auto_us": auto * 1e6, "gloo_us": gloo * 1e6})
+        comm = engine.shard.comm
+        Path(self.result_file).write_text(json.dumps({
+            "world": comm.world, "path": comm.path_name(), "dtype": "float64", "results": results}))
+        return 0
+
+
+@dataclass(frozen=True)
 class BatchJob:
     """`tensorsplit batch`: every prompt of a JSONL file, continuously batched over the engine's slots."""
     input: Path

@@ -13,7 +13,8 @@ import torch
 from ..comm import CommGroup
 from ..model.transformer import RankModel
 from .faults import FaultPlan
-from .protocol import OP_FORWARD, OP_SHUTDOWN, Step, empty_header, payload_len, shutdown_header
+from .protocol import (COMM_PATHS, OP_COMM_BENCH, OP_FORWARD, OP_SHUTDOWN, Step, comm_bench_header, empty_header,
+                       payload_len, shutdown_header)
 
 
 class Shard:
@@ -70,6 +71,12 @@ class Engine:
         assert logits is not None and logits.shape == (step.logit_rows.numel(), self.vocab_size), logits.shape
         return logits
 
+    def time_all_reduce(self, n_elems: int, iters: int, path: str) -> float:
+        """Seconds per all-reduce of n_elems float64 values on every rank (`bench --comm`)."""
+        comm = self.shard.comm
+        comm.broadcast_control(comm_bench_header(n_elems, iters, path))
+        return comm.time_all_reduce(n_elems, iters, path)
+
     def shutdown(self) -> None:
         """Tell the workers to exit their loop. Safe to call twice."""
         if not self._closed:
@@ -85,6 +92,9 @@ def serve(shard: Shard) -> None:
         op = int(header[0])
         if op == OP_SHUTDOWN:
             return
+        if op == OP_COMM_BENCH:
+            comm.time_all_reduce(int(header[1]), int(header[2]), COMM_PATHS[int(header[3])])
+            continue
         assert op == OP_FORWARD, f"unknown op {op}"
         payload = comm.broadcast_control(torch.empty(payload_len(header), dtype=torch.int64))
         shard.run(Step.from_payload(header, payload))

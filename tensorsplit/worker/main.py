@@ -125,8 +125,8 @@ def join_and_load(env: RankEnv, spec: WorldSpec) -> tuple[Shard, object, object]
         comm.barrier_control("waiting for every rank to load its shard", LOAD_TIMEOUT_S)
         if env.rank == 0 and not spec.quiet:
             shares = ", ".join(f"{r.nbytes / 2**20:.1f}" for r in plan.ranks)
-            print(f"tensorsplit: loaded; weights per rank (MiB): {shares}; world {env.world} ({backend.why})",
-                  file=sys.stderr, flush=True)
+            print(f"tensorsplit: loaded; weights per rank (MiB): {shares}; world {env.world} ({backend.why}; "
+                  f"all-reduce: {comm.path_name()})", file=sys.stderr, flush=True)
     except BaseException:
         comm.close()
         raise

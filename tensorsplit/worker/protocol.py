@@ -2,7 +2,8 @@
 
 A message is a header of HEADER_LEN int64 followed, for FORWARD, by a payload of
 3 * n_tokens + n_rows int64: token ids, positions, slot ids, then the indices of the tokens
-whose logits the coordinator wants.
+whose logits the coordinator wants. COMM_BENCH (`bench --comm`) has no payload: its header is
+[op, elements, iterations, path] and every rank times that many all-reduces.
 """
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from dataclasses import dataclass
 import torch
 
 HEADER_LEN = 4
-OP_FORWARD, OP_SHUTDOWN = 1, 2
+OP_FORWARD, OP_SHUTDOWN, OP_COMM_BENCH = 1, 2, 3
+COMM_PATHS = ("auto", "gloo")     # the world's own all-reduce, or plain Gloo over the device group
 
 
 @dataclass
@@ -38,9 +40,13 @@ def shutdown_header() -> torch.Tensor:
     return torch.tensor([OP_SHUTDOWN, 0, 0, 0], dtype=torch.int64)
 
 
+def comm_bench_header(n_elems: int, iters: int, path: str) -> torch.Tensor:
+    return torch.tensor([OP_COMM_BENCH, n_elems, iters, COMM_PATHS.index(path)], dtype=torch.int64)
+
+
 def empty_header() -> torch.Tensor:
     return torch.zeros(HEADER_LEN, dtype=torch.int64)
 
 
 def payload_len(header: torch.Tensor) -> int:
-    return 3 * int(header[1]) + int(header[2])
+    return 3 * int(header[1]) + int(header[2]) if int(header[0]) == OP_FORWARD else 0
