@@ -127,6 +127,22 @@ def test_bench_prints_both_tables():
     assert all(res["tokens_per_s"] > 0 for w in doc["worlds"] for res in w["results"])
 
 
+def test_bench_comm_times_both_paths():
+    """bench --comm: the shared-memory path and plain Gloo at every message size, as a table and JSON
+    (times are reported, never asserted against each other)."""
+    r = run_cli("bench", "--comm", "--nproc-per-node", "2", "-r", "1")
+    assert r.returncode == 0, r.stderr
+    table, _, js = r.stdout.partition("\n\n")
+    assert "| world | path |" in table and "shared memory" in table
+    doc = json.loads(js)
+    (world,) = doc["worlds"]
+    assert world["world"] == 2 and world["dtype"] == "float64"
+    assert [x["rows"] for x in world["results"]] == [1, 4, 16, 64, 256][:len(world["results"])]
+    assert all(x["bytes"] == 8 * 576 * x["rows"] and x["auto_us"] > 0 and x["gloo_us"] > 0 for x in world["results"])
+    one = run_cli("bench", "--comm", "--nproc-per-node", "1")
+    assert one.returncode == 1 and "at least 2 ranks" in one.stderr
+
+
 def test_torchrun_command_from_readme(smollm2_path):
     """README: torchrun --nproc-per-node 2 -m tensorsplit.worker generate ... gives the launcher's tokens."""
     args = ["generate", "-m", str(smollm2_path), "-p", PROMPT, "-n", "6", "--temp", "0", "--json"]
