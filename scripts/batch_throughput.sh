@@ -2,7 +2,7 @@
 # Decode throughput of `tensorsplit batch` (tokens/s over all sequences) at several --parallel
 # values and world sizes, on the same chat prompts (greedy, so every run generates the same tokens):
 #   scripts/batch_throughput.sh [MODEL] [PROMPTS=16] [MAX_TOKENS=32] [PARALLEL="1 4 16"] [WORLDS="1 2"]
-# TS_ARGS: more flags for tensorsplit batch, e.g. TS_ARGS="--kernels compiled".
+# TS_ARGS: more flags for tensorsplit batch, e.g. TS_ARGS="--numerics exact".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL=${1:-$(.venv/bin/python -c "from tensorsplit import models; print(models.fetch())")}
