@@ -192,3 +192,20 @@ def test_rope_scaling_matches_reference(tmp_path, scaling):
     one = world_logits(gf, cfg, 1, ids)
     assert_matches_reference(one, DenseLlama(path).logits(ids), REF_ATOL[scaling])
     np.testing.assert_allclose(world_logits(gf, cfg, 2, ids), one, atol=SYNTHETIC_SHARD_ATOL[scaling], rtol=0)
+
+
+def test_resident_bytes_match_info_and_stay_within_5_percent(tmp_path):
+    """What `info` reports before loading (loader.resident_bytes) is what a rank holds once loaded, in the
+    native layout, and at most 5% above its shard's file bytes (the K-quants widen their 6-bit scales)."""
+    from tensorsplit.kernels import native
+    from tensorsplit.model.loader import resident_bytes
+    path = write_llama(tmp_path / "k.gguf", n_embd=512, n_heads=8, n_kv=2, n_ff=1024, vocab=300, tied=False,
+                       types={"token_embd": Q.Q8_0, "output": Q.Q6_K, "attn_q": Q.Q4_K, "attn_k": Q.Q5_K,
+                              "attn_v": Q.Q3_K, "attn_output": Q.Q4_0, "ffn_gate": Q.Q2_K, "ffn_up": Q.IQ4_XS,
+                              "ffn_down": Q.Q6_K})
+    gf, cfg = open_model(path)
+    for world in (1, 2):
+        for shard in make_plan(cfg, gf.tensors, world).ranks:
+            m = RankModel(cfg, shard, world, no_reduce, gf, numerics=EXACT)
+            assert m.weight_bytes == resident_bytes(gf, shard.tensors, native())
+            assert shard.nbytes <= m.weight_bytes <= 1.05 * shard.nbytes, (m.weight_bytes, shard.nbytes)

@@ -534,6 +534,11 @@ class GGUFFile:
         `_fingerprint`); computed while validating, so it is valid after close()."""
         return self._fingerprint
 
+    def release_data(self) -> None:
+        """Unmap the file's data (mapped again on the next tensor_bytes): once a rank has copied out
+        its shard, the file's pages it touched no longer count in its resident memory."""
+        self._data = None
+
     # -- lifetime --
 
     def close(self) -> None:

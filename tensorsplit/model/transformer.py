@@ -52,6 +52,18 @@ class Block:
     local: bool                              # sliding-window layer
 
 
+def _return_freed_memory() -> None:
+    """glibc keeps freed heap memory for reuse; give it back to the OS (Linux), so that a rank's resident
+    memory after loading is its weights, not also the transient copies repacking freed."""
+    import ctypes
+    import sys
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None).malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+
+
 class RankModel:
     def __init__(self, cfg: ModelConfig, shard: RankShard, world: int, reduce: Reduce, gf,
                  device="cpu", on_progress=None, numerics: Numerics = Numerics(), native: bool | None = None):
@@ -120,6 +132,8 @@ class RankModel:
                 local=cfg.is_swa(i),
             ))
         assert progress.done == shard.nbytes, (progress.done, shard.nbytes)
+        gf.release_data()        # the shard is copied out: the mapped file pages need not stay resident
+        _return_freed_memory()   # nor the GGUF-layout copies that the repacking freed
         self.cache: KVCache | None = None
         self.ropes = self._ropes(n_ctx=0)
 
