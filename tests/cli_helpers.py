@@ -137,10 +137,13 @@ def wait_for_workers(launcher_pid: int, n: int, timeout: float = 120) -> dict[in
 
 
 def assert_all_gone(launcher_pid: int, within: float = 10) -> None:
+    """No worker of the job is left, and no shared-memory segment name of the job (comm/shm.py)."""
     deadline = time.monotonic() + within
     while workers_of(launcher_pid) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert workers_of(launcher_pid) == {}, f"orphaned workers: {workers_of(launcher_pid)}"
+    left = list(Path("/dev/shm").glob(f"tensorsplit-{launcher_pid}-*"))
+    assert not left, f"shared-memory segments left: {left}"
 
 
 def assert_pids_gone(pids, within: float = 10) -> None:

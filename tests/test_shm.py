@@ -134,3 +134,33 @@ def test_a_dead_or_stopped_peer_ends_the_wait(how):
                 os.kill(p.pid, signal.SIGKILL)
             p.join(timeout=30)
     assert not [n for n in os.listdir("/dev/shm") if n.startswith("tensorsplit-")]
+
+
+def test_segments_are_private_and_the_launcher_removes_leftovers():
+    """A segment is created with mode 0600 under an unguessable name, and its name is unlinked as soon as
+    every local rank has mapped it; a name a crash left behind (between creating and unlinking) is
+    removed by the launcher's remove_job_segments, which touches only its own job's names."""
+    import stat
+    from tensorsplit.comm.shm import PREFIX, remove_job_segments
+    if not kernels.native():
+        pytest.fail("the native kernels did not build")
+    ops = torch.ops.tensorsplit
+    name = f"/{PREFIX}test{os.getpid()}-n0-0123456789abcdef"
+    ops.shm_attach(name, True, 0, 2, 1 << 16)
+    try:
+        mode = stat.S_IMODE(os.stat(f"/dev/shm{name}").st_mode)
+        assert mode == 0o600, oct(mode)
+        other = f"/dev/shm/{PREFIX}other{os.getpid()}-n0-x"
+        open(other, "w").close()
+        remove_job_segments(f"test{os.getpid()}")
+        assert not os.path.exists(f"/dev/shm{name}") and os.path.exists(other)
+    finally:
+        ops.shm_unlink(name)
+        if os.path.exists(other):
+            os.unlink(other)
+    open(other, "w").close()                                        # a name that exists already:
+    try:                                                            # O_EXCL never adopts it
+        with pytest.raises(RuntimeError, match="cannot create"):
+            ops.shm_attach(other.removeprefix("/dev/shm"), True, 0, 2, 1 << 16)
+    finally:
+        os.unlink(other)
