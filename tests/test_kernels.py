@@ -220,3 +220,29 @@ def test_path_counts_show_the_native_kernels_ran_and_catch_a_fallback(monkeypatc
     assert paths.counts() == {"native:fallback": 1}
     with pytest.raises(AssertionError, match="never ran"):
         assert_fast_path(paths.counts(), "native")
+
+
+def test_ops_have_consistent_fake_implementations():
+    """torch.library.opcheck: each op's schema, its fake (meta) implementation and its real one agree,
+    so torch.compile and other tracers can pass through the native ops."""
+    _native_or_skip()
+    ops = torch.ops.tensorsplit
+    rng = np.random.default_rng(11)
+    raw = torch.from_numpy(random_quantized(Q.Q4_K, 20, 256, rng))
+    tiles = ops.repack(raw, int(Q.Q4_K), 256)
+    x = torch.randn(3, 256)
+    q, d, s, isum = ops.quantize_act(x, 2, 32)
+    checks = [
+        (ops.repack.default, (raw, int(Q.Q4_K), 256)),
+        (ops.quantize_act.default, (x, 2, 32)),
+        (ops.group_sums.default, (x, 32)),
+        (ops.matmul_q8.default, (tiles, int(Q.Q4_K), 20, 256, q, d, s, isum, False)),
+        (ops.matmul_q8.default, (tiles, int(Q.Q4_K), 20, 256, q, d, s, isum, True)),
+        (ops.matmul_f32.default, (tiles, int(Q.Q4_K), 20, 256, x, ops.group_sums(x, 32), False)),
+        (ops.rms_norm.default, (x, torch.randn(256), 1e-5)),
+        (ops.rope.default, (torch.randn(3, 4, 64), torch.tensor([0, 5, 9]), torch.randn(16, 32), torch.randn(16, 32),
+                            True, 64)),
+        (ops.unpack_rows.default, (tiles, int(Q.Q4_K), 20, 256, torch.tensor([3, 19]))),
+    ]
+    for op, args in checks:
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
