@@ -258,44 +258,39 @@ def bench(ctx, model_arg, model, n_prompt, n_gen, repetitions, comm, json_out, r
         return _run_world(ctx, job, n_ctx=16 if comm else n_ctx)
     worlds = [_single_nproc(x) for x in (nproc or "1").split(",")]
     if comm:
-        return _bench_comm(ctx, worlds, json_out)
+        results = _bench_worlds(ctx, [n for n in worlds if n > 1], "all-reduce bench", n_ctx=16)
+        if isinstance(results, int):
+            return results
+        if not results:
+            raise TensorsplitError("bench --comm needs a world of at least 2 ranks (--nproc-per-node 2)")
+        from .report import comm_table
+        return _print_report({"worlds": results}, comm_table, json_out)
+    results = _bench_worlds(ctx, worlds, "bench", n_ctx=n_ctx)
+    if isinstance(results, int):
+        return results
+    from .report import bench_table
+    model_name = Path(ctx.params["model"] or models.cache_dir() / models.KNOWN[models.DEFAULT].name).name
+    doc = {"model": model_name, "n_prompt": n_prompt, "n_gen": n_gen, "repetitions": repetitions, "worlds": results}
+    return _print_report(doc, bench_table, json_out)
+
+
+def _bench_worlds(ctx, worlds: list[int], what: str, n_ctx: int) -> list[dict] | int:
+    """Run the bench job in a world of each size; each world's JSON, or the first failing exit code."""
     results = []
     with tempfile.TemporaryDirectory(prefix="tensorsplit-bench-") as tmp:
         for n in worlds:
             out = Path(tmp) / f"world{n}.json"
-            print(f"tensorsplit: bench with {n} worker(s)...", file=sys.stderr, flush=True)
+            print(f"tensorsplit: {what} with {n} worker(s)...", file=sys.stderr, flush=True)
             code = _run_world(ctx, None, n_ctx=n_ctx, overrides={"nproc": str(n), "result_file": str(out)})
             if code != 0:
                 return code
             results.append(json.loads(out.read_text()))
-    from .report import bench_table
-    model_name = Path(ctx.params["model"] or models.cache_dir() / models.KNOWN[models.DEFAULT].name).name
-    doc = {"model": model_name, "n_prompt": n_prompt, "n_gen": n_gen, "repetitions": repetitions, "worlds": results}
-    print(bench_table(doc))
-    print()
-    print(json.dumps(doc, indent=2))
-    if json_out:
-        Path(json_out).write_text(json.dumps(doc, indent=2))
-    return 0
+    return results
 
 
-def _bench_comm(ctx, worlds: list[int], json_out) -> int:
-    from .report import comm_table
-    results = []
-    with tempfile.TemporaryDirectory(prefix="tensorsplit-bench-") as tmp:
-        for n in worlds:
-            if n < 2:
-                continue
-            out = Path(tmp) / f"world{n}.json"
-            print(f"tensorsplit: all-reduce bench with {n} worker(s)...", file=sys.stderr, flush=True)
-            code = _run_world(ctx, None, n_ctx=16, overrides={"nproc": str(n), "result_file": str(out)})
-            if code != 0:
-                return code
-            results.append(json.loads(out.read_text()))
-    if not results:
-        raise TensorsplitError("bench --comm needs a world of at least 2 ranks (--nproc-per-node 2)")
-    doc = {"worlds": results}
-    print(comm_table(doc))
+def _print_report(doc: dict, table, json_out) -> int:
+    """A markdown table, a blank line, then the JSON (also written to json_out when given)."""
+    print(table(doc))
     print()
     print(json.dumps(doc, indent=2))
     if json_out:

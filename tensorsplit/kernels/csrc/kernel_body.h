@@ -248,11 +248,27 @@ static inline void prefetch_ahead(const uint8_t* tb, int g) {
   for (int l = 0; l < share; l += 64) __builtin_prefetch(tb + ahead + g * share + l);
 }
 
+// One group of a tile-block, for lanes [h * LANES, (h + 1) * LANES): its scale and min (as the
+// accumulator takes them) and its codes, unpacked; prefetching the block ahead as it goes.
+template <class S, class F, class A>
+struct GroupData {
+  typename A::Scale s, o;
+  typename S::VB w[F::GS / 4];
+  inline GroupData(const typename F::Blk& bv, const uint8_t* tb, int h, int g) {
+    prefetch_ahead<F>(tb, g);
+    typename S::VF sf, of;
+    F::group(bv, tb, h, g, sf, of);
+    s = A::scale(sf);
+    if (F::MIN) o = A::scale(of);
+    F::codes(tb, h, g, w);
+  }
+};
+
 // One tile (16 rows, n_blocks block columns), token rows [m0, m0 + RN).
 template <class S, class F, class A, int RN>
 static void tile_q8(const uint8_t* tile, int64_t n_blocks, const ActQ& a, int64_t m0, typename A::Out* out, int64_t ldo,
                     int n_valid) {
-  using VF = typename S::VF; using VB = typename S::VB; using VI = typename S::VI;
+  using VI = typename S::VI;
   constexpr int C = F::GS / 4;
   constexpr int OFF = F::SIGNED ? S::DOT_S_BIAS : F::OFFSET;   // dot = sum((code + bias) x): remove bias * sum(q)
   for (int h = 0; h < 16 / S::LANES; ++h) {
@@ -264,22 +280,15 @@ static void tile_q8(const uint8_t* tile, int64_t n_blocks, const ActQ& a, int64_
       const uint8_t* tb = tile + b * F::TB;
       const typename F::Blk bv = F::blk(tb, h);
       for (int g = 0; g < F::NG; ++g) {
-        prefetch_ahead<F>(tb, g);
-        VF s, o;
-        F::group(bv, tb, h, g, s, o);
-        const typename A::Scale sa = A::scale(s);
-        typename A::Scale oa;
-        if (F::MIN) oa = A::scale(o);
-        VB w[C];
-        F::codes(tb, h, g, w);
+        const GroupData<S, F, A> gd(bv, tb, h, g);
         const int64_t G = b * F::NG + g;                        // group index along the row
         for (int n = 0; n < RN; ++n) {
           const int64_t m = m0 + n;
           const int8_t* xq = a.q + m * a.ldq + G * F::GS;
           VI ia = S::seti(OFF ? -OFF * a.isum[m * a.ldg + G] : 0);
-          for (int j = 0; j < C; ++j) ia = F::SIGNED ? S::dot_s(ia, w[j], xq + 4 * j) : S::dot_u(ia, w[j], xq + 4 * j);
-          acc[n] = A::add_int(acc[n], ia, sa, a.d[m * a.ldg + G]);
-          if (F::MIN) acc[n] = A::add_min(acc[n], oa, a.s[m * a.ldg + G]);
+          for (int j = 0; j < C; ++j) ia = F::SIGNED ? S::dot_s(ia, gd.w[j], xq + 4 * j) : S::dot_u(ia, gd.w[j], xq + 4 * j);
+          acc[n] = A::add_int(acc[n], ia, gd.s, a.d[m * a.ldg + G]);
+          if (F::MIN) acc[n] = A::add_min(acc[n], gd.o, a.s[m * a.ldg + G]);
         }
       }
     }
@@ -352,14 +361,8 @@ static void tile_f32(const uint8_t* tile, int64_t n_blocks, const ActF& a, int64
       const uint8_t* tb = tile + b * F::TB;
       const typename F::Blk bv = F::blk(tb, h);
       for (int g = 0; g < F::NG; ++g) {
-        prefetch_ahead<F>(tb, g);
-        VF s, o;
-        F::group(bv, tb, h, g, s, o);
-        const typename A::Scale sa = A::scale(s);
-        typename A::Scale oa;
-        if (F::MIN) oa = A::scale(o);
-        VB w[C];
-        F::codes(tb, h, g, w);
+        GroupData<S, F, A> gd(bv, tb, h, g);
+        VB* w = gd.w;
         if (!F::SIGNED && F::OFFSET)
           for (int j = 0; j < C; ++j) w[j] = S::sub8(w[j], F::OFFSET);   // signed codes: code - offset
         const int64_t G = b * F::NG + g;
@@ -377,8 +380,8 @@ static void tile_f32(const uint8_t* tile, int64_t n_blocks, const ActF& a, int64
           }
         }
         for (int n = 0; n < RN; ++n) {
-          acc[n] = A::add_f(acc[n], part[n], sa);
-          if (F::MIN) acc[n] = A::add_min(acc[n], oa, a.xsum[(m0 + n) * a.ldg + G]);
+          acc[n] = A::add_f(acc[n], part[n], gd.s);
+          if (F::MIN) acc[n] = A::add_min(acc[n], gd.o, a.xsum[(m0 + n) * a.ldg + G]);
         }
       }
     }
