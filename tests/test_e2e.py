@@ -87,6 +87,8 @@ def test_sigkill_of_a_worker_ends_everything(smollm2_path):
     lines = [ln for ln in err.splitlines() if ln.startswith("tensorsplit:")]
     assert lines[-1] == "tensorsplit: rank 1 failed: killed by SIGKILL", err
     assert "Traceback" not in err
+    # the streamed text's last line is closed, so on a terminal the error starts a line of its own
+    assert job.out.text().endswith("\n")
     assert_all_gone(job.pid)
 
 

@@ -40,16 +40,20 @@ class GenerateJob:
     def __call__(self, engine, gf, cfg) -> int:
         tok = Tokenizer.from_gguf_kv(gf.kv)
         ids = _prompt_encoder(tok, gf, self.chat, self.chat_template)(self.prompt, None)
-        stream = None if self.as_json else (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+        out = None if self.as_json else _Stdout()
         seen: list[torch.Tensor] = []
         try:
             res = generate_one(engine.forward, tok, ids, self.sampling, self.max_tokens, engine.n_ctx,
-                               self.stop, on_text=stream, on_logits=seen.append if self.save_logits else None)
+                               self.stop, on_text=out, on_logits=seen.append if self.save_logits else None)
         except KeyboardInterrupt:
-            if stream:
-                sys.stdout.write("\n")
+            if out:
+                out.end_line()
             _say("interrupted")
             return 130
+        except BaseException:
+            if out:
+                out.end_line()       # whatever reports the failure starts on a line of its own
+            raise
         if self.save_logits:
             import numpy as np
             np.save(self.save_logits, torch.stack(seen).numpy() if seen else np.zeros((0, engine.vocab_size)))
@@ -64,6 +68,25 @@ class GenerateJob:
                  f"({res.completion_tokens / max(res.decode_s, 1e-9):.1f} tok/s); finish: {res.finish_reason}; "
                  f"seed {res.seed}; world {engine.world} ({engine.backend_name})")
         return 0
+
+
+class _Stdout:
+    """Streamed text on stdout, remembering whether the last line is open."""
+
+    def __init__(self):
+        self.open_line = False
+
+    def __call__(self, text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        if text:
+            self.open_line = not text.endswith("\n")
+
+    def end_line(self) -> None:
+        if self.open_line:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+            self.open_line = False
 
 
 @dataclass(frozen=True)
@@ -283,12 +306,15 @@ class ChatJob:
                 continue
             messages.append({"role": "user", "content": line.rstrip("\n")})
             ids = fmt.encode(messages)
+            out = _Stdout()
             try:
-                res = generate_one(engine.forward, tok, ids, self.sampling, self.max_tokens, engine.n_ctx,
-                                   on_text=lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+                res = generate_one(engine.forward, tok, ids, self.sampling, self.max_tokens, engine.n_ctx, on_text=out)
             except KeyboardInterrupt:
-                sys.stdout.write("\n")
+                out.end_line()
                 return 130
+            except BaseException:
+                out.end_line()
+                raise
             sys.stdout.write("\n")
             sys.stdout.flush()
             messages.append({"role": "assistant", "content": res.text})
