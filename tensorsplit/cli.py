@@ -331,6 +331,44 @@ def chat(ctx, model_arg, model, n_predict, ctx_size, system, chat_template, **_)
 @cli.command(context_settings=CONTEXT)
 @click.argument("model_arg", required=False, metavar="[MODEL]")
 @_model_option
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on. Anything but loopback without --api-key prints a warning.")
+@click.option("--port", default=8080, show_default=True, type=int, help="Port to listen on.")
+@click.option("--api-key", default=None, envvar="TENSORSPLIT_API_KEY",
+              help="Require `Authorization: Bearer KEY` on every endpoint but /health (or $TENSORSPLIT_API_KEY).")
+@click.option("-np", "--parallel", default=8, show_default=True, type=int,
+              help="Requests decoded together (KV-cache slots); more wait in a queue.")
+@click.option("-c", "--ctx-size", default=4096, show_default=True, type=int,
+              help="Context per request (prompt + completion), in tokens.")
+@click.option("--max-queue", default=64, show_default=True, type=int,
+              help="Requests that may wait for a slot; past that, 429.")
+@click.option("--chat-template", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="Jinja chat template file to use instead of the model's.")
+@click.option("--grace", default=30.0, show_default=True, type=float,
+              help="On SIGTERM or Ctrl-C: seconds the requests in flight get to finish.")
+@_world_options
+@click.pass_context
+def serve(ctx, model_arg, model, host, port, api_key, parallel, ctx_size, max_queue, chat_template, grace, **_):
+    """An OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, streaming or not) over
+    a world of --nproc-per-node ranks; this process is rank 0. Concurrent requests share the KV-cache
+    slots (continuous batching)."""
+    from .server.main import run_server
+    from .worker.process import in_worker
+    if in_worker():
+        raise TensorsplitError("serve starts its own world: run `tensorsplit serve`, not under torchrun")
+    ctx.params["model"] = model or model_arg
+    if parallel < 1 or max_queue < 0:
+        raise TensorsplitError("--parallel must be at least 1 and --max-queue at least 0")
+    template = Path(chat_template).resolve() if chat_template else None
+    if template is not None:
+        _check_chat_template(ctx.params["model"], template)
+    return run_server(_world(ctx.params, n_ctx=ctx_size, n_slots=parallel), _node(ctx.params), host=host, port=port,
+                      api_key=api_key, max_queue=max_queue, chat_template=template, grace_s=grace)
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("model_arg", required=False, metavar="[MODEL]")
+@_model_option
 @click.option("--nproc-per-node", "nproc", default=1, show_default=True, type=int, help="World size to plan for.")
 @click.option("--nnodes", default=1, show_default=True, type=int)
 @click.option("--split", default=None, metavar="R0,R1,..", help="Uneven shares per rank.")
