@@ -5,15 +5,13 @@
         for r in llm.generate(["The capital of France is", "2 + 2 ="], max_tokens=16, temperature=0):
             print(r.text)
 
-The calling process becomes rank 0 (coordinator and first shard); ranks 1.. are worker
-processes started with `python -m tensorsplit.worker serve`, ended by `close()` or when
-this process exits (they die with their parent).
+The calling process becomes rank 0 (coordinator and first shard); the launcher starts ranks 1..,
+which end with `close()` or with this process (they die with their parent), and watches them: if
+one dies, the call in progress (or the next) raises WorkerFailed naming it, instead of hanging.
 """
 from __future__ import annotations
 
-import subprocess
-import sys
-import tempfile
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -21,11 +19,14 @@ from . import models
 from .coordinator.generate import GenerationResult, Generator, Request
 from .coordinator.sampling import SamplingParams
 from .coordinator.tokenizer import Tokenizer
-from .errors import TensorsplitError
-from .launcher.spawn import NodeSpec, free_port, visible_gpus, worker_env
+from .errors import CollectiveError, TensorsplitError, WorkerFailed
+from .launcher import Launch
+from .spec import NodeSpec, WorldSpec, check_world
 from .worker.engine import Engine
-from .worker.main import WorldSpec, join_and_load
+from .worker.main import join_and_load
 from .worker.process import RankEnv
+
+FAILURE_REPORT_S = 5.0   # how long to wait for the launcher's account of a failure seen in a collective
 
 
 class LLM:
@@ -34,34 +35,46 @@ class LLM:
                  timeout: float = 120.0, numerics: str = "llamacpp"):
         """parallel: sequences decoded together (KV-cache slots); n_ctx: context per sequence."""
         path = Path(model) if model is not None else models.fetch(models.DEFAULT)
-        if not path.exists():
-            raise TensorsplitError(f"{path}: no such file")
         node = NodeSpec(nproc=nproc_per_node, threads=threads)
-        port = free_port(node.master_addr)
-        self._tmp = tempfile.TemporaryDirectory(prefix="tensorsplit-api-")
-        argv = ["serve", "--model", str(path), "--ctx-size", str(n_ctx), "--parallel", str(parallel), "--device", device,
-                "--timeout", str(timeout), "--numerics", numerics] + (["--split", split] if split else []) + \
-               (["--threads", str(threads)] if threads else [])
-        gpus = visible_gpus()
-        self._procs = [subprocess.Popen([sys.executable, "-m", "tensorsplit.worker", *argv],
-                                        env=worker_env(node, i, port, f"{self._tmp.name}/rank{i}.json", gpus),
-                                        start_new_session=True)
-                       for i in range(1, nproc_per_node)]
-        env = RankEnv(0, nproc_per_node, 0, nproc_per_node, node.master_addr, port)
-        spec = WorldSpec(model=path, split=split, device=device, n_ctx=n_ctx, n_slots=parallel, timeout_s=timeout,
-                         threads=threads, quiet=True, numerics=numerics)
+        spec = WorldSpec(model=path.resolve() if path.exists() else path, split=split, device=device, n_ctx=n_ctx,
+                         n_slots=parallel, timeout_s=timeout, threads=threads, quiet=True, numerics=numerics)
+        check_world(spec, node)
+        self._engine = None
+        self._failure: str | None = None
+        self._launch = Launch(spec, node, rank0_here=True)
+        self._launch.watch_from_thread(self._on_failure)
         try:
+            env = RankEnv(0, node.world, 0, node.nproc, node.master_addr, self._launch.port)
             shard, self._gf, self.config = join_and_load(env, spec)
-        except BaseException:
-            self._end_workers()
-            raise
+        except BaseException as e:
+            self._launch.close(0)
+            raise self._explained(e) from None
         self._engine = Engine(shard, parallel, n_ctx)
         self.tokenizer = Tokenizer.from_gguf_kv(self._gf.kv)
+
+    def _on_failure(self, line: str) -> None:
+        self._failure = line
+
+    def _explained(self, e: BaseException) -> BaseException:
+        """An error seen from rank 0 because a peer died (a collective that lost it) becomes WorkerFailed,
+        with the launcher's line naming the rank, once the watcher has it."""
+        if isinstance(e, (KeyboardInterrupt, WorkerFailed)):
+            return e
+        lost_peer = isinstance(e, CollectiveError) or (isinstance(e, (RuntimeError, OSError))
+                                                        and not isinstance(e, TensorsplitError))
+        deadline = time.monotonic() + (FAILURE_REPORT_S if lost_peer else 0.0)
+        while self._failure is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return WorkerFailed(self._failure) if self._failure else e
 
     def generate(self, prompts: str | Sequence[str], *, max_tokens: int = 128, temperature: float = 0.8,
                  top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0,
                  seed: int | None = None, stop: Sequence[str] = ()) -> list[GenerationResult]:
         """Generate for each prompt, `parallel` at a time (continuous batching); results in input order."""
+        if self._engine is None:
+            raise WorkerFailed(self._failure or "this LLM is closed")
+        if self._failure:
+            raise WorkerFailed(self._failure)
         if isinstance(prompts, str):
             prompts = [prompts]
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
@@ -70,32 +83,25 @@ class LLM:
         requests = [Request(i, self.tokenizer.encode(p, add_special=True), params, max_tokens, tuple(stop))
                     for i, p in enumerate(prompts)]
         results: list[GenerationResult | None] = [None] * len(requests)
-        Generator(self._engine.forward, self.tokenizer, self._engine.n_slots, self._engine.n_ctx).run(
-            requests, on_done=lambda req, res: results.__setitem__(req.key, res))
+        try:
+            Generator(self._engine.forward, self.tokenizer, self._engine.n_slots, self._engine.n_ctx).run(
+                requests, on_done=lambda req, res: results.__setitem__(req.key, res))
+        except BaseException as e:
+            raise self._explained(e) from None
         return results
 
     def close(self) -> None:
-        if getattr(self, "_engine", None) is not None:
+        if self._engine is not None:
+            engine, self._engine = self._engine, None
             try:
-                self._engine.shutdown()
+                if self._failure is None:
+                    engine.shutdown()
             finally:
-                self._engine.shard.comm.close()
-                self._engine = None
-        self._end_workers()
-
-    def _end_workers(self) -> None:
-        for p in self._procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-        self._procs = []
-        self._tmp.cleanup()
+                engine.shard.comm.close()
+        self._launch.close()
 
     def __enter__(self) -> "LLM":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
-

@@ -1,10 +1,11 @@
 """The `tensorsplit` command line.
 
-Commands that run a model (generate, perplexity, bench) work in two modes:
-- as the launcher (a plain shell command): spawn one worker per device running
-  `python -m tensorsplit.worker <the same command>`, watch them, report;
-- as a worker (RANK/WORLD_SIZE set by the launcher or by torchrun): join the world, load the
-  shard, and on rank 0 run the command's job as the coordinator.
+A command that runs a model is parsed once, here, into a world (spec.py: WorldSpec, NodeSpec) and
+a job (coordinator/jobs.py). Then:
+- from a shell: the launcher starts one worker per device (`python -m tensorsplit.worker`, fed the
+  world as JSON; rank 0 also gets the job), watches them and reports;
+- under plain torchrun (RANK/WORLD_SIZE set): this process is one of the ranks;
+- `serve`: this process is rank 0 and serves HTTP; the launcher starts the other ranks.
 info and tokenize never load weights and run in this process.
 """
 from __future__ import annotations
@@ -80,65 +81,44 @@ def _single_nproc(nproc: str | None) -> int:
     return n
 
 
-def _argv(ctx: click.Context, overrides: dict) -> list[str]:
-    """Rebuild this command's arguments from its parsed parameters, for the workers."""
-    params = {**ctx.params, **overrides}
-    argv = [ctx.info_name]
-    for p in ctx.command.params:
-        value = params.get(p.name)
-        if value is None or value is False or (p.multiple and not value):
-            continue
-        if isinstance(p, click.Argument):
-            argv += [str(v) for v in value] if isinstance(value, (tuple, list)) else [str(value)]
-            continue
-        name = max(p.opts, key=len)
-        if getattr(p, "is_flag", False):
-            argv.append(name)
-        elif p.multiple:
-            for v in value:
-                argv += [name, str(v)]
-        else:
-            argv += [name, str(value)]
-    return argv
+def _world(p: dict, *, n_ctx: int, n_slots: int = 1, quiet: bool = False):
+    """The WorldSpec of a command's parsed options."""
+    from .spec import WorldSpec
+    return WorldSpec(model=_model_path(p["model"]).resolve(), split=p["split"], device=p["device"],
+                     backend=p["backend"], n_ctx=n_ctx, n_slots=n_slots, timeout_s=p["timeout"],
+                     threads=p["threads"], numerics=p["numerics"], quiet=quiet)
 
 
-def _run_world(ctx: click.Context, job, *, n_ctx: int, n_slots: int = 1, overrides: dict | None = None) -> int:
-    """Launcher mode: spawn the workers. Worker mode: be one of them and run `job` on rank 0."""
-    from .worker.process import in_worker
-    p = ctx.params
-    if in_worker():
-        from .worker.main import WorldSpec, run_worker
-        spec = WorldSpec(model=_model_path(p["model"]), split=p["split"], device=p["device"], backend=p["backend"],
-                         n_ctx=n_ctx, n_slots=n_slots, timeout_s=p["timeout"], threads=p["threads"],
-                         numerics=p["numerics"])
-        return run_worker(spec, job)
-    from .launcher import NodeSpec, launch
-    model = str(_model_path(p["model"]))
-    nproc = (overrides or {}).get("nproc", p["nproc"])
-    node = NodeSpec(nproc=_single_nproc(nproc), nnodes=p["nnodes"], node_rank=p["node_rank"],
+def _node(p: dict, nproc: int | None = None):
+    from .spec import NodeSpec
+    return NodeSpec(nproc=nproc or _single_nproc(p["nproc"]), nnodes=p["nnodes"], node_rank=p["node_rank"],
                     master_addr=p["master_addr"], master_port=p["master_port"], threads=p["threads"])
-    if node.nnodes > 1 and node.master_port is None:
-        raise TensorsplitError("--master-port is required with --nnodes > 1 (every node must use the same one)")
-    if not 0 <= node.node_rank < node.nnodes:
-        raise TensorsplitError(f"--node-rank {node.node_rank} is outside 0..{node.nnodes - 1} (--nnodes {node.nnodes})")
-    # flag errors every rank would hit: report them once, before starting anyone
-    from .model.shard_plan import parse_split
-    from .worker.process import device_kinds
-    parse_split(p["split"], node.world)
-    device_kinds(p["device"], node.world)
-    rank0 = {"model": model, **(overrides or {})}
-    return launch(_argv(ctx, rank0), node, _argv(ctx, {**rank0, **COORDINATOR_ONLY}))
 
 
-# Options only the coordinator (rank 0) reads: the other ranks are started without them, so the
-# text of prompts never reaches them.
-COORDINATOR_ONLY = {"prompt": None, "prompt_file": None, "stop": (), "system": None}
+def _run_world(p: dict, job, *, n_ctx: int, n_slots: int = 1, nproc: int | None = None) -> int:
+    """Run `job` on rank 0 of a world: started here by the launcher, or, under torchrun, with this
+    process as one of its ranks."""
+    from .worker.process import in_worker
+    spec = _world(p, n_ctx=n_ctx, n_slots=n_slots)
+    if in_worker():
+        from .worker.main import run_worker
+        return run_worker(spec, job)
+    from .launcher import launch
+    from .spec import check_world
+    node = _node(p, nproc)
+    check_world(spec, node)
+    return launch(spec, node, job)
 
 
-def _is_worker_without_text() -> bool:
-    """Inside a rank other than 0, started by our launcher: the prompt was deliberately left out."""
-    import os
-    return os.environ.get("TENSORSPLIT_LAUNCHER_PID") is not None and os.environ.get("RANK", "0") != "0"
+def _check_chat_template(model: str | None, template: Path | None) -> None:
+    """The chat template (the model's, or --chat-template) compiles in the sandbox and renders a
+    conversation: checked before any weight loads, not after."""
+    from .coordinator.chat import ChatFormatter
+    from .coordinator.tokenizer import Tokenizer
+    from .model.gguf_file import GGUFFile
+    with GGUFFile(_model_path(model)) as gf:
+        fmt = ChatFormatter(Tokenizer.from_gguf_kv(gf.kv), gf, template)
+        fmt.encode([{"role": "user", "content": "hello"}])
 
 
 def _sampling_options(f):
@@ -201,16 +181,14 @@ def generate(ctx, model, prompt, prompt_file, n_predict, ctx_size, as_json, save
     from .coordinator.jobs import GenerateJob
     if prompt_file is not None:
         prompt = Path(prompt_file).read_text(encoding="utf-8")
-    if prompt is None and _is_worker_without_text():
-        prompt = ""
     if prompt is None:
         raise TensorsplitError("give a prompt with -p TEXT or -f FILE")
     save = Path(save_logits).resolve() if save_logits else None
     template = Path(chat_template).resolve() if chat_template else None
+    if chat:
+        _check_chat_template(ctx.params["model"], template)
     job = GenerateJob(prompt, n_predict, _sampling(ctx.params), tuple(ctx.params["stop"]), as_json, save, chat, template)
-    return _run_world(ctx, job, n_ctx=ctx_size, overrides={"save_logits": str(save) if save else None,
-                                                           "prompt": prompt, "prompt_file": None,
-                                                           "chat_template": str(template) if template else None})
+    return _run_world(ctx.params, job, n_ctx=ctx_size)
 
 
 @cli.command(context_settings=CONTEXT)
@@ -228,7 +206,7 @@ def perplexity(ctx, model_arg, model, text_file, ctx_size, chunks, as_json, **_)
     from .coordinator.jobs import PerplexityJob
     ctx.params["model"] = model or model_arg
     job = PerplexityJob(Path(text_file).resolve(), ctx_size, chunks, as_json)
-    return _run_world(ctx, job, n_ctx=ctx_size, overrides={"text_file": str(Path(text_file).resolve())})
+    return _run_world(ctx.params, job, n_ctx=ctx_size)
 
 
 @cli.command(context_settings=CONTEXT)
@@ -242,50 +220,44 @@ def perplexity(ctx, model_arg, model, text_file, ctx_size, chunks, as_json, **_)
 @click.option("--comm", is_flag=True,
               help="Time the all-reduce instead: the sizes a layer sends (n_embd values per token row, up to 1 MiB), "
                    "the world's own path (shared memory between the CPU ranks of a node) against plain Gloo.")
-@click.option("--result-file", hidden=True, default=None)
 @_world_options
 @click.pass_context
-def bench(ctx, model_arg, model, n_prompt, n_gen, repetitions, comm, json_out, result_file, nproc, **_):
+def bench(ctx, model_arg, model, n_prompt, n_gen, repetitions, comm, json_out, nproc, **_):
     """Prompt-processing and generation speed per world size (--nproc-per-node 1,2), as llama-bench;
     with --comm, all-reduce latency per message size."""
-    from .coordinator.jobs import BenchJob, CommBenchJob
     from .worker.process import in_worker
     ctx.params["model"] = model or model_arg
-    n_ctx = max(n_prompt, n_gen) + 1
-    if in_worker():
-        job = CommBenchJob(200 * repetitions, Path(result_file)) if comm else \
-            BenchJob(n_prompt, n_gen, repetitions, Path(result_file))
-        return _run_world(ctx, job, n_ctx=16 if comm else n_ctx)
-    worlds = [_single_nproc(x) for x in (nproc or "1").split(",")]
+    n_ctx = 16 if comm else max(n_prompt, n_gen) + 1
+    if in_worker():        # under torchrun: one world, whose size torchrun chose; rank 0 prints
+        worlds = [None]
+    else:
+        worlds = [_single_nproc(x) for x in (nproc or "1").split(",")]
+        if comm:
+            worlds = [n for n in worlds if n > 1]
+            if not worlds:
+                raise TensorsplitError("bench --comm needs a world of at least 2 ranks (--nproc-per-node 2)")
+    results = []
+    with tempfile.TemporaryDirectory(prefix="tensorsplit-bench-") as tmp:
+        for n in worlds:
+            from .coordinator.jobs import BenchJob, CommBenchJob
+            out = Path(tmp) / f"world{n}.json"
+            job = CommBenchJob(200 * repetitions, out) if comm else BenchJob(n_prompt, n_gen, repetitions, out)
+            if n is not None:
+                print(f"tensorsplit: {'all-reduce bench' if comm else 'bench'} with {n} worker(s)...",
+                      file=sys.stderr, flush=True)
+            code = _run_world(ctx.params, job, n_ctx=n_ctx, nproc=n)
+            if code != 0:
+                return code
+            if not out.exists():          # a rank other than 0 under torchrun: rank 0 reports
+                return 0
+            results.append(json.loads(out.read_text()))
     if comm:
-        results = _bench_worlds(ctx, [n for n in worlds if n > 1], "all-reduce bench", n_ctx=16)
-        if isinstance(results, int):
-            return results
-        if not results:
-            raise TensorsplitError("bench --comm needs a world of at least 2 ranks (--nproc-per-node 2)")
         from .report import comm_table
         return _print_report({"worlds": results}, comm_table, json_out)
-    results = _bench_worlds(ctx, worlds, "bench", n_ctx=n_ctx)
-    if isinstance(results, int):
-        return results
     from .report import bench_table
     model_name = Path(ctx.params["model"] or models.cache_dir() / models.KNOWN[models.DEFAULT].name).name
     doc = {"model": model_name, "n_prompt": n_prompt, "n_gen": n_gen, "repetitions": repetitions, "worlds": results}
     return _print_report(doc, bench_table, json_out)
-
-
-def _bench_worlds(ctx, worlds: list[int], what: str, n_ctx: int) -> list[dict] | int:
-    """Run the bench job in a world of each size; each world's JSON, or the first failing exit code."""
-    results = []
-    with tempfile.TemporaryDirectory(prefix="tensorsplit-bench-") as tmp:
-        for n in worlds:
-            out = Path(tmp) / f"world{n}.json"
-            print(f"tensorsplit: {what} with {n} worker(s)...", file=sys.stderr, flush=True)
-            code = _run_world(ctx, None, n_ctx=n_ctx, overrides={"nproc": str(n), "result_file": str(out)})
-            if code != 0:
-                return code
-            results.append(json.loads(out.read_text()))
-    return results
 
 
 def _print_report(doc: dict, table, json_out) -> int:
@@ -329,9 +301,9 @@ def batch(ctx, paths, model, output, parallel, n_predict, ctx_size, on_error, ch
         raise TensorsplitError(f"{paths[-1]}: no such file")
     job = BatchJob(inp, out, _sampling(ctx.params), n_predict, tuple(ctx.params["stop"]), on_error, chat,
                    Path(chat_template).resolve() if chat_template else None)
-    return _run_world(ctx, job, n_ctx=ctx_size, n_slots=parallel,
-                      overrides={"paths": (str(inp),), "output": str(out),
-                                 "chat_template": str(job.chat_template) if chat_template else None})
+    if chat or chat_template:
+        _check_chat_template(ctx.params["model"], job.chat_template)
+    return _run_world(ctx.params, job, n_ctx=ctx_size, n_slots=parallel)
 
 
 @cli.command(context_settings=CONTEXT)
@@ -351,23 +323,47 @@ def chat(ctx, model_arg, model, n_predict, ctx_size, system, chat_template, **_)
     from .coordinator.jobs import ChatJob
     ctx.params["model"] = model or model_arg
     template = Path(chat_template).resolve() if chat_template else None
+    _check_chat_template(ctx.params["model"], template)
     job = ChatJob(_sampling(ctx.params), n_predict, system, template)
-    return _run_world(ctx, job, n_ctx=ctx_size, overrides={"model_arg": None,
-                                                           "chat_template": str(template) if template else None})
+    return _run_world(ctx.params, job, n_ctx=ctx_size)
 
 
-@cli.command(context_settings=CONTEXT, hidden=True)
+@cli.command(context_settings=CONTEXT)
+@click.argument("model_arg", required=False, metavar="[MODEL]")
 @_model_option
-@click.option("-c", "--ctx-size", default=2048, type=int)
-@click.option("-np", "--parallel", default=1, type=int)
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on. Anything but loopback without --api-key prints a warning.")
+@click.option("--port", default=8080, show_default=True, type=int, help="Port to listen on.")
+@click.option("--api-key", default=None, envvar="TENSORSPLIT_API_KEY",
+              help="Require `Authorization: Bearer KEY` on every endpoint but /health (or $TENSORSPLIT_API_KEY).")
+@click.option("-np", "--parallel", default=8, show_default=True, type=int,
+              help="Requests decoded together (KV-cache slots); more wait in a queue.")
+@click.option("-c", "--ctx-size", default=4096, show_default=True, type=int,
+              help="Context per request (prompt + completion), in tokens.")
+@click.option("--max-queue", default=64, show_default=True, type=int,
+              help="Requests that may wait for a slot; past that, 429.")
+@click.option("--chat-template", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="Jinja chat template file to use instead of the model's.")
+@click.option("--grace", default=30.0, show_default=True, type=float,
+              help="On SIGTERM or Ctrl-C: seconds the requests in flight get to finish.")
 @_world_options
 @click.pass_context
-def serve(ctx, model, ctx_size, parallel, **_):
-    """Worker side only: join a world whose rank 0 is another process (the Python API)."""
+def serve(ctx, model_arg, model, host, port, api_key, parallel, ctx_size, max_queue, chat_template, grace, **_):
+    """An OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, streaming or not) over
+    a world of --nproc-per-node ranks; this process is rank 0. Concurrent requests share the KV-cache
+    slots (continuous batching)."""
+    from .server.main import run_server
     from .worker.process import in_worker
-    if not in_worker():
-        raise TensorsplitError("`serve` runs inside a world started by tensorsplit.LLM or torchrun")
-    return _run_world(ctx, None, n_ctx=ctx_size, n_slots=parallel)
+    if in_worker():
+        raise TensorsplitError("serve starts its own world: run `tensorsplit serve`, not under torchrun")
+    ctx.params["model"] = model or model_arg
+    if parallel < 1 or max_queue < 0:
+        raise TensorsplitError("--parallel must be at least 1 and --max-queue at least 0")
+    template = Path(chat_template).resolve() if chat_template else None
+    if template is not None:
+        _check_chat_template(ctx.params["model"], template)
+    return run_server(_world(ctx.params, n_ctx=ctx_size, n_slots=parallel), _node(ctx.params), host=host, port=port,
+                      api_key=api_key, max_queue=max_queue, chat_template=template, grace_s=grace)
 
 
 @cli.command(context_settings=CONTEXT)

@@ -34,3 +34,8 @@ class ShardPlanError(TensorsplitError):
 class CollectiveError(TensorsplitError):
     """A collective could not complete because another rank died or stopped answering. Secondary: the
     launcher blames the rank that failed first, not the ones that noticed."""
+
+
+class WorkerFailed(TensorsplitError):
+    """A rank of a world whose rank 0 is this process (LLM, serve) died or stopped answering; the
+    message names it, as the launcher's one line does."""

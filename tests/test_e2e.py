@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from cli_helpers import ROOT, assert_all_gone, run_cli, start_cli, workers_of
+from cli_helpers import ROOT, assert_all_gone, environ_of, run_cli, start_cli, workers_of
 from fast_path import assert_fast_path, rank_counts
 
 PROMPT = "The capital of France is"
@@ -71,9 +71,13 @@ def test_sigkill_of_a_worker_ends_everything(smollm2_path):
         job.out.wait_for(lambda s: len(s) > 0, 180, "generated text")      # generation is under way
         workers = workers_of(job.pid)
         assert set(workers) == {0, 1}, workers
-        # workers never see text: only rank 0 (the coordinator) was given the prompt
+        # workers never see text: only rank 0 (the coordinator) is given the job, which holds the prompt;
+        # the world both get (TENSORSPLIT_WORLD) holds none
+        env = {r: environ_of(pid) for r, pid in workers.items()}
         cmdline = {r: open(f"/proc/{pid}/cmdline", "rb").read().decode() for r, pid in workers.items()}
-        assert PROMPT in cmdline[0] and PROMPT not in cmdline[1]
+        assert "TENSORSPLIT_JOB" not in env[1] and PROMPT not in "".join(env[1].values()) + cmdline[1]
+        assert PROMPT in open(env[0]["TENSORSPLIT_JOB"]).read()
+        assert env[0]["TENSORSPLIT_WORLD"] == env[1]["TENSORSPLIT_WORLD"] and PROMPT not in env[0]["TENSORSPLIT_WORLD"]
         os.kill(workers[1], signal.SIGKILL)
         code, err, elapsed = job.finish(15)
     finally:
@@ -83,6 +87,8 @@ def test_sigkill_of_a_worker_ends_everything(smollm2_path):
     lines = [ln for ln in err.splitlines() if ln.startswith("tensorsplit:")]
     assert lines[-1] == "tensorsplit: rank 1 failed: killed by SIGKILL", err
     assert "Traceback" not in err
+    # the streamed text's last line is closed, so on a terminal the error starts a line of its own
+    assert job.out.text().endswith("\n")
     assert_all_gone(job.pid)
 
 

@@ -66,9 +66,18 @@ class _Seq:
 
 
 class Generator:
+    """Continuous batching over n_slots KV-cache slots. Incremental: add() a request into a free slot,
+    step() runs one forward and samples, cancel() frees a slot at once; run() drives a whole list."""
+
     def __init__(self, forward: Callable, tokenizer: Tokenizer, n_slots: int, n_ctx: int, n_batch: int = 512):
         self.forward, self.tok = forward, tokenizer
         self.n_slots, self.n_ctx, self.n_batch = n_slots, n_ctx, n_batch
+        self.active: list[_Seq] = []
+        self._free = list(range(n_slots))[::-1]
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free)
 
     def check(self, req: Request) -> None:
         """User-facing checks of one request, before it is admitted."""
@@ -78,6 +87,34 @@ class Generator:
             raise TensorsplitError(f"the prompt has {len(req.prompt_ids)} tokens; the context holds {self.n_ctx} "
                                    "(raise -c/--ctx-size)")
 
+    def add(self, req: Request) -> None:
+        """Admit a request into a free slot (there must be one)."""
+        self.check(req)
+        assert self._free, "no free slot"
+        self.active.append(_Seq(req, self._free.pop(), self.tok))
+
+    def cancel(self, key) -> bool:
+        """Drop the request `key` and free its slot now; False if it is not active."""
+        for s in self.active:
+            if s.req.key == key:
+                self.active.remove(s)
+                self._free.append(s.slot)
+                return True
+        return False
+
+    def step(self, on_text=None, on_token=None) -> list[tuple[Request, GenerationResult]]:
+        """One forward over the active sequences; samples each sequence whose logits came back.
+        on_text(request, text) as text becomes safe to show; on_token(request, token id, logits)
+        for each sampled token. Returns the requests that finished, with their results."""
+        finished = []
+        for seq, logits in self._step(self.active):
+            finish = self._sample(seq, logits, on_text, on_token)
+            if finish:
+                self.active.remove(seq)
+                self._free.append(seq.slot)
+                finished.append((seq.req, self._result(seq, finish)))
+        return finished
+
     def run(self, requests: Iterable[Request], on_done: Callable[[Request, GenerationResult], None],
             on_text: Callable[[Request, str], None] | None = None,
             on_logits: Callable[[Request, torch.Tensor], None] | None = None) -> None:
@@ -86,28 +123,19 @@ class Generator:
         on_done(request, result) is called as each finishes; on_text(request, text) as text becomes
         safe to show; on_logits(request, logits) with the (vocab,) logits each token is sampled from."""
         waiting: Iterator[Request] = iter(requests)
-        free = list(range(self.n_slots))[::-1]
-        active: list[_Seq] = []
         exhausted = False
+        on_token = (lambda req, tok, logits: on_logits(req, logits)) if on_logits else None
         while True:
-            while free and not exhausted:
+            while self._free and not exhausted:
                 req = next(waiting, None)
                 if req is None:
                     exhausted = True
                     break
-                self.check(req)
-                active.append(_Seq(req, free.pop(), self.tok))
-            if not active:
+                self.add(req)
+            if not self.active:
                 return
-            rows = self._step(active)
-            for seq, logits in rows:
-                if on_logits:
-                    on_logits(seq.req, logits)
-                finish = self._sample(seq, logits, on_text)
-                if finish:
-                    active.remove(seq)
-                    free.append(seq.slot)
-                    on_done(seq.req, self._result(seq, finish))
+            for req, res in self.step(on_text, on_token):
+                on_done(req, res)
 
     def _step(self, active: list[_Seq]) -> list[tuple[_Seq, torch.Tensor]]:
         """One forward: a token for each decoding sequence, then prompt chunks within the n_batch budget."""
@@ -137,8 +165,10 @@ class Generator:
                               torch.tensor([w[1] for w in wants], dtype=torch.int64))
         return [(s, logits[i]) for i, (s, _) in enumerate(wants)]
 
-    def _sample(self, s: _Seq, logits: torch.Tensor, on_text) -> str | None:
+    def _sample(self, s: _Seq, logits: torch.Tensor, on_text, on_token=None) -> str | None:
         tok = s.sampler.sample(logits, s.history)
+        if on_token:
+            on_token(s.req, tok, logits)
         if s.t_first is None:
             s.t_first = time.perf_counter()
         s.history.append(tok)

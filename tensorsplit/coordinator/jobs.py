@@ -1,15 +1,17 @@
 """What rank 0's coordinator does in each command, given the Engine of a loaded world.
 
-Each job is built from the command's options and called as job(engine, gguf_file, config)
-on rank 0 only; it returns the process exit code. Output goes to stdout (text, tables, JSON),
-progress and timings to stderr.
+Each job is built from the command's options (once, by whoever parses them) and called as
+job(engine, gguf_file, config) on rank 0 only; it returns the process exit code. Output goes to
+stdout (text, tables, JSON), progress and timings to stderr. A job travels to a rank 0 the
+launcher starts as JSON (job_to_json / job_from_json): the other ranks never get it, nor its text.
+The engine is all a job sees of the world (worker/engine.py).
 """
 from __future__ import annotations
 
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -38,16 +40,20 @@ class GenerateJob:
     def __call__(self, engine, gf, cfg) -> int:
         tok = Tokenizer.from_gguf_kv(gf.kv)
         ids = _prompt_encoder(tok, gf, self.chat, self.chat_template)(self.prompt, None)
-        stream = None if self.as_json else (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+        out = None if self.as_json else _Stdout()
         seen: list[torch.Tensor] = []
         try:
             res = generate_one(engine.forward, tok, ids, self.sampling, self.max_tokens, engine.n_ctx,
-                               self.stop, on_text=stream, on_logits=seen.append if self.save_logits else None)
+                               self.stop, on_text=out, on_logits=seen.append if self.save_logits else None)
         except KeyboardInterrupt:
-            if stream:
-                sys.stdout.write("\n")
+            if out:
+                out.end_line()
             _say("interrupted")
             return 130
+        except BaseException:
+            if out:
+                out.end_line()       # whatever reports the failure starts on a line of its own
+            raise
         if self.save_logits:
             import numpy as np
             np.save(self.save_logits, torch.stack(seen).numpy() if seen else np.zeros((0, engine.vocab_size)))
@@ -56,13 +62,31 @@ class GenerateJob:
         else:
             sys.stdout.write("\n")
             sys.stdout.flush()
-            world = engine.shard.comm
             _say(f"prompt {res.prompt_tokens} tokens in {res.prefill_s:.2f} s "
                  f"({res.prompt_tokens / max(res.prefill_s, 1e-9):.1f} tok/s); "
                  f"generated {res.completion_tokens} tokens in {res.decode_s:.2f} s "
                  f"({res.completion_tokens / max(res.decode_s, 1e-9):.1f} tok/s); finish: {res.finish_reason}; "
-                 f"seed {res.seed}; world {world.world} ({world.backend.name})")
+                 f"seed {res.seed}; world {engine.world} ({engine.backend_name})")
         return 0
+
+
+class _Stdout:
+    """Streamed text on stdout, remembering whether the last line is open."""
+
+    def __init__(self):
+        self.open_line = False
+
+    def __call__(self, text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        if text:
+            self.open_line = not text.endswith("\n")
+
+    def end_line(self) -> None:
+        if self.open_line:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+            self.open_line = False
 
 
 @dataclass(frozen=True)
@@ -83,7 +107,7 @@ class PerplexityJob:
 
         res = perplexity(engine.forward, tokens, self.n_ctx, tok.bos_id if tok.add_bos else None,
                          self.max_chunks, on_chunk=progress)
-        out = res.to_dict() | {"seconds": time.perf_counter() - t0, "world": engine.shard.comm.world}
+        out = res.to_dict() | {"seconds": time.perf_counter() - t0, "world": engine.world}
         print(json.dumps(out) if self.as_json else f"Final estimate: PPL = {res.ppl:.4f} "
               f"({sum(res.chunk_count)} scored tokens, {len(res.chunk_nll)} chunks of {self.n_ctx})")
         return 0
@@ -118,10 +142,9 @@ class BenchJob:
             speeds = torch.tensor([n / t for t in times], dtype=torch.float64)
             rows.append({"test": f"{test}{n}", "tokens_per_s": float(speeds.mean()),
                          "stddev": float(speeds.std()) if len(times) > 1 else 0.0, "seconds": times})
-        comm = engine.shard.comm
         Path(self.result_file).write_text(json.dumps({
-            "world": comm.world, "backend": comm.backend.name, "device": str(comm.device),
-            "threads": torch.get_num_threads(), "weight_bytes_rank0": engine.shard.model.weight_bytes,
+            "world": engine.world, "backend": engine.backend_name, "device": engine.device,
+            "threads": torch.get_num_threads(), "weight_bytes_rank0": engine.weight_bytes,
             "results": rows}))
         return 0
 
@@ -145,9 +168,8 @@ class CommBenchJob:
             auto = engine.time_all_reduce(n, self.iters, "auto")
             gloo = engine.time_all_reduce(n, max(10, self.iters // 10), "gloo")
             results.append({"rows": r, "elements": n, "bytes": 8 * n, "auto_us": auto * 1e6, "gloo_us": gloo * 1e6})
-        comm = engine.shard.comm
         Path(self.result_file).write_text(json.dumps({
-            "world": comm.world, "path": comm.path_name(), "dtype": "float64", "results": results}))
+            "world": engine.world, "path": engine.all_reduce_path, "dtype": "float64", "results": results}))
         return 0
 
 
@@ -284,12 +306,48 @@ class ChatJob:
                 continue
             messages.append({"role": "user", "content": line.rstrip("\n")})
             ids = fmt.encode(messages)
+            out = _Stdout()
             try:
-                res = generate_one(engine.forward, tok, ids, self.sampling, self.max_tokens, engine.n_ctx,
-                                   on_text=lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+                res = generate_one(engine.forward, tok, ids, self.sampling, self.max_tokens, engine.n_ctx, on_text=out)
             except KeyboardInterrupt:
-                sys.stdout.write("\n")
+                out.end_line()
                 return 130
+            except BaseException:
+                out.end_line()
+                raise
             sys.stdout.write("\n")
             sys.stdout.flush()
             messages.append({"role": "assistant", "content": res.text})
+
+
+JOBS = {"generate": GenerateJob, "perplexity": PerplexityJob, "bench": BenchJob, "comm-bench": CommBenchJob,
+        "batch": BatchJob, "chat": ChatJob}
+
+
+def job_to_json(job) -> str:
+    """{"kind": ..., "fields": {...}}: paths as text, sampling parameters as a dict, tuples as lists."""
+    kind = next(k for k, cls in JOBS.items() if type(job) is cls)
+    out = {}
+    for f in fields(job):
+        v = getattr(job, f.name)
+        out[f.name] = (str(v) if isinstance(v, Path) else asdict(v) if isinstance(v, SamplingParams)
+                       else list(v) if isinstance(v, tuple) else v)
+    return json.dumps({"kind": kind, "fields": out})
+
+
+def job_from_json(text: str):
+    d = json.loads(text)
+    cls = JOBS[d["kind"]]
+    kw = {}
+    for f in fields(cls):
+        if f.name not in d["fields"]:
+            continue
+        v, hint = d["fields"][f.name], str(f.type)
+        if v is not None and "Path" in hint:
+            v = Path(v)
+        elif v is not None and "SamplingParams" in hint:
+            v = SamplingParams(**v)
+        elif isinstance(v, list) and hint.startswith("tuple"):
+            v = tuple(v)
+        kw[f.name] = v
+    return cls(**kw)

@@ -1,4 +1,5 @@
 """The launcher: one worker process per device, torchrun-style, watched and ended together."""
-from .spawn import Launch, NodeSpec, default_nproc, launch
+from ..spec import NodeSpec
+from .spawn import Launch, default_nproc, launch
 
 __all__ = ["Launch", "NodeSpec", "default_nproc", "launch"]

@@ -1,7 +1,10 @@
 """Start one worker process per device on this node, watch them, and end them together.
 
 torchrun-style: every worker gets RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR
-and MASTER_PORT, and runs `python -m tensorsplit.worker <the same command line>`.
+and MASTER_PORT, runs `python -m tensorsplit.worker`, and reads the world (WorldSpec) as JSON from
+its environment; rank 0 also gets the job, in a file only it is told of (workers never see text).
+When the launching process is rank 0 itself (LLM, serve), the launcher starts the other ranks and
+watches them from a thread, telling the caller of the first failure.
 
 If any worker dies or raises, the others are ended within seconds and the launcher exits 1
 with one line naming the rank that failed first and why. Workers run in their own sessions so
@@ -19,31 +22,18 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+import threading
 from pathlib import Path
+from typing import Callable
 
 from ..comm.shm import remove_job_segments
+from ..spec import JOB_ENV, WORLD_ENV, NodeSpec, WorldSpec
 from ..worker.process import default_threads
 
 POLL_S = 0.05
 FAILURE_WINDOW_S = 1.0   # after a first failure, how long to let the others report theirs
 GRACE_S = 3.0            # SIGTERM -> SIGKILL
 STOP_GRACE_S = 10.0      # Ctrl-C: time rank 0 gets to finish what it was writing
-
-
-@dataclass(frozen=True)
-class NodeSpec:
-    nproc: int                 # workers on this node
-    nnodes: int = 1
-    node_rank: int = 0
-    master_addr: str = "127.0.0.1"
-    master_port: int | None = None   # None: pick a free one (single node only)
-    threads: int | None = None       # per CPU worker; default cores // nproc
-    pin_gpus: bool = True            # CUDA_VISIBLE_DEVICES per worker when GPUs are visible
-
-    @property
-    def world(self) -> int:
-        return self.nproc * self.nnodes
 
 
 def free_port(addr: str) -> int:
@@ -100,27 +90,60 @@ def worker_env(node: NodeSpec, local_rank: int, port: int, error_file: str, gpus
 class Launch:
     """The running workers of this node."""
 
-    def __init__(self, argv: list[str], node: NodeSpec, worker_argv: list[str] | None = None):
-        """argv: rank 0's command line (the coordinator's); worker_argv: every other rank's, which
-        may leave out what only the coordinator reads (the prompt: workers never see text)."""
-        self.node = node
+    def __init__(self, spec: WorldSpec, node: NodeSpec, job=None, rank0_here: bool = False):
+        """job: what rank 0 runs (coordinator/jobs.py), given to it alone. rank0_here: the calling
+        process is rank 0 (LLM, serve): start only the other ranks of this node."""
+        from ..coordinator.jobs import job_to_json
+        self.node, self.rank0_here = node, rank0_here and node.node_rank == 0
         self.port = node.master_port or free_port(node.master_addr)
         self.tmp = tempfile.TemporaryDirectory(prefix="tensorsplit-")
         gpus = visible_gpus() if node.pin_gpus else []
-        self.error_files = [str(Path(self.tmp.name) / f"rank{node.node_rank * node.nproc + i}.json")
-                            for i in range(node.nproc)]
-        extra = native_kernels_env()
+        first = 1 if self.rank0_here else 0
+        self.local_ranks = list(range(first, node.nproc))
+        self.error_files = [str(Path(self.tmp.name) / f"rank{self.rank_of(i)}.json") for i in self.local_ranks]
+        extra = {**native_kernels_env(), WORLD_ENV: spec.to_json()}
+        job_file = None
+        if job is not None and node.node_rank == 0 and not self.rank0_here:
+            job_file = Path(self.tmp.name) / "job.json"        # the temporary folder is the user's alone
+            job_file.write_text(job_to_json(job), encoding="utf-8")
         self.procs: list[subprocess.Popen] = []
-        for i in range(node.nproc):
-            args = argv if self.rank_of(i) == 0 or worker_argv is None else worker_argv
-            self.procs.append(subprocess.Popen([sys.executable, "-m", "tensorsplit.worker", *args],
-                                               env={**worker_env(node, i, self.port, self.error_files[i], gpus),
-                                                    **extra},
+        for k, i in enumerate(self.local_ranks):
+            env = {**worker_env(node, i, self.port, self.error_files[k], gpus), **extra}
+            if self.rank_of(i) == 0 and job_file is not None:
+                env[JOB_ENV] = str(job_file)
+            self.procs.append(subprocess.Popen([sys.executable, "-m", "tensorsplit.worker"], env=env,
                                                start_new_session=True))
         self.stop_requested = False
+        self.failure: str | None = None      # set by watch_from_thread
 
     def rank_of(self, i: int) -> int:
+        """The world rank of local rank i."""
         return self.node.node_rank * self.node.nproc + i
+
+    def watch_from_thread(self, on_failure: Callable[[str], None]) -> None:
+        """Rank 0 lives in the calling process (LLM, serve): watch the other ranks from a daemon
+        thread; on the first failure end them all and call on_failure(one line naming the rank)."""
+        def run() -> None:
+            while not self.stop_requested:
+                codes = [p.poll() for p in self.procs]
+                failed = [k for k, c in enumerate(codes) if c not in (None, 0)]
+                if failed:
+                    self.failure = self._blame(failed)
+                    self._kill_all()
+                    on_failure(self.failure)
+                    return
+                if codes and all(c == 0 for c in codes):
+                    return
+                time.sleep(POLL_S)
+        threading.Thread(target=run, name="tensorsplit-launcher-watch", daemon=True).start()
+
+    def close(self, grace_s: float = STOP_GRACE_S) -> None:
+        """After rank 0 (this process) shut the world down: let the workers exit, end any that do not."""
+        self.stop_requested = True
+        self._reap_after(grace_s)
+        self._kill_all()
+        remove_job_segments(str(os.getpid()))
+        self.tmp.cleanup()
 
     def wait(self) -> int:
         """Watch the workers until all have exited; end them all on the first failure. Exit code."""
@@ -161,6 +184,11 @@ class Launch:
             time.sleep(POLL_S)
 
     def _fail(self, failed: list[int]) -> int:
+        print(f"tensorsplit: {self._blame(failed)}", file=sys.stderr, flush=True)
+        return 1
+
+    def _blame(self, failed: list[int]) -> str:
+        """One line naming the rank that failed first and why, after letting the others report."""
         deadline = time.monotonic() + FAILURE_WINDOW_S
         while time.monotonic() < deadline and any(p.poll() is None for p in self.procs):
             time.sleep(POLL_S)
@@ -175,12 +203,11 @@ class Launch:
             if alive:
                 i = alive[0]
                 seen = reports[failed[0]]["message"] if reports[failed[0]] else _signal_cause(codes[failed[0]])
-                cause = f"stopped responding (rank {self.rank_of(failed[0])}: {seen})"
+                cause = f"stopped responding (rank {self.rank_of(self.local_ranks[failed[0]])}: {seen})"
             else:
                 i = failed[0]
                 cause = reports[i]["message"] if reports[i] else _signal_cause(codes[i])
-        print(f"tensorsplit: rank {self.rank_of(i)} failed: {cause}", file=sys.stderr, flush=True)
-        return 1
+        return f"rank {self.rank_of(self.local_ranks[i])} failed: {cause}"
 
     def _read_report(self, i: int) -> dict | None:
         try:
@@ -224,6 +251,6 @@ def _signal_cause(code: int | None) -> str:
     return f"exited with code {code}"
 
 
-def launch(argv: list[str], node: NodeSpec, worker_argv: list[str] | None = None) -> int:
-    """Run `python -m tensorsplit.worker argv...` on node.nproc workers; return the exit code."""
-    return Launch(argv, node, worker_argv).wait()
+def launch(spec: WorldSpec, node: NodeSpec, job) -> int:
+    """Run this node's ranks of the world (rank 0 runs `job`), watch them; the exit code."""
+    return Launch(spec, node, job).wait()

@@ -1,9 +1,20 @@
-"""`python -m tensorsplit.worker <command> [options]`: the worker entry point, for torchrun.
+"""`python -m tensorsplit.worker`: one rank of a world.
+
+Started by the tensorsplit launcher, it takes the world from TENSORSPLIT_WORLD (JSON) and, on rank 0,
+the job from the file TENSORSPLIT_JOB names. Under plain torchrun it parses the same command line as
+`tensorsplit` does:
 
     torchrun --nproc-per-node 2 -m tensorsplit.worker generate -p "Hello"
-
-The `tensorsplit` launcher starts the same entry point once per rank.
 """
-from ..cli import main
+import os
+import sys
+
+from ..spec import WORLD_ENV
+
+if os.environ.get(WORLD_ENV):
+    from .main import main_from_env
+    sys.exit(main_from_env())
+
+from ..cli import main  # noqa: E402 - torchrun: the command line, parsed here once
 
 main(prog_name="python -m tensorsplit.worker")

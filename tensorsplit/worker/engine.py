@@ -47,13 +47,35 @@ class StepGuard:
 
 
 class Engine:
-    """Rank 0's handle: `forward` runs one step on every rank and returns full logits (m, vocab)."""
+    """Rank 0's handle on the whole world, and all a job sees of it: `forward` runs one step on every
+    rank and returns full logits (m, vocab); the properties describe the world for reports."""
 
     def __init__(self, shard: Shard, n_slots: int, n_ctx: int):
         assert shard.comm.rank == 0
         self.shard, self.n_slots, self.n_ctx = shard, n_slots, n_ctx
         self.vocab_size = sum(shard.vocab_sizes)
         self._closed = False
+
+    @property
+    def world(self) -> int:
+        return self.shard.comm.world
+
+    @property
+    def backend_name(self) -> str:
+        return self.shard.comm.backend.name
+
+    @property
+    def all_reduce_path(self) -> str:
+        return self.shard.comm.path_name()
+
+    @property
+    def device(self) -> str:
+        return str(self.shard.comm.device)
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of weights rank 0 holds."""
+        return self.shard.model.weight_bytes
 
     def forward(self, ids, positions, slots, logit_rows) -> torch.Tensor:
         step = Step(*(torch.as_tensor(t, dtype=torch.int64).reshape(-1) for t in (ids, positions, slots, logit_rows)))

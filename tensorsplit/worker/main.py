@@ -11,34 +11,20 @@ import os
 import signal
 import sys
 import traceback
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from ..comm import choose_backend, init_comm
+from ..errors import TensorsplitError
 from ..model import make_plan, open_model, parse_split
-from ..model.numerics import DEFAULT as DEFAULT_NUMERICS, Numerics
+from ..model.numerics import Numerics
 from ..model.quants import paths as kernel_paths
 from ..model.transformer import RankModel
+from ..spec import JOB_ENV, WORLD_ENV, WorldSpec
 from .engine import Engine, Shard, StepGuard, serve
 from .faults import FaultPlan
 from .process import (RankEnv, device_kinds, die_with_parent, report_failure, resolve_device,
                       set_threads)
-
-
-@dataclass(frozen=True)
-class WorldSpec:
-    """What every rank must agree on; built from the same command line on every rank."""
-    model: Path
-    split: str | None = None
-    device: str = "auto"
-    backend: str | None = None
-    n_ctx: int = 2048          # KV-cache positions per slot
-    n_slots: int = 1           # concurrent sequences
-    timeout_s: float = 120.0   # every collective on the device group, and the rendezvous
-    threads: int | None = None
-    quiet: bool = False        # no load progress
-    numerics: str = DEFAULT_NUMERICS   # "llamacpp" (8-bit matmul inputs, as ggml) or "exact" (model/numerics.py)
 
 
 LOAD_TIMEOUT_S = 3600.0   # a rank still loading after an hour is taken as stuck
@@ -46,8 +32,19 @@ LOAD_TIMEOUT_S = 3600.0   # a rank still loading after an hour is taken as stuck
 Job = Callable[[Engine, object, object], int]   # (engine, GGUFFile, ModelConfig) -> exit code
 
 
-def run_worker(spec: WorldSpec, job: Job) -> int:
-    """Entry point of every worker process. Returns the process exit code."""
+def main_from_env() -> int:
+    """A worker the launcher started: the world from TENSORSPLIT_WORLD, and on rank 0 the job from the
+    file TENSORSPLIT_JOB names (none when rank 0 is the launching process: LLM, serve)."""
+    from ..coordinator.jobs import job_from_json
+    spec = WorldSpec.from_json(os.environ[WORLD_ENV])
+    job_file = os.environ.get(JOB_ENV)
+    job = job_from_json(Path(job_file).read_text(encoding="utf-8")) if job_file else None
+    return run_worker(spec, job)
+
+
+def run_worker(spec: WorldSpec, job: Job | None) -> int:
+    """Entry point of every worker process. Returns the process exit code. Rank 0 runs `job`; the
+    other ranks serve steps until rank 0 shuts them down."""
     env = None
     try:
         env = RankEnv.from_environ()
@@ -69,7 +66,9 @@ def run_worker(spec: WorldSpec, job: Job) -> int:
         return 1
 
 
-def _run(env: RankEnv, spec: WorldSpec, job: Job) -> int:
+def _run(env: RankEnv, spec: WorldSpec, job: Job | None) -> int:
+    if env.rank == 0 and job is None:
+        raise TensorsplitError("rank 0 was started without a job (start the world with `tensorsplit` or torchrun)")
     shard, gf, cfg = join_and_load(env, spec)
     try:
         if env.rank != 0:

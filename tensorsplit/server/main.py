@@ -1,0 +1,122 @@
+"""`tensorsplit serve`: this process is rank 0 and the HTTP server; the launcher starts the other ranks.
+
+Threads:
+  main      uvicorn: the HTTP server (its event loop runs every request handler)
+  engine    loads rank 0's shard, then runs the Scheduler: every forward on every rank starts here
+  watcher   the launcher's watch over the other ranks
+The HTTP server answers (503) while the model loads. On SIGTERM or Ctrl-C it stops accepting, lets
+the requests in flight finish (for at most --grace seconds), then shuts the world down and exits 0.
+If a rank dies, streams in flight end with an error event, other requests get 503, and the process
+exits 1 with the launcher's one line naming the rank.
+"""
+from __future__ import annotations
+
+import ipaddress
+import signal
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+from ..errors import TensorsplitError
+from ..launcher import Launch
+from ..spec import NodeSpec, WorldSpec, check_world
+from .app import BodyLimit, ServerState, build_app
+from .metrics import Metrics
+from .scheduler import Scheduler
+
+FAILURE_REPORT_S = 5.0
+
+
+def _say(msg: str) -> None:
+    print(f"tensorsplit: {msg}", file=sys.stderr, flush=True)
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
+    except (OSError, ValueError):
+        return False
+
+
+def run_server(spec: WorldSpec, node: NodeSpec, *, host: str, port: int, api_key: str | None, max_queue: int,
+               chat_template: Path | None, grace_s: float) -> int:
+    import uvicorn
+    check_world(spec, node)
+    if node.nnodes > 1:
+        raise TensorsplitError("serve runs on one node (--nnodes 1)")
+    if not _is_loopback(host) and not api_key:
+        _say(f"warning: serving on {host} without --api-key: anyone who can reach this address can use the model")
+    metrics = Metrics()
+    state = ServerState(model_id=Path(spec.model).name.removesuffix(".gguf"), api_key=api_key, metrics=metrics,
+                        scheduler=Scheduler(max_queue, metrics))
+    server = uvicorn.Server(uvicorn.Config(BodyLimit(build_app(state)), host=host, port=port, log_level="warning",
+                                           lifespan="off", timeout_graceful_shutdown=grace_s, access_log=False))
+    outcome = {"code": 0}
+    launch = Launch(spec, node, rank0_here=True)
+
+    def fail(line: str) -> None:
+        if state.failed is None:
+            state.failed = line
+            state.scheduler.fail(line)
+            _say(line)
+            outcome["code"] = 1
+            server.should_exit = True
+
+    launch.watch_from_thread(fail)
+    engine_thread = threading.Thread(target=_engine_main, args=(spec, node, launch, state, chat_template, host, port,
+                                                                fail), name="tensorsplit-engine", daemon=True)
+    engine_thread.start()
+    # uvicorn re-raises the SIGTERM/SIGINT it caught once it has shut down, with the handlers it found:
+    # these make that a no-op, so the world is closed below and the exit code is ours.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    try:
+        server.run()
+        if not server.started and not state.failed:
+            raise TensorsplitError(f"cannot serve on {host}:{port} (is the port in use?)")
+    finally:
+        state.scheduler.stop()
+        engine_thread.join(timeout=grace_s + 15)
+        launch.close()
+    return outcome["code"]
+
+
+def _engine_main(spec: WorldSpec, node: NodeSpec, launch: Launch, state: ServerState, chat_template: Path | None,
+                 host: str, port: int, fail) -> None:
+    from ..coordinator.chat import ChatFormatter
+    from ..coordinator.chat_template import ChatTemplateError
+    from ..coordinator.generate import Generator
+    from ..coordinator.tokenizer import Tokenizer
+    from ..worker.engine import Engine
+    from ..worker.main import join_and_load
+    from ..worker.process import RankEnv
+    engine = None
+    try:
+        env = RankEnv(0, node.world, 0, node.nproc, node.master_addr, launch.port)
+        shard, gf, cfg = join_and_load(env, spec)
+        engine = Engine(shard, spec.n_slots, spec.n_ctx)
+        tok = Tokenizer.from_gguf_kv(gf.kv)
+        try:
+            chat = ChatFormatter(tok, gf, chat_template)
+        except ChatTemplateError as e:
+            if chat_template is not None:
+                raise
+            _say(f"chat completions are off: {e}")
+            chat = None
+        state.tokenizer, state.chat, state.n_ctx = tok, chat, spec.n_ctx
+        state.ready = True
+        _say(f"serving {state.model_id} on http://{host}:{port} ({node.world} rank(s), {spec.n_slots} slot(s) of "
+             f"{spec.n_ctx} tokens; all-reduce: {engine.all_reduce_path})")
+        state.scheduler.run(Generator(engine.forward, tok, engine.n_slots, engine.n_ctx), tok)
+        engine.shutdown()
+    except BaseException as e:  # noqa: BLE001 - reported as one line; the launcher's when a rank died
+        deadline = time.monotonic() + FAILURE_REPORT_S
+        while launch.failure is None and state.failed is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        fail(launch.failure or (f"error: {first}" if isinstance(e, TensorsplitError) else f"rank 0 failed: {first}"))
+    finally:
+        if engine is not None:
+            engine.shard.comm.close()

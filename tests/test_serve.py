@@ -1,0 +1,312 @@
+"""`tensorsplit serve` as a real process on 127.0.0.1 with 2 workers, driven by the official `openai`
+client (and plain HTTP for what the client cannot send): greedy text equal to `tensorsplit generate`,
+usage counts, continuous batching of concurrent streams, a client that goes away, bad requests, the
+API key, a worker killed mid-stream, SIGTERM with a request in flight."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from cli_helpers import ROOT, assert_pids_gone, run_cli, workers_of
+
+openai = pytest.importorskip("openai", reason="the openai client is a test dependency: pip install -e .[test]")
+
+MODEL = "SmolLM2-135M-Instruct.Q4_1"
+PROMPT = "The capital of France is"
+QUESTION = "What is the capital of France?"
+N = 8
+START_S = 180
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A `tensorsplit serve` process, its stderr collected on a thread."""
+
+    def __init__(self, model_path, *args: str):
+        self.port = _free_port()
+        self.proc = subprocess.Popen([sys.executable, "-m", "tensorsplit", "serve", str(model_path), "--port",
+                                      str(self.port), *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     text=True, cwd=ROOT)
+        self.err_lines: list[str] = []
+        threading.Thread(target=lambda: self.err_lines.extend(self.proc.stderr), daemon=True).start()
+        deadline = time.monotonic() + START_S
+        while self.status("/health") != 200:
+            assert self.proc.poll() is None, f"serve exited {self.proc.returncode}: {self.err}"
+            assert time.monotonic() < deadline, f"not ready after {START_S} s: {self.err}"
+            time.sleep(0.2)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    @property
+    def err(self) -> str:
+        return "".join(self.err_lines)
+
+    def status(self, path: str, **kw) -> int:
+        return self.request(path, **kw)[0]
+
+    def request(self, path: str, body: bytes | None = None, headers: dict | None = None, method: str | None = None):
+        req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=body, method=method,
+                                     headers={"Content-Type": "application/json", **(headers or {})})
+        try:
+            with urllib.request.urlopen(req, timeout=120) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+        except (urllib.error.URLError, ConnectionError, OSError):
+            return 0, b""
+
+    def client(self, key: str = "none"):
+        return openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key=key, max_retries=0, timeout=120)
+
+    def stop(self, sig=signal.SIGTERM, within: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(within)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+
+
+@pytest.fixture(scope="module")
+def server(smollm2_path):
+    s = Server(smollm2_path, "--nproc-per-node", "2", "-np", "4", "-c", "1024")
+    yield s
+    workers = list(workers_of(s.proc.pid).values())
+    assert s.stop() == 0, s.err
+    assert_pids_gone(workers)
+
+
+def _generate(smollm2_path, *args) -> dict:
+    r = run_cli("generate", "-m", str(smollm2_path), "-n", str(N), "--temp", "0", "--json", "--nproc-per-node", "2",
+                *args)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_completions_and_chat_equal_generate_with_usage(server, smollm2_path):
+    client = server.client()
+    ref = _generate(smollm2_path, "-p", PROMPT)
+    c = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=N, temperature=0)
+    assert c.choices[0].text == ref["text"] and c.choices[0].finish_reason == "length"
+    assert (c.usage.prompt_tokens, c.usage.completion_tokens, c.usage.total_tokens) == \
+        (ref["prompt_tokens"], N, ref["prompt_tokens"] + N)
+    chunks = list(client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=N, temperature=0, stream=True))
+    assert "".join(ch.choices[0].text for ch in chunks) == ref["text"]
+    assert chunks[-1].usage.completion_tokens == N and chunks[-1].choices[0].finish_reason == "length"
+
+    chat_ref = _generate(smollm2_path, "--chat", "-p", QUESTION)
+    messages = [{"role": "user", "content": QUESTION}]
+    r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=N, temperature=0)
+    assert r.choices[0].message.content == chat_ref["text"] and r.choices[0].message.role == "assistant"
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (chat_ref["prompt_tokens"], N)
+    stream = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=N, temperature=0,
+                                                  stream=True, logprobs=True, top_logprobs=3))
+    assert "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices) == chat_ref["text"]
+    assert stream[-1].usage.prompt_tokens == chat_ref["prompt_tokens"]
+    lps = [t for ch in stream if ch.choices and ch.choices[0].logprobs for t in ch.choices[0].logprobs.content]
+    assert len(lps) == N
+    for t in lps:       # greedy: the chosen token is the most likely, and the log-probabilities are sane
+        assert len(t.top_logprobs) == 3 and t.logprob <= 0
+        assert t.top_logprobs[0].logprob == pytest.approx(t.logprob) and t.top_logprobs[0].token == t.token
+        assert t.top_logprobs[0].logprob >= t.top_logprobs[1].logprob >= t.top_logprobs[2].logprob
+
+
+def test_sixteen_concurrent_streams_each_equal_its_sequential_run(server):
+    """16 streaming clients at once over 4 slots (12 wait in the queue): each text is the one the same
+    request gave alone."""
+    client = server.client()
+    prompts = [f"{PROMPT[:-3]} number {i} is" for i in range(16)]
+
+    def run(p: str) -> str:
+        return "".join(ch.choices[0].text for ch in client.completions.create(
+            model=MODEL, prompt=p, max_tokens=N, temperature=0, stream=True))
+    alone = [run(p) for p in prompts]
+    together: list = [None] * 16
+    threads = [threading.Thread(target=lambda i=i: together.__setitem__(i, run(prompts[i]))) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert together == alone
+    assert len(set(alone)) > 1
+
+
+def test_tokenize_detokenize_models_and_metrics(server, smollm2_path):
+    ids = json.loads(run_cli("tokenize", str(smollm2_path), "-p", PROMPT).stdout)
+    code, body = server.request("/tokenize", json.dumps({"content": PROMPT}).encode())
+    assert code == 200 and json.loads(body)["tokens"] == ids
+    code, body = server.request("/detokenize", json.dumps({"tokens": ids}).encode())
+    assert code == 200 and json.loads(body)["content"] == PROMPT
+    assert [m.id for m in server.client().models.list()] == [MODEL]
+    code, body = server.request("/metrics")
+    text = body.decode()
+    assert code == 200 and 'tensorsplit_requests_total{endpoint="/v1/completions",status="200"}' in text
+    for name in ("prompt_tokens_total", "generation_tokens_total", "requests_running", "requests_waiting",
+                 "step_seconds_count"):
+        assert f"tensorsplit_{name} " in text
+
+
+BAD = [   # (what, path, raw body, status, a word of the message)
+    ("malformed JSON", "/v1/completions", b'{"model": ', 400, "JSON"),
+    ("a wrong type", "/v1/completions", {"model": MODEL, "prompt": PROMPT, "max_tokens": "many"}, 400, "max_tokens"),
+    ("an unknown field", "/v1/completions", {"model": MODEL, "prompt": PROMPT, "frobnicate": 1}, 400, "frobnicate"),
+    ("an unknown model", "/v1/completions", {"model": "gpt-4", "prompt": PROMPT}, 404, "gpt-4"),
+    ("five stop strings", "/v1/completions", {"model": MODEL, "prompt": PROMPT, "stop": list("abcde")}, 400, "stop"),
+    ("an empty stop string", "/v1/completions", {"model": MODEL, "prompt": PROMPT, "stop": [""]}, 400, "stop"),
+    ("n = 2", "/v1/completions", {"model": MODEL, "prompt": PROMPT, "n": 2}, 400, "n"),
+    ("too many tokens", "/v1/completions", {"model": MODEL, "prompt": PROMPT, "max_tokens": 5000}, 400, "context"),
+    ("temperature 3", "/v1/completions", {"model": MODEL, "prompt": PROMPT, "temperature": 3}, 400, "temperature"),
+    ("an empty prompt", "/v1/completions", {"model": MODEL, "prompt": ""}, 400, "empty"),
+    ("no messages", "/v1/chat/completions", {"model": MODEL, "messages": []}, 400, "messages"),
+    ("a tool role", "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "tool", "content": "x"}]}, 400,
+     "role"),
+    ("tools", "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+                                       "tools": [{"type": "function"}]}, 400, "tools"),
+    ("top_logprobs without logprobs", "/v1/chat/completions",
+     {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400, "logprobs"),
+    ("a token outside the vocabulary", "/detokenize", {"tokens": [10**9]}, 400, "vocabulary"),
+    ("a body over 8 MiB", "/v1/completions", {"model": MODEL, "prompt": "x" * (9 << 20)}, 413, "bytes"),
+]
+
+
+@pytest.mark.parametrize("what,path,body,status,word", BAD, ids=[b[0] for b in BAD])
+def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(server, what, path, body, status, word):
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    code, out = server.request(path, raw)
+    assert code == status, (what, code, out[:300])
+    err = json.loads(out)["error"]
+    assert set(err) == {"message", "type", "param", "code"} and word.lower() in err["message"].lower(), err
+    assert server.status("/health") == 200
+
+
+def test_a_streamed_body_over_the_bound_gets_413(server):
+    """A chunked body declares no length: the server counts as it reads."""
+    import http.client
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    piece = b"x" * (1 << 20)
+    conn.request("POST", "/v1/completions", body=iter([b'{"model": "m", "prompt": "'] + [piece] * 9 + [b'"}']),
+                 headers={"Content-Type": "application/json"}, encode_chunked=True)
+    r = conn.getresponse()
+    assert r.status == 413 and "bytes" in json.loads(r.read())["error"]["message"]
+    conn.close()
+    assert server.status("/health") == 200
+
+
+def test_a_client_that_goes_away_frees_its_slot_for_a_queued_request(smollm2_path):
+    """One slot: a long stream read for 3 chunks then dropped, and a short request queued behind it. The
+    short one is served at once (the long one would take minutes), and the drop is counted."""
+    s = Server(smollm2_path, "--nproc-per-node", "2", "-np", "1", "--max-queue", "1", "-c", "4096")
+    try:
+        long = s.client().with_options(timeout=600).completions.create(
+            model=MODEL, prompt=PROMPT, max_tokens=4000, temperature=0, stream=True)
+        it = iter(long)
+        for _ in range(3):
+            next(it)
+        done = {}
+        short = threading.Thread(target=lambda: done.setdefault("text", s.client().completions.create(
+            model=MODEL, prompt=PROMPT, max_tokens=N, temperature=0).choices[0].text))
+        short.start()
+        deadline = time.monotonic() + 30
+        while "tensorsplit_requests_waiting 1" not in s.request("/metrics")[1].decode():
+            assert time.monotonic() < deadline, "the short request never queued"
+            time.sleep(0.05)
+        # with the slot taken and the short request waiting, the queue is full: 429
+        code, out = s.request("/v1/completions", json.dumps({"model": MODEL, "prompt": PROMPT}).encode())
+        assert code == 429 and json.loads(out)["error"]["type"] == "rate_limit_error"
+        long.response.close()                 # the client goes away
+        short.join(60)
+        assert done.get("text"), "the queued request was not served"
+        assert "tensorsplit_requests_cancelled_total 1" in s.request("/metrics")[1].decode()
+    finally:
+        assert s.stop() == 0, s.err
+
+
+def test_api_key_is_required_and_compared(smollm2_path):
+    s = Server(smollm2_path, "--nproc-per-node", "1", "--api-key", "s3cret", "-c", "256")
+    try:
+        assert s.status("/health") == 200                                    # open, for load balancers
+        assert s.status("/v1/models") == 401
+        assert s.status("/v1/models", headers={"Authorization": "Bearer wrong"}) == 401
+        assert s.status("/v1/models", headers={"Authorization": "Bearer s3cret"}) == 200
+        with pytest.raises(openai.AuthenticationError):
+            s.client("wrong").models.list()
+        assert [m.id for m in s.client("s3cret").models.list()] == [MODEL]
+    finally:
+        assert s.stop() == 0, s.err
+
+
+def test_non_loopback_without_a_key_warns(smollm2_path):
+    s = Server(smollm2_path, "--nproc-per-node", "1", "--host", "0.0.0.0", "-c", "256")
+    try:
+        assert "without --api-key" in s.err
+    finally:
+        s.stop()
+
+
+def test_sigterm_lets_a_request_in_flight_finish(smollm2_path):
+    s = Server(smollm2_path, "--nproc-per-node", "2", "-c", "1024")
+    result = {}
+    t = threading.Thread(target=lambda: result.setdefault("c", s.client().completions.create(
+        model=MODEL, prompt=PROMPT, max_tokens=200, temperature=0)))
+    t.start()
+    deadline = time.monotonic() + 30
+    while "tensorsplit_requests_running 1" not in s.request("/metrics")[1].decode():
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    workers = list(workers_of(s.proc.pid).values())
+    assert s.stop(signal.SIGTERM) == 0, s.err
+    t.join(30)
+    assert result["c"].usage.completion_tokens == 200
+    assert_pids_gone(workers)
+
+
+def test_a_worker_killed_mid_stream_ends_the_stream_and_the_server(smollm2_path):
+    s = Server(smollm2_path, "--nproc-per-node", "2", "-c", "4096")
+    workers = workers_of(s.proc.pid)
+    stream = s.client().with_options(timeout=60).completions.create(model=MODEL, prompt=PROMPT, max_tokens=4000,
+                                                                    temperature=0, stream=True)
+    it = iter(stream)
+    next(it)
+    os.kill(workers[1], signal.SIGKILL)
+    t0 = time.monotonic()
+    with pytest.raises(openai.APIError):
+        for _ in it:
+            pass
+    code = s.proc.wait(15)
+    assert code != 0 and time.monotonic() - t0 < 15
+    lines = [ln for ln in s.err.splitlines() if ln.startswith("tensorsplit:")]
+    assert lines[-1] == "tensorsplit: rank 1 failed: killed by SIGKILL", s.err
+    assert "Traceback" not in s.err
+    assert_pids_gone(list(workers.values()) + [s.proc.pid])
+
+
+def test_llm_raises_when_a_worker_dies(smollm2_path):
+    """The Python API with a worker killed: the caller gets WorkerFailed naming the rank, quickly."""
+    from tensorsplit import LLM
+    from tensorsplit.errors import WorkerFailed
+    llm = LLM(smollm2_path, nproc_per_node=2, parallel=2, n_ctx=256)
+    try:
+        assert llm.generate(PROMPT, max_tokens=2, temperature=0)[0].completion_tokens == 2
+        (pid,) = workers_of(os.getpid()).values()
+        os.kill(pid, signal.SIGKILL)
+        t0 = time.monotonic()
+        with pytest.raises(WorkerFailed, match="rank 1 failed: killed by SIGKILL"):
+            llm.generate(PROMPT, max_tokens=50, temperature=0)
+        assert time.monotonic() - t0 < 15
+    finally:
+        llm.close()
