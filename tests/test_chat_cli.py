@@ -87,3 +87,16 @@ def test_batch_lines_with_messages(smollm2_path, greedy, tmp_path):
     assert rows["chat"]["prompt_tokens"] == len(QUESTION_IDS) and rows["chat"]["text"] == ref.text
     plain = greedy.tok.encode(QUESTION, add_special=True)
     assert rows["plain"]["prompt_tokens"] == len(plain) and rows["plain"]["text"] == greedy(plain).text
+
+
+@pytest.mark.parametrize("command", [["generate", "--chat", "-p", QUESTION], ["chat"], ["serve", "--port", "0"]],
+                         ids=["generate --chat", "chat", "serve"])
+def test_a_bad_chat_template_fails_before_any_weight_loads(smollm2_path, tmp_path, command):
+    """A template that does not compile is one error line naming the file, before any rank starts."""
+    bad = tmp_path / "bad.jinja"
+    bad.write_text("{% for x in %}oops")
+    r = run_cli(command[0], "-m", str(smollm2_path), "--chat-template", str(bad), "--nproc-per-node", "2",
+                *command[1:], stdin_text="hi\n", timeout=60)
+    assert r.returncode == 1
+    assert r.stderr.strip() == f"tensorsplit: error: {bad}: line 1: syntax error: Expected an expression, got " \
+                               "'end of statement block'", r.stderr
