@@ -30,8 +30,11 @@ def _rings(windows, n_ctx: int) -> tuple[int, ...]:
 
 class KVCache:
     def __init__(self, n_layers: int, n_slots: int, n_ctx: int, n_local_kv_heads: int, head_dim: int,
-                 device, dtype=torch.float32, windows: tuple[int, ...] | None = None):
-        """windows: per layer, 0 for a global layer or the sliding window w; default all global."""
+                 device, dtype=torch.float32, windows: tuple[int, ...] | None = None, static: bool = False):
+        """windows: per layer, 0 for a global layer or the sliding window w; default all global.
+        static: for fixed-shape decode (decode_graphs.py): one more slot, `scratch_slot`, that the
+        padding rows of a bucket write to, and zeroed storage, because fixed-shape attention reads
+        positions it masks out and 0 * NaN from uninitialised memory would still poison the sum."""
         windows = tuple(windows or (0,) * n_layers)
         assert len(windows) == n_layers, (len(windows), n_layers)
         self.windows = _rings(windows, n_ctx)
@@ -45,11 +48,14 @@ class KVCache:
         tail = (n_local_kv_heads, head_dim)
         # Uninitialised on purpose: attention reads only positions 0..p of a slot, all written before
         # they are read, so pages of unused slots and positions are never touched (nor committed).
-        self.k = torch.empty((n_full, n_slots, n_ctx, *tail), dtype=dtype, device=device)
-        self.v = torch.empty_like(self.k)
-        self.k_ring = torch.empty((n_ring, n_slots, self.ring, *tail), dtype=dtype, device=device)
-        self.v_ring = torch.empty_like(self.k_ring)
+        alloc = torch.zeros if static else torch.empty
+        n_stored = n_slots + 1 if static else n_slots
+        self.k = alloc((n_full, n_stored, n_ctx, *tail), dtype=dtype, device=device)
+        self.v = alloc((n_full, n_stored, n_ctx, *tail), dtype=dtype, device=device)
+        self.k_ring = alloc((n_ring, n_stored, self.ring, *tail), dtype=dtype, device=device)
+        self.v_ring = alloc((n_ring, n_stored, self.ring, *tail), dtype=dtype, device=device)
         self.n_slots, self.n_ctx = n_slots, n_ctx
+        self.scratch_slot = n_slots if static else None
 
     @property
     def nbytes(self) -> int:
@@ -138,6 +144,43 @@ class Attention:
         return out.reshape(q.shape[0], -1)
 
 
+    def decode_static(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, layer: int,
+                      positions: torch.Tensor, slots: torch.Tensor, kv_len: int) -> torch.Tensor:
+        """One token per row, each of its own slot, with shapes that depend only on (rows, kv_len) and no
+        host synchronisation: what a CUDA graph can hold (decode_graphs.py).
+
+        q (n, n_local_heads, hd); k, v (n, n_local_kv_heads, hd) -> (n, n_local_heads * hd).
+        A global layer reads the first kv_len positions of each row's slot (kv_len > every position),
+        a sliding layer its whole ring, masking what the row may not see. The row's own key is written
+        first: for one token that is the order the step-at-a-time path has too."""
+        window, li = cache.windows[layer], cache.index[layer]
+        n = q.shape[0]
+        if window:
+            kc, vc = cache.k_ring[li], cache.v_ring[li]
+            kc[slots, positions % window] = k.to(kc.dtype)
+            vc[slots, positions % window] = v.to(vc.dtype)
+            keys, vals = kc[slots], vc[slots]                             # (n, window, n_kv, hd)
+            entry = torch.arange(window, device=q.device)
+            # ring entry j holds the newest position p <= pos with p % window == j
+            kpos = positions[:, None] - torch.remainder(positions[:, None] - entry[None, :], window)
+            allowed = kpos >= 0                                           # (n, window)
+        else:
+            kc, vc = cache.k[li], cache.v[li]
+            kc[slots, positions] = k.to(kc.dtype)
+            vc[slots, positions] = v.to(vc.dtype)
+            keys, vals = kc[slots, :kv_len], vc[slots, :kv_len]           # (n, kv_len, n_kv, hd)
+            allowed = torch.arange(kv_len, device=q.device)[None, :] <= positions[:, None]
+        kh = keys.index_select(2, self.kv_of_q).transpose(1, 2).to(q.dtype)   # (n, H, L, hd)
+        vh = vals.index_select(2, self.kv_of_q).transpose(1, 2).to(q.dtype)
+        qh = q[:, :, None, :]                                             # (n, H, 1, hd)
+        mask = allowed[:, None, None, :]                                  # (n, 1, 1, L)
+        if self.numerics.llamacpp:
+            o = _attend_like_llamacpp(qh, kh, vh, mask, self.scale, self.q_prescaled)
+        else:
+            o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=self.scale)
+        return o.reshape(n, -1)
+
+
 def allowed_mask(kpos: torch.Tensor, qpos: torch.Tensor, window: int) -> torch.Tensor:
     """(t, L) bool: query at qpos[i] may read the key at kpos[j] (causal, and within the window)."""
     allowed = kpos[None, :] <= qpos[:, None]
@@ -163,14 +206,14 @@ def _ring_keys(cache: KVCache, li: int, slot: int, p0: int, window: int, k_new, 
 
 
 def _attend_like_llamacpp(q, k, v, attn_mask, scale, q_prescaled):
-    """q (H, t, hd), k and v (H, L, hd) f16-valued -> (H, t, hd), rounding as llama.cpp's CPU path does
+    """q (..., H, t, hd), k and v (..., H, L, hd) f16-valued -> (..., H, t, hd), rounding as llama.cpp's CPU path does
     without flash attention: q to f16 for q @ k.T, the probabilities to f16 for p @ v. The scale
     multiplies q before that rounding where llama.cpp's graph scales q (q_prescaled), else the
     float32 scores (ggml_soft_max_ext's scale). Equal when the scale is a power of two."""
     if q_prescaled:
-        scores = round_f16(q * scale) @ k.transpose(1, 2)
+        scores = round_f16(q * scale) @ k.transpose(-1, -2)
     else:
-        scores = (round_f16(q) @ k.transpose(1, 2)) * scale
+        scores = (round_f16(q) @ k.transpose(-1, -2)) * scale
     scores = scores.masked_fill(~attn_mask, float("-inf"))
     return round_f16(torch.softmax(scores, dim=-1)) @ v
 

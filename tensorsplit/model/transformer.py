@@ -24,6 +24,7 @@ import torch
 
 from .attention import Attention, KVCache
 from .config import ModelConfig
+from .decode_graphs import DecodeGraphs
 from .layers import (ColumnParallelLinear, Reduce, RowParallelLinear, VocabParallelEmbedding,
                      VocabParallelHead, native_rms_norm, rms_norm)
 from .loader import LoadProgress, load_vector, load_weight
@@ -135,6 +136,7 @@ class RankModel:
         gf.release_data()        # the shard is copied out: the mapped file pages need not stay resident
         _return_freed_memory()   # nor the GGUF-layout copies that the repacking freed
         self.cache: KVCache | None = None
+        self.graphs: DecodeGraphs | None = None
         self.ropes = self._ropes(n_ctx=0)
 
     @property
@@ -164,12 +166,18 @@ class RankModel:
                                numerics=self.numerics)
         return {local: rope.build(max(n_ctx, 1), self.device, self.native) for local, rope in ropes.items()}
 
-    def allocate_cache(self, n_slots: int, n_ctx: int, dtype: torch.dtype | None = None) -> KVCache:
+    def allocate_cache(self, n_slots: int, n_ctx: int, dtype: torch.dtype | None = None,
+                       decode_graphs: str | None = None) -> KVCache:
+        """decode_graphs: "cuda" to replay decode steps as CUDA graphs, "eager" for the same fixed-shape
+        steps without capture (tests), None for none (decode_graphs.py)."""
         if dtype is None:
             dtype = self.numerics.kv_dtype
         self.cache = KVCache(self.cfg.n_layers, n_slots, n_ctx, self.shard.n_local_kv_heads,
-                             self.cfg.head_dim, self.device, dtype, self.cfg.layer_windows)
+                             self.cfg.head_dim, self.device, dtype, self.cfg.layer_windows,
+                             static=decode_graphs is not None)
         self.ropes = self._ropes(n_ctx)
+        self.graphs = None if decode_graphs is None else DecodeGraphs(
+            self._static_step, self.device, n_ctx, self.cache.scratch_slot, decode_graphs)
         return self.cache
 
     def _qkv(self, b: Block, h: torch.Tensor):
@@ -197,13 +205,37 @@ class RankModel:
                 logit_rows: torch.Tensor | None = None) -> torch.Tensor:
         """ids, positions, slots: (n,) int64. logit_rows: indices into the n tokens whose logits are
         wanted (default: all). Returns (m, local_vocab) float32: this rank's vocabulary slice."""
-        cfg = self.cfg
         assert self.cache is not None, "allocate_cache() before forward()"
         self.cache.check(positions, slots)
+        if self.graphs is not None and self.graphs.fits(slots):       # a decode step: one token per slot
+            logits = self.graphs.run(ids, positions, slots)
+            return logits if logit_rows is None else logits[logit_rows.to(self.device)]
         ids, positions, slots = (t.to(self.device) for t in (ids, positions, slots))
+
+        def attend(q, k, v, layer):
+            return self.attention(q, k, v, self.cache, layer, positions, slots)
+        x = self._layers(self._embed(ids), positions, attend)
+        if logit_rows is not None:
+            x = x[logit_rows.to(self.device)]
+        return self.head(self.norm(x, self.output_norm, self.cfg.rms_eps))   # (m, local_vocab)
+
+    def _static_step(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                     kv_len: int) -> torch.Tensor:
+        """The forward of a decode step with fixed shapes and no host synchronisation (device tensors
+        in, every row's logits out): what decode_graphs.py captures."""
+        with torch.inference_mode():
+            def attend(q, k, v, layer):
+                return self.attention.decode_static(q, k, v, self.cache, layer, positions, slots, kv_len)
+            x = self._layers(self._embed(ids), positions, attend)
+            return self.head(self.norm(x, self.output_norm, self.cfg.rms_eps))
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         x = self.embed(ids)                                                   # (n, n_embd)
-        if self.embed_scale is not None:
-            x = x * self.embed_scale
+        return x * self.embed_scale if self.embed_scale is not None else x
+
+    def _layers(self, x: torch.Tensor, positions: torch.Tensor, attend) -> torch.Tensor:
+        """Every layer over x (n, n_embd); attend(q, k, v, layer) -> (n, n_local_heads * head_dim)."""
+        cfg = self.cfg
         for i, b in enumerate(self.blocks):
             h = self.norm(x, b.attn_norm, cfg.rms_eps)
             q, k, v = self._qkv(b, h)
@@ -211,11 +243,8 @@ class RankModel:
                 q, k = self.norm(q, b.q_norm, cfg.rms_eps), self.norm(k, b.k_norm, cfg.rms_eps)
             rope = self.ropes[b.local]
             q, k = rope.rotate(q, positions), rope.rotate(k, positions)
-            attn = self.attention(q, k, v, self.cache, i, positions, slots)  # (n, n_local_heads * head_dim)
-            a = b.wo(attn)
+            a = b.wo(attend(q, k, v, i))
             x = x + (self.norm(a, b.post_attn_norm, cfg.rms_eps) if b.post_attn_norm is not None else a)
             f = self._ffn(b, self.norm(x, b.ffn_norm, cfg.rms_eps))
             x = x + (self.norm(f, b.post_ffn_norm, cfg.rms_eps) if b.post_ffn_norm is not None else f)
-        if logit_rows is not None:
-            x = x[logit_rows.to(self.device)]
-        return self.head(self.norm(x, self.output_norm, cfg.rms_eps))          # (m, local_vocab)
+        return x
