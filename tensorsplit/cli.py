@@ -32,13 +32,18 @@ def _model_path(model: str | None) -> Path:
     return path
 
 
+SPLIT_HELP = ("Uneven shares per rank, e.g. 3,1 gives rank 0 three quarters of every layer; auto: shares by "
+              "each device's free memory, after a 1 GiB reserve per rank and 5% spare (ranks on one device share "
+              "it). TENSORSPLIT_FREE_MEMORY=cuda:0=24G,cpu=64G gives the free memory instead of measuring it "
+              "(cuda=80G: each GPU), to plan for another machine.")
+
+
 def _world_options(f):
     """Options shared by the commands that start a world of workers."""
     opts = [
         click.option("--nproc-per-node", "nproc", default=None, metavar="N",
                      help="Workers on this node (one per device). Default: one per visible GPU, else 1."),
-        click.option("--split", default=None, metavar="R0,R1,..",
-                     help="Uneven shares per rank, e.g. 3,1 gives rank 0 three quarters of every layer."),
+        click.option("--split", default=None, metavar="R0,R1,..|auto", help=SPLIT_HELP),
         click.option("--device", default="auto", show_default=True,
                      help="auto, cpu, cuda, xpu, mps, or one per rank: cuda,cpu (mixed devices use Gloo)."),
         click.option("--backend", default=None, type=click.Choice(["nccl", "gloo", "xccl"]),
@@ -51,6 +56,9 @@ def _world_options(f):
                           "(slower; closer to the unquantized model on some models)."),
         click.option("--timeout", default=120.0, show_default=True, type=float,
                      help="Seconds before a collective or the rendezvous gives up (a dead or stuck rank)."),
+        click.option("--cuda-graphs/--no-cuda-graphs", default=True, show_default=True,
+                     help="On GPUs with NCCL: replay decode steps (up to 16 sequences) as CUDA graphs, one per "
+                          "batch-size and context bucket, instead of launching every kernel from Python."),
         click.option("--nnodes", default=1, show_default=True, type=int, help="Nodes in the world."),
         click.option("--node-rank", default=0, show_default=True, type=int, help="This node's index."),
         click.option("--master-addr", default="127.0.0.1", show_default=True,
@@ -86,7 +94,7 @@ def _world(p: dict, *, n_ctx: int, n_slots: int = 1, quiet: bool = False):
     from .spec import WorldSpec
     return WorldSpec(model=_model_path(p["model"]).resolve(), split=p["split"], device=p["device"],
                      backend=p["backend"], n_ctx=n_ctx, n_slots=n_slots, timeout_s=p["timeout"],
-                     threads=p["threads"], numerics=p["numerics"], quiet=quiet)
+                     threads=p["threads"], numerics=p["numerics"], quiet=quiet, cuda_graphs=p["cuda_graphs"])
 
 
 def _node(p: dict, nproc: int | None = None):
@@ -98,16 +106,30 @@ def _node(p: dict, nproc: int | None = None):
 def _run_world(p: dict, job, *, n_ctx: int, n_slots: int = 1, nproc: int | None = None) -> int:
     """Run `job` on rank 0 of a world: started here by the launcher, or, under torchrun, with this
     process as one of its ranks."""
+    from .rank_memory import resolve_split
     from .worker.process import in_worker
     spec = _world(p, n_ctx=n_ctx, n_slots=n_slots)
     if in_worker():
         from .worker.main import run_worker
-        return run_worker(spec, job)
+        return run_worker(_torchrun_split(spec), job)
     from .launcher import launch
     from .spec import check_world
     node = _node(p, nproc)
     check_world(spec, node)
-    return launch(spec, node, job)
+    return launch(resolve_split(spec, node), node, job)
+
+
+def _torchrun_split(spec):
+    """Under torchrun, --split auto is resolved by every rank, from TENSORSPLIT_FREE_MEMORY only (ranks
+    that measured separately could disagree); rank 0 says what it chose."""
+    from .rank_memory import resolve_split
+    from .spec import NodeSpec
+    from .worker.process import RankEnv
+    if spec.split != "auto":
+        return spec
+    env = RankEnv.from_environ()
+    node = NodeSpec(nproc=env.local_world, nnodes=max(1, env.world // env.local_world))
+    return resolve_split(spec, node, torchrun=True, announce=env.rank == 0)
 
 
 def _check_chat_template(model: str | None, template: Path | None) -> None:
@@ -369,15 +391,27 @@ def serve(ctx, model_arg, model, host, port, api_key, parallel, ctx_size, max_qu
 @cli.command(context_settings=CONTEXT)
 @click.argument("model_arg", required=False, metavar="[MODEL]")
 @_model_option
-@click.option("--nproc-per-node", "nproc", default=1, show_default=True, type=int, help="World size to plan for.")
+@click.option("--nproc-per-node", "nproc", default=1, show_default=True, type=int, help="Ranks per node to plan for.")
 @click.option("--nnodes", default=1, show_default=True, type=int)
-@click.option("--split", default=None, metavar="R0,R1,..", help="Uneven shares per rank.")
+@click.option("--split", default=None, metavar="R0,R1,..|auto", help=SPLIT_HELP)
+@click.option("--device", default="auto", show_default=True,
+              help="As the run's --device: auto, cpu, cuda, xpu, mps, or one per rank (cuda,cpu).")
+@click.option("-c", "--ctx-size", default=2048, show_default=True, type=int,
+              help="Context per sequence to size the KV cache for (generate's default; give the run's -c).")
+@click.option("-np", "--parallel", default=1, show_default=True, type=int,
+              help="Sequences (KV-cache slots) to size the KV cache for (give the run's -np).")
+@click.option("--numerics", default="llamacpp", show_default=True, type=click.Choice(["llamacpp", "exact"]),
+              help="The run's --numerics: a float16 KV cache (llamacpp) or float32 (exact).")
 @click.option("--verbose", "-v", is_flag=True, help="List every tensor's slice per rank.")
-@click.option("--json", "as_json", is_flag=True, help="Print metadata, config and plan as JSON.")
-def info(model_arg, model, nproc, nnodes, split, verbose, as_json):
-    """Metadata, the shard plan and each rank's weight bytes, without loading weights."""
+@click.option("--json", "as_json", is_flag=True, help="Print metadata, config, plan and memory per rank as JSON.")
+def info(model_arg, model, nproc, nnodes, split, device, ctx_size, parallel, numerics, verbose, as_json):
+    """Metadata, the shard plan and what each rank will hold (weights as loaded, KV cache), without
+    loading weights; with --split auto, the shares chosen from the devices' free memory."""
     from .report import info_report
-    print(info_report(_model_path(model or model_arg), nproc * nnodes, split, verbose, as_json))
+    if nproc < 1 or nnodes < 1 or ctx_size < 1 or parallel < 1:
+        raise TensorsplitError("--nproc-per-node, --nnodes, -c and -np must be at least 1")
+    print(info_report(_model_path(model or model_arg), nproc=nproc, nnodes=nnodes, split=split, device=device,
+                      n_ctx=ctx_size, n_slots=parallel, numerics=numerics, verbose=verbose, as_json=as_json))
 
 
 @cli.command(context_settings=CONTEXT)

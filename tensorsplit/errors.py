@@ -31,6 +31,11 @@ class ShardPlanError(TensorsplitError):
     """The model cannot be split the way the user asked (world size, --split ratios)."""
 
 
+class AutoSplitError(ShardPlanError):
+    """--split auto cannot be resolved: the model does not fit the devices' free memory, their free memory
+    cannot be read, or the world is one where the ranks could not agree on it (several nodes, torchrun)."""
+
+
 class CollectiveError(TensorsplitError):
     """A collective could not complete because another rank died or stopped answering. Secondary: the
     launcher blames the rank that failed first, not the ones that noticed."""

@@ -5,10 +5,12 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
+from .free_memory import FREE_MEMORY_ENV, free_memory, override, rank_devices
 from .model import make_plan, open_model, parse_split
-from .model.attention import KVCache
-from .model.loader import resident_bytes
+from .model.auto_split import FREE_MARGIN, RANK_RESERVE
 from .model.shard_plan import format_plan
+from .rank_memory import AUTO, check_auto_world, choose_split, rank_memory
+from .worker.process import device_kinds
 
 _BIG_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges", "tokenizer.ggml.scores")
 
@@ -27,35 +29,65 @@ def _metadata(kv: dict) -> dict:
     return out
 
 
-def _kv_line(cfg, plan) -> str:
-    """KV cache per rank for one sequence at the training context, float16 as the default numerics keep
-    it (sliding layers: a ring)."""
-    per_rank = [KVCache.planned_bytes(cfg.layer_windows, 1, cfg.n_ctx_train, r.n_local_kv_heads, cfg.head_dim,
-                                      elem_bytes=2) / 2**20 for r in plan.ranks]
-    return (f"kv cache    {' + '.join(f'{b:.1f}' for b in per_rank)} MiB per sequence at context "
-            f"{cfg.n_ctx_train} (float16; twice that with --numerics exact"
-            f"{'; sliding layers keep their window' if cfg.swa_layers else ''})")
+def _size(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
-def _resident(gf, plan) -> list[int]:
-    """Bytes each rank will hold once loaded on the CPU, in the native kernels' layout when available."""
+def _memory_lines(memory, auto, n_slots: int, n_ctx: int, numerics: str, file_ratio: float) -> list[str]:
+    """Per rank: device, weights as loaded, KV cache, total; with --split auto, the free memory planned
+    against and the rank's budget."""
+    kv_dtype = "float16" if numerics == "llamacpp" else "float32"
+    lines = [f"memory per rank once loaded: weights ({file_ratio:.3f} x their file bytes; CPU ranks in the native "
+             "kernels' layout)",
+             f"  and KV cache for {n_slots} sequence(s) of {n_ctx} positions ({kv_dtype})"]
+    if auto is not None:
+        source = f"given in {FREE_MEMORY_ENV}" if auto.given else "measured"
+        lines += [f"split auto {auto.split}, from the free memory {source}",
+                  f"  ({FREE_MARGIN:.0%} kept spare and {_size(RANK_RESERVE)} per rank; ranks on one device share "
+                  "its budget)"]
+    head = f"{'rank':>4}  {'device':<8}  {'weights':>10}  {'kv cache':>10}  {'total':>10}"
+    lines.append(head + (f"  {'free':>10}  {'budget':>10}" if auto else ""))
+    for m in memory:
+        row = f"{m.rank:>4}  {m.device:<8}  {_size(m.weights):>10}  {_size(m.kv_cache):>10}  {_size(m.total):>10}"
+        if auto is not None:
+            row += f"  {_size(auto.free[m.device]):>10}  {_size(auto.budgets[m.rank]):>10}"
+        lines.append(row)
+    return lines
+
+
+def info_report(path: Path, *, nproc: int, nnodes: int = 1, split: str | None = None, device: str = "auto",
+                n_ctx: int = 2048, n_slots: int = 1, numerics: str = "llamacpp", verbose: bool = False,
+                as_json: bool = False) -> str:
+    """Metadata, the plan, and what each rank will hold, for a world of nproc x nnodes ranks; with
+    split "auto", the ratios chosen from the devices' free memory. Nothing is loaded."""
     from .kernels import native
-    return [resident_bytes(gf, r.tensors, native(announce=False)) for r in plan.ranks]
-
-
-def info_report(path: Path, world: int, split: str | None, verbose: bool, as_json: bool) -> str:
+    world = nproc * nnodes
+    native_ok = native(announce=False)
+    devices = rank_devices(device_kinds(device, world), override(), nproc)
     gf, cfg = open_model(path)
+    auto = None
+    if split == AUTO:
+        check_auto_world(nnodes)
+        auto = choose_split(gf, cfg, devices, free_memory(devices), n_slots, n_ctx, numerics, native_ok,
+                            given=override() is not None)
+        split = auto.split
     plan = make_plan(cfg, gf.tensors, world, parse_split(split, world))
+    memory = rank_memory(gf, cfg, plan, devices, n_slots, n_ctx, numerics, native_ok)
     total = sum(t.nbytes for t in gf.tensors.values())
-    resident = _resident(gf, plan)
+    resident = [m.weights for m in memory]
     if as_json:
         config = {k: v for k, v in asdict(cfg).items() if k != "spec"}
+        mem = {"n_ctx": n_ctx, "n_slots": n_slots, "numerics": numerics,
+               "ranks": [{**asdict(m), "total": m.total} for m in memory]}
+        auto_doc = None if auto is None else {**asdict(auto), "rank_reserve": RANK_RESERVE, "free_margin": FREE_MARGIN}
         return json.dumps({"file": str(path), "file_bytes": path.stat().st_size, "weight_bytes": total,
                            "fingerprint": gf.fingerprint(), "metadata": _metadata(gf.kv), "config": config,
-                           "plan": plan.to_dict(), "resident_bytes_per_rank": resident}, indent=2, default=str)
+                           "plan": plan.to_dict(), "resident_bytes_per_rank": resident, "memory": mem,
+                           "auto_split": auto_doc}, indent=2, default=str)
     types: dict[str, int] = {}
     for t in gf.tensors.values():
         types[t.qtype.name] = types.get(t.qtype.name, 0) + 1
+    file_ratio = sum(resident) / max(1, sum(r.nbytes for r in plan.ranks))
     lines = [
         f"file        {path} ({path.stat().st_size / 2**20:.1f} MiB, GGUF v{gf.version})",
         f"model       {gf.kv.get('general.name', '?')} ({cfg.arch})",
@@ -64,15 +96,14 @@ def info_report(path: Path, world: int, split: str | None, verbose: bool, as_jso
         f"attention   {cfg.n_heads} heads, {cfg.n_kv_heads} KV heads, head_dim {cfg.head_dim}, "
         f"rope base {cfg.rope_base:g} ({'neox' if cfg.spec.rope_neox else 'normal'} layout)",
         *([f"window      sliding window {cfg.swa_window} on {sum(cfg.swa_layers)} of {cfg.n_layers} layers "
-           f"(their rope base {cfg.rope_base_swa:g})"] if cfg.swa_layers else []),
+           f"(their rope base {cfg.rope_base_swa:g}; their KV cache keeps only the window)"] if cfg.swa_layers else []),
         f"context     {cfg.n_ctx_train} (training)",
         f"tensors     {len(gf.tensors)}: " + ", ".join(f"{n} {k}" for k, n in sorted(types.items())),
         f"weights     {total / 2**20:.1f} MiB",
-        f"resident    {' + '.join(f'{b / 2**20:.1f}' for b in resident)} MiB per rank once loaded on the CPU "
-        f"({sum(resident) / max(1, sum(r.nbytes for r in plan.ranks)):.3f} x the shards' file bytes)",
-        _kv_line(cfg, plan),
         "",
         format_plan(plan, cfg, verbose),
+        "",
+        *_memory_lines(memory, auto, n_slots, n_ctx, numerics, file_ratio),
     ]
     return "\n".join(lines)
 

@@ -32,6 +32,7 @@ class WorldSpec:
     threads: int | None = None
     quiet: bool = False        # no load progress
     numerics: str = DEFAULT_NUMERICS   # "llamacpp" (8-bit matmul inputs, as ggml) or "exact" (model/numerics.py)
+    cuda_graphs: bool = True   # decode steps as CUDA graphs where every rank is a GPU on NCCL (model/decode_graphs.py)
 
     def to_json(self) -> str:
         return json.dumps({**asdict(self), "model": str(self.model)})
@@ -61,14 +62,18 @@ class NodeSpec:
 def check_world(spec: WorldSpec, node: NodeSpec) -> None:
     """Flag errors every rank would hit, reported once by whoever starts the world."""
     from .model.shard_plan import parse_split
+    from .rank_memory import check_auto_world
     from .worker.process import device_kinds
     if node.nproc < 1:
         raise TensorsplitError(f"--nproc-per-node {node.nproc}: must be at least 1")
+    if spec.split == "auto":
+        check_auto_world(node.nnodes)
     if node.nnodes > 1 and node.master_port is None:
         raise TensorsplitError("--master-port is required with --nnodes > 1 (every node must use the same one)")
     if not 0 <= node.node_rank < node.nnodes:
         raise TensorsplitError(f"--node-rank {node.node_rank} is outside 0..{node.nnodes - 1} (--nnodes {node.nnodes})")
     if not Path(spec.model).exists():
         raise TensorsplitError(f"{spec.model}: no such file")
-    parse_split(spec.split, node.world)
+    if spec.split != "auto":      # resolved after these checks, by rank_memory.resolve_split
+        parse_split(spec.split, node.world)
     device_kinds(spec.device, node.world)

@@ -108,6 +108,9 @@ def parse_split(text: str | None, world: int) -> tuple[float, ...]:
     """'3,1' -> (0.75, 0.25). None -> equal shares. Errors name the flag and the value."""
     if text is None or text == "":
         return tuple([1.0 / world] * world)
+    if text == "auto":   # rank_memory.resolve_split turns it into ratios before any plan is made
+        raise ShardPlanError("--split auto is resolved from free memory where the world starts, not by a rank; "
+                             "give --split R0,R1,..")
     try:
         parts = [float(p) for p in str(text).split(",")]
     except ValueError:

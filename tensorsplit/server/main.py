@@ -21,6 +21,7 @@ from pathlib import Path
 
 from ..errors import TensorsplitError
 from ..launcher import Launch
+from ..rank_memory import resolve_split
 from ..spec import NodeSpec, WorldSpec, check_world
 from .app import BodyLimit, ServerState, build_app
 from .metrics import Metrics
@@ -46,6 +47,7 @@ def run_server(spec: WorldSpec, node: NodeSpec, *, host: str, port: int, api_key
     check_world(spec, node)
     if node.nnodes > 1:
         raise TensorsplitError("serve runs on one node (--nnodes 1)")
+    spec = resolve_split(spec, node)
     if not _is_loopback(host) and not api_key:
         _say(f"warning: serving on {host} without --api-key: anyone who can reach this address can use the model")
     metrics = Metrics()

@@ -118,14 +118,18 @@ def join_and_load(env: RankEnv, spec: WorldSpec) -> tuple[Shard, object, object]
                 bar(done, total, name)
         model = RankModel(cfg, plan.ranks[env.rank], env.world, comm.all_reduce, gf, device, on_progress=progress,
                           numerics=Numerics(spec.numerics))
-        model.allocate_cache(spec.n_slots, spec.n_ctx)
+        # CUDA graphs hold the NCCL all-reduces; a world staged through host memory (mixed devices)
+        # or on Gloo cannot be captured, and a CPU has no graphs
+        graphs = spec.cuda_graphs and device.type == "cuda" and backend.name == "nccl"
+        model.allocate_cache(spec.n_slots, spec.n_ctx, decode_graphs="cuda" if graphs else None)
         # ranks load at different speeds: start stepping only when all have loaded, so that the first
         # step's collectives are not charged with another rank's loading time
         comm.barrier_control("waiting for every rank to load its shard", LOAD_TIMEOUT_S)
         if env.rank == 0 and not spec.quiet:
             shares = ", ".join(f"{r.nbytes / 2**20:.1f}" for r in plan.ranks)
             print(f"tensorsplit: loaded; weights per rank (MiB): {shares}; world {env.world} ({backend.why}; "
-                  f"all-reduce: {comm.path_name()})", file=sys.stderr, flush=True)
+                  f"all-reduce: {comm.path_name()}{'; decode: CUDA graphs' if graphs else ''})", file=sys.stderr,
+                  flush=True)
     except BaseException:
         comm.close()
         raise
