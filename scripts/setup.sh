@@ -16,6 +16,14 @@ if [ -n "$TORCH_SPEC" ] && ! .venv/bin/python -c "import torch" 2>/dev/null; the
     .venv/bin/python -m pip install -q "$TORCH_SPEC"
 fi
 .venv/bin/python -m pip install -q -e ".[test]"
+# Triton: the GPU kernels' language. A GPU build of torch brings its own (CUDA's triton, ROCm's
+# pytorch-triton-rocm), which is kept; on a CPU-only machine the tests run the same kernels under
+# Triton's interpreter, so install it there (pinned; x86-64 and aarch64 Linux wheels only)
+if ! .venv/bin/python -c "import triton" 2>/dev/null; then
+    echo "setup: installing triton==${TENSORSPLIT_TRITON_VERSION:-3.9.0} (the GPU kernels' tests run under its interpreter)" >&2
+    .venv/bin/python -m pip install -q "triton==${TENSORSPLIT_TRITON_VERSION:-3.9.0}" \
+        || echo "setup: no triton wheel for this machine; tests/test_triton_kernels.py will be skipped" >&2
+fi
 # compile the native CPU kernels now (about a minute, once) rather than at the first run; without a
 # C++ compiler this prints why, and tensorsplit runs on its (slower) torch path
 .venv/bin/python -c "from tensorsplit import kernels; kernels.native()"

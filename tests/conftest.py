@@ -2,9 +2,16 @@
 tests/fixtures/, whose absence fails a test instead of skipping it."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
+
+# Without a GPU the Triton kernels (tensorsplit/kernels/gpu) run under Triton's interpreter, on CPU
+# tensors; it must be chosen before triton decorates the first kernel, so before any test imports them
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from tensorsplit import models
 

@@ -5,13 +5,17 @@ for matmuls against GGUF weights, on either layout of QWeight.
     numerics llamacpp: the input is quantized to 8 bits once (MatmulInput caches it, so q/k/v
     and gate/up share it) and multiplied in integers; exact: float input, weights decoded in
     registers.
-  GGUF layout (no native kernels, or a GPU): dequantize a bounded tile of rows at a time to
-    float32 and multiply; in llamacpp numerics the input is first rounded as llama.cpp rounds it.
+  GGUF layout on a CUDA / ROCm GPU (kernels/gpu/): Triton kernels decode the blocks in registers;
+    a gemv for decode steps, a gemm for prompt chunks. In llamacpp numerics the input is first
+    rounded as llama.cpp's CPU backend rounds it, so GPU and CPU ranks see the same inputs.
+  GGUF layout elsewhere (no native kernels, mps, xpu, float weights on a GPU): dequantize a bounded
+    tile of rows at a time to float32 and multiply, the input rounded as above.
 """
 from __future__ import annotations
 
 import torch
 
+from ...kernels import gpu
 from ...kernels.ops import ops
 from ..numerics import Numerics
 from . import paths
@@ -82,6 +86,10 @@ def qmatmul(x: torch.Tensor | MatmulInput, w: QWeight, numerics: Numerics | None
         else:
             y = ops.matmul_f32(w.data, k.type_id, w.n_rows, w.n_cols, inp.x2,
                                inp.sums(k.group) if k.has_min else None, wide)
+    elif gpu.serves(w):                                         # GGUF blocks on a GPU: Triton
+        paths.record("triton")
+        y = gpu.qmatmul(inp.rounded(w.qtype).contiguous(), w, fp16_gemm=inp.numerics.llamacpp)
+        y = y.double() if wide else y
     elif w.data.dtype == torch.float32:                         # dense F32: ggml multiplies in float32 too
         y = inp.x2.double() @ w.data.double().T if wide else inp.x2 @ w.data.T
     else:

@@ -9,6 +9,8 @@ numbers cannot tell the two apart. So every quantized matmul records here what c
   "torch"             the torch path, where no native kernel was asked for (TENSORSPLIT_NATIVE=0,
                       a GPU, a weight a test built in GGUF layout)
   "native:fallback"   the native kernels were asked for on a CPU but could not load; torch did it
+  "triton"            the Triton kernels, for block weights on a CUDA / ROCm GPU (kernels/gpu/)
+  "triton:fallback"   a block weight on such a GPU, but Triton could not load; torch did it
 
 Tests read `counts()` (in-process) or the per-rank files a worker writes when
 TENSORSPLIT_KERNEL_PATHS names a folder (worker/main.py), and fail on any ":fallback".
@@ -37,8 +39,12 @@ def reset() -> None:
 
 def torch_path(device) -> str:
     """What a torch-path matmul on `device` counts as: a fallback when native kernels were wanted there."""
-    from ...kernels import unavailable
-    return "native:fallback" if device.type == "cpu" and unavailable() else "torch"
+    from ...kernels import gpu, unavailable
+    if device.type == "cpu" and unavailable():
+        return "native:fallback"
+    if device.type == "cuda" and gpu.unavailable():
+        return "triton:fallback"
+    return "torch"
 
 
 def fallbacks(c: dict[str, int]) -> dict[str, int]:

@@ -1,0 +1,141 @@
+"""y = x @ W.T on a GPU for a weight in GGUF blocks (decode.py decodes them in registers), in Triton, so
+that one source serves CUDA and ROCm. Two kernels, by the number of x rows M:
+
+  gemv (M <= GEMV_MAX_ROWS, decode steps): a program owns BLOCK_N weight rows and one range of K;
+      each K step decodes a (BLOCK_N, KC) tile once and multiplies it with all M rows of x in float32,
+      so every block is read once for the whole batch. When the rows alone make too few programs to
+      keep every multiprocessor reading (a 2048-row weight is 32 programs of 64 rows), K is split in
+      ranges, and torch adds the ranges' partial sums (one small op).
+  gemm (more rows, prompt chunks): (BLOCK_M, BLOCK_N) output tiles; each K step decodes a (BLOCK_N, KC)
+      weight tile in registers and feeds tl.dot with float32 accumulation: operands in fp16 for
+      numerics "llamacpp" (as llama.cpp's GPU backends multiply prompts), in float32 (ieee) for "exact".
+
+No dequantized copy of a weight is ever written, not even a tile. The block sizes below are first
+choices, not tuned on a GPU yet (scripts/gpu_check.sh measures them).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .decode import IQ4_LEVELS, decode
+
+GEMV_MAX_ROWS = 16
+# programs the gemv aims for per multiprocessor before it splits K (enough loads in flight to stream)
+PROGRAMS_PER_SM = 4
+KC_MIN = 32               # every block size (32, 256) is a multiple of it, so K is too
+
+_levels: dict = {}        # device -> IQ4_LEVELS as a float32 tensor
+_sm_count: dict = {}
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, tab_ptr, y_ptr, M, N, K, row_bytes, k_per_split,
+                 FMT: tl.constexpr, QK: tl.constexpr, TS: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KC: tl.constexpr):
+    """y[split] (M, N) = x[:, K range of this split] @ W[rows, K range].T; x (M, K) float32."""
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ms = tl.arange(0, BLOCK_M)
+    kk = tl.arange(0, KC)
+    row_ok = rows < N
+    row_base = w_ptr + rows.to(tl.int64)[:, None] * row_bytes          # (BLOCK_N, 1)
+    k0 = split * k_per_split
+    k1 = tl.minimum(k0 + k_per_split, K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for c in range(k0, k1, KC):
+        cols = c + kk[None, :]                                          # (1, KC)
+        col_ok = cols < k1
+        w = decode(row_base, cols, row_ok[:, None] & col_ok, tab_ptr, FMT, QK, TS)       # (BLOCK_N, KC)
+        x = tl.load(x_ptr + ms[:, None] * K + cols, mask=(ms[:, None] < M) & col_ok, other=0.0)  # (BLOCK_M, KC)
+        acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
+    out = y_ptr + split.to(tl.int64) * M * N + ms[:, None] * N + rows[None, :]
+    tl.store(out, acc, mask=(ms[:, None] < M) & row_ok[None, :])
+
+
+@triton.jit
+def _gemm_kernel(x_ptr, w_ptr, tab_ptr, y_ptr, M, N, K, row_bytes,
+                 FMT: tl.constexpr, QK: tl.constexpr, TS: tl.constexpr, FP16: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KC: tl.constexpr):
+    """y (M, N) = x (M, K) @ W.T, one (BLOCK_M, BLOCK_N) tile per program."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    ms = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    kk = tl.arange(0, KC)
+    m_ok, row_ok = ms < M, rows < N
+    row_base = w_ptr + rows.to(tl.int64)[:, None] * row_bytes
+    x_rows = x_ptr + ms.to(tl.int64)[:, None] * K
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for c in range(0, K, KC):
+        cols = c + kk[None, :]
+        col_ok = cols < K
+        w = decode(row_base, cols, row_ok[:, None] & col_ok, tab_ptr, FMT, QK, TS)      # (BLOCK_N, KC)
+        x = tl.load(x_rows + cols, mask=m_ok[:, None] & col_ok, other=0.0)              # (BLOCK_M, KC)
+        if FP16:
+            acc += tl.dot(x.to(tl.float16), tl.trans(w.to(tl.float16)))
+        else:
+            acc += tl.dot(x, tl.trans(w), input_precision="ieee")
+    tl.store(y_ptr + ms.to(tl.int64)[:, None] * N + rows[None, :], acc, mask=m_ok[:, None] & row_ok[None, :])
+
+
+def _levels_on(device: torch.device) -> torch.Tensor:
+    t = _levels.get(device)
+    if t is None:
+        t = _levels[device] = torch.tensor(IQ4_LEVELS, dtype=torch.float32, device=device)
+    return t
+
+
+def _multiprocessors(device: torch.device) -> int:
+    n = _sm_count.get(device)
+    if n is None:
+        n = _sm_count[device] = (torch.cuda.get_device_properties(device).multi_processor_count
+                                 if device.type == "cuda" else 1)
+    return n
+
+
+def gemv_blocks(m: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, KC) for m x rows: the (BLOCK_M, BLOCK_N, KC) product held per step stays
+    at 4096 elements (32 per lane of 4 warps)."""
+    block_m = triton.next_power_of_2(m)
+    kc = 64 if block_m <= 2 else 32
+    block_n = max(16, 4096 // (block_m * kc))
+    return block_m, block_n, kc
+
+
+def k_splits(n_rows: int, n_cols: int, block_n: int, kc: int, multiprocessors: int) -> int:
+    """How many K ranges the gemv splits into: enough programs for PROGRAMS_PER_SM per multiprocessor,
+    each range at least 8 KC steps long (shorter ranges cost more in partial sums than they gain)."""
+    programs = triton.cdiv(n_rows, block_n)
+    want = triton.cdiv(PROGRAMS_PER_SM * multiprocessors, programs)
+    return max(1, min(want, n_cols // (8 * kc)))
+
+
+def qmatmul(x2: torch.Tensor, data: torch.Tensor, type_id: int, block: int, block_bytes: int, n_rows: int,
+            n_cols: int, fp16_gemm: bool, splits: int | None = None) -> torch.Tensor:
+    """x2 (M, n_cols) float32 @ W.T -> (M, n_rows) float32. data: (n_rows, row bytes) uint8 GGUF blocks of
+    type_id on x2's device. fp16_gemm: prompt-sized M multiplies in fp16 (else ieee float32).
+    splits: the gemv's K ranges (default: k_splits); tests force it."""
+    assert x2.dtype == torch.float32 and x2.is_contiguous() and x2.shape[1] == n_cols, (x2.dtype, x2.shape)
+    assert data.dtype == torch.uint8 and data.is_contiguous() and data.shape[0] == n_rows, (data.dtype, data.shape)
+    assert n_cols % block == 0 and data.shape[1] == n_cols // block * block_bytes, (n_cols, block, data.shape)
+    m = x2.shape[0]
+    tab = _levels_on(x2.device)
+    if m <= GEMV_MAX_ROWS:
+        block_m, block_n, kc = gemv_blocks(m)
+        n_split = splits or k_splits(n_rows, n_cols, block_n, kc, _multiprocessors(x2.device))
+        k_per_split = triton.cdiv(triton.cdiv(n_cols, n_split), kc) * kc
+        n_split = triton.cdiv(n_cols, k_per_split)
+        y = torch.empty((n_split, m, n_rows), dtype=torch.float32, device=x2.device)
+        _gemv_kernel[(triton.cdiv(n_rows, block_n), n_split)](
+            x2, data, tab, y, m, n_rows, n_cols, data.shape[1], k_per_split,
+            FMT=type_id, QK=block, TS=block_bytes, BLOCK_M=block_m, BLOCK_N=block_n, KC=kc, num_warps=4)
+        return y[0] if n_split == 1 else y.sum(0)
+    y = torch.empty((m, n_rows), dtype=torch.float32, device=x2.device)
+    block_m, block_n, kc = 64, 64, 32
+    _gemm_kernel[(triton.cdiv(m, block_m), triton.cdiv(n_rows, block_n))](
+        x2, data, tab, y, m, n_rows, n_cols, data.shape[1],
+        FMT=type_id, QK=block, TS=block_bytes, FP16=fp16_gemm, BLOCK_M=block_m, BLOCK_N=block_n, KC=kc, num_warps=4)
+    return y

@@ -1,0 +1,211 @@
+"""The GPU's quantized matmuls (tensorsplit/kernels/gpu: Triton, straight from GGUF blocks) against
+the independent reference of tests/kernel_reference.py: gguf-py's numpy dequantization, a float64
+product, and for llama.cpp's numerics its activation quantization transcribed in NumPy.
+
+On a GPU the kernels run there; without one, under Triton's interpreter on CPU tensors (conftest.py
+sets TRITON_INTERPRET=1), which runs the same kernel source: the decoding, masking, split-K and tile
+logic, not the compiled code's speed.
+
+Tolerances, in units of 2^-24 * sum(|w| |x|) per output (kernel_reference's scale):
+- gemv (decode steps, up to 16 rows) and the float32 gemm (exact numerics): float32 products summed
+  over the row, 8 + K as for the torch path (tests/test_kernels.py);
+- the fp16 gemm (llamacpp numerics, prompt chunks): both operands rounded to fp16 (2^-11 relative
+  each, so 2^-10 per product, that is 2^14 units), then float32 sums.
+A wrong bit field, scale or block offset is off by orders of magnitude more.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="no Triton wheel for this machine (scripts/setup.sh installs one where it can)")
+
+from kernel_reference import EPS32, matmul_exact, matmul_llamacpp
+from synthetic import random_quantized, write_model
+from tensorsplit.kernels import gpu  # noqa: E402
+from tensorsplit.kernels.gpu.matmul import GEMV_MAX_ROWS, gemv_blocks, k_splits, qmatmul as raw_qmatmul
+from tensorsplit.kernels.layout import FORMATS
+from tensorsplit.model.numerics import EXACT, LLAMACPP
+from tensorsplit.model.quants import QWeight, paths, qmatmul
+from test_kernels import F16_FIELDS, QUANTS
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+ROWS_M = (1, 2, 3, 7, 16, 17, 40)          # gemv up to 16, gemm beyond
+FP16_UNITS = 2 ** 14
+
+
+def _bound_units(n_cols: int, m: int, fp16_gemm: bool) -> float:
+    return 8 + n_cols + (FP16_UNITS if fp16_gemm and m > GEMV_MAX_ROWS else 0)
+
+
+def _check(y: torch.Tensor, ref: np.ndarray, scale: np.ndarray, units: float, what: str) -> None:
+    err = np.abs(y.detach().cpu().numpy().astype(np.float64) - ref)
+    worst = float((err / (units * EPS32 * scale + 1e-30)).max())
+    assert worst <= 1.0, f"{what}: error {err.max():.3g} is {worst:.2f} x the bound ({units:g} * 2^-24 * sum|w||x|)"
+
+
+def _run(raw: np.ndarray, qtype, x: np.ndarray, fp16_gemm: bool, splits: int | None = None) -> torch.Tensor:
+    f = FORMATS[int(qtype)]
+    data = torch.from_numpy(raw).to(DEVICE)
+    return raw_qmatmul(torch.from_numpy(x).to(DEVICE), data, int(qtype), f.block, f.block_bytes, raw.shape[0],
+                       x.shape[1], fp16_gemm, splits)
+
+
+def _reference(raw, qtype, x, numerics):
+    if numerics is LLAMACPP:                 # the input as llama.cpp's CPU backend rounds it, then exact
+        return matmul_llamacpp(raw, qtype, x, q8_1_sum_f16=False)
+    return matmul_exact(raw, qtype, x)
+
+
+@pytest.mark.parametrize("numerics", [LLAMACPP, EXACT], ids=["llamacpp", "exact"])
+@pytest.mark.parametrize("qtype", QUANTS, ids=lambda q: q.name)
+def test_matmul_matches_reference(qtype, numerics):
+    """Every format, through tensorsplit's qmatmul (the input rounding of the numerics included), at
+    gemv and gemm row counts, on 37 rows (partial row tiles) and K of one block and of three."""
+    rng = np.random.default_rng(int(qtype) * 11 + (numerics is LLAMACPP))
+    block = FORMATS[int(qtype)].block
+    for n_cols in (block, 3 * block):
+        raw = random_quantized(qtype, 37, n_cols, rng)
+        w = QWeight.from_numpy(raw, qtype, 37, n_cols, name=f"w.{qtype.name}").to(DEVICE)
+        x_all = (rng.standard_normal((max(ROWS_M), n_cols)) * rng.uniform(0.1, 10, (max(ROWS_M), 1))).astype(np.float32)
+        x_all[0, :32] = 0.0
+        for m in ROWS_M:
+            x = x_all[:m]
+            ref, scale = _reference(raw, qtype, x, numerics)
+            y = _qmatmul_on_kernels(torch.from_numpy(x).to(DEVICE), w, numerics)
+            assert y.shape == (m, 37) and y.dtype == torch.float32
+            _check(y, ref, scale, _bound_units(n_cols, m, numerics is LLAMACPP),
+                   f"{qtype.name} K={n_cols} M={m} {numerics.mode}")
+
+
+def _qmatmul_on_kernels(x, w, numerics, wide=False):
+    """qmatmul, asserting the Triton kernels computed it (on a CPU: qmatmul's own dispatch is shown the
+    weight as a GPU would show it, and the kernels run interpreted)."""
+    paths.reset()
+    if DEVICE.type == "cuda":
+        y = qmatmul(x, w, numerics, wide)
+    else:
+        real = gpu.serves
+        gpu.serves = lambda weight: gpu.handles(weight) and gpu.available()
+        try:
+            y = qmatmul(x, w, numerics, wide)
+        finally:
+            gpu.serves = real
+    assert paths.counts() == {"triton": 1}, paths.counts()
+    return y
+
+
+@pytest.mark.parametrize("qtype", QUANTS, ids=lambda q: q.name)
+def test_edge_scales(qtype):
+    """Zero, negative zero, the smallest and largest subnormal and the largest finite f16 in every f16
+    field, next to ordinary blocks: the two-byte assembly of each field, at odd and even offsets."""
+    rng = np.random.default_rng(int(qtype) + 5)
+    f = FORMATS[int(qtype)]
+    n_cols = f.block * 5
+    raw = random_quantized(qtype, 20, n_cols, rng)
+    blocks = raw.reshape(-1, f.block_bytes)
+    edges = np.array([0x0000, 0x8000, 0x0001, 0x03FF, 0x7BFF], dtype=np.uint16).view(np.uint8).reshape(-1, 2)
+    for i in range(0, blocks.shape[0], 3):
+        for off in F16_FIELDS[qtype]:
+            blocks[i, off:off + 2] = edges[(i // 3 + off) % len(edges)]
+    x = rng.standard_normal((3, n_cols)).astype(np.float32)
+    ref, scale = matmul_exact(raw, qtype, x)
+    assert np.isfinite(ref).all()
+    _check(_run(raw, qtype, x, fp16_gemm=False), ref, scale, 8 + n_cols, f"{qtype.name} edge scales")
+
+
+@pytest.mark.parametrize("qtype", [QUANTS[0], QUANTS[-2]], ids=lambda q: q.name)
+def test_split_k_ranges_add_up(qtype):
+    """The gemv's K ranges (split-K) give the unsplit result: ranges that end mid-block (7 ranges of
+    a K that is no multiple of 7 * KC), one range per KC step, and more ranges asked than K has."""
+    rng = np.random.default_rng(3)
+    n_cols = FORMATS[int(qtype)].block * 8
+    raw = random_quantized(qtype, 70, n_cols, rng)
+    for m in (1, 4, 16):
+        x = rng.standard_normal((m, n_cols)).astype(np.float32)
+        ref, scale = matmul_exact(raw, qtype, x)
+        one = _run(raw, qtype, x, False, splits=1)
+        for splits in (2, 7, n_cols // gemv_blocks(m)[2], 10 * n_cols):
+            _check(_run(raw, qtype, x, False, splits=splits), ref, scale, 8 + n_cols, f"{splits} splits, M={m}")
+        _check(one, ref, scale, 8 + n_cols, f"1 split, M={m}")
+
+
+def test_wide_output_is_float64_of_the_same_sums():
+    rng = np.random.default_rng(4)
+    raw = random_quantized(QUANTS[0], 8, 64, rng)
+    w = QWeight.from_numpy(raw, QUANTS[0], 8, 64).to(DEVICE)
+    x = torch.from_numpy(rng.standard_normal((2, 64)).astype(np.float32)).to(DEVICE)
+    y = _qmatmul_on_kernels(x, w, EXACT, wide=True)
+    assert y.dtype == torch.float64
+    assert torch.equal(y.float(), _qmatmul_on_kernels(x, w, EXACT))
+
+
+def test_block_choices():
+    """The gemv's tile: BLOCK_M rows of x rounded up to a power of two, BLOCK_M x BLOCK_N x KC = 4096
+    elements per step (at least 16 weight rows); K split only where the rows give too few programs."""
+    assert [gemv_blocks(m)[0] for m in (1, 2, 3, 5, 9, 16)] == [1, 2, 4, 8, 16, 16]
+    for m in (1, 2, 4, 8, 16):
+        bm, bn, kc = gemv_blocks(m)
+        assert bn >= 16 and (bm * bn * kc == 4096 or bn == 16), (m, bm, bn, kc)
+    assert k_splits(34000, 2048, 64, 64, 132) == 1               # 532 programs already fill 132 SMs 4 times
+    assert k_splits(32000, 2048, 64, 64, 132) == 2               # 500 do not quite
+    assert k_splits(2048, 5632, 64, 64, 132) == 11               # 32 programs: 528 wanted, at most K / (8 KC)
+    assert k_splits(256, 2048, 64, 64, 132) == 4                 # short rows: each range keeps 8 KC steps
+    assert k_splits(64, 64, 64, 64, 132) == 1
+
+
+def test_who_serves_what(monkeypatch):
+    """Block weights on a CUDA device go to Triton; float weights, CPU weights and native tiles do not;
+    a CUDA machine whose Triton cannot load counts its matmuls as a fallback."""
+    rng = np.random.default_rng(5)
+    q = QWeight.from_numpy(random_quantized(QUANTS[0], 4, 32, rng), QUANTS[0], 4, 32)
+    f16 = QWeight.from_numpy((rng.standard_normal((4, 32)) * 0.1).astype(np.float16), 1, 4, 32)
+    assert gpu.handles(q) and not gpu.handles(f16)
+    assert not gpu.serves(q) or DEVICE.type == "cuda"           # a CPU weight is the native kernels' or torch's
+    monkeypatch.setattr(gpu, "_state", {"ok": False})
+    assert paths.torch_path(torch.device("cuda")) == "triton:fallback"
+    assert paths.torch_path(torch.device("mps")) == "torch"
+    monkeypatch.setenv("TENSORSPLIT_TRITON", "0")
+    assert paths.torch_path(torch.device("cuda")) == "torch"     # turned off on purpose: no fallback
+
+
+@pytest.fixture(scope="module")
+def mixed_file(tmp_path_factory):
+    from gguf import GGMLQuantizationType as Q
+    types = {"token_embd": Q.Q6_K, "attn_q": Q.Q4_0, "attn_k": Q.Q4_K, "attn_v": Q.Q8_0, "attn_output": Q.Q5_K,
+             "ffn_gate": Q.Q4_1, "ffn_up": Q.Q5_0, "ffn_down": Q.Q6_K, "output": Q.Q8_0}
+    return write_model(tmp_path_factory.mktemp("tk") / "mixed.gguf", "llama", n_layers=2, n_embd=256, n_heads=4,
+                       n_kv=2, n_ff=512, vocab=256, types=types, tied=False, init="fan_in", seed=2)
+
+
+def test_model_on_the_kernels_matches_the_torch_path(mixed_file, monkeypatch):
+    """A llama file of mixed formats: prompt logits (gemm) and two decode steps (gemv) with every matmul
+    on the Triton kernels, against the same model on the torch path (exact numerics)."""
+    from tensorsplit.model import make_plan, open_model
+    from tensorsplit.model.layers import no_reduce
+    from tensorsplit.model.transformer import RankModel
+
+    def run(device, triton: bool):
+        if triton and device.type == "cpu":
+            monkeypatch.setattr(gpu, "serves", lambda weight: gpu.handles(weight) and gpu.available())
+        gf, cfg = open_model(mixed_file)
+        m = RankModel(cfg, make_plan(cfg, gf.tensors, 1).ranks[0], 1, no_reduce, gf, device, numerics=EXACT,
+                      native=False)
+        m.allocate_cache(1, 64)
+        paths.reset()
+        ids = torch.tensor([5, 17, 200, 3, 99, 42, 7, 8, 1, 250, 11, 12, 13, 14, 15, 16, 18, 19, 20, 21])
+        out = [m.forward(ids, torch.arange(20), torch.zeros(20, dtype=torch.int64)).cpu()]
+        for step, t in enumerate((31, 77)):
+            out.append(m.forward(torch.tensor([t]), torch.tensor([20 + step]), torch.tensor([0])).cpu())
+        monkeypatch.undo()
+        return out, paths.counts()
+
+    ref, ref_paths = run(torch.device("cpu"), triton=False)
+    got, got_paths = run(DEVICE, triton=True)
+    assert set(ref_paths) == {"torch"} and set(got_paths) == {"triton"}, (ref_paths, got_paths)
+    for i, (a, b) in enumerate(zip(ref, got)):
+        diff = float((a - b).abs().max())
+        # seen 1e-6 (interpreter); float32 sums in another order, through 2 layers
+        assert diff <= 1e-4 * float(a.abs().max()), f"step {i}: max |diff| {diff:.3g}"
+        assert torch.equal(a.argmax(-1), b.argmax(-1))
