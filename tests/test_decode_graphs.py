@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from synthetic import write_model
 from tensorsplit.model import make_plan, open_model
@@ -145,3 +146,43 @@ def test_logit_rows_select_from_a_bucket(llama_file):
     want = b.forward(torch.tensor([5, 6]), torch.tensor([1, 1]), torch.tensor([0, 1]), torch.tensor([1]))
     assert got.shape == want.shape == (1, a.cfg.vocab_size)
     assert float((got - want).abs().max()) <= 1e-5 * float(want.abs().max())
+
+
+class _HostSyncs(TorchDispatchMode):
+    """Records the aten ops that make the host wait for the device (a value read back, or an output
+    whose size depends on the data): any of them inside a CUDA graph capture fails it."""
+    SYNCING = {"_local_scalar_dense", "item", "is_nonzero", "equal", "nonzero", "masked_select", "unique",
+               "_unique2", "unique_dim", "unique_consecutive", "repeat_interleave"}
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in self.SYNCING:
+            self.seen.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_host_sync_detector_sees_one():
+    with _HostSyncs() as log:
+        int(torch.tensor([3, 4]).max())
+        torch.tensor([0, 1]).nonzero()
+    assert log.seen == ["_local_scalar_dense", "nonzero"]
+
+
+@pytest.mark.parametrize("numerics", ["llamacpp", "exact"])
+@pytest.mark.parametrize("which", ["llama", "gemma3"])
+def test_the_fixed_shape_step_never_waits_for_the_device(which, numerics, llama_file, gemma3_file):
+    """What a GPU captures, checked on the CPU: the fixed-shape step of the portable torch path (the one
+    a GPU runs, native kernels off) issues no op that reads a value back to the host, so its capture
+    cannot fail on one. Run over a prefilled slot and a padded bucket with the scratch slot."""
+    m = _model(llama_file if which == "llama" else gemma3_file, "cpu", Numerics(numerics), "eager", native=False)
+    m.forward(torch.tensor([3, 1, 4, 1, 5]), torch.arange(5), torch.zeros(5, dtype=torch.int64))
+    ids, positions = torch.tensor([9, 0]), torch.tensor([5, 0])
+    slots = torch.tensor([0, m.cache.scratch_slot])
+    with _HostSyncs() as log:
+        logits = m._static_step(ids, positions, slots, kv_bucket(5, m.cache.n_ctx))
+    assert log.seen == [], log.seen
+    assert logits.shape == (2, m.cfg.vocab_size) and torch.isfinite(logits).all()
