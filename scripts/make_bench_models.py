@@ -2,6 +2,7 @@
 """Write the synthetic speed subjects: a TinyLlama-shaped 1.1B llama model with random weights.
 
     .venv/bin/python scripts/make_bench_models.py [--out DIR] [--llama-py /work/refvenv/bin/python]
+    .venv/bin/python scripts/make_bench_models.py --shape llama3-8b --no-tokenizer --out DIR   # GPU check
 
 Files written into DIR (default: the tensorsplit model cache, $TENSORSPLIT_CACHE or
 ~/.cache/tensorsplit):
@@ -13,7 +14,9 @@ Files written into DIR (default: the tensorsplit model cache, $TENSORSPLIT_CACHE
 
 Shape: 22 layers, n_embd 2048, 32 heads, 4 KV heads, n_ff 5632 (TinyLlama 1.1B). The tokenizer is
 SmolLM2's (so the vocabulary has 49152 entries instead of TinyLlama's 32000); the weights are random
-and only the speed of these files means anything.
+and only the speed of these files means anything. --no-tokenizer writes no tokenizer (the shape's own
+vocabulary size; enough for `bench`, which feeds random token ids) and needs no SmolLM2 file, for a
+machine that cannot fetch one; --shape llama3-8b writes a Llama-3-8B-shaped Q4_0 file (about 4.3 GiB).
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import argparse
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +35,21 @@ sys.path.insert(0, str(ROOT))
 
 from tensorsplit import models  # noqa: E402
 
-N_LAYERS, N_EMBD, N_HEADS, N_KV, N_FF = 22, 2048, 32, 4, 5632
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    n_layers: int
+    n_embd: int
+    n_heads: int
+    n_kv: int
+    n_ff: int
+    n_vocab: int          # without a copied tokenizer
+
+
+SHAPES = {s.name: s for s in (Shape("tinyllama-1.1b", 22, 2048, 32, 4, 5632, 32000),
+                              Shape("llama3-8b", 32, 4096, 32, 8, 14336, 128256))}
 
 
 def _copy_tokenizer(w: GGUFWriter, src: Path) -> int:
@@ -61,7 +79,7 @@ def _copy_tokenizer(w: GGUFWriter, src: Path) -> int:
 def _random_q4_0(n_rows: int, n_cols: int, rng: np.random.Generator) -> np.ndarray:
     """(n_rows, n_cols / 32 * 18) uint8: Q4_0 blocks with random nibbles and scales near 0.02/8."""
     nb = n_rows * n_cols // 32
-    blocks = rng.integers(0, 256, (nb, 18), dtype=np.uint8)
+    blocks = np.frombuffer(rng.bytes(nb * 18), dtype=np.uint8).reshape(nb, 18).copy()
     d = (rng.uniform(0.5, 1.5, nb) * 0.0025).astype(np.float16)
     blocks[:, 0:2] = d.view(np.uint8).reshape(-1, 2)
     return blocks.reshape(n_rows, -1)
@@ -69,18 +87,21 @@ def _random_q4_0(n_rows: int, n_cols: int, rng: np.random.Generator) -> np.ndarr
 
 def _random_q6_k(n_rows: int, n_cols: int, rng: np.random.Generator) -> np.ndarray:
     nb = n_rows * n_cols // 256
-    blocks = rng.integers(0, 256, (nb, 210), dtype=np.uint8)
+    blocks = np.frombuffer(rng.bytes(nb * 210), dtype=np.uint8).reshape(nb, 210).copy()
     blocks[:, 192:208] = rng.integers(-20, 20, (nb, 16), dtype=np.int8).view(np.uint8)
     d = (rng.uniform(0.5, 1.5, nb) * 0.0001).astype(np.float16)
     blocks[:, 208:210] = d.view(np.uint8).reshape(-1, 2)
     return blocks.reshape(n_rows, -1)
 
 
-def write(path: Path, tokenizer_src: Path, dense_f16: bool, seed: int = 0) -> Path:
-    """The 1.1B file: Q4_0 weights (Q6_K output), or with dense_f16 every weight F16 (quantizer input)."""
+def write(path: Path, tokenizer_src: Path | None, dense_f16: bool, seed: int = 0,
+          shape: Shape = SHAPES["tinyllama-1.1b"]) -> Path:
+    """The file: Q4_0 weights (Q6_K output), or with dense_f16 every weight F16 (quantizer input);
+    tokenizer_src None: no tokenizer, the shape's vocabulary size."""
     rng = np.random.default_rng(seed)
+    N_LAYERS, N_EMBD, N_HEADS, N_KV, N_FF = shape.n_layers, shape.n_embd, shape.n_heads, shape.n_kv, shape.n_ff
     w = GGUFWriter(str(path), "llama")
-    w.add_name("tinyllama-1.1b-random")
+    w.add_name(f"{shape.name}-random")
     w.add_block_count(N_LAYERS)
     w.add_context_length(2048)
     w.add_embedding_length(N_EMBD)
@@ -91,7 +112,7 @@ def write(path: Path, tokenizer_src: Path, dense_f16: bool, seed: int = 0) -> Pa
     w.add_rope_freq_base(10000.0)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_file_type(1 if dense_f16 else 2)        # LLAMA_FTYPE_MOSTLY_F16 / MOSTLY_Q4_0
-    n_vocab = _copy_tokenizer(w, tokenizer_src)
+    n_vocab = _copy_tokenizer(w, tokenizer_src) if tokenizer_src is not None else shape.n_vocab
 
     def tensor(name: str, n_rows: int, n_cols: int, qtype: Q = Q.Q4_0) -> None:
         if dense_f16:
@@ -141,21 +162,26 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=None, help="folder (default: the tensorsplit model cache)")
     ap.add_argument("--llama-py", default=os.environ.get("LLAMA_PY"),
                     help="a Python with llama-cpp-python, for the Q4_K_M file (default: $LLAMA_PY)")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="tinyllama-1.1b")
+    ap.add_argument("--no-tokenizer", action="store_true",
+                    help="write no tokenizer (and fetch no SmolLM2 file); bench needs none")
     a = ap.parse_args()
     out = a.out or models.cache_dir()
     out.mkdir(parents=True, exist_ok=True)
-    tok = models.fetch("smollm2")
-    q4_0 = out / "tinyllama-1.1b-random.Q4_0.gguf"
+    shape = SHAPES[a.shape]
+    tok = None if a.no_tokenizer else models.fetch("smollm2")
+    q4_0 = out / f"{shape.name}-random.Q4_0.gguf"
     if not q4_0.exists():
         print(f"writing {q4_0}", file=sys.stderr)
-        write(q4_0.with_suffix(".partial"), tok, dense_f16=False)
+        write(q4_0.with_suffix(".partial"), tok, dense_f16=False, shape=shape)
         os.replace(q4_0.with_suffix(".partial"), q4_0)
-    if a.llama_py:
+    print(q4_0)
+    if a.llama_py and shape.name == "tinyllama-1.1b" and tok is not None:
         q4_k_m = out / "tinyllama-1.1b-random.Q4_K_M.gguf"
         if not q4_k_m.exists():
             f16 = out / "tinyllama-1.1b-random.F16.gguf.tmp"
             print(f"writing {f16} and quantizing it to {q4_k_m} with llama.cpp", file=sys.stderr)
-            write(f16, tok, dense_f16=True)
+            write(f16, tok, dense_f16=True, shape=shape)
             try:
                 subprocess.run([a.llama_py, "-c", QUANTIZE, str(f16), str(q4_k_m)], check=True)
             finally:
