@@ -18,13 +18,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from gguf import GGMLQuantizationType as Q
 
 pytest.importorskip("triton", reason="no Triton wheel for this machine (scripts/setup.sh installs one where it can)")
 
 from kernel_reference import EPS32, matmul_exact, matmul_llamacpp
 from synthetic import random_quantized, write_model
 from tensorsplit.kernels import gpu  # noqa: E402
-from tensorsplit.kernels.gpu.matmul import GEMV_MAX_ROWS, gemv_blocks, k_splits, qmatmul as raw_qmatmul
+from tensorsplit.kernels.gpu.gemv import UNITS
+from tensorsplit.kernels.gpu.matmul import GEMV_MAX_ROWS, gemv_blocks, k_splits, qmatmul as raw_qmatmul, words_blocks
 from tensorsplit.kernels.layout import FORMATS
 from tensorsplit.model.numerics import EXACT, LLAMACPP
 from tensorsplit.model.quants import QWeight, paths, qmatmul
@@ -46,10 +48,8 @@ def _check(y: torch.Tensor, ref: np.ndarray, scale: np.ndarray, units: float, wh
 
 
 def _run(raw: np.ndarray, qtype, x: np.ndarray, fp16_gemm: bool, splits: int | None = None) -> torch.Tensor:
-    f = FORMATS[int(qtype)]
     data = torch.from_numpy(raw).to(DEVICE)
-    return raw_qmatmul(torch.from_numpy(x).to(DEVICE), data, int(qtype), f.block, f.block_bytes, raw.shape[0],
-                       x.shape[1], fp16_gemm, splits)
+    return raw_qmatmul(torch.from_numpy(x).to(DEVICE), data, int(qtype), raw.shape[0], x.shape[1], fp16_gemm, splits)
 
 
 def _reference(raw, qtype, x, numerics):
@@ -115,20 +115,20 @@ def test_edge_scales(qtype):
     _check(_run(raw, qtype, x, fp16_gemm=False), ref, scale, 8 + n_cols, f"{qtype.name} edge scales")
 
 
-@pytest.mark.parametrize("qtype", [QUANTS[0], QUANTS[-2]], ids=lambda q: q.name)
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q6_K, Q.IQ4_NL, Q.Q3_K], ids=lambda q: q.name)
 def test_split_k_ranges_add_up(qtype):
-    """The gemv's K ranges (split-K) give the unsplit result: ranges that end mid-block (7 ranges of
-    a K that is no multiple of 7 * KC), one range per KC step, and more ranges asked than K has."""
+    """The gemv's K ranges (split-K) give the unsplit result, on both gemv kernels (gemv.py's word
+    kernel for Q4_0 and Q6_K, the per-element one for IQ4_NL and Q3_K): 7 ranges of a K that is no
+    multiple of 7 steps, one range per step, and more ranges asked than K has steps."""
     rng = np.random.default_rng(3)
     n_cols = FORMATS[int(qtype)].block * 8
     raw = random_quantized(qtype, 70, n_cols, rng)
+    step = UNITS[int(qtype)][0] if int(qtype) in UNITS else gemv_blocks(1)[2]
     for m in (1, 4, 16):
         x = rng.standard_normal((m, n_cols)).astype(np.float32)
         ref, scale = matmul_exact(raw, qtype, x)
-        one = _run(raw, qtype, x, False, splits=1)
-        for splits in (2, 7, n_cols // gemv_blocks(m)[2], 10 * n_cols):
+        for splits in (1, 2, 7, n_cols // step, 10 * n_cols):
             _check(_run(raw, qtype, x, False, splits=splits), ref, scale, 8 + n_cols, f"{splits} splits, M={m}")
-        _check(one, ref, scale, 8 + n_cols, f"1 split, M={m}")
 
 
 def test_wide_output_is_float64_of_the_same_sums():
@@ -142,17 +142,19 @@ def test_wide_output_is_float64_of_the_same_sums():
 
 
 def test_block_choices():
-    """The gemv's tile: BLOCK_M rows of x rounded up to a power of two, BLOCK_M x BLOCK_N x KC = 4096
-    elements per step (at least 16 weight rows); K split only where the rows give too few programs."""
+    """The per-element gemv's tile: BLOCK_M rows of x rounded up to a power of two, a (32, 32) weight tile
+    per step up to 4 x rows and (16, 32) from 8; the word kernel's rows per program shrink as x rows
+    grow; K split only where the rows give too few programs."""
     assert [gemv_blocks(m)[0] for m in (1, 2, 3, 5, 9, 16)] == [1, 2, 4, 8, 16, 16]
-    for m in (1, 2, 4, 8, 16):
-        bm, bn, kc = gemv_blocks(m)
-        assert bn >= 16 and (bm * bn * kc == 4096 or bn == 16), (m, bm, bn, kc)
-    assert k_splits(34000, 2048, 64, 64, 132) == 1               # 532 programs already fill 132 SMs 4 times
-    assert k_splits(32000, 2048, 64, 64, 132) == 2               # 500 do not quite
-    assert k_splits(2048, 5632, 64, 64, 132) == 11               # 32 programs: 528 wanted, at most K / (8 KC)
-    assert k_splits(256, 2048, 64, 64, 132) == 4                 # short rows: each range keeps 8 KC steps
-    assert k_splits(64, 64, 64, 64, 132) == 1
+    assert [gemv_blocks(m)[1:] for m in (1, 4, 8, 16)] == [(32, 32), (32, 32), (16, 32), (16, 32)]
+    assert [words_blocks(2, m) for m in (1, 3, 16)] == [(1, 128), (4, 32), (16, 16)]
+    assert words_blocks(13, 1) == (1, 32) and words_blocks(13, 2) == (2, 16)
+    assert words_blocks(14, 1) == (1, 64)
+    assert k_splits(34000, 32, 64, 132) == 1               # 532 programs already fill 132 SMs 4 times
+    assert k_splits(32000, 32, 64, 132) == 2               # 500 do not quite
+    assert k_splits(2048, 88, 64, 132) == 11               # 32 programs: 528 wanted, at most 88 / 8 steps
+    assert k_splits(256, 32, 64, 132) == 4                 # short rows: each range keeps 8 steps
+    assert k_splits(64, 1, 64, 132) == 1
 
 
 def test_who_serves_what(monkeypatch):

@@ -55,8 +55,7 @@ def serves(w) -> bool:
 def qmatmul(x2, w, fp16_gemm: bool):
     """x2 (M, K) float32 @ w.T -> (M, n_rows) float32 (matmul.qmatmul for a QWeight)."""
     from .matmul import qmatmul as run
-    f = FORMATS[int(w.qtype)]
-    return run(x2, w.data, int(w.qtype), f.block, f.block_bytes, w.n_rows, w.n_cols, fp16_gemm)
+    return run(x2, w.data, int(w.qtype), w.n_rows, w.n_cols, fp16_gemm)
 
 
 __all__ = ["available", "unavailable", "handles", "serves", "qmatmul"]

@@ -19,12 +19,16 @@ import torch
 import triton
 import triton.language as tl
 
+from ..layout import FORMATS
 from .decode import IQ4_LEVELS, decode
+from .gemv import UNITS, gemv_words_kernel
 
 GEMV_MAX_ROWS = 16
 # programs the gemv aims for per multiprocessor before it splits K (enough loads in flight to stream)
 PROGRAMS_PER_SM = 4
-KC_MIN = 32               # every block size (32, 256) is a multiple of it, so K is too
+GEMM_BLOCKS = (64, 64, 32)   # BLOCK_M, BLOCK_N, KC of the gemm
+GEMM_WARPS = 8               # 4 spilled the K-quant decode on sm_90 (offline.py)
+GEMV_WARPS = 4
 
 _levels: dict = {}        # device -> IQ4_LEVELS as a float32 tensor
 _sm_count: dict = {}
@@ -97,45 +101,77 @@ def _multiprocessors(device: torch.device) -> int:
 
 
 def gemv_blocks(m: int) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, KC) for m x rows: the (BLOCK_M, BLOCK_N, KC) product held per step stays
-    at 4096 elements (32 per lane of 4 warps)."""
+    """(BLOCK_M, BLOCK_N, KC) of the per-element gemv for m x rows: a (32, 32) weight tile per step, 16
+    rows from 8 x rows on (the decode of an element takes ~20 registers' worth of temporaries: larger
+    tiles spilled on sm_90, see offline.py)."""
     block_m = triton.next_power_of_2(m)
-    kc = 64 if block_m <= 2 else 32
-    block_n = max(16, 4096 // (block_m * kc))
-    return block_m, block_n, kc
+    return block_m, 32 if block_m <= 4 else 16, 32
 
 
-def k_splits(n_rows: int, n_cols: int, block_n: int, kc: int, multiprocessors: int) -> int:
-    """How many K ranges the gemv splits into: enough programs for PROGRAMS_PER_SM per multiprocessor,
-    each range at least 8 KC steps long (shorter ranges cost more in partial sums than they gain)."""
+def words_blocks(type_id: int, m: int) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N) of gemv.py's kernel for m x rows: weight rows per program such that the kernel
+    stays within 128 registers on sm_90 (offline.py reads the compiled register counts)."""
+    block_m = triton.next_power_of_2(m)
+    rows_at_1 = {2: 128, 8: 128, 12: 64, 13: 32, 14: 64}[type_id]    # the K-quants hold more per row
+    return block_m, max(16, rows_at_1 // block_m)
+
+
+def k_splits(n_rows: int, n_steps: int, block_n: int, multiprocessors: int) -> int:
+    """How many K ranges a gemv splits into: enough programs for PROGRAMS_PER_SM per multiprocessor,
+    each range at least 8 K steps long (shorter ranges cost more in partial sums than they gain)."""
     programs = triton.cdiv(n_rows, block_n)
     want = triton.cdiv(PROGRAMS_PER_SM * multiprocessors, programs)
-    return max(1, min(want, n_cols // (8 * kc)))
+    return max(1, min(want, n_steps // 8))
 
 
-def qmatmul(x2: torch.Tensor, data: torch.Tensor, type_id: int, block: int, block_bytes: int, n_rows: int,
-            n_cols: int, fp16_gemm: bool, splits: int | None = None) -> torch.Tensor:
+def launch_config(type_id: int, m: int, fp16_gemm: bool) -> tuple[str, object, dict]:
+    """(kernel name, kernel, compile-time constants) qmatmul launches for m rows of x against type_id,
+    with GEMM_WARPS or GEMV_WARPS warps; offline.py compiles the same choices for GPUs not here."""
+    f = FORMATS[type_id]
+    if m <= GEMV_MAX_ROWS and type_id in UNITS:       # gemv.py: 16-bit word loads
+        unit, words = UNITS[type_id]
+        block_m, block_n = words_blocks(type_id, m)
+        return "gemv_words", gemv_words_kernel, dict(FMT=type_id, TS=f.block_bytes, UNIT=unit,
+                                                     PER_BLOCK=f.block // unit, W=words, BLOCK_M=block_m,
+                                                     BLOCK_N=block_n)
+    if m <= GEMV_MAX_ROWS:                             # the other formats: one element per lane
+        block_m, block_n, kc = gemv_blocks(m)
+        return "gemv", _gemv_kernel, dict(FMT=type_id, QK=f.block, TS=f.block_bytes, BLOCK_M=block_m,
+                                          BLOCK_N=block_n, KC=kc)
+    block_m, block_n, kc = GEMM_BLOCKS
+    return "gemm", _gemm_kernel, dict(FMT=type_id, QK=f.block, TS=f.block_bytes, FP16=fp16_gemm, BLOCK_M=block_m,
+                                      BLOCK_N=block_n, KC=kc)
+
+
+def qmatmul(x2: torch.Tensor, data: torch.Tensor, type_id: int, n_rows: int, n_cols: int, fp16_gemm: bool,
+            splits: int | None = None) -> torch.Tensor:
     """x2 (M, n_cols) float32 @ W.T -> (M, n_rows) float32. data: (n_rows, row bytes) uint8 GGUF blocks of
     type_id on x2's device. fp16_gemm: prompt-sized M multiplies in fp16 (else ieee float32).
     splits: the gemv's K ranges (default: k_splits); tests force it."""
+    f = FORMATS[type_id]
     assert x2.dtype == torch.float32 and x2.is_contiguous() and x2.shape[1] == n_cols, (x2.dtype, x2.shape)
     assert data.dtype == torch.uint8 and data.is_contiguous() and data.shape[0] == n_rows, (data.dtype, data.shape)
-    assert n_cols % block == 0 and data.shape[1] == n_cols // block * block_bytes, (n_cols, block, data.shape)
+    assert n_cols % f.block == 0 and data.shape[1] == n_cols // f.block * f.block_bytes, (n_cols, data.shape)
     m = x2.shape[0]
-    tab = _levels_on(x2.device)
-    if m <= GEMV_MAX_ROWS:
-        block_m, block_n, kc = gemv_blocks(m)
-        n_split = splits or k_splits(n_rows, n_cols, block_n, kc, _multiprocessors(x2.device))
-        k_per_split = triton.cdiv(triton.cdiv(n_cols, n_split), kc) * kc
-        n_split = triton.cdiv(n_cols, k_per_split)
-        y = torch.empty((n_split, m, n_rows), dtype=torch.float32, device=x2.device)
-        _gemv_kernel[(triton.cdiv(n_rows, block_n), n_split)](
-            x2, data, tab, y, m, n_rows, n_cols, data.shape[1], k_per_split,
-            FMT=type_id, QK=block, TS=block_bytes, BLOCK_M=block_m, BLOCK_N=block_n, KC=kc, num_warps=4)
-        return y[0] if n_split == 1 else y.sum(0)
-    y = torch.empty((m, n_rows), dtype=torch.float32, device=x2.device)
-    block_m, block_n, kc = 64, 64, 32
-    _gemm_kernel[(triton.cdiv(m, block_m), triton.cdiv(n_rows, block_n))](
-        x2, data, tab, y, m, n_rows, n_cols, data.shape[1],
-        FMT=type_id, QK=block, TS=block_bytes, FP16=fp16_gemm, BLOCK_M=block_m, BLOCK_N=block_n, KC=kc, num_warps=4)
-    return y
+    name, kernel, const = launch_config(type_id, m, fp16_gemm)
+    if name == "gemm":
+        y = torch.empty((m, n_rows), dtype=torch.float32, device=x2.device)
+        grid = (triton.cdiv(m, const["BLOCK_M"]), triton.cdiv(n_rows, const["BLOCK_N"]))
+        kernel[grid](x2, data, _levels_on(x2.device), y, m, n_rows, n_cols, data.shape[1], **const,
+                     num_warps=GEMM_WARPS)
+        return y
+    # a gemv: K in ranges of whole steps (a unit of the word kernel; KC columns of the other, whose
+    # last step may be partial: it masks columns past K)
+    step = const["UNIT"] if name == "gemv_words" else const["KC"]
+    n_steps = triton.cdiv(n_cols, step)
+    n_split = min(splits or k_splits(n_rows, n_steps, const["BLOCK_N"], _multiprocessors(x2.device)), n_steps)
+    per_split = triton.cdiv(n_steps, n_split)
+    n_split = triton.cdiv(n_steps, per_split)
+    y = torch.empty((n_split, m, n_rows), dtype=torch.float32, device=x2.device)
+    grid = (triton.cdiv(n_rows, const["BLOCK_N"]), n_split)
+    if name == "gemv_words":
+        kernel[grid](x2, data, y, m, n_rows, n_cols, data.shape[1], per_split, **const, num_warps=GEMV_WARPS)
+    else:
+        kernel[grid](x2, data, _levels_on(x2.device), y, m, n_rows, n_cols, data.shape[1], per_split * step,
+                     **const, num_warps=GEMV_WARPS)
+    return y[0] if n_split == 1 else y.sum(0)

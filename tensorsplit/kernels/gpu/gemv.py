@@ -1,0 +1,154 @@
+"""The decode-step GEMV for the most used formats, in Triton: Q4_0, Q8_0, Q4_K, Q5_K and Q6_K.
+
+matmul.py's generic gemv decodes one weight element per lane with byte loads (decode.py): about 37
+instructions per element on sm_90, several times what streaming the weights at the memory's rate
+allows (a 1.1B Q4_0 at an H200's ~4.3 TB/s is ~7.6e12 elements/s; the SMs issue ~3.3e13 thread
+instructions/s, so ~4.4 per element). These kernels load the blocks in 16-bit words (every GGUF
+block and field starts at an even byte), take 2 to 4 codes out of each word, and apply a block's or
+sub-block's scale once per word slot instead of once per element: 6-7 instructions per element
+(Q4_0, from the compiled code, see offline.py). The products are the same float32 products of the
+same dequantized values, summed in another order.
+
+A program owns BLOCK_N weight rows and a range of K; it walks K one *unit* at a time (a Q4_0 or Q8_0
+block, a 64-element chunk of a Q4_K / Q5_K block, half of a Q6_K block), holding W word slots per
+row, and keeps per-slot float32 partial sums (BLOCK_M, BLOCK_N, W) that it reduces once at the end.
+Word slot i of a unit holds bytes 2i and 2i + 1 of the unit's code bytes; which elements those are
+is written beside each format.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .decode import _f16, _k4_scale_min
+
+# type id -> (elements per unit, word slots per unit W)
+UNITS = {2: (32, 8), 8: (32, 16), 12: (64, 16), 13: (64, 16), 14: (128, 16)}
+
+
+@triton.jit
+def _w16(p, m):
+    """(BLOCK_N, W) little-endian 16-bit words at the even byte addresses p, as int32 in 0..65535."""
+    return tl.load(p.to(tl.pointer_type(tl.uint16)), mask=m, other=0).to(tl.int32)
+
+
+@triton.jit
+def _q4_0(acc, b, xb, i, row_ok, m_ok):
+    """Block: d f16 | qs[16]. Word i: bytes 2i, 2i+1 -> codes of elements 2i, 2i+16 (low, high nibble
+    of byte 2i) and 2i+1, 2i+17. w = d * (q - 8)."""
+    d = _f16(b, row_ok)[None, :, :]
+    w = _w16(b + 2 + 2 * i, row_ok)
+    part = tl.zeros(acc.shape, dtype=tl.float32)
+    xsum = tl.zeros((acc.shape[0], 1, acc.shape[2]), dtype=tl.float32)
+    for s in tl.static_range(4):
+        x = tl.load(xb + 2 * i + s // 2 + 16 * (s % 2), mask=m_ok, other=0.0)[:, None, :]
+        part += x * ((w >> (4 * s)) & 15).to(tl.float32)[None, :, :]
+        xsum += x
+    return acc + d * (part - 8.0 * xsum)
+
+
+@triton.jit
+def _q8_0(acc, b, xb, i, row_ok, m_ok):
+    """Block: d f16 | qs int8[32]. Word i: elements 2i (low byte) and 2i + 1 (high byte)."""
+    d = _f16(b, row_ok)[None, :, :]
+    w = _w16(b + 2 + 2 * i, row_ok)
+    lo = ((w << 24) >> 24).to(tl.float32)                  # sign-extended low byte
+    hi = ((w << 16) >> 24).to(tl.float32)
+    x0 = tl.load(xb + 2 * i, mask=m_ok, other=0.0)[:, None, :]
+    x1 = tl.load(xb + 2 * i + 1, mask=m_ok, other=0.0)[:, None, :]
+    return acc + d * (x0 * lo[None, :, :] + x1 * hi[None, :, :])
+
+
+@triton.jit
+def _q4_5_k(acc, b, xb, c, i, row_ok, m_ok, FIVE: tl.constexpr):
+    """Chunk c (0..3) of a Q4_K block (d | dmin | scales[12] | qs[128]) or a Q5_K block (... | qh[32] |
+    qs[128]): sub-blocks 2c and 2c + 1, in the low and high nibbles of qs bytes 32c..32c+31. Word i:
+    bytes 2i, 2i+1 -> element l = 2i and 2i + 1 of each sub-block; Q5_K's fifth bit of element l of
+    sub-block s is bit s of qh byte l. w = d * sc * q - dmin * mn per sub-block."""
+    sc0, mn0 = _k4_scale_min(b + 4, 2 * c, row_ok)
+    sc1, mn1 = _k4_scale_min(b + 4, 2 * c + 1, row_ok)
+    if FIVE:
+        w = _w16(b + 48 + 32 * c + 2 * i, row_ok)
+        h = _w16(b + 16 + 2 * i, row_ok)
+    else:
+        w = _w16(b + 16 + 32 * c + 2 * i, row_ok)
+    parts0 = tl.zeros(acc.shape, dtype=tl.float32)
+    parts1 = tl.zeros(acc.shape, dtype=tl.float32)
+    xs0 = tl.zeros((acc.shape[0], 1, acc.shape[2]), dtype=tl.float32)
+    xs1 = tl.zeros((acc.shape[0], 1, acc.shape[2]), dtype=tl.float32)
+    for t in tl.static_range(2):                           # byte 2i + t: element l = 2i + t
+        for n in tl.static_range(2):                       # low nibble: sub-block 2c; high: 2c + 1
+            q = (w >> (8 * t + 4 * n)) & 15
+            if FIVE:
+                q = q | (((h >> (8 * t + 2 * c + n)) & 1) << 4)
+            x = tl.load(xb + 32 * n + 2 * i + t, mask=m_ok, other=0.0)[:, None, :]
+            if n == 0:
+                parts0 += x * q.to(tl.float32)[None, :, :]
+                xs0 += x
+            else:
+                parts1 += x * q.to(tl.float32)[None, :, :]
+                xs1 += x
+    d = _f16(b, row_ok)[None, :, :]
+    dmin = _f16(b + 2, row_ok)[None, :, :]
+    acc += (d * sc0[None, :, :]) * parts0 - (dmin * mn0[None, :, :]) * xs0
+    return acc + (d * sc1[None, :, :]) * parts1 - (dmin * mn1[None, :, :]) * xs1
+
+
+@triton.jit
+def _q6_k(acc, b, xb, a, i, row_ok, m_ok):
+    """Half a (0, 1) of a Q6_K block (ql[128] | qh[64] | scales int8[16] | d): ql bytes 64a..64a+63, qh
+    bytes 32a..32a+31. Element r (0..127) of the half: the low 4 bits are nibble r // 64 of ql byte
+    r % 64, the high 2 bits pair r // 32 of qh byte r % 32. Word slot i (0..15) of group g (0, 1):
+    ql bytes 32g + 2i + t (t = 0, 1) -> elements r = 32g + 2i + t (low nibble) and r + 64 (high
+    nibble), whose high bits are pairs g and g + 2 of qh byte 2i + t. w = d * sc[r // 16] * (q - 32)."""
+    qh = _w16(b + 128 + 32 * a + 2 * i, row_ok)
+    d = _f16(b + 208, row_ok)[None, :, :]
+    for g in tl.static_range(2):
+        ql = _w16(b + 64 * a + 32 * g + 2 * i, row_ok)
+        for n in tl.static_range(2):
+            part = tl.zeros(acc.shape, dtype=tl.float32)
+            for t in tl.static_range(2):
+                lo = (ql >> (8 * t + 4 * n)) & 15
+                hi = (qh >> (8 * t + 2 * (g + 2 * n))) & 3
+                x = tl.load(xb + 32 * g + 2 * i + t + 64 * n, mask=m_ok, other=0.0)[:, None, :]
+                part += x * ((lo | (hi << 4)) - 32).to(tl.float32)[None, :, :]
+            # sub-block (32g + 2i + 64n) // 16 of the half
+            sc = tl.load(b + 192 + 8 * a + 2 * g + i // 8 + 4 * n, mask=row_ok, other=0).to(tl.int8, bitcast=True)
+            acc += (d * sc.to(tl.float32)[None, :, :]) * part
+    return acc
+
+
+@triton.jit
+def gemv_words_kernel(x_ptr, w_ptr, y_ptr, M, N, K, row_bytes, units_per_split,
+                      FMT: tl.constexpr, TS: tl.constexpr, UNIT: tl.constexpr, PER_BLOCK: tl.constexpr,
+                      W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """y[split] (M, N) = x[:, this split's units] @ W[rows, the same].T, x (M, K) float32."""
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    ms = tl.arange(0, BLOCK_M)
+    row_ok = (rows < N)[:, None]
+    m_ok = ms[:, None] < M
+    row_base = w_ptr + rows.to(tl.int64)[:, None] * row_bytes            # (BLOCK_N, 1)
+    x_rows = x_ptr + ms[:, None] * K                                     # (BLOCK_M, 1)
+    i = tl.arange(0, W)[None, :]                                         # word slots
+    u0 = split * units_per_split
+    u1 = tl.minimum(u0 + units_per_split, K // UNIT)
+    acc = tl.zeros((BLOCK_M, BLOCK_N, W), dtype=tl.float32)
+    for u in range(u0, u1):
+        blk = u // PER_BLOCK                                             # units per GGUF block
+        b = row_base + blk * TS
+        xb = x_rows + u * UNIT
+        if FMT == 2:
+            acc = _q4_0(acc, b, xb, i, row_ok, m_ok)
+        elif FMT == 8:
+            acc = _q8_0(acc, b, xb, i, row_ok, m_ok)
+        elif FMT == 12:
+            acc = _q4_5_k(acc, b, xb, u % 4, i, row_ok, m_ok, False)
+        elif FMT == 13:
+            acc = _q4_5_k(acc, b, xb, u % 4, i, row_ok, m_ok, True)
+        else:
+            acc = _q6_k(acc, b, xb, u % 2, i, row_ok, m_ok)
+    y = tl.sum(acc, axis=2)
+    tl.store(y_ptr + split.to(tl.int64) * M * N + ms[:, None] * N + rows[None, :], y,
+             mask=m_ok & (rows < N)[None, :])

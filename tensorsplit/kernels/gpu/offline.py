@@ -1,0 +1,123 @@
+"""Compile the GPU kernels for GPUs that are not here, and read what each compiled kernel uses.
+
+Triton compiles for a named target without a device: its own pipeline, then for NVIDIA the ptxas
+its wheel ships (cuobjdump, beside it, reads the registers back), for AMD its bundled LLVM (the
+register counts are in the amdgcn text). So a CPU-only machine can check that every kernel the
+launcher can pick (matmul.launch_config: each format, each gemv row bucket, the gemm in fp16 and
+float32) compiles for the GPUs the users have, and that none spills registers to local memory,
+which would make a memory-bound kernel read its spills too. tests/test_triton_compile.py runs it.
+
+    python -m tensorsplit.kernels.gpu.offline [--targets sm_90,gfx942] [--json]
+
+Must run without TRITON_INTERPRET=1 (under the interpreter a kernel is a Python function, with
+nothing to compile); the test runs it in a child process for that reason.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+
+# name -> (backend, arch, warp size): H100/H200, A100, RTX 30xx / A10, RTX 40xx, MI300, RX 7900
+TARGETS = {"sm_90": ("cuda", 90, 32), "sm_80": ("cuda", 80, 32), "sm_86": ("cuda", 86, 32),
+           "sm_89": ("cuda", 89, 32), "gfx942": ("hip", "gfx942", 64), "gfx1100": ("hip", "gfx1100", 32)}
+ROWS = (1, 2, 4, 8, 16, 64)        # the gemv row buckets, and a prompt chunk (the gemm)
+_POINTERS = {"x_ptr": "*fp32", "w_ptr": "*u8", "tab_ptr": "*fp32", "y_ptr": "*fp32"}
+_INTS = ("M", "N", "K", "row_bytes", "k_per_split", "units_per_split")
+
+
+@dataclass
+class Compiled:
+    target: str
+    kernel: str          # gemv_words, gemv or gemm
+    type_id: int
+    rows: int
+    constants: dict
+    registers: int       # per thread (NVIDIA), VGPRs (AMD)
+    spilled_bytes: int   # local memory / stack per thread (NVIDIA), spilled VGPRs + SGPRs (AMD)
+    error: str = ""
+
+
+def _signature(kernel) -> dict:
+    names = kernel.arg_names
+    return {n: _POINTERS.get(n, "i32") for n in names if n in _POINTERS or n in _INTS}
+
+
+def _nvidia_resources(cubin: bytes) -> tuple[int, int]:
+    import triton
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True, check=True).stdout
+    regs = int(re.search(r"REG:(\d+)", out).group(1))
+    spill = int(re.search(r"STACK:(\d+)", out).group(1)) + int(re.search(r"LOCAL:(\d+)", out).group(1))
+    return regs, spill
+
+
+def _amd_resources(amdgcn: str) -> tuple[int, int]:
+    def field(name):
+        return max(int(v) for v in re.findall(rf"\.{name}:\s+(\d+)", amdgcn))
+    return field("vgpr_count"), field("vgpr_spill_count") + field("sgpr_spill_count")
+
+
+def compile_one(target: str, type_id: int, rows: int, fp16_gemm: bool = True) -> Compiled:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from .matmul import GEMM_WARPS, GEMV_WARPS, launch_config
+    name, kernel, const = launch_config(type_id, rows, fp16_gemm)
+    warps = GEMM_WARPS if name == "gemm" else GEMV_WARPS
+    sig = {**_signature(kernel), **{k: "constexpr" for k in const}}
+    try:
+        k = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=const), target=GPUTarget(*TARGETS[target]),
+                           options={"num_warps": warps})
+        regs, spill = (_nvidia_resources(k.asm["cubin"]) if TARGETS[target][0] == "cuda"
+                       else _amd_resources(k.asm["amdgcn"]))
+        return Compiled(target, name, type_id, rows, const, regs, spill)
+    except Exception as e:  # noqa: BLE001 - reported per kernel, with the others still compiled
+        return Compiled(target, name, type_id, rows, const, -1, -1, f"{type(e).__name__}: {str(e)[:500]}")
+
+
+def _one(args) -> Compiled:
+    return compile_one(*args)
+
+
+def compile_all(targets=("sm_90",), type_ids=None, rows=ROWS, jobs: int | None = None) -> list[Compiled]:
+    """Every kernel the launcher can choose, for each target (a process pool: compiling is CPU-bound)."""
+    from ..layout import FORMATS
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError("offline compilation needs TRITON_INTERPRET unset")
+    type_ids = type_ids or sorted(t for t, f in FORMATS.items() if f.act is not None)
+    work = [(t, q, m) for t in targets for q in type_ids for m in rows]
+    with ProcessPoolExecutor(max_workers=jobs or min(8, os.cpu_count() or 1)) as pool:
+        return list(pool.map(_one, work))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--targets", default="sm_90", help=f"comma-separated, of {', '.join(TARGETS)}")
+    ap.add_argument("--rows", default=",".join(map(str, ROWS)))
+    ap.add_argument("--json", action="store_true")
+    a = ap.parse_args(argv)
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")     # Triton 3.9's default, said out loud
+    done = compile_all(tuple(a.targets.split(",")), rows=tuple(int(r) for r in a.rows.split(",")))
+    if a.json:
+        print(json.dumps([asdict(c) for c in done]))
+    else:
+        from gguf import GGMLQuantizationType as Q
+        print(f"{'target':<8} {'format':<7} {'rows':>4} {'kernel':<10} {'regs':>4} {'spill':>5}")
+        for c in done:
+            print(f"{c.target:<8} {Q(c.type_id).name:<7} {c.rows:>4} {c.kernel:<10} {c.registers:>4} "
+                  f"{c.spilled_bytes:>5} {c.error}")
+    return 1 if any(c.error for c in done) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""Every GPU kernel the launcher can pick compiles for the GPUs users have, with no register spills on
+sm_90, checked on this CPU-only machine: Triton compiles for a named target without a device, and the
+ptxas and cuobjdump its wheel ships say how many registers each kernel takes (kernels/gpu/offline.py).
+The interpreter (tests/test_triton_kernels.py) checks what the kernels compute; this checks that the
+same source becomes GPU code: an operation the interpreter accepts and the compiler does not, or a
+tile too large for the register file, fails here."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton", reason="no Triton wheel for this machine (scripts/setup.sh installs one where it can)")
+
+from tensorsplit.kernels.gpu.offline import ROWS  # noqa: E402
+from tensorsplit.kernels.layout import FORMATS  # noqa: E402
+
+TARGETS = ("sm_90", "sm_86", "gfx942", "gfx1100")
+GEMV_REGISTER_CAP = 128      # a gemv above it runs fewer than 4 programs of 4 warps per SM
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-m", "tensorsplit.kernels.gpu.offline", "--targets", ",".join(TARGETS),
+                        "--json"], env=env, capture_output=True, text=True, timeout=600)
+    assert r.stdout.strip(), r.stderr[-3000:]
+    return json.loads(r.stdout)
+
+
+@pytest.mark.slow
+def test_every_kernel_compiles_for_nvidia_and_amd_targets(compiled):
+    formats = sorted(t for t, f in FORMATS.items() if f.act is not None)
+    assert {(c["target"], c["type_id"], c["rows"]) for c in compiled} == {
+        (t, q, m) for t in TARGETS for q in formats for m in ROWS}
+    failed = [f"{c['target']} type {c['type_id']} rows {c['rows']}: {c['error']}" for c in compiled if c["error"]]
+    assert not failed, "\n".join(failed)
+    kinds = {c["kernel"] for c in compiled}
+    assert kinds == {"gemv_words", "gemv", "gemm"}, kinds
+
+
+@pytest.mark.slow
+def test_no_kernel_spills_on_sm_90_and_the_gemvs_leave_room_for_occupancy(compiled):
+    sm90 = [c for c in compiled if c["target"] == "sm_90"]
+    spills = [(c["type_id"], c["rows"], c["kernel"], c["spilled_bytes"]) for c in sm90 if c["spilled_bytes"]]
+    assert not spills, spills
+    heavy = [(c["type_id"], c["rows"], c["registers"]) for c in sm90
+             if c["kernel"] != "gemm" and c["registers"] > GEMV_REGISTER_CAP]
+    assert not heavy, heavy
