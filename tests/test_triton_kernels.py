@@ -148,7 +148,7 @@ def test_block_choices():
     assert [gemv_blocks(m)[0] for m in (1, 2, 3, 5, 9, 16)] == [1, 2, 4, 8, 16, 16]
     assert [gemv_blocks(m)[1:] for m in (1, 4, 8, 16)] == [(32, 32), (32, 32), (16, 32), (16, 32)]
     assert [words_blocks(2, m) for m in (1, 3, 16)] == [(1, 128), (4, 32), (16, 16)]
-    assert words_blocks(13, 1) == (1, 32) and words_blocks(13, 2) == (2, 16)
+    assert words_blocks(13, 1) == (1, 32) and words_blocks(12, 2) == (2, 16)
     assert words_blocks(14, 1) == (1, 64)
     assert k_splits(34000, 32, 64, 132) == 1               # 532 programs already fill 132 SMs 4 times
     assert k_splits(32000, 32, 64, 132) == 2               # 500 do not quite

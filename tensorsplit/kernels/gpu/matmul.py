@@ -112,7 +112,7 @@ def words_blocks(type_id: int, m: int) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_N) of gemv.py's kernel for m x rows: weight rows per program such that the kernel
     stays within 128 registers on sm_90 (offline.py reads the compiled register counts)."""
     block_m = triton.next_power_of_2(m)
-    rows_at_1 = {2: 128, 8: 128, 12: 64, 13: 32, 14: 64}[type_id]    # the K-quants hold more per row
+    rows_at_1 = {2: 128, 8: 128, 12: 32, 13: 32, 14: 64}[type_id]    # the K-quants hold more per row
     return block_m, max(16, rows_at_1 // block_m)
 
 

@@ -41,6 +41,9 @@ class Compiled:
     constants: dict
     registers: int       # per thread (NVIDIA), VGPRs (AMD)
     spilled_bytes: int   # local memory / stack per thread (NVIDIA), spilled VGPRs + SGPRs (AMD)
+    # NVIDIA: instructions of the main loop's body per weight element a thread decodes in it (the
+    # issue cost of streaming the weights; ~4.4 is what an H200's issue rate allows at its memory rate)
+    loop_instructions_per_element: float | None = None
     error: str = ""
 
 
@@ -49,16 +52,35 @@ def _signature(kernel) -> dict:
     return {n: _POINTERS.get(n, "i32") for n in names if n in _POINTERS or n in _INTS}
 
 
-def _nvidia_resources(cubin: bytes) -> tuple[int, int]:
+def _nvidia_tool(name: str) -> str:
     import triton
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+def _nvidia_resources(cubin: bytes) -> tuple[int, int, int]:
+    """(registers, spilled bytes, instructions in the body of the largest loop) of a cubin."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True, check=True).stdout
+        out = subprocess.run([_nvidia_tool("cuobjdump"), "--dump-resource-usage", f.name], capture_output=True,
+                             text=True, check=True).stdout
+        sass = subprocess.run([_nvidia_tool("nvdisasm"), "-c", f.name], capture_output=True, text=True,
+                              check=True).stdout.splitlines()
     regs = int(re.search(r"REG:(\d+)", out).group(1))
     spill = int(re.search(r"STACK:(\d+)", out).group(1)) + int(re.search(r"LOCAL:(\d+)", out).group(1))
-    return regs, spill
+    labels = {line.strip()[:-1]: n for n, line in enumerate(sass) if re.match(r"^\.L_x_\d+:", line)}
+    body = 0
+    for n, line in enumerate(sass):                 # a backward branch closes a loop
+        m = re.search(r"BRA `\((\.L_x_\d+)\)", line)
+        if m and labels.get(m.group(1), n) < n:
+            body = max(body, sum(1 for x in sass[labels[m.group(1)]:n + 1] if re.match(r"\s+/\*[0-9a-f]{4}\*/", x)))
+    return regs, spill, body
+
+
+def _elements_per_thread(name: str, const: dict, warps: int) -> int:
+    """Weight elements one thread decodes per trip of the main loop."""
+    per_trip = const["BLOCK_N"] * (const["UNIT"] if name == "gemv_words" else const["KC"])
+    return max(1, per_trip // (32 * warps))
 
 
 def _amd_resources(amdgcn: str) -> tuple[int, int]:
@@ -78,8 +100,11 @@ def compile_one(target: str, type_id: int, rows: int, fp16_gemm: bool = True) ->
     try:
         k = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=const), target=GPUTarget(*TARGETS[target]),
                            options={"num_warps": warps})
-        regs, spill = (_nvidia_resources(k.asm["cubin"]) if TARGETS[target][0] == "cuda"
-                       else _amd_resources(k.asm["amdgcn"]))
+        if TARGETS[target][0] == "cuda":
+            regs, spill, body = _nvidia_resources(k.asm["cubin"])
+            per_element = round(body / _elements_per_thread(name, const, warps), 1) if body else None
+            return Compiled(target, name, type_id, rows, const, regs, spill, per_element)
+        regs, spill = _amd_resources(k.asm["amdgcn"])
         return Compiled(target, name, type_id, rows, const, regs, spill)
     except Exception as e:  # noqa: BLE001 - reported per kernel, with the others still compiled
         return Compiled(target, name, type_id, rows, const, -1, -1, f"{type(e).__name__}: {str(e)[:500]}")
@@ -112,10 +137,11 @@ def main(argv=None) -> int:
         print(json.dumps([asdict(c) for c in done]))
     else:
         from gguf import GGMLQuantizationType as Q
-        print(f"{'target':<8} {'format':<7} {'rows':>4} {'kernel':<10} {'regs':>4} {'spill':>5}")
+        print(f"{'target':<8} {'format':<7} {'rows':>4} {'kernel':<10} {'regs':>4} {'spill':>5} {'loop/elem':>9}")
         for c in done:
+            per = "" if c.loop_instructions_per_element is None else f"{c.loop_instructions_per_element:.1f}"
             print(f"{c.target:<8} {Q(c.type_id).name:<7} {c.rows:>4} {c.kernel:<10} {c.registers:>4} "
-                  f"{c.spilled_bytes:>5} {c.error}")
+                  f"{c.spilled_bytes:>5} {per:>9} {c.error}")
     return 1 if any(c.error for c in done) else 0
 
 
