@@ -48,15 +48,15 @@ def _gemv_kernel(x_ptr, w_ptr, tab_ptr, y_ptr, M, N, K, row_bytes, k_per_split,
     row_base = w_ptr + rows.to(tl.int64)[:, None] * row_bytes          # (BLOCK_N, 1)
     k0 = split * k_per_split
     k1 = tl.minimum(k0 + k_per_split, K)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N, KC), dtype=tl.float32)          # summed over KC once, at the end
     for c in range(k0, k1, KC):
         cols = c + kk[None, :]                                          # (1, KC)
         col_ok = cols < k1
         w = decode(row_base, cols, row_ok[:, None] & col_ok, tab_ptr, FMT, QK, TS)       # (BLOCK_N, KC)
         x = tl.load(x_ptr + ms[:, None] * K + cols, mask=(ms[:, None] < M) & col_ok, other=0.0)  # (BLOCK_M, KC)
-        acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
+        acc += x[:, None, :] * w[None, :, :]
     out = y_ptr + split.to(tl.int64) * M * N + ms[:, None] * N + rows[None, :]
-    tl.store(out, acc, mask=(ms[:, None] < M) & row_ok[None, :])
+    tl.store(out, tl.sum(acc, axis=2), mask=(ms[:, None] < M) & row_ok[None, :])
 
 
 @triton.jit
