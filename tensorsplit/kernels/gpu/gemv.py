@@ -1,8 +1,8 @@
 """The decode-step GEMV for the most used formats, in Triton: Q4_0, Q8_0, Q4_K, Q5_K and Q6_K.
 
-matmul.py's generic gemv decodes one weight element per lane with byte loads (decode.py): about 37
-instructions per element on sm_90, several times what streaming the weights at the memory's rate
-allows (a 1.1B Q4_0 at an H200's ~4.3 TB/s is ~7.6e12 elements/s; the SMs issue ~3.3e13 thread
+matmul.py's generic gemv decodes one weight element per lane with byte loads (decode.py): 26 (Q4_0)
+to 60 (Q4_K) instructions per element in its loop on sm_90, several times what streaming the
+weights at the memory's rate allows (a 1.1B Q4_0 at an H200's ~4.3 TB/s is ~7.6e12 elements/s; the SMs issue ~3.3e13 thread
 instructions/s, so ~4.4 per element). These kernels load the blocks in 16-bit words (every GGUF
 block and field starts at an even byte), take 2 to 4 codes out of each word, and apply a block's or
 sub-block's scale once per word slot instead of once per element: 6-7 instructions per element
