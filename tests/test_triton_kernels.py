@@ -115,11 +115,12 @@ def test_edge_scales(qtype):
     _check(_run(raw, qtype, x, fp16_gemm=False), ref, scale, 8 + n_cols, f"{qtype.name} edge scales")
 
 
-@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q6_K, Q.IQ4_NL, Q.Q3_K], ids=lambda q: q.name)
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q6_K, Q.Q4_K, Q.IQ4_XS, Q.Q2_K, Q.Q3_K], ids=lambda q: q.name)
 def test_split_k_ranges_add_up(qtype):
     """The gemv's K ranges (split-K) give the unsplit result, on both gemv kernels (gemv.py's word
-    kernel for Q4_0 and Q6_K, the per-element one for IQ4_NL and Q3_K): 7 ranges of a K that is no
-    multiple of 7 steps, one range per step, and more ranges asked than K has steps."""
+    kernel: a unit of a block, half a block, a whole block, an eighth; the per-element one for Q2_K
+    and Q3_K): 7 ranges of a K that is no multiple of 7 steps (so ranges start inside blocks), one
+    range per step, and more ranges asked than K has steps."""
     rng = np.random.default_rng(3)
     n_cols = FORMATS[int(qtype)].block * 8
     raw = random_quantized(qtype, 70, n_cols, rng)

@@ -1,17 +1,19 @@
-"""The decode-step GEMV for the most used formats, in Triton: Q4_0, Q8_0, Q4_K, Q5_K and Q6_K.
+"""The decode-step GEMV in Triton for every format but Q2_K and Q3_K: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0,
+IQ4_NL, IQ4_XS, Q4_K, Q5_K and Q6_K.
 
 matmul.py's generic gemv decodes one weight element per lane with byte loads (decode.py): 26 (Q4_0)
 to 60 (Q4_K) instructions per element in its loop on sm_90, several times what streaming the
-weights at the memory's rate allows (a 1.1B Q4_0 at an H200's ~4.3 TB/s is ~7.6e12 elements/s; the SMs issue ~3.3e13 thread
-instructions/s, so ~4.4 per element). These kernels load the blocks in 16-bit words (every GGUF
-block and field starts at an even byte), take 2 to 4 codes out of each word, and apply a block's or
-sub-block's scale once per word slot instead of once per element: 6-7 instructions per element
-(Q4_0, from the compiled code, see offline.py). The products are the same float32 products of the
-same dequantized values, summed in another order.
+weights at the memory's rate allows (a 1.1B Q4_0 at an H200's ~4.3 TB/s is ~7.6e12 elements/s;
+the SMs issue ~3.3e13 thread instructions/s, so ~4.4 per element). These kernels load the blocks
+in 16-bit words (every GGUF block and field starts at an even byte), take 2 to 4 codes out of each
+word, and apply a block's or sub-block's scale once per word slot instead of once per element:
+6.7 instructions per element for Q4_0 and 7-16 for the others at one row (the compiled code, see
+offline.py). The products are the same float32 products of the same dequantized values, summed in
+another order. Q2_K and Q3_K (2-bit codes, rare in practice) keep the generic gemv.
 
-A program owns BLOCK_N weight rows and a range of K; it walks K one *unit* at a time (a Q4_0 or Q8_0
-block, a 64-element chunk of a Q4_K / Q5_K block, half of a Q6_K block), holding W word slots per
-row, and keeps per-slot float32 partial sums (BLOCK_M, BLOCK_N, W) that it reduces once at the end.
+A program owns BLOCK_N weight rows and a range of K; it walks K one *unit* at a time (a block of the
+32-element formats, an IQ4_XS sub-block, a whole Q4_K / Q5_K block, half of a Q6_K block), holding W
+word slots per row, and keeps per-slot float32 partial sums (BLOCK_M, BLOCK_N, W) that it reduces once at the end.
 Word slot i of a unit holds bytes 2i and 2i + 1 of the unit's code bytes; which elements those are
 is written beside each format.
 """
@@ -25,8 +27,8 @@ from .decode import _f16, _k4_scale_min
 # type id -> (elements per unit, word slots per unit W). Q4_K / Q5_K take a whole block per unit, its
 # four chunks unrolled, so that a row's scales and d, dmin are read once per block: 14.2 instructions
 # per element on sm_90 at one row, against 25.7 with a chunk per unit
-
-UNITS = {2: (32, 8), 8: (32, 16), 12: (256, 16), 13: (256, 16), 14: (128, 16)}
+UNITS = {2: (32, 8), 3: (32, 8), 6: (32, 8), 7: (32, 8), 20: (32, 8), 8: (32, 16), 12: (256, 16), 13: (256, 16),
+         14: (128, 16), 23: (32, 8)}
 
 
 @triton.jit
@@ -36,18 +38,65 @@ def _w16(p, m):
 
 
 @triton.jit
-def _q4_0(acc, b, xb, i, row_ok, m_ok):
-    """Block: d f16 | qs[16]. Word i: bytes 2i, 2i+1 -> codes of elements 2i, 2i+16 (low, high nibble
-    of byte 2i) and 2i+1, 2i+17. w = d * (q - 8)."""
+def _nibbles32(acc, b, xb, i, row_ok, m_ok, tab_ptr, FMT: tl.constexpr):
+    """The 32-element blocks with 4-bit codes in 16 bytes, low nibbles for elements 0..15 and high
+    nibbles for 16..31: Q4_0 (d | qs), Q4_1 (d | m | qs), Q5_0 (d | qh u32 | qs), Q5_1 (d | m | qh |
+    qs), IQ4_NL (d | qs, codes index IQ4_LEVELS). Word i of qs: bytes 2i, 2i+1 -> elements 2i, 2i+16
+    (low, high nibble of byte 2i) and 2i+1, 2i+17; the fifth bit of element e is bit e of qh (word
+    e // 16 of it). w = d * (q - 8), d * q + m, d * (q - 16), d * q + m, d * level[q]."""
+    if FMT == 2 or FMT == 20:
+        QS: tl.constexpr = 2
+    elif FMT == 3:
+        QS: tl.constexpr = 4
+    elif FMT == 6:
+        QS: tl.constexpr = 6
+    else:
+        QS: tl.constexpr = 8
     d = _f16(b, row_ok)[None, :, :]
-    w = _w16(b + 2 + 2 * i, row_ok)
+    w = _w16(b + QS + 2 * i, row_ok)
+    if FMT == 6 or FMT == 7:
+        qh_lo = _w16(b + QS - 4, row_ok)                 # bits of elements 0..15
+        qh_hi = _w16(b + QS - 2, row_ok)                 # 16..31
     part = tl.zeros(acc.shape, dtype=tl.float32)
     xsum = tl.zeros((acc.shape[0], 1, acc.shape[2]), dtype=tl.float32)
     for s in tl.static_range(4):
+        q = (w >> (4 * s)) & 15
+        if FMT == 6 or FMT == 7:                         # element 2i + s // 2 (+ 16 for s odd)
+            if s % 2 == 0:
+                q = q | (((qh_lo >> (2 * i + s // 2)) & 1) << 4)
+            else:
+                q = q | (((qh_hi >> (2 * i + s // 2)) & 1) << 4)
         x = tl.load(xb + 2 * i + s // 2 + 16 * (s % 2), mask=m_ok, other=0.0)[:, None, :]
-        part += x * ((w >> (4 * s)) & 15).to(tl.float32)[None, :, :]
+        if FMT == 20:
+            part += x * tl.load(tab_ptr + q)[None, :, :]
+        else:
+            part += x * q.to(tl.float32)[None, :, :]
         xsum += x
-    return acc + d * (part - 8.0 * xsum)
+    if FMT == 2:
+        acc += d * (part - 8.0 * xsum)
+    elif FMT == 6:
+        acc += d * (part - 16.0 * xsum)
+    elif FMT == 20:
+        acc += d * part
+    else:                                                # Q4_1, Q5_1: d * q + m
+        acc += d * part + _f16(b + 2, row_ok)[None, :, :] * xsum
+    return acc
+
+
+@triton.jit
+def _iq4_xs(acc, b, xb, j, i, row_ok, m_ok, tab_ptr):
+    """Sub-block j (0..7) of an IQ4_XS block (d | scales_h u16 | scales_l[4] | qs[128]): a 6-bit scale
+    (nibble j % 2 of scales_l byte j // 2, with bits 2j, 2j+1 of scales_h on top; offset 32) and codes
+    in qs bytes 16j..16j+15, laid out as an IQ4_NL block's. w = d * sc * level[q]. (A whole block per
+    unit, its 8 sub-blocks unrolled, spilled on sm_90 at 8 rows.)"""
+    lo = (tl.load(b + 4 + j // 2, mask=row_ok, other=0).to(tl.int32) >> (4 * (j % 2))) & 15
+    sc = ((lo | (((_w16(b + 2, row_ok) >> (2 * j)) & 3) << 4)) - 32).to(tl.float32)[None, :, :]
+    w = _w16(b + 8 + 16 * j + 2 * i, row_ok)
+    part = tl.zeros(acc.shape, dtype=tl.float32)
+    for s in tl.static_range(4):
+        x = tl.load(xb + 2 * i + s // 2 + 16 * (s % 2), mask=m_ok, other=0.0)[:, None, :]
+        part += x * tl.load(tab_ptr + ((w >> (4 * s)) & 15))[None, :, :]
+    return acc + (_f16(b, row_ok)[None, :, :] * sc) * part
 
 
 @triton.jit
@@ -122,7 +171,7 @@ def _q6_k(acc, b, xb, a, i, row_ok, m_ok):
 
 
 @triton.jit
-def gemv_words_kernel(x_ptr, w_ptr, y_ptr, M, N, K, row_bytes, units_per_split,
+def gemv_words_kernel(x_ptr, w_ptr, tab_ptr, y_ptr, M, N, K, row_bytes, units_per_split,
                       FMT: tl.constexpr, TS: tl.constexpr, UNIT: tl.constexpr, PER_BLOCK: tl.constexpr,
                       W: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """y[split] (M, N) = x[:, this split's units] @ W[rows, the same].T, x (M, K) float32."""
@@ -142,8 +191,10 @@ def gemv_words_kernel(x_ptr, w_ptr, y_ptr, M, N, K, row_bytes, units_per_split,
         blk = u // PER_BLOCK                                             # units per GGUF block
         b = row_base + blk * TS
         xb = x_rows + u * UNIT
-        if FMT == 2:
-            acc = _q4_0(acc, b, xb, i, row_ok, m_ok)
+        if FMT == 2 or FMT == 3 or FMT == 6 or FMT == 7 or FMT == 20:
+            acc = _nibbles32(acc, b, xb, i, row_ok, m_ok, tab_ptr, FMT)
+        elif FMT == 23:
+            acc = _iq4_xs(acc, b, xb, u % 8, i, row_ok, m_ok, tab_ptr)
         elif FMT == 8:
             acc = _q8_0(acc, b, xb, i, row_ok, m_ok)
         elif FMT == 12 or FMT == 13:                     # a whole block: its scales are read once

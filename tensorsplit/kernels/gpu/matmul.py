@@ -112,7 +112,7 @@ def words_blocks(type_id: int, m: int) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_N) of gemv.py's kernel for m x rows: weight rows per program such that the kernel
     stays within 128 registers on sm_90 (offline.py reads the compiled register counts)."""
     block_m = triton.next_power_of_2(m)
-    rows_at_1 = {2: 128, 8: 128, 12: 32, 13: 32, 14: 64}[type_id]    # the K-quants hold more per row
+    rows_at_1 = {12: 32, 13: 32, 14: 64}.get(type_id, 128)    # the K-quants hold more per row
     return block_m, max(16, rows_at_1 // block_m)
 
 
@@ -170,7 +170,8 @@ def qmatmul(x2: torch.Tensor, data: torch.Tensor, type_id: int, n_rows: int, n_c
     y = torch.empty((n_split, m, n_rows), dtype=torch.float32, device=x2.device)
     grid = (triton.cdiv(n_rows, const["BLOCK_N"]), n_split)
     if name == "gemv_words":
-        kernel[grid](x2, data, y, m, n_rows, n_cols, data.shape[1], per_split, **const, num_warps=GEMV_WARPS)
+        kernel[grid](x2, data, _levels_on(x2.device), y, m, n_rows, n_cols, data.shape[1], per_split, **const,
+                     num_warps=GEMV_WARPS)
     else:
         kernel[grid](x2, data, _levels_on(x2.device), y, m, n_rows, n_cols, data.shape[1], per_split * step,
                      **const, num_warps=GEMV_WARPS)
