@@ -33,7 +33,7 @@ from tensorsplit.model.quants import QWeight, paths, qmatmul
 from test_kernels import F16_FIELDS, QUANTS
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-ROWS_M = (1, 2, 3, 7, 16, 17, 40)          # gemv up to 16, gemm beyond
+ROWS_M = (1, 2, 3, 7, 16, 17, 40, 130)     # gemv up to 16, gemm beyond (tiles of 128 rows from 128)
 FP16_UNITS = 2 ** 14
 
 

@@ -26,7 +26,9 @@ from .gemv import UNITS, gemv_words_kernel
 GEMV_MAX_ROWS = 16
 # programs the gemv aims for per multiprocessor before it splits K (enough loads in flight to stream)
 PROGRAMS_PER_SM = 4
-GEMM_BLOCKS = (64, 64, 32)   # BLOCK_M, BLOCK_N, KC of the gemm
+GEMM_BLOCKS = (64, 64, 32)   # BLOCK_M, BLOCK_N, KC of the gemm; BLOCK_M 128 from GEMM_TALL rows on
+GEMM_TALL = 128              # (each decoded weight tile then serves twice the rows: the decode, not the
+                             # tensor cores, is most of a gemm step's instructions, offline.py)
 GEMM_WARPS = 8               # 4 spilled the K-quant decode on sm_90 (offline.py)
 GEMV_WARPS = 4
 
@@ -139,6 +141,7 @@ def launch_config(type_id: int, m: int, fp16_gemm: bool) -> tuple[str, object, d
         return "gemv", _gemv_kernel, dict(FMT=type_id, QK=f.block, TS=f.block_bytes, BLOCK_M=block_m,
                                           BLOCK_N=block_n, KC=kc)
     block_m, block_n, kc = GEMM_BLOCKS
+    block_m = 2 * block_m if m >= GEMM_TALL else block_m
     return "gemm", _gemm_kernel, dict(FMT=type_id, QK=f.block, TS=f.block_bytes, FP16=fp16_gemm, BLOCK_M=block_m,
                                       BLOCK_N=block_n, KC=kc)
 

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 # name -> (backend, arch, warp size): H100/H200, A100, RTX 30xx / A10, RTX 40xx, MI300, RX 7900
 TARGETS = {"sm_90": ("cuda", 90, 32), "sm_80": ("cuda", 80, 32), "sm_86": ("cuda", 86, 32),
            "sm_89": ("cuda", 89, 32), "gfx942": ("hip", "gfx942", 64), "gfx1100": ("hip", "gfx1100", 32)}
-ROWS = (1, 2, 4, 8, 16, 64)        # the gemv row buckets, and a prompt chunk (the gemm)
+ROWS = (1, 2, 4, 8, 16, 64, 512)   # the gemv row buckets, and prompt chunks (the gemm, both tile heights)
 _POINTERS = {"x_ptr": "*fp32", "w_ptr": "*u8", "tab_ptr": "*fp32", "y_ptr": "*fp32"}
 _INTS = ("M", "N", "K", "row_bytes", "k_per_split", "units_per_split")
 
