@@ -22,6 +22,7 @@ import triton.language as tl
 from ..layout import FORMATS
 from .decode import IQ4_LEVELS, decode
 from .gemv import UNITS, gemv_words_kernel
+from .tiles import WORD_TILE_FORMATS, word_tile
 
 GEMV_MAX_ROWS = 16
 # programs the gemv aims for per multiprocessor before it splits K (enough loads in flight to stream)
@@ -63,9 +64,11 @@ def _gemv_kernel(x_ptr, w_ptr, tab_ptr, y_ptr, M, N, K, row_bytes, k_per_split,
 
 @triton.jit
 def _gemm_kernel(x_ptr, w_ptr, tab_ptr, y_ptr, M, N, K, row_bytes,
-                 FMT: tl.constexpr, QK: tl.constexpr, TS: tl.constexpr, FP16: tl.constexpr,
+                 FMT: tl.constexpr, QK: tl.constexpr, TS: tl.constexpr, FP16: tl.constexpr, WORDS: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KC: tl.constexpr):
-    """y (M, N) = x (M, K) @ W.T, one (BLOCK_M, BLOCK_N) tile per program."""
+    """y (M, N) = x (M, K) @ W.T, one (BLOCK_M, BLOCK_N) tile per program. WORDS: the weight tiles come
+    from word loads in the words' column order (tiles.py; x is loaded in the same order), else from
+    decode.py element by element (KC = 32 either way; K is a multiple of 32)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     ms = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -76,10 +79,13 @@ def _gemm_kernel(x_ptr, w_ptr, tab_ptr, y_ptr, M, N, K, row_bytes,
     x_rows = x_ptr + ms.to(tl.int64)[:, None] * K
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for c in range(0, K, KC):
-        cols = c + kk[None, :]
-        col_ok = cols < K
-        w = decode(row_base, cols, row_ok[:, None] & col_ok, tab_ptr, FMT, QK, TS)      # (BLOCK_N, KC)
-        x = tl.load(x_rows + cols, mask=m_ok[:, None] & col_ok, other=0.0)              # (BLOCK_M, KC)
+        if WORDS:
+            w, perm = word_tile(row_base, c, row_ok[:, None], tab_ptr, FMT, QK, TS)       # (BLOCK_N, 32)
+            x = tl.load(x_rows + c + perm, mask=m_ok[:, None], other=0.0)               # (BLOCK_M, 32)
+        else:
+            cols = c + kk[None, :]
+            w = decode(row_base, cols, row_ok[:, None], tab_ptr, FMT, QK, TS)           # (BLOCK_N, KC)
+            x = tl.load(x_rows + cols, mask=m_ok[:, None], other=0.0)                   # (BLOCK_M, KC)
         if FP16:
             acc += tl.dot(x.to(tl.float16), tl.trans(w.to(tl.float16)))
         else:
@@ -142,8 +148,8 @@ def launch_config(type_id: int, m: int, fp16_gemm: bool) -> tuple[str, object, d
                                           BLOCK_N=block_n, KC=kc)
     block_m, block_n, kc = GEMM_BLOCKS
     block_m = 2 * block_m if m >= GEMM_TALL else block_m
-    return "gemm", _gemm_kernel, dict(FMT=type_id, QK=f.block, TS=f.block_bytes, FP16=fp16_gemm, BLOCK_M=block_m,
-                                      BLOCK_N=block_n, KC=kc)
+    return "gemm", _gemm_kernel, dict(FMT=type_id, QK=f.block, TS=f.block_bytes, FP16=fp16_gemm,
+                                      WORDS=type_id in WORD_TILE_FORMATS, BLOCK_M=block_m, BLOCK_N=block_n, KC=kc)
 
 
 def qmatmul(x2: torch.Tensor, data: torch.Tensor, type_id: int, n_rows: int, n_cols: int, fp16_gemm: bool,
