@@ -38,12 +38,11 @@ def _w16(p, m):
 
 
 @triton.jit
-def _nibbles32(acc, b, xb, i, row_ok, m_ok, tab_ptr, FMT: tl.constexpr):
-    """The 32-element blocks with 4-bit codes in 16 bytes, low nibbles for elements 0..15 and high
-    nibbles for 16..31: Q4_0 (d | qs), Q4_1 (d | m | qs), Q5_0 (d | qh u32 | qs), Q5_1 (d | m | qh |
-    qs), IQ4_NL (d | qs, codes index IQ4_LEVELS). Word i of qs: bytes 2i, 2i+1 -> elements 2i, 2i+16
-    (low, high nibble of byte 2i) and 2i+1, 2i+17; the fifth bit of element e is bit e of qh (word
-    e // 16 of it). w = d * (q - 8), d * q + m, d * (q - 16), d * q + m, d * level[q]."""
+def _nibble_words(b, i, row_ok, FMT: tl.constexpr):
+    """(w, qh_lo, qh_hi) of a 32-element block with 4-bit codes in 16 bytes, low nibbles for elements
+    0..15 and high nibbles for 16..31: Q4_0 (d | qs), Q4_1 (d | m | qs), Q5_0 (d | qh u32 | qs), Q5_1
+    (d | m | qh | qs), IQ4_NL (d | qs). w: word slots i of qs; qh_lo, qh_hi (BLOCK_N, 1): the fifth
+    bits of elements 0..15 and 16..31 (Q5_0, Q5_1; zeros elsewhere, unused)."""
     if FMT == 2 or FMT == 20:
         QS: tl.constexpr = 2
     elif FMT == 3:
@@ -52,20 +51,39 @@ def _nibbles32(acc, b, xb, i, row_ok, m_ok, tab_ptr, FMT: tl.constexpr):
         QS: tl.constexpr = 6
     else:
         QS: tl.constexpr = 8
-    d = _f16(b, row_ok)[None, :, :]
     w = _w16(b + QS + 2 * i, row_ok)
     if FMT == 6 or FMT == 7:
-        qh_lo = _w16(b + QS - 4, row_ok)                 # bits of elements 0..15
-        qh_hi = _w16(b + QS - 2, row_ok)                 # 16..31
+        qh_lo = _w16(b + QS - 4, row_ok)
+        qh_hi = _w16(b + QS - 2, row_ok)
+    else:
+        qh_lo = tl.zeros(row_ok.shape, dtype=tl.int32)
+        qh_hi = qh_lo
+    return w, qh_lo, qh_hi
+
+
+@triton.jit
+def _nibble_code(w, qh_lo, qh_hi, i, s: tl.constexpr, FIVE: tl.constexpr):
+    """Code of nibble s (0..3) of word slot i: element 2i + s // 2 + 16 (s % 2) of the 32-element run
+    (low, high nibble of byte 2i, then of byte 2i + 1), with its fifth bit where FIVE."""
+    q = (w >> (4 * s)) & 15
+    if FIVE:
+        if s % 2 == 0:
+            q = q | (((qh_lo >> (2 * i + s // 2)) & 1) << 4)
+        else:
+            q = q | (((qh_hi >> (2 * i + s // 2)) & 1) << 4)
+    return q
+
+
+@triton.jit
+def _nibbles32(acc, b, xb, i, row_ok, m_ok, tab_ptr, FMT: tl.constexpr):
+    """A Q4_0, Q4_1, Q5_0, Q5_1 or IQ4_NL block (_nibble_words): w = d * (q - 8), d * q + m,
+    d * (q - 16), d * q + m, d * level[q]."""
+    d = _f16(b, row_ok)[None, :, :]
+    w, qh_lo, qh_hi = _nibble_words(b, i, row_ok, FMT)
     part = tl.zeros(acc.shape, dtype=tl.float32)
     xsum = tl.zeros((acc.shape[0], 1, acc.shape[2]), dtype=tl.float32)
     for s in tl.static_range(4):
-        q = (w >> (4 * s)) & 15
-        if FMT == 6 or FMT == 7:                         # element 2i + s // 2 (+ 16 for s odd)
-            if s % 2 == 0:
-                q = q | (((qh_lo >> (2 * i + s // 2)) & 1) << 4)
-            else:
-                q = q | (((qh_hi >> (2 * i + s // 2)) & 1) << 4)
+        q = _nibble_code(w, qh_lo, qh_hi, i, s, FMT == 6 or FMT == 7)
         x = tl.load(xb + 2 * i + s // 2 + 16 * (s % 2), mask=m_ok, other=0.0)[:, None, :]
         if FMT == 20:
             part += x * tl.load(tab_ptr + q)[None, :, :]
@@ -95,7 +113,7 @@ def _iq4_xs(acc, b, xb, j, i, row_ok, m_ok, tab_ptr):
     part = tl.zeros(acc.shape, dtype=tl.float32)
     for s in tl.static_range(4):
         x = tl.load(xb + 2 * i + s // 2 + 16 * (s % 2), mask=m_ok, other=0.0)[:, None, :]
-        part += x * tl.load(tab_ptr + ((w >> (4 * s)) & 15))[None, :, :]
+        part += x * tl.load(tab_ptr + _nibble_code(w, w, w, i, s, False))[None, :, :]
     return acc + (_f16(b, row_ok)[None, :, :] * sc) * part
 
 

@@ -107,7 +107,7 @@ def compile_one(target: str, type_id: int, rows: int, fp16_gemm: bool = True) ->
         regs, spill = _amd_resources(k.asm["amdgcn"])
         return Compiled(target, name, type_id, rows, const, regs, spill)
     except Exception as e:  # noqa: BLE001 - reported per kernel, with the others still compiled
-        return Compiled(target, name, type_id, rows, const, -1, -1, f"{type(e).__name__}: {str(e)[:500]}")
+        return Compiled(target, name, type_id, rows, const, -1, -1, error=f"{type(e).__name__}: {str(e)[:500]}")
 
 
 def _one(args) -> Compiled:

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from .decode import _f16, _k4_scale_min
-from .gemv import _w16
+from .gemv import _nibble_code, _nibble_words, _w16
 
 # formats word_tile decodes (the rest go through decode.py)
 WORD_TILE_FORMATS = (2, 3, 6, 7, 8, 12, 13, 14, 20, 23)
@@ -87,31 +87,18 @@ def word_tile(row_base, c, row_ok, tab_ptr, FMT: tl.constexpr, QK: tl.constexpr,
             sc6 = (lo | (((_w16(b + 2, row_ok) >> (2 * sb)) & 3) << 4)) - 32
             d = _f16(b, row_ok) * sc6.to(tl.float32)
             w = _w16(b + 8 + 16 * sb + 2 * i8, row_ok)
+            qh_lo = tl.zeros(row_ok.shape, dtype=tl.int32)   # no fifth bits
+            qh_hi = qh_lo
         else:
             d = _f16(b, row_ok)
-            if FMT == 2 or FMT == 20:
-                w = _w16(b + 2 + 2 * i8, row_ok)
-            elif FMT == 3:
-                w = _w16(b + 4 + 2 * i8, row_ok)
-            elif FMT == 6:
-                w = _w16(b + 6 + 2 * i8, row_ok)
-                qh_lo = _w16(b + 2, row_ok)
-                qh_hi = _w16(b + 4, row_ok)
-            else:
-                w = _w16(b + 8 + 2 * i8, row_ok)
-                qh_lo = _w16(b + 4, row_ok)
-                qh_hi = _w16(b + 6, row_ok)
+            w, qh_lo, qh_hi = _nibble_words(b, i8, row_ok, FMT)
+        five: tl.constexpr = FMT == 6 or FMT == 7
+        q0 = _nibble_code(w, qh_lo, qh_hi, i8, 0, five)
+        q1 = _nibble_code(w, qh_lo, qh_hi, i8, 1, five)
+        q2 = _nibble_code(w, qh_lo, qh_hi, i8, 2, five)
+        q3 = _nibble_code(w, qh_lo, qh_hi, i8, 3, five)
         if FMT == 3 or FMT == 7:
             mn = _f16(b + 2, row_ok)
-        q0 = w & 15
-        q1 = (w >> 4) & 15
-        q2 = (w >> 8) & 15
-        q3 = (w >> 12) & 15
-        if FMT == 6 or FMT == 7:                       # fifth bits: element 2i + s // 2 (+ 16 for s odd)
-            q0 = q0 | (((qh_lo >> (2 * i8)) & 1) << 4)
-            q1 = q1 | (((qh_hi >> (2 * i8)) & 1) << 4)
-            q2 = q2 | (((qh_lo >> (2 * i8 + 1)) & 1) << 4)
-            q3 = q3 | (((qh_hi >> (2 * i8 + 1)) & 1) << 4)
         if FMT == 20 or FMT == 23:
             return _nibble_order(d * tl.load(tab_ptr + q0), d * tl.load(tab_ptr + q1),
                                  d * tl.load(tab_ptr + q2), d * tl.load(tab_ptr + q3))
