@@ -1,17 +1,20 @@
-"""y = x @ W.T on a GPU for a weight in GGUF blocks (decode.py decodes them in registers), in Triton, so
-that one source serves CUDA and ROCm. Two kernels, by the number of x rows M:
+"""y = x @ W.T on a GPU for a weight in GGUF blocks, in Triton, so that one source serves CUDA and
+ROCm. `launch_config` picks the kernel by the number of x rows M and the format:
 
-  gemv (M <= GEMV_MAX_ROWS, decode steps): a program owns BLOCK_N weight rows and one range of K;
-      each K step decodes a (BLOCK_N, KC) tile once and multiplies it with all M rows of x in float32,
-      so every block is read once for the whole batch. When the rows alone make too few programs to
-      keep every multiprocessor reading (a 2048-row weight is 32 programs of 64 rows), K is split in
-      ranges, and torch adds the ranges' partial sums (one small op).
-  gemm (more rows, prompt chunks): (BLOCK_M, BLOCK_N) output tiles; each K step decodes a (BLOCK_N, KC)
-      weight tile in registers and feeds tl.dot with float32 accumulation: operands in fp16 for
-      numerics "llamacpp" (as llama.cpp's GPU backends multiply prompts), in float32 (ieee) for "exact".
+  gemv (M <= GEMV_MAX_ROWS, decode steps): a program owns BLOCK_N weight rows and one range of K and
+      reads each block once for all M rows, multiplying in float32. gemv.py's kernel loads 16-bit
+      words for every format but Q2_K / Q3_K; those two take _gemv_kernel here, one element per lane
+      (decode.py). When the rows alone make too few programs to keep every multiprocessor reading (a
+      2048-row weight is 16 programs of 128 rows), K is split in ranges, and torch adds the ranges'
+      partial sums (one small op).
+  gemm (more rows, prompt chunks): (BLOCK_M, BLOCK_N) output tiles; each K step decodes a (BLOCK_N, 32)
+      weight tile in registers (tiles.py from word loads, decode.py for Q2_K / Q3_K) and feeds tl.dot
+      with float32 accumulation: operands in fp16 for numerics "llamacpp" (as llama.cpp's GPU backends
+      multiply prompts), in float32 (ieee) for "exact".
 
-No dequantized copy of a weight is ever written, not even a tile. The block sizes below are first
-choices, not tuned on a GPU yet (scripts/gpu_check.sh measures them).
+No dequantized copy of a weight is ever written, not even a tile. The block sizes are chosen from the
+compiled code's registers and instruction counts (offline.py), not yet tuned on a GPU
+(scripts/gpu_check.sh measures them).
 """
 from __future__ import annotations
 
