@@ -23,7 +23,8 @@ import triton
 import triton.language as tl
 
 from ..layout import FORMATS
-from .decode import IQ4_LEVELS, decode
+from ...model.quants.formats_iq import KVALUES
+from .decode import decode
 from .gemv import UNITS, gemv_words_kernel
 from .tiles import WORD_TILE_FORMATS, word_tile
 
@@ -36,15 +37,16 @@ GEMM_TALL = 128              # (each decoded weight tile then serves twice the r
 GEMM_WARPS = 8               # 4 spilled the K-quant decode on sm_90 (offline.py)
 GEMV_WARPS = 4
 
-_levels: dict = {}        # device -> IQ4_LEVELS as a float32 tensor
+_levels: dict = {}        # device -> the IQ4 levels (formats_iq.KVALUES) as a float32 tensor
 _sm_count: dict = {}
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, tab_ptr, y_ptr, M, N, K, row_bytes, k_per_split,
+def _gemv_kernel(x_ptr, w_ptr, y_ptr, M, N, K, row_bytes, k_per_split,
                  FMT: tl.constexpr, QK: tl.constexpr, TS: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KC: tl.constexpr):
-    """y[split] (M, N) = x[:, K range of this split] @ W[rows, K range].T; x (M, K) float32."""
+    """y[split] (M, N) = x[:, K range of this split] @ W[rows, K range].T; x (M, K) float32. K and
+    k_per_split are multiples of KC (every block size is a multiple of 32 = KC)."""
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -57,9 +59,8 @@ def _gemv_kernel(x_ptr, w_ptr, tab_ptr, y_ptr, M, N, K, row_bytes, k_per_split,
     acc = tl.zeros((BLOCK_M, BLOCK_N, KC), dtype=tl.float32)          # summed over KC once, at the end
     for c in range(k0, k1, KC):
         cols = c + kk[None, :]                                          # (1, KC)
-        col_ok = cols < k1
-        w = decode(row_base, cols, row_ok[:, None] & col_ok, tab_ptr, FMT, QK, TS)       # (BLOCK_N, KC)
-        x = tl.load(x_ptr + ms[:, None] * K + cols, mask=(ms[:, None] < M) & col_ok, other=0.0)  # (BLOCK_M, KC)
+        w = decode(row_base, cols, row_ok[:, None], FMT, QK, TS)                         # (BLOCK_N, KC)
+        x = tl.load(x_ptr + ms[:, None] * K + cols, mask=ms[:, None] < M, other=0.0)    # (BLOCK_M, KC)
         acc += x[:, None, :] * w[None, :, :]
     out = y_ptr + split.to(tl.int64) * M * N + ms[:, None] * N + rows[None, :]
     tl.store(out, tl.sum(acc, axis=2), mask=(ms[:, None] < M) & row_ok[None, :])
@@ -87,7 +88,7 @@ def _gemm_kernel(x_ptr, w_ptr, tab_ptr, y_ptr, M, N, K, row_bytes,
             x = tl.load(x_rows + c + perm, mask=m_ok[:, None], other=0.0)               # (BLOCK_M, 32)
         else:
             cols = c + kk[None, :]
-            w = decode(row_base, cols, row_ok[:, None], tab_ptr, FMT, QK, TS)           # (BLOCK_N, KC)
+            w = decode(row_base, cols, row_ok[:, None], FMT, QK, TS)                    # (BLOCK_N, KC)
             x = tl.load(x_rows + cols, mask=m_ok[:, None], other=0.0)                   # (BLOCK_M, KC)
         if FP16:
             acc += tl.dot(x.to(tl.float16), tl.trans(w.to(tl.float16)))
@@ -99,7 +100,7 @@ def _gemm_kernel(x_ptr, w_ptr, tab_ptr, y_ptr, M, N, K, row_bytes,
 def _levels_on(device: torch.device) -> torch.Tensor:
     t = _levels.get(device)
     if t is None:
-        t = _levels[device] = torch.tensor(IQ4_LEVELS, dtype=torch.float32, device=device)
+        t = _levels[device] = torch.tensor(KVALUES, dtype=torch.float32, device=device)
     return t
 
 
@@ -145,12 +146,14 @@ def launch_config(type_id: int, m: int, fp16_gemm: bool) -> tuple[str, object, d
         return "gemv_words", gemv_words_kernel, dict(FMT=type_id, TS=f.block_bytes, UNIT=unit,
                                                      PER_BLOCK=f.block // unit, W=words, BLOCK_M=block_m,
                                                      BLOCK_N=block_n)
-    if m <= GEMV_MAX_ROWS:                             # the other formats: one element per lane
+    if m <= GEMV_MAX_ROWS:                             # Q2_K, Q3_K: one element per lane (decode.py)
+        assert type_id in (10, 11), type_id
         block_m, block_n, kc = gemv_blocks(m)
         return "gemv", _gemv_kernel, dict(FMT=type_id, QK=f.block, TS=f.block_bytes, BLOCK_M=block_m,
                                           BLOCK_N=block_n, KC=kc)
     block_m, block_n, kc = GEMM_BLOCKS
     block_m = 2 * block_m if m >= GEMM_TALL else block_m
+    assert type_id in WORD_TILE_FORMATS or type_id in (10, 11), type_id
     return "gemm", _gemm_kernel, dict(FMT=type_id, QK=f.block, TS=f.block_bytes, FP16=fp16_gemm,
                                       WORDS=type_id in WORD_TILE_FORMATS, BLOCK_M=block_m, BLOCK_N=block_n, KC=kc)
 
@@ -172,10 +175,10 @@ def qmatmul(x2: torch.Tensor, data: torch.Tensor, type_id: int, n_rows: int, n_c
         kernel[grid](x2, data, _levels_on(x2.device), y, m, n_rows, n_cols, data.shape[1], **const,
                      num_warps=GEMM_WARPS)
         return y
-    # a gemv: K in ranges of whole steps (a unit of the word kernel; KC columns of the other, whose
-    # last step may be partial: it masks columns past K)
+    # a gemv: K in ranges of whole steps (a unit of the word kernel, KC columns of the other; both
+    # divide every block size)
     step = const["UNIT"] if name == "gemv_words" else const["KC"]
-    n_steps = triton.cdiv(n_cols, step)
+    n_steps = n_cols // step
     n_split = min(splits or k_splits(n_rows, n_steps, const["BLOCK_N"], _multiprocessors(x2.device)), n_steps)
     per_split = triton.cdiv(n_steps, n_split)
     n_split = triton.cdiv(n_steps, per_split)
@@ -185,6 +188,6 @@ def qmatmul(x2: torch.Tensor, data: torch.Tensor, type_id: int, n_rows: int, n_c
         kernel[grid](x2, data, _levels_on(x2.device), y, m, n_rows, n_cols, data.shape[1], per_split, **const,
                      num_warps=GEMV_WARPS)
     else:
-        kernel[grid](x2, data, _levels_on(x2.device), y, m, n_rows, n_cols, data.shape[1], per_split * step,
-                     **const, num_warps=GEMV_WARPS)
+        kernel[grid](x2, data, y, m, n_rows, n_cols, data.shape[1], per_split * step, **const,
+                     num_warps=GEMV_WARPS)
     return y[0] if n_split == 1 else y.sum(0)

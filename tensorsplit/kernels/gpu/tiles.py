@@ -17,10 +17,10 @@ import triton
 import triton.language as tl
 
 from .decode import _f16, _k4_scale_min
-from .gemv import _nibble_code, _nibble_words, _w16
+from .gemv import UNITS, _nibble_code, _nibble_words, _w16
 
-# formats word_tile decodes (the rest go through decode.py)
-WORD_TILE_FORMATS = (2, 3, 6, 7, 8, 12, 13, 14, 20, 23)
+# formats word_tile decodes: those gemv.py reads in words (Q2_K, Q3_K go through decode.py)
+WORD_TILE_FORMATS = tuple(UNITS)
 
 
 @triton.jit
