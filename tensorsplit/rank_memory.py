@@ -84,6 +84,13 @@ def choose_split(gf, cfg, devices: Sequence[str], free: dict[str, int], n_slots:
     return AutoSplit(split_text(ratios), dict(free), given, tuple(rank_budgets(devices, free)))
 
 
+def auto_split(gf, cfg, devices: Sequence[str], n_slots: int, n_ctx: int, numerics: str,
+               native: bool) -> AutoSplit:
+    """choose_split against the devices' free memory: TENSORSPLIT_FREE_MEMORY's figures, else measured."""
+    return choose_split(gf, cfg, devices, free_memory(devices), n_slots, n_ctx, numerics, native,
+                        given=override() is not None)
+
+
 def check_auto_world(nnodes: int, torchrun: bool = False) -> None:
     """The worlds where --split auto cannot be resolved once for every rank."""
     if nnodes > 1:
@@ -104,15 +111,13 @@ def resolve_split(spec, node, *, torchrun: bool = False, announce: bool = True):
     from .worker.process import device_kinds
     check_auto_world(node.nnodes, torchrun)
     devices = rank_devices(device_kinds(spec.device, node.world), override())
-    free = free_memory(devices)
     gf, cfg = open_model(spec.model)
     try:
-        auto = choose_split(gf, cfg, devices, free, spec.n_slots, spec.n_ctx, spec.numerics, native(),
-                            given=override() is not None)
+        auto = auto_split(gf, cfg, devices, spec.n_slots, spec.n_ctx, spec.numerics, native())
     finally:
         gf.close()
     if announce and not spec.quiet:
-        where = ", ".join(f"{d} {gib(free[d])}" for d in dict.fromkeys(devices))
+        where = ", ".join(f"{d} {gib(auto.free[d])}" for d in dict.fromkeys(devices))
         print(f"tensorsplit: --split auto: {auto.split} (free: {where}"
               f"{', from ' + FREE_MEMORY_ENV if auto.given else ''})", file=sys.stderr, flush=True)
     return replace(spec, split=auto.split)

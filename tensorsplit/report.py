@@ -5,11 +5,11 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from .free_memory import FREE_MEMORY_ENV, free_memory, override, rank_devices
+from .free_memory import FREE_MEMORY_ENV, override, rank_devices
 from .model import make_plan, open_model, parse_split
 from .model.auto_split import FREE_MARGIN, RANK_RESERVE
 from .model.shard_plan import format_plan
-from .rank_memory import AUTO, check_auto_world, choose_split, rank_memory
+from .rank_memory import AUTO, auto_split, check_auto_world, rank_memory
 from .worker.process import device_kinds
 
 _BIG_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges", "tokenizer.ggml.scores")
@@ -68,8 +68,7 @@ def info_report(path: Path, *, nproc: int, nnodes: int = 1, split: str | None = 
     auto = None
     if split == AUTO:
         check_auto_world(nnodes)
-        auto = choose_split(gf, cfg, devices, free_memory(devices), n_slots, n_ctx, numerics, native_ok,
-                            given=override() is not None)
+        auto = auto_split(gf, cfg, devices, n_slots, n_ctx, numerics, native_ok)
         split = auto.split
     plan = make_plan(cfg, gf.tensors, world, parse_split(split, world))
     memory = rank_memory(gf, cfg, plan, devices, n_slots, n_ctx, numerics, native_ok)
