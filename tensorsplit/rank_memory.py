@@ -48,12 +48,16 @@ class AutoSplit:
 
 def rank_memory(gf, cfg, plan: ShardPlan, devices: Sequence[str], n_slots: int, n_ctx: int, numerics: str,
                 native: bool) -> list[RankMemory]:
-    """Bytes each rank of `plan` will hold; native: the native CPU kernels are available."""
+    """Bytes each rank of `plan` will hold; native: the native CPU kernels are available. Where every rank
+    is a GPU, the ranks run on NCCL with CUDA graphs (the default, worker/main.py), whose KV cache holds
+    one scratch slot more."""
     elem = Numerics(numerics).kv_dtype.itemsize
+    graphs = all(d.startswith("cuda") for d in devices)
     out = []
     for rs, device in zip(plan.ranks, devices):
         weights = resident_bytes(gf, rs.tensors, native and device == "cpu")
-        kv = KVCache.planned_bytes(cfg.layer_windows, n_slots, n_ctx, rs.n_local_kv_heads, cfg.head_dim, elem)
+        kv = KVCache.planned_bytes(cfg.layer_windows, n_slots, n_ctx, rs.n_local_kv_heads, cfg.head_dim, elem,
+                                   static=graphs)
         out.append(RankMemory(rs.rank, device, weights, kv))
     return out
 

@@ -142,6 +142,21 @@ def test_real_plan_fits_each_budget_after_rounding_to_units(smollm2):
     assert plan.ranks[0].n_local_kv_heads == 2 and plan.ratios[0] < proportional[0]
 
 
+def test_an_all_gpu_world_plans_the_scratch_slot_of_its_graphs(smollm2):
+    """Where every rank is a GPU, decode runs as CUDA graphs over a static cache with one scratch slot
+    (worker/main.py): planned per rank as the cache such a rank allocates; a cuda,cpu world has none."""
+    from tensorsplit.model.attention import KVCache
+    gf, cfg = smollm2
+    plan = make_plan(cfg, gf.tensors, 2)
+    gpus = rank_memory(gf, cfg, plan, ["cuda:0", "cuda:1"], 4, 512, "llamacpp", True)
+    mixed = rank_memory(gf, cfg, plan, ["cuda:0", "cpu"], 4, 512, "llamacpp", True)
+    for r, rs in enumerate(plan.ranks):
+        static = KVCache(cfg.n_layers, 4, 512, rs.n_local_kv_heads, cfg.head_dim, "cpu", torch.float16,
+                         cfg.layer_windows, static=True)
+        assert gpus[r].kv_cache == static.nbytes
+        assert mixed[r].kv_cache * 5 == static.nbytes * 4          # 4 slots, not 4 + 1
+
+
 def test_real_plan_with_ample_gpu_memory_leaves_the_cpu_one_unit(smollm2):
     gf, cfg = smollm2
     devices, free = ["cuda:0", "cpu"], {"cuda:0": 24 * G, "cpu": 64 * G}

@@ -28,6 +28,11 @@ def _rings(windows, n_ctx: int) -> tuple[int, ...]:
     return tuple(w if 0 < w < n_ctx else 0 for w in windows)
 
 
+def _stored_slots(n_slots: int, static: bool) -> int:
+    """Slots a cache stores: the sequences', and for fixed-shape decode one scratch slot."""
+    return n_slots + 1 if static else n_slots
+
+
 class KVCache:
     def __init__(self, n_layers: int, n_slots: int, n_ctx: int, n_local_kv_heads: int, head_dim: int,
                  device, dtype=torch.float32, windows: tuple[int, ...] | None = None, static: bool = False):
@@ -49,7 +54,7 @@ class KVCache:
         # Uninitialised on purpose: attention reads only positions 0..p of a slot, all written before
         # they are read, so pages of unused slots and positions are never touched (nor committed).
         alloc = torch.zeros if static else torch.empty
-        n_stored = n_slots + 1 if static else n_slots
+        n_stored = _stored_slots(n_slots, static)
         self.k = alloc((n_full, n_stored, n_ctx, *tail), dtype=dtype, device=device)
         self.v = alloc((n_full, n_stored, n_ctx, *tail), dtype=dtype, device=device)
         self.k_ring = alloc((n_ring, n_stored, self.ring, *tail), dtype=dtype, device=device)
@@ -63,11 +68,12 @@ class KVCache:
 
     @staticmethod
     def planned_bytes(windows, n_slots: int, n_ctx: int, n_local_kv_heads: int, head_dim: int,
-                      elem_bytes: int = 4) -> int:
+                      elem_bytes: int = 4, static: bool = False) -> int:
         """What the cache of these arguments will hold, without allocating it: k and v, a ring of
-        w entries for a sliding layer whose window w is shorter than the context."""
+        w entries for a sliding layer whose window w is shorter than the context; static: with the
+        scratch slot of fixed-shape decode."""
         entries = sum(w or n_ctx for w in _rings(windows, n_ctx))
-        return 2 * entries * n_slots * n_local_kv_heads * head_dim * elem_bytes
+        return 2 * entries * _stored_slots(n_slots, static) * n_local_kv_heads * head_dim * elem_bytes
 
     def check(self, positions: torch.Tensor, slots: torch.Tensor) -> None:
         """User-facing bounds check, once per forward (not per layer)."""
