@@ -30,6 +30,7 @@ from tensorsplit.model.quants import QWeight, qmatmul
 QUANTS = [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.IQ4_NL, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_XS]
 FLOATS = [Q.F16, Q.BF16]
 ROWS_M = (1, 2, 3, 4, 7, 16, 128)
+MIN_TASK_BYTES = 64 * 1024     # weight bytes per thread at least (csrc/ops.cpp grain_for)
 # byte offsets of each format's f16 scale fields inside a block (d, and dmin / m where there is one)
 F16_FIELDS = {Q.Q4_0: (0,), Q.Q4_1: (0, 2), Q.Q5_0: (0,), Q.Q5_1: (0, 2), Q.Q8_0: (0,), Q.IQ4_NL: (0,),
               Q.Q2_K: (80, 82), Q.Q3_K: (108,), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,), Q.IQ4_XS: (0,)}
@@ -152,7 +153,11 @@ def test_native_results_do_not_depend_on_threads_rows_shards_or_isa(qtype):
     _native_or_skip()
     rng = np.random.default_rng(5)
     n_cols = _cols(qtype)[2]
-    n_rows = 200
+    # threads take whole tiles, at least MIN_TASK_BYTES of them each (ops.cpp grain_for): enough tiles
+    # for 2 threads to both run, and a last tile that is not full
+    f = FORMATS[int(qtype)]
+    grain = max(1, MIN_TASK_BYTES // (n_cols // f.block * f.tile_block))
+    n_rows = 16 * (2 * grain + 2) + 5
     raw = _raw(qtype, n_rows, n_cols, rng)
     w = _weight(raw, qtype, n_cols, "native")
     x = torch.from_numpy(rng.standard_normal((19, n_cols)).astype(np.float32))
@@ -161,9 +166,11 @@ def test_native_results_do_not_depend_on_threads_rows_shards_or_isa(qtype):
     for numerics in (LLAMACPP, EXACT):
         torch.set_num_threads(1)
         one = qmatmul(x, w, numerics)
+        assert ops.matmul_threads() == 1
         torch.set_num_threads(2)
         try:
             two = qmatmul(x, w, numerics)
+            assert ops.matmul_threads() == 2, f"{qtype.name}: 2 threads asked for, {ops.matmul_threads()} ran"
         finally:
             torch.set_num_threads(threads)
         assert torch.equal(one, two), f"{qtype.name} {numerics.mode}: 1 vs 2 threads"
@@ -178,8 +185,31 @@ def test_native_results_do_not_depend_on_threads_rows_shards_or_isa(qtype):
             try:
                 other = qmatmul(x, w, numerics)
             finally:
-                ops.use_isa("auto")
+                ops.use_isa(before)
             assert torch.equal(other, one), f"{qtype.name} {numerics.mode}: {isa} vs {before}"
+
+
+def test_use_isa_returns_a_name_it_takes_back():
+    """use_isa(name) returns the instruction set it replaced, in a form use_isa accepts, so a test can
+    restore it; a level this CPU lacks is refused for that reason, not as an unknown name."""
+    _native_or_skip()
+    ops = torch.ops.tensorsplit
+    start = ops.isa()
+    for name in ("scalar", "avx2", "avx512", "avx512-vnni", "auto"):
+        try:
+            before = ops.use_isa(name)
+        except RuntimeError as e:
+            assert "does not have those instructions" in str(e), (name, str(e))
+            continue
+        try:
+            switched = ops.isa()
+            assert before == start
+            assert ops.use_isa(before) == switched      # the name isa() gave is taken back
+            assert ops.isa() == start
+        finally:
+            ops.use_isa("auto")
+    with pytest.raises(RuntimeError, match="expected scalar, avx2, avx512 or auto"):
+        ops.use_isa("sse9")
 
 
 def test_torch_fallback_when_the_kernels_cannot_build(tmp_path):

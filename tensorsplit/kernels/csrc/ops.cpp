@@ -3,6 +3,7 @@
 //
 //   isa() -> str                                      the kernels in use: avx512-vnni, avx2 or scalar
 //   use_isa(name) -> str                              switch to scalar / avx2 / avx512 / auto (tests)
+//   matmul_threads() -> int                           threads that ran the last matmul_q8 / matmul_f32 (tests)
 //   repack(rows, type, n_cols) -> tiles               GGUF rows (n_rows, row_bytes) uint8 -> native tiles
 //   unpack_rows(tiles, type, n_rows, n_cols, ids)     native tiles -> the GGUF bytes of rows `ids`
 //   quantize_act(x, kind, group) -> (q, d, s, isum)   float activations -> llama.cpp's Q8_0/Q8_1/Q8_K
@@ -63,12 +64,13 @@ int detect_level() { return 0; }
 #endif
 
 // The table for "scalar", "avx2", "avx512" or "auto" (the best this CPU has); more than the CPU has is refused.
+// A table's own name (isa(): "avx512-vnni") is accepted too, so that use_isa(previous) restores a switch.
 const KernelTable* table_for(const std::string& s) {
   const int have = detect_level();
   int want = have;
   if (s == "scalar") want = 0;
   else if (s == "avx2") want = 1;
-  else if (s == "avx512") want = 2;
+  else if (s == "avx512" || s == "avx512-vnni") want = 2;
   else TORCH_CHECK(s.empty() || s == "auto", "instruction set ", s, ": expected scalar, avx2, avx512 or auto");
   TORCH_CHECK(want <= have, "instruction set ", s, ": this CPU does not have those instructions");
   if (want == 2) return kernels_avx512();
@@ -110,6 +112,22 @@ FormatInfo checked_format(int64_t type, int64_t n_cols) {
 int64_t grain_for(int64_t tile_bytes) { return std::max<int64_t>(1, (64 * 1024) / std::max<int64_t>(1, tile_bytes)); }
 
 std::string isa() { return table().name; }
+
+// Which of torch's threads ran a part of the last matmul (bit i: thread i), so that a test comparing
+// thread counts can show that every count it asks for really ran. One relaxed atomic per task.
+std::atomic<uint64_t> last_matmul_threads{0};
+
+template <typename Body>
+void parallel_tiles(int64_t n_tiles, int64_t grain, const Body& body) {
+  std::atomic<uint64_t> ran{0};
+  at::parallel_for(0, n_tiles, grain, [&](int64_t b, int64_t e) {
+    ran.fetch_or(uint64_t{1} << (at::get_thread_num() & 63), std::memory_order_relaxed);
+    body(b, e);
+  });
+  last_matmul_threads.store(ran.load(), std::memory_order_relaxed);
+}
+
+int64_t matmul_threads() { return __builtin_popcountll(last_matmul_threads.load(std::memory_order_relaxed)); }
 
 at::Tensor repack(const at::Tensor& rows, int64_t type, int64_t n_cols) {
   const FormatInfo f = checked_format(type, n_cols);
@@ -211,8 +229,7 @@ at::Tensor matmul_q8(const at::Tensor& w, int64_t type, int64_t n_rows, int64_t 
   at::Tensor out = at::empty({M, n_rows}, d.options().dtype(wide ? at::kDouble : at::kFloat));
   const MatArgs a = mat_args(w, f, n_rows, n_cols, M, out);
   const ActQ act{q.data_ptr<int8_t>(), d.data_ptr<float>(), s.data_ptr<float>(), isum.data_ptr<int32_t>(), n_cols, ng};
-  at::parallel_for(0, n_tiles_of(n_rows), grain_for(a.n_blocks * f.tile_block),
-                   [&](int64_t b, int64_t e) { fn(a, act, b, e); });
+  parallel_tiles(n_tiles_of(n_rows), grain_for(a.n_blocks * f.tile_block), [&](int64_t b, int64_t e) { fn(a, act, b, e); });
   return out;
 }
 
@@ -233,8 +250,7 @@ at::Tensor matmul_f32(const at::Tensor& w, int64_t type, int64_t n_rows, int64_t
   at::Tensor out = at::empty({M, n_rows}, x.options().dtype(wide ? at::kDouble : at::kFloat));
   const MatArgs a = mat_args(w, f, n_rows, n_cols, M, out);
   const ActF act{x.data_ptr<float>(), sums, n_cols, ng};
-  at::parallel_for(0, n_tiles_of(n_rows), grain_for(a.n_blocks * f.tile_block),
-                   [&](int64_t b, int64_t e) { fn(a, act, b, e); });
+  parallel_tiles(n_tiles_of(n_rows), grain_for(a.n_blocks * f.tile_block), [&](int64_t b, int64_t e) { fn(a, act, b, e); });
   return out;
 }
 
@@ -434,6 +450,7 @@ at::Tensor rope(const at::Tensor& x, const at::Tensor& positions, const at::Tens
 TORCH_LIBRARY(tensorsplit, m) {
   m.def("isa() -> str", &ts::isa);
   m.def("use_isa(str name) -> str", &ts::use_isa);
+  m.def("matmul_threads() -> int", &ts::matmul_threads);
   m.def("repack(Tensor rows, int type, int n_cols) -> Tensor");
   m.def("unpack_rows(Tensor tiles, int type, int n_rows, int n_cols, Tensor ids) -> Tensor");
   m.def("quantize_act(Tensor x, int kind, int group) -> (Tensor, Tensor, Tensor, Tensor)");
