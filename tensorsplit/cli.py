@@ -402,16 +402,22 @@ def serve(ctx, model_arg, model, host, port, api_key, parallel, ctx_size, max_qu
               help="Sequences (KV-cache slots) to size the KV cache for (give the run's -np).")
 @click.option("--numerics", default="llamacpp", show_default=True, type=click.Choice(["llamacpp", "exact"]),
               help="The run's --numerics: a float16 KV cache (llamacpp) or float32 (exact).")
+@click.option("--backend", default=None, type=click.Choice(["nccl", "gloo", "xccl"]),
+              help="The run's --backend, if it overrides the choice (on GPUs, Gloo means no CUDA graphs).")
+@click.option("--cuda-graphs/--no-cuda-graphs", default=True, show_default=True,
+              help="The run's --cuda-graphs: a GPU world's graphs keep one scratch KV-cache slot more.")
 @click.option("--verbose", "-v", is_flag=True, help="List every tensor's slice per rank.")
 @click.option("--json", "as_json", is_flag=True, help="Print metadata, config, plan and memory per rank as JSON.")
-def info(model_arg, model, nproc, nnodes, split, device, ctx_size, parallel, numerics, verbose, as_json):
+def info(model_arg, model, nproc, nnodes, split, device, ctx_size, parallel, numerics, backend, cuda_graphs, verbose,
+         as_json):
     """Metadata, the shard plan and what each rank will hold (weights as loaded, KV cache), without
     loading weights; with --split auto, the shares chosen from the devices' free memory."""
     from .report import info_report
     if nproc < 1 or nnodes < 1 or ctx_size < 1 or parallel < 1:
         raise TensorsplitError("--nproc-per-node, --nnodes, -c and -np must be at least 1")
     print(info_report(_model_path(model or model_arg), nproc=nproc, nnodes=nnodes, split=split, device=device,
-                      n_ctx=ctx_size, n_slots=parallel, numerics=numerics, verbose=verbose, as_json=as_json))
+                      n_ctx=ctx_size, n_slots=parallel, numerics=numerics, backend=backend, cuda_graphs=cuda_graphs,
+                      verbose=verbose, as_json=as_json))
 
 
 @cli.command(context_settings=CONTEXT)

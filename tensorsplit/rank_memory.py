@@ -14,6 +14,7 @@ import sys
 from dataclasses import dataclass, replace
 from typing import Sequence
 
+from .comm.backend import decode_graphs, planned_backend
 from .errors import AutoSplitError
 from .free_memory import FREE_MEMORY_ENV, free_memory, override, rank_devices
 from .model import make_plan, open_model, parse_split
@@ -46,13 +47,18 @@ class AutoSplit:
     budgets: tuple[int, ...]   # per rank: bytes it may hold (model/auto_split.py rank_budgets)
 
 
+def world_graphs(devices: Sequence[str], backend: str | None, cuda_graphs: bool) -> bool:
+    """Whether the world the plan is for runs CUDA graphs (comm/backend.py decode_graphs, the rule the
+    workers follow), from the devices ("cuda:0", "cpu"), --backend and --cuda-graphs."""
+    kinds = [d.split(":")[0] for d in devices]
+    return decode_graphs(kinds, planned_backend(kinds, backend), cuda_graphs)
+
+
 def rank_memory(gf, cfg, plan: ShardPlan, devices: Sequence[str], n_slots: int, n_ctx: int, numerics: str,
-                native: bool) -> list[RankMemory]:
-    """Bytes each rank of `plan` will hold; native: the native CPU kernels are available. Where every rank
-    is a GPU, the ranks run on NCCL with CUDA graphs (the default, worker/main.py), whose KV cache holds
-    one scratch slot more."""
+                native: bool, graphs: bool) -> list[RankMemory]:
+    """Bytes each rank of `plan` will hold; native: the native CPU kernels are available; graphs: decode
+    runs as CUDA graphs (world_graphs), whose KV cache holds one scratch slot more."""
     elem = Numerics(numerics).kv_dtype.itemsize
-    graphs = all(d.startswith("cuda") for d in devices)
     out = []
     for rs, device in zip(plan.ranks, devices):
         weights = resident_bytes(gf, rs.tensors, native and device == "cpu")
@@ -68,19 +74,20 @@ def split_text(ratios: Sequence[float]) -> str:
 
 
 def choose_split(gf, cfg, devices: Sequence[str], free: dict[str, int], n_slots: int, n_ctx: int, numerics: str,
-                 native: bool, given: bool = False) -> AutoSplit:
+                 native: bool, graphs: bool, given: bool = False) -> AutoSplit:
     """Ratios from the devices' free memory (model/auto_split.py), checked under the real plan."""
     world = len(devices)
 
     def held(ratios):
         ratios = parse_split(split_text(ratios), world)
         plan = make_plan(cfg, gf.tensors, world, ratios)
-        return ratios, [m.total for m in rank_memory(gf, cfg, plan, devices, n_slots, n_ctx, numerics, native)]
+        return ratios, [m.total for m in rank_memory(gf, cfg, plan, devices, n_slots, n_ctx, numerics, native,
+                                                     graphs)]
 
     equal = make_plan(cfg, gf.tensors, world)
     fixed = [resident_bytes(gf, [t for t in rs.tensors if t.axis is None], native and d == "cpu")
              for rs, d in zip(equal.ranks, devices)]
-    memory = rank_memory(gf, cfg, equal, devices, n_slots, n_ctx, numerics, native)
+    memory = rank_memory(gf, cfg, equal, devices, n_slots, n_ctx, numerics, native, graphs)
     scaled = sum(m.total for m in memory) - sum(fixed)            # weights and KV cache shared out by ratio
     ratios = share_by_memory(devices, free, fixed, scaled)
     fine = max(1, sum(m.weights for m in memory) - sum(fixed))     # the weights follow the ratios closely
@@ -89,9 +96,9 @@ def choose_split(gf, cfg, devices: Sequence[str], free: dict[str, int], n_slots:
 
 
 def auto_split(gf, cfg, devices: Sequence[str], n_slots: int, n_ctx: int, numerics: str,
-               native: bool) -> AutoSplit:
+               native: bool, graphs: bool) -> AutoSplit:
     """choose_split against the devices' free memory: TENSORSPLIT_FREE_MEMORY's figures, else measured."""
-    return choose_split(gf, cfg, devices, free_memory(devices), n_slots, n_ctx, numerics, native,
+    return choose_split(gf, cfg, devices, free_memory(devices), n_slots, n_ctx, numerics, native, graphs,
                         given=override() is not None)
 
 
@@ -117,7 +124,8 @@ def resolve_split(spec, node, *, torchrun: bool = False, announce: bool = True):
     devices = rank_devices(device_kinds(spec.device, node.world), override())
     gf, cfg = open_model(spec.model)
     try:
-        auto = auto_split(gf, cfg, devices, spec.n_slots, spec.n_ctx, spec.numerics, native())
+        auto = auto_split(gf, cfg, devices, spec.n_slots, spec.n_ctx, spec.numerics, native(),
+                          world_graphs(devices, spec.backend, spec.cuda_graphs))
     finally:
         gf.close()
     if announce and not spec.quiet:

@@ -9,7 +9,7 @@ from .free_memory import FREE_MEMORY_ENV, override, rank_devices
 from .model import make_plan, open_model, parse_split
 from .model.auto_split import FREE_MARGIN, RANK_RESERVE
 from .model.shard_plan import format_plan
-from .rank_memory import AUTO, auto_split, check_auto_world, rank_memory
+from .rank_memory import AUTO, auto_split, check_auto_world, rank_memory, world_graphs
 from .worker.process import device_kinds
 
 _BIG_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges", "tokenizer.ggml.scores")
@@ -33,13 +33,14 @@ def _size(n: int) -> str:
     return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
-def _memory_lines(memory, auto, n_slots: int, n_ctx: int, numerics: str, file_ratio: float) -> list[str]:
+def _memory_lines(memory, auto, n_slots: int, n_ctx: int, numerics: str, file_ratio: float, graphs: bool) -> list[str]:
     """Per rank: device, weights as loaded, KV cache, total; with --split auto, the free memory planned
     against and the rank's budget."""
     kv_dtype = "float16" if numerics == "llamacpp" else "float32"
     lines = [f"memory per rank once loaded: weights ({file_ratio:.3f} x their file bytes; CPU ranks in the native "
              "kernels' layout)",
-             f"  and KV cache for {n_slots} sequence(s) of {n_ctx} positions ({kv_dtype})"]
+             f"  and KV cache for {n_slots} sequence(s) of {n_ctx} positions ({kv_dtype})"
+             + (", and one scratch slot for the CUDA graphs" if graphs else "")]
     if auto is not None:
         source = f"given in {FREE_MEMORY_ENV}" if auto.given else "measured"
         lines += [f"split auto {auto.split}, from the free memory {source}",
@@ -56,27 +57,28 @@ def _memory_lines(memory, auto, n_slots: int, n_ctx: int, numerics: str, file_ra
 
 
 def info_report(path: Path, *, nproc: int, nnodes: int = 1, split: str | None = None, device: str = "auto",
-                n_ctx: int = 2048, n_slots: int = 1, numerics: str = "llamacpp", verbose: bool = False,
-                as_json: bool = False) -> str:
+                n_ctx: int = 2048, n_slots: int = 1, numerics: str = "llamacpp", backend: str | None = None,
+                cuda_graphs: bool = True, verbose: bool = False, as_json: bool = False) -> str:
     """Metadata, the plan, and what each rank will hold, for a world of nproc x nnodes ranks; with
     split "auto", the ratios chosen from the devices' free memory. Nothing is loaded."""
     from .kernels import native
     world = nproc * nnodes
     native_ok = native(announce=False)
     devices = rank_devices(device_kinds(device, world), override(), nproc)
+    graphs = world_graphs(devices, backend, cuda_graphs)
     gf, cfg = open_model(path)
     auto = None
     if split == AUTO:
         check_auto_world(nnodes)
-        auto = auto_split(gf, cfg, devices, n_slots, n_ctx, numerics, native_ok)
+        auto = auto_split(gf, cfg, devices, n_slots, n_ctx, numerics, native_ok, graphs)
         split = auto.split
     plan = make_plan(cfg, gf.tensors, world, parse_split(split, world))
-    memory = rank_memory(gf, cfg, plan, devices, n_slots, n_ctx, numerics, native_ok)
+    memory = rank_memory(gf, cfg, plan, devices, n_slots, n_ctx, numerics, native_ok, graphs)
     total = sum(t.nbytes for t in gf.tensors.values())
     resident = [m.weights for m in memory]
     if as_json:
         config = {k: v for k, v in asdict(cfg).items() if k != "spec"}
-        mem = {"n_ctx": n_ctx, "n_slots": n_slots, "numerics": numerics,
+        mem = {"n_ctx": n_ctx, "n_slots": n_slots, "numerics": numerics, "cuda_graphs": graphs,
                "ranks": [{**asdict(m), "total": m.total} for m in memory]}
         auto_doc = None if auto is None else {**asdict(auto), "rank_reserve": RANK_RESERVE, "free_margin": FREE_MARGIN}
         return json.dumps({"file": str(path), "file_bytes": path.stat().st_size, "weight_bytes": total,
@@ -102,7 +104,7 @@ def info_report(path: Path, *, nproc: int, nnodes: int = 1, split: str | None = 
         "",
         format_plan(plan, cfg, verbose),
         "",
-        *_memory_lines(memory, auto, n_slots, n_ctx, numerics, file_ratio),
+        *_memory_lines(memory, auto, n_slots, n_ctx, numerics, file_ratio, graphs),
     ]
     return "\n".join(lines)
 

@@ -19,7 +19,7 @@ from tensorsplit.free_memory import (FREE_MEMORY_ENV, cpu_available, free_memory
 from tensorsplit.model import make_plan, open_model, parse_split
 from tensorsplit.model.auto_split import (FREE_MARGIN, MIN_CPU_SHARE, RANK_RESERVE, fit_to_units, rank_budgets,
                                           share_by_memory)
-from tensorsplit.rank_memory import choose_split, rank_memory, resolve_split, split_text
+from tensorsplit.rank_memory import choose_split, rank_memory, resolve_split, split_text, world_graphs
 from tensorsplit.spec import NodeSpec, WorldSpec, check_world
 
 G, M = 2**30, 2**20
@@ -119,7 +119,7 @@ def smollm2(smollm2_path):
 
 def _check_within_budgets(gf, cfg, devices, free, auto, n_slots, n_ctx):
     plan = make_plan(cfg, gf.tensors, len(devices), parse_split(auto.split, len(devices)))
-    memory = rank_memory(gf, cfg, plan, devices, n_slots, n_ctx, "llamacpp", True)
+    memory = rank_memory(gf, cfg, plan, devices, n_slots, n_ctx, "llamacpp", True, world_graphs(devices, None, True))
     assert auto.budgets == tuple(rank_budgets(devices, free))
     assert all(m.total <= b for m, b in zip(memory, auto.budgets)), ([m.total for m in memory], auto.budgets)
     return plan, memory
@@ -132,35 +132,59 @@ def test_real_plan_fits_each_budget_after_rounding_to_units(smollm2):
     gf, cfg = smollm2
     devices = ["cuda:0", "cpu"]
     free = {"cuda:0": free_for(530 * M), "cpu": free_for(300 * M)}
-    equal = rank_memory(gf, cfg, make_plan(cfg, gf.tensors, 2), devices, 4, 8192, "llamacpp", True)
+    equal = rank_memory(gf, cfg, make_plan(cfg, gf.tensors, 2), devices, 4, 8192, "llamacpp", True, False)
     proportional = share_by_memory(devices, free, [0, 0], sum(m.total for m in equal))
     raw = make_plan(cfg, gf.tensors, 2, parse_split(split_text(proportional), 2))
-    raw_memory = rank_memory(gf, cfg, raw, devices, 4, 8192, "llamacpp", True)
+    raw_memory = rank_memory(gf, cfg, raw, devices, 4, 8192, "llamacpp", True, False)
     assert raw_memory[0].total > rank_budgets(devices, free)[0]          # rounding alone would overflow
-    auto = choose_split(gf, cfg, devices, free, 4, 8192, "llamacpp", True)
+    auto = choose_split(gf, cfg, devices, free, 4, 8192, "llamacpp", True, False)
     plan, memory = _check_within_budgets(gf, cfg, devices, free, auto, 4, 8192)
     assert plan.ranks[0].n_local_kv_heads == 2 and plan.ratios[0] < proportional[0]
 
 
-def test_an_all_gpu_world_plans_the_scratch_slot_of_its_graphs(smollm2):
-    """Where every rank is a GPU, decode runs as CUDA graphs over a static cache with one scratch slot
-    (worker/main.py): planned per rank as the cache such a rank allocates; a cuda,cpu world has none."""
+def test_the_plan_counts_the_graphs_scratch_slot_only_where_the_world_runs_graphs(smollm2):
+    """Decode runs as CUDA graphs over a static cache with one scratch slot where every rank is a GPU on
+    NCCL and --no-cuda-graphs is not given (comm/backend.py decode_graphs, which the worker follows):
+    planned per rank as the cache such a rank allocates. A cuda,cpu world, --backend gloo and
+    --no-cuda-graphs have no graphs, and no scratch slot."""
+    from tensorsplit.comm.backend import decode_graphs
     from tensorsplit.model.attention import KVCache
     gf, cfg = smollm2
     plan = make_plan(cfg, gf.tensors, 2)
-    gpus = rank_memory(gf, cfg, plan, ["cuda:0", "cuda:1"], 4, 512, "llamacpp", True)
-    mixed = rank_memory(gf, cfg, plan, ["cuda:0", "cpu"], 4, 512, "llamacpp", True)
-    for r, rs in enumerate(plan.ranks):
-        static = KVCache(cfg.n_layers, 4, 512, rs.n_local_kv_heads, cfg.head_dim, "cpu", torch.float16,
-                         cfg.layer_windows, static=True)
-        assert gpus[r].kv_cache == static.nbytes
-        assert mixed[r].kv_cache * 5 == static.nbytes * 4          # 4 slots, not 4 + 1
+    gpus = ["cuda:0", "cuda:1"]
+    assert world_graphs(gpus, None, True) and world_graphs(gpus, "nccl", True)
+    assert not world_graphs(gpus, None, False) and not world_graphs(gpus, "gloo", True)
+    assert not world_graphs(["cuda:0", "cpu"], None, True) and not world_graphs(["cpu", "cpu"], None, True)
+    assert decode_graphs(["cuda", "cuda"], "nccl", True) and not decode_graphs(["cuda", "cuda"], "gloo", True)
+    graphs = rank_memory(gf, cfg, plan, gpus, 4, 512, "llamacpp", True, world_graphs(gpus, None, True))
+    for backend, cuda_graphs in [("gloo", True), (None, False)]:
+        plain = rank_memory(gf, cfg, plan, gpus, 4, 512, "llamacpp", True, world_graphs(gpus, backend, cuda_graphs))
+        for r, rs in enumerate(plan.ranks):
+            static = KVCache(cfg.n_layers, 4, 512, rs.n_local_kv_heads, cfg.head_dim, "cpu", torch.float16,
+                             cfg.layer_windows, static=True)
+            assert graphs[r].kv_cache == static.nbytes
+            assert plain[r].kv_cache * 5 == static.nbytes * 4          # 4 slots, not 4 + 1
+
+
+def test_info_plans_the_graphs_as_the_run_flags_say(smollm2_path):
+    """`info` takes the run's --backend and --no-cuda-graphs, so its KV cache is what the ranks allocate."""
+    def kv(*flags):
+        r = run_cli("info", str(smollm2_path), "--nproc-per-node", "2", "--device", "cuda", "-np", "4", "-c", "512",
+                    "--json", *flags, env={FREE_MEMORY_ENV: "cuda=24G,cpu=64G"})
+        assert r.returncode == 0, r.stderr
+        doc = json.loads(r.stdout)
+        return doc["memory"]["cuda_graphs"], [m["kv_cache"] for m in doc["memory"]["ranks"]]
+    on, with_graphs = kv()
+    off, without = kv("--no-cuda-graphs")
+    gloo, on_gloo = kv("--backend", "gloo")
+    assert (on, off, gloo) == (True, False, False)
+    assert without == on_gloo and [a * 4 for a in with_graphs] == [b * 5 for b in without]
 
 
 def test_real_plan_with_ample_gpu_memory_leaves_the_cpu_one_unit(smollm2):
     gf, cfg = smollm2
     devices, free = ["cuda:0", "cpu"], {"cuda:0": 24 * G, "cpu": 64 * G}
-    auto = choose_split(gf, cfg, devices, free, 1, 2048, "llamacpp", True)
+    auto = choose_split(gf, cfg, devices, free, 1, 2048, "llamacpp", True, world_graphs(devices, None, True))
     ratios = parse_split(auto.split, 2)
     assert ratios[0] == pytest.approx(1 / (1 + MIN_CPU_SHARE), abs=1e-3)
     plan, _ = _check_within_budgets(gf, cfg, devices, free, auto, 1, 2048)
@@ -172,7 +196,7 @@ def test_real_plan_that_whole_kv_heads_cannot_fit_is_refused(smollm2):
     gf, cfg = smollm2
     free = {"cuda:0": free_for(440 * M), "cpu": free_for(440 * M)}
     with pytest.raises(AutoSplitError) as e:
-        choose_split(gf, cfg, ["cuda:0", "cpu"], free, 4, 8192, "llamacpp", True)
+        choose_split(gf, cfg, ["cuda:0", "cpu"], free, 4, 8192, "llamacpp", True, False)
     assert "once shares are rounded to whole heads and FFN blocks" in str(e.value)
 
 

@@ -5,6 +5,10 @@
   all CPU              -> gloo
   MPS, or mixed kinds  -> gloo, staging device tensors through host memory for each collective
 `--backend` overrides the choice; a backend this torch lacks is an error, not a fallback.
+
+`decode_graphs` is the one rule for whether a world replays its decode steps as CUDA graphs: the
+worker follows it when it allocates its cache, and the memory plan (rank_memory.py) when it counts
+the graphs' scratch slot.
 """
 from __future__ import annotations
 
@@ -58,3 +62,20 @@ def choose_backend(device_kinds: list[str], override: str | None = None) -> Back
     if kinds == {"cpu"}:
         return BackendChoice("gloo", False, "every rank on the CPU: Gloo")
     return BackendChoice("gloo", True, f"devices {sorted(kinds)}: Gloo, staged through host memory")
+
+
+def planned_backend(device_kinds: list[str], override: str | None = None) -> str:
+    """The backend name choose_backend picks on a machine that has what the devices need: for plans
+    made before any worker runs, possibly for another machine (`info`, --split auto)."""
+    if override:
+        return override
+    kinds = set(device_kinds)
+    return "nccl" if kinds == {"cuda"} else "xccl" if kinds == {"xpu"} else "gloo"
+
+
+def decode_graphs(device_kinds: list[str], backend: str, cuda_graphs: bool) -> bool:
+    """Whether decode steps run as CUDA graphs (model/decode_graphs.py), with a static KV cache of one
+    scratch slot more: only where every rank is a GPU on NCCL, whose all-reduces a graph can hold (a
+    world staged through host memory, or on Gloo, cannot be captured; a CPU has no graphs), and not
+    with --no-cuda-graphs."""
+    return cuda_graphs and set(device_kinds) == {"cuda"} and backend == "nccl"

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..comm import choose_backend, init_comm
+from ..comm.backend import decode_graphs
 from ..errors import TensorsplitError
 from ..model import make_plan, open_model, parse_split
 from ..model.numerics import Numerics
@@ -118,9 +119,7 @@ def join_and_load(env: RankEnv, spec: WorldSpec) -> tuple[Shard, object, object]
                 bar(done, total, name)
         model = RankModel(cfg, plan.ranks[env.rank], env.world, comm.all_reduce, gf, device, on_progress=progress,
                           numerics=Numerics(spec.numerics))
-        # CUDA graphs hold the NCCL all-reduces; a world staged through host memory (mixed devices)
-        # or on Gloo cannot be captured, and a CPU has no graphs
-        graphs = spec.cuda_graphs and device.type == "cuda" and backend.name == "nccl"
+        graphs = decode_graphs(kinds, backend.name, spec.cuda_graphs)
         model.allocate_cache(spec.n_slots, spec.n_ctx, decode_graphs="cuda" if graphs else None)
         # ranks load at different speeds: start stepping only when all have loaded, so that the first
         # step's collectives are not charged with another rank's loading time
