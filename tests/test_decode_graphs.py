@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from synthetic import write_model
@@ -148,15 +149,15 @@ def test_logit_rows_select_from_a_bucket(llama_file):
     assert float((got - want).abs().max()) <= 1e-5 * float(want.abs().max())
 
 
-class _HostSyncs(TorchDispatchMode):
-    """Records the aten ops that make the host wait for the device (a value read back, or an output
-    whose size depends on the data): any of them inside a CUDA graph capture fails it."""
+class _SyncingOps(TorchDispatchMode):
+    """The aten ops that make the host wait for the device: a value read back, or an output whose size
+    depends on the data."""
     SYNCING = {"_local_scalar_dense", "item", "is_nonzero", "equal", "nonzero", "masked_select", "unique",
                "_unique2", "unique_dim", "unique_consecutive", "repeat_interleave"}
 
-    def __init__(self):
+    def __init__(self, seen: list[str]):
         super().__init__()
-        self.seen: list[str] = []
+        self.seen = seen
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
@@ -165,11 +166,74 @@ class _HostSyncs(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+class _HostCopies(TorchFunctionMode):
+    """The tensor methods that copy to the host. On a CPU tensor some reach no aten op (`.tolist()`,
+    `.cpu()` and `.numpy()` read the memory in place), so only the torch-function layer sees them; on a
+    GPU each is a device-to-host copy that a capture cannot hold. (`.to(device)` is not counted: on the
+    CPU standing in for the GPU, the model's own `.to(self.device)` looks the same as a copy home.)"""
+    COPYING = {"tolist", "cpu", "numpy", "__float__", "__int__", "__bool__", "__index__", "item", "equal"}
+
+    def __init__(self, seen: list[str]):
+        super().__init__()
+        self.seen = seen
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name in self.COPYING:
+            self.seen.append(f"Tensor.{name}" if name != "equal" else "torch.equal")
+        return func(*args, **(kwargs or {}))
+
+
+class _HostSyncs:
+    """Records what would make a CUDA graph capture fail: the syncing aten ops and the host copies.
+    `with _HostSyncs() as log: ...; log.seen`"""
+
+    def __enter__(self):
+        self.seen: list[str] = []
+        self._modes = [_HostCopies(self.seen), _SyncingOps(self.seen)]
+        for m in self._modes:
+            m.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        for m in reversed(self._modes):
+            m.__exit__(*exc)
+
+
 def test_the_host_sync_detector_sees_one():
     with _HostSyncs() as log:
         int(torch.tensor([3, 4]).max())
         torch.tensor([0, 1]).nonzero()
-    assert log.seen == ["_local_scalar_dense", "nonzero"]
+    assert "_local_scalar_dense" in log.seen and "nonzero" in log.seen
+
+
+PROBES = {   # what a careless line in a decode step might do, each a wait on the device
+    "tolist": lambda t: t.tolist(),
+    "cpu": lambda t: t.cpu(),
+    "float of a 0-d tensor": lambda t: float(t.sum()),
+    "torch.equal": lambda t: torch.equal(t, t),
+    "numpy": lambda t: t.numpy(),
+    "bool": lambda t: bool(t.sum() > 0),
+    "item": lambda t: t.sum().item(),
+    "nonzero": lambda t: t.nonzero(),
+}
+
+
+@pytest.mark.parametrize("probe", list(PROBES))
+def test_a_host_sync_inserted_in_the_step_is_seen(probe, llama_file, monkeypatch):
+    """Each probe, inserted in the fixed-shape step's attention, makes the check below fail."""
+    from tensorsplit.model.attention import Attention
+    m = _model(llama_file, "cpu", Numerics("llamacpp"), "eager", native=False)
+    m.forward(torch.tensor([3, 1, 4]), torch.arange(3), torch.zeros(3, dtype=torch.int64))
+    original = Attention.decode_static
+
+    def probed(self, q, *args, **kwargs):
+        PROBES[probe](q.detach())
+        return original(self, q, *args, **kwargs)
+    monkeypatch.setattr(Attention, "decode_static", probed)
+    with _HostSyncs() as log:
+        m._static_step(torch.tensor([9]), torch.tensor([3]), torch.tensor([0]), kv_bucket(3, m.cache.n_ctx))
+    assert log.seen, f"{probe} was not seen"
 
 
 @pytest.mark.parametrize("numerics", ["llamacpp", "exact"])
