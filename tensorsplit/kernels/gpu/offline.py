@@ -3,7 +3,7 @@
 Triton compiles for a named target without a device: its own pipeline, then for NVIDIA the ptxas
 its wheel ships (cuobjdump, beside it, reads the registers back), for AMD its bundled LLVM (the
 register counts are in the amdgcn text). So a CPU-only machine can check that every kernel the
-launcher can pick (matmul.launch_config: each format, each gemv row bucket, the gemm in fp16 and
+launcher can pick (matmul.launch_config: each format, each gemv row bucket, the gemm in fp16 and in
 float32) compiles for the GPUs the users have, and that none spills registers to local memory,
 which would make a memory-bound kernel read its spills too. tests/test_triton_compile.py runs it.
 
@@ -38,6 +38,7 @@ class Compiled:
     kernel: str          # gemv_words, gemv or gemm
     type_id: int
     rows: int
+    fp16: bool | None    # the gemm's operands: fp16 (llamacpp numerics) or ieee float32 (exact); None: a gemv
     constants: dict
     registers: int       # per thread (NVIDIA), VGPRs (AMD)
     spilled_bytes: int   # local memory / stack per thread (NVIDIA), spilled VGPRs + SGPRs (AMD)
@@ -96,6 +97,7 @@ def compile_one(target: str, type_id: int, rows: int, fp16_gemm: bool = True) ->
     from .matmul import GEMM_WARPS, GEMV_WARPS, launch_config
     name, kernel, const = launch_config(type_id, rows, fp16_gemm)
     warps = GEMM_WARPS if name == "gemm" else GEMV_WARPS
+    fp16 = fp16_gemm if name == "gemm" else None
     sig = {**_signature(kernel), **{k: "constexpr" for k in const}}
     try:
         k = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=const), target=GPUTarget(*TARGETS[target]),
@@ -103,11 +105,12 @@ def compile_one(target: str, type_id: int, rows: int, fp16_gemm: bool = True) ->
         if TARGETS[target][0] == "cuda":
             regs, spill, body = _nvidia_resources(k.asm["cubin"])
             per_element = round(body / _elements_per_thread(name, const, warps), 1) if body else None
-            return Compiled(target, name, type_id, rows, const, regs, spill, per_element)
+            return Compiled(target, name, type_id, rows, fp16, const, regs, spill, per_element)
         regs, spill = _amd_resources(k.asm["amdgcn"])
-        return Compiled(target, name, type_id, rows, const, regs, spill)
+        return Compiled(target, name, type_id, rows, fp16, const, regs, spill)
     except Exception as e:  # noqa: BLE001 - reported per kernel, with the others still compiled
-        return Compiled(target, name, type_id, rows, const, -1, -1, error=f"{type(e).__name__}: {str(e)[:500]}")
+        return Compiled(target, name, type_id, rows, fp16, const, -1, -1,
+                        error=f"{type(e).__name__}: {str(e)[:500]}")
 
 
 def _one(args) -> Compiled:
@@ -119,8 +122,11 @@ def compile_all(targets=("sm_90",), type_ids=None, rows=ROWS, jobs: int | None =
     from ..layout import FORMATS
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("offline compilation needs TRITON_INTERPRET unset")
+    from .matmul import GEMV_MAX_ROWS
     type_ids = type_ids or sorted(t for t, f in FORMATS.items() if f.act is not None)
-    work = [(t, q, m) for t in targets for q in type_ids for m in rows]
+    # prompt-sized rows run the gemm, in fp16 (llamacpp numerics) or float32 (--numerics exact)
+    work = [(t, q, m, fp16) for t in targets for q in type_ids for m in rows
+            for fp16 in ((True, False) if m > GEMV_MAX_ROWS else (True,))]
     with ProcessPoolExecutor(max_workers=jobs or min(8, os.cpu_count() or 1)) as pool:
         return list(pool.map(_one, work))
 
@@ -140,7 +146,8 @@ def main(argv=None) -> int:
         print(f"{'target':<8} {'format':<7} {'rows':>4} {'kernel':<10} {'regs':>4} {'spill':>5} {'loop/elem':>9}")
         for c in done:
             per = "" if c.loop_instructions_per_element is None else f"{c.loop_instructions_per_element:.1f}"
-            print(f"{c.target:<8} {Q(c.type_id).name:<7} {c.rows:>4} {c.kernel:<10} {c.registers:>4} "
+            kernel = c.kernel + {True: " fp16", False: " f32", None: ""}[c.fp16]
+            print(f"{c.target:<8} {Q(c.type_id).name:<7} {c.rows:>4} {kernel:<10} {c.registers:>4} "
                   f"{c.spilled_bytes:>5} {per:>9} {c.error}")
     return 1 if any(c.error for c in done) else 0
 
