@@ -108,6 +108,39 @@ def test_matmul_matches_reference(qtype, numerics, backend):
             _check(y, ref, scale, _factor(qtype, n_cols, numerics, backend), f"{qtype.name} K={n_cols} M={m} {numerics.mode}")
 
 
+EPS64 = 2.0 ** -53
+
+
+@pytest.mark.parametrize("numerics", [LLAMACPP, EXACT], ids=["llamacpp", "exact"])
+@pytest.mark.parametrize("qtype", QUANTS + FLOATS, ids=lambda q: q.name)
+def test_wide_kernels_match_a_float64_reference(qtype, numerics):
+    """The wide (float64) kernels that row-parallel layers use for their partial sums (model/layers.py),
+    against the float64 reference, with bounds that only float64 accumulation meets:
+      integer numerics: each group's integer dot is exact, and its scale product (a float32 weight scale
+        times a float32 activation scale) is exact in float64, so the result is the reference up to
+        float64 roundings, (8 + 2 K) * 2^-53 * sum|w||x|, some 2^29 times below the float32 kernels';
+      F16 / BF16: every product of a half and a float32 is exact in float64: the same bound;
+      float activations on block formats: each group's float32 sum of code * x, then float64:
+        (8 + group) * 2^-24 per group, with no float32 accumulation across groups."""
+    _native_or_skip()
+    rng = np.random.default_rng(int(qtype) * 11 + (numerics is LLAMACPP))
+    f = FORMATS[int(qtype)]
+    for n_cols in _cols(qtype):
+        raw = _raw(qtype, 37, n_cols, rng)
+        w = _weight(raw, qtype, n_cols, "native")
+        x = (rng.standard_normal((7, n_cols)) * rng.uniform(0.1, 10, (7, 1))).astype(np.float32)
+        ref, scale = (matmul_llamacpp(raw, qtype, x) if numerics is LLAMACPP else matmul_exact(raw, qtype, x))
+        y = qmatmul(torch.from_numpy(x), w, numerics, wide=True)
+        assert y.dtype == torch.float64 and y.shape == (7, 37)
+        if numerics is LLAMACPP or f.act is None:
+            bound = (8 + 2 * n_cols) * EPS64 * scale
+        else:
+            bound = (8 + f.group) * EPS32 * scale + (8 + 2 * n_cols) * EPS64 * scale
+        err = np.abs(y.numpy() - ref)
+        worst = float((err / (bound + 1e-300)).max())
+        assert worst <= 1.0, f"{qtype.name} K={n_cols} {numerics.mode}: wide error {err.max():.3g} is {worst:.2f} x its bound"
+
+
 @pytest.mark.parametrize("numerics", [LLAMACPP, EXACT], ids=["llamacpp", "exact"])
 @pytest.mark.parametrize("qtype", QUANTS, ids=lambda q: q.name)
 def test_edge_scales(qtype, numerics, backend):
