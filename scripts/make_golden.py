@@ -17,6 +17,11 @@ Files written:
                                          top_logits and perplexity at each of its contexts
   tests/fixtures/pretokenizers_golden.json  ids of the tokenizer texts under SmolLM2's vocabulary
                                          with tokenizer.ggml.pre set to each of llama-bpe, qwen2, ...
+  tests/fixtures/smollm2_chat_reply.json  llama.cpp's greedy reply to the chat test's prompt, with its
+                                         top two logits at each step, one entry per instruction-set
+                                         family (`--chat`: this machine's entry is replaced, the
+                                         others kept; llama.cpp's greedy text differs between
+                                         AVX2 and AVX-512 builds where its top two are close)
 
 Every fixture records the sha256 of the GGUF file llama.cpp read; the synthetic files are written
 to a temporary folder from tests/golden_models.py, which the tests use to rebuild them.
@@ -360,6 +365,58 @@ def make_pretokenizers(english: str, command: str, smollm2: Path, tmp: Path) -> 
     return out
 
 
+CHAT_REPLY = FIXTURES / "smollm2_chat_reply.json"
+CHAT_REPLY_TOKENS = 8
+
+
+def isa_family(system_info: str) -> str:
+    """The instruction-set family of a llama.cpp build, from its system info ("AVX512 = 1 | ...")."""
+    flags = dict(part.strip().split(" = ") for part in system_info.replace("CPU :", "").split("|") if " = " in part)
+    if flags.get("AVX512") == "1":
+        return "avx512"
+    return "avx2" if flags.get("AVX2") == "1" else "other"
+
+
+def _literal(path: Path, name: str):
+    """The literal assigned to `name` at the top of a Python file, read without importing it."""
+    import ast
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == name for t in node.targets):
+            return ast.literal_eval(node.value)
+    raise KeyError(f"{path}: no {name} = ...")
+
+
+def make_chat_reply(smollm2: Path, command: str) -> dict:
+    """llama.cpp's greedy reply to tests/test_chat_cli.py's prompt ids, one token at a time as its
+    generate() decodes, with the top two logits at each step; merged into the fixture under this
+    build's instruction-set family."""
+    import llama_cpp
+    from golden_models import sha256
+
+    QUESTION_IDS = _literal(ROOT / "tests" / "test_chat_cli.py", "QUESTION_IDS")   # the test's own prompt ids
+    llm = load(smollm2, 256)
+    llm.reset()
+    llm.eval(QUESTION_IDS)
+    ids, top2 = [], []
+    for _ in range(CHAT_REPLY_TOKENS):
+        row = np.array(llm.scores[llm.n_tokens - 1], dtype=np.float32)
+        first, second = np.argsort(-row, kind="stable")[:2]
+        top2.append([[int(first), round(float(row[first]), 5)], [int(second), round(float(row[second]), 5)]])
+        ids.append(int(first))
+        llm.eval([int(first)])
+    info = llama_cpp.llama_print_system_info().decode().strip()
+    old = json.loads(CHAT_REPLY.read_text()) if CHAT_REPLY.exists() else {}
+    replies = {**old.get("replies", {}), isa_family(info): {
+        "ids": ids, "top2": top2, "system_info": info, "n_threads": N_THREADS,
+        "llama_cpp_version": llama_cpp.__version__, "command": command}}
+    return {"_comment": ("llama.cpp's greedy reply to the chat prompt of tests/test_chat_cli.py (QUESTION_IDS), "
+                         "decoded one token at a time, with its top two logits per step, per instruction-set "
+                         "family of the llama.cpp build (AVX2 and AVX-512 builds reply differently where the top "
+                         "two are close). Written by scripts/make_golden.py --chat."),
+            "model_file": smollm2.name, "model_sha256": sha256(smollm2), "prompt_ids": QUESTION_IDS,
+            "replies": dict(sorted(replies.items()))}
+
+
 def write_fixture(dest: Path, data: dict, summary: str) -> None:
     text = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
     dest.write_text(text + "\n", encoding="utf-8")
@@ -377,8 +434,14 @@ def main() -> None:
     ap.add_argument("--archs", default="all", help=f"synthetic architecture files: all, '' or some of "
                                                    f"{','.join(ARCH_MODELS)}")
     ap.add_argument("--pre", default="all", help="the pre-tokenizer fixture: all or ''")
+    ap.add_argument("--chat", action="store_true", help="only SmolLM2's greedy chat reply, for this machine's "
+                                                         "instruction-set family (smollm2_chat_reply.json)")
     args = ap.parse_args()
     command = " ".join(shlex.quote(a) for a in [Path(sys.executable).as_posix(), "scripts/make_golden.py", *sys.argv[1:]])
+    if args.chat:
+        data = make_chat_reply(models.fetch("smollm2", quiet=True), command)
+        write_fixture(CHAT_REPLY, data, "replies for " + ", ".join(data["replies"]))
+        return
     english = english_text()
     for key in filter(None, (k.strip() for k in args.models.split(","))):
         data = make(key, english, command)

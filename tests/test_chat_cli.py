@@ -1,7 +1,8 @@
 """Chat end to end, as real processes: `generate --chat`, `tensorsplit chat` driven through its stdin,
 and `batch` lines with `messages`. The prompt each builds must be llama.cpp's token ids for the
 conversation (test_chat_template.py checks the formatter against them): the greedy reply of each
-command must equal a greedy generation in this process from those ids."""
+command must equal a greedy generation in this process from those ids, and follow llama.cpp's own
+greedy reply up to its first near-tie (assert_follows_llamacpp)."""
 from __future__ import annotations
 
 import json
@@ -9,6 +10,8 @@ import json
 import pytest
 
 from cli_helpers import run_cli
+from conftest import fixture_path
+from golden_models import sha256
 from tensorsplit.coordinator.generate import generate_one
 from tensorsplit.coordinator.sampling import SamplingParams
 from tensorsplit.coordinator.tokenizer import Tokenizer
@@ -23,9 +26,28 @@ N = 8
 # message): llama-cpp-python 0.3.36, Llama(vocab_only=True).tokenize(rendered, add_bos=True, special=True)
 QUESTION_IDS = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 7018, 411, 407, 19712,
                 8182, 2, 198, 1, 4093, 198, 1780, 314, 260, 3575, 282, 4649, 47, 2, 198, 1, 520, 9531, 198]
-# llama.cpp's own greedy reply to QUESTION_IDS, N tokens (same version, Llama(...).generate(ids, temp=0,
-# top_k=1)): the default numerics round as llama.cpp does, so the reply is llama.cpp's, token for token
-LLAMACPP_REPLY_IDS = [60, 23, 39614, 1141, 552, 28, 2618, 12693]       # "L'Étoile, la Cit"
+# llama.cpp's own greedy replies to QUESTION_IDS (tests/fixtures/smollm2_chat_reply.json, one per
+# instruction-set family of its build): "L'Étoile, la Mar" (AVX2) and "L'Étoile, la Cit" (AVX-512). The
+# builds part at token 7, where the AVX2 build's top two logits are 0.23 apart, and so does tensorsplit
+# (its kernels are the same on every ISA, but torch's and the BLAS's are not: the prompt's attention
+# runs through them). So a reply is checked against llama.cpp's up to the first near-tie: the first
+# step where the recorded builds disagree, or where a build's own top two are within NEAR_TIE; there
+# it must be one of their choices, and past it nothing is asserted.
+NEAR_TIE = 0.1
+
+
+def assert_follows_llamacpp(ids: list[int], model_path) -> None:
+    g = json.loads(fixture_path("smollm2_chat_reply.json").read_text())
+    assert g["prompt_ids"] == QUESTION_IDS and g["model_sha256"] == sha256(model_path)
+    replies = list(g["replies"].values())
+    assert len(replies) >= 2 and all(len(r["ids"]) == N for r in replies)
+    tie = next((t for t in range(N) if len({r["ids"][t] for r in replies}) > 1 or any(
+        r["top2"] and r["top2"][t][0][1] - r["top2"][t][1][1] < NEAR_TIE for r in replies)), N)
+    assert tie >= 5, f"llama.cpp's builds are decisive for {tie} tokens only: a weak check"
+    assert ids[:tie] == replies[0]["ids"][:tie], (ids, g["replies"])
+    if tie < N:
+        choices = {r["ids"][tie] for r in replies} | {r["top2"][tie][1][0] for r in replies if r["top2"]}
+        assert ids[tie] in choices, (tie, ids[tie], choices)
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +76,7 @@ def test_generate_chat(smollm2_path, greedy):
     ref = greedy(QUESTION_IDS)
     assert res["prompt_tokens"] == len(QUESTION_IDS)
     assert res["token_ids"] == ref.token_ids and res["text"] == ref.text
-    assert res["token_ids"] == LLAMACPP_REPLY_IDS
+    assert_follows_llamacpp(res["token_ids"], smollm2_path)
 
 
 def test_chat_command_through_stdin(smollm2_path, greedy):
@@ -71,7 +93,7 @@ def test_chat_command_through_stdin(smollm2_path, greedy):
     assert ids[:len(QUESTION_IDS) - 3] == QUESTION_IDS[:-3]      # the first turn, up to its generation prompt
     second = greedy(ids)
     assert r.stdout == f"{first.text}\n{second.text}\n"
-    assert first.token_ids == LLAMACPP_REPLY_IDS
+    assert_follows_llamacpp(first.token_ids, smollm2_path)
 
 
 def test_batch_lines_with_messages(smollm2_path, greedy, tmp_path):
