@@ -98,6 +98,31 @@ def test_two_namespace_nodes_equal_single_node(netns, smollm2_path, per_node):
     assert out1.strip() == ""          # the coordinator and its output live on node 0
 
 
+def test_two_loopback_nodes_of_two_ranks_equal_one_rank(smollm2_path):
+    """The hierarchical all-reduce without namespaces: two "nodes" of 2 ranks each on 127.0.0.1 (two
+    launchers, --node-rank 0 and 1). Inside each node the ranks sum through their node's shared-memory
+    segment, the two leaders all-reduce over Gloo, and each node shares the sum back: the greedy tokens
+    are those of one rank on one node, and neither launcher leaves a worker or a segment behind."""
+    single = run_cli("generate", "-m", str(smollm2_path), *GEN, "--nproc-per-node", "1")
+    assert single.returncode == 0, single.stderr
+    common = ["generate", "-m", str(smollm2_path), *GEN, "--nnodes", "2", "--nproc-per-node", "2",
+              "--master-addr", "127.0.0.1", "--master-port", _free_port(), "--threads", "1", "--timeout", "60"]
+    node0, node1 = start_cli(*common, "--node-rank", "0"), start_cli(*common, "--node-rank", "1")
+    try:
+        code0, err0, _ = node0.finish(240)
+        code1, err1, _ = node1.finish(60)
+    finally:
+        node0.kill()
+        node1.kill()
+    assert code0 == 0, err0
+    assert code1 == 0, err1
+    assert _tokens(node0.out.text()) == _tokens(single.stdout)
+    assert "shared memory inside each node (2 ranks), Gloo between 2 nodes" in err0, err0
+    assert node1.out.text().strip() == ""
+    for node in (node0, node1):
+        assert_all_gone(node.pid)
+
+
 def test_missing_node_is_named_after_the_timeout(smollm2_path):
     t0 = time.monotonic()
     r = run_cli("generate", "-m", str(smollm2_path), "-p", "x", "--nnodes", "2", "--node-rank", "0",
