@@ -27,12 +27,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _job(port: int) -> str:
+    """The job id the test's ranks name their segment by (comm/shm.py job_id: the launcher's pid in a
+    real run), so that the test looks at its own names only, not at other jobs on this host. The port
+    is the test's own (a free one it picked), so the name is its own too."""
+    return f"test{port}"
+
+
+def _own_segments(port: int) -> list[str]:
+    from tensorsplit.comm.shm import PREFIX
+    return [n for n in os.listdir("/dev/shm") if n.startswith(f"{PREFIX}{_job(port)}-")]
+
+
 def _segment(rank: int, world: int, port: int, timeout_s: float = 20.0):
     import torch.distributed as dist
 
     from tensorsplit import kernels as k
     from tensorsplit.comm.shm import HostSegment
     assert k.native(announce=False)
+    os.environ["TENSORSPLIT_LAUNCHER_PID"] = _job(port)
     torch.set_num_threads(1)
     store = dist.TCPStore("127.0.0.1", port, world, rank == 0, datetime.timedelta(seconds=30))
     return HostSegment.open(store, rank, rank, world, timeout_s), store
@@ -88,7 +101,7 @@ def test_all_reduce_is_exact_identical_and_does_not_deadlock(world):
         assert check == 0.0
         assert bcast == [1, 2, 3]
         assert gathered == ([[[float(r)] * 5] * 3 for r in range(world)] if rank == 0 else [])
-    assert not [n for n in os.listdir("/dev/shm") if n.startswith("tensorsplit-")]
+    assert not _own_segments(port)
 
 
 def _victim_waits(rank, world, port, queue, stop_at):
@@ -133,7 +146,7 @@ def test_a_dead_or_stopped_peer_ends_the_wait(how):
             if p.is_alive():
                 os.kill(p.pid, signal.SIGKILL)
             p.join(timeout=30)
-    assert not [n for n in os.listdir("/dev/shm") if n.startswith("tensorsplit-")]
+    assert not _own_segments(port)
 
 
 def test_segments_are_private_and_the_launcher_removes_leftovers():
