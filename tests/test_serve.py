@@ -69,6 +69,23 @@ class Server:
         except (urllib.error.URLError, ConnectionError, OSError):
             return 0, b""
 
+    def metrics(self) -> dict[str, float]:
+        """GET /metrics as {sample name with its labels: value}."""
+        code, body = self.request("/metrics")
+        assert code == 200, body
+        return {name: float(value) for name, value in
+                (ln.rsplit(" ", 1) for ln in body.decode().splitlines() if ln and not ln.startswith("#"))}
+
+    def wait_metric(self, name: str, test, within: float, what: str) -> dict[str, float]:
+        """Poll /metrics until test(value of `name`) holds; fail naming `what` after `within` seconds."""
+        deadline = time.monotonic() + within
+        while True:
+            m = self.metrics()
+            if test(m.get(name, 0.0)):
+                return m
+            assert time.monotonic() < deadline, f"{what}: {name} = {m.get(name)} after {within:g} s"
+            time.sleep(0.05)
+
     def client(self, key: str = "none"):
         return openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key=key, max_retries=0, timeout=120)
 
@@ -234,6 +251,27 @@ def test_a_client_that_goes_away_frees_its_slot_for_a_queued_request(smollm2_pat
         assert "tensorsplit_requests_cancelled_total 1" in s.request("/metrics")[1].decode()
     finally:
         assert s.stop() == 0, s.err
+
+
+def test_non_streamed_clients_that_go_away_free_their_slots_at_once(server):
+    """Three non-streamed requests for 1000 tokens each, their sockets closed once all three hold a
+    slot: the slots free within seconds (generating 1000 tokens takes far longer), each counted as
+    cancelled. Plain sockets, so that nothing but the close tells the server."""
+    server.wait_metric("tensorsplit_requests_running", lambda v: v == 0, 30, "an earlier request still runs")
+    cancelled = server.metrics()["tensorsplit_requests_cancelled_total"]
+    body = json.dumps({"model": MODEL, "prompt": PROMPT, "max_tokens": 1000, "temperature": 0}).encode()
+    socks = []
+    for _ in range(3):
+        s = socket.create_connection(("127.0.0.1", server.port), timeout=30)
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        socks.append(s)
+    server.wait_metric("tensorsplit_requests_running", lambda v: v == 3, 30, "the three requests never ran")
+    for s in socks:
+        s.close()
+    m = server.wait_metric("tensorsplit_requests_running", lambda v: v == 0, 5, "the slots were not freed")
+    assert m["tensorsplit_requests_cancelled_total"] == cancelled + 3
+    assert server.status("/health") == 200
 
 
 def test_api_key_is_required_and_compared(smollm2_path):

@@ -14,6 +14,7 @@ produces a 500 or a traceback, and the server keeps serving.
 """
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import time
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..coordinator.generate import Request as GenRequest
@@ -33,6 +34,7 @@ from .scheduler import QueueFull, Scheduler, Ticket
 from .schemas import ChatRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 
 MAX_BODY_BYTES = 8 << 20
+CLIENT_GONE = 499     # nginx's status for "the client closed the request", for the request counter
 FINISH = {"eos": "stop", "stop": "stop", "length": "length"}    # ours -> OpenAI's finish_reason
 
 
@@ -240,7 +242,6 @@ async def _respond(state: ServerState, request: Request, body, ids: list[int], m
         raise ApiError(400, f"This model's maximum context length is {state.n_ctx} tokens; the prompt has {len(ids)} "
                             f"and max_tokens asks for {max_tokens} more", param="max_tokens",
                        code="context_length_exceeded")
-    import asyncio
     key = uuid.uuid4().hex
     ticket = Ticket(GenRequest(key, ids, _sampling(body), max_tokens, body.stops()), asyncio.get_running_loop(),
                     logprobs=top_logprobs)
@@ -256,9 +257,15 @@ async def _respond(state: ServerState, request: Request, body, ids: list[int], m
         return StreamingResponse(_stream(state, ticket, meta, kind, include_usage), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
     text, tokens = [], []
+    gone = asyncio.ensure_future(_client_gone(request))
     try:
         while True:
-            ev, payload = await ticket.events.get()
+            event = asyncio.ensure_future(ticket.events.get())
+            await asyncio.wait({event, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if not event.done():
+                event.cancel()
+                return Response(status_code=CLIENT_GONE)    # nobody reads it; counted in /metrics
+            ev, payload = event.result()
             if ev == "text":
                 text.append(payload)
             elif ev == "token":
@@ -268,7 +275,16 @@ async def _respond(state: ServerState, request: Request, body, ids: list[int], m
             else:
                 return _final_response(state, meta, kind, "".join(text), tokens, payload, top_logprobs)
     finally:
+        gone.cancel()
         state.scheduler.cancel(ticket)     # a no-op once done; frees the slot if the client went away
+
+
+async def _client_gone(request: Request) -> None:
+    """Return when the client disconnects. The body has been read by then, so what arrives on
+    `receive` is the disconnect (BodyLimit replays the body, then passes `receive` through); a
+    non-streamed handler would otherwise wait for its whole generation with nobody listening."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _usage(res) -> dict:
