@@ -86,6 +86,24 @@ class Server:
             assert time.monotonic() < deadline, f"{what}: {name} = {m.get(name)} after {within:g} s"
             time.sleep(0.05)
 
+    def sse(self, path: str, body: dict, headers: dict | None = None) -> list:
+        """POST `body` and read the reply as server-sent events, as plain HTTP: each `data:` line's
+        JSON, and the string "[DONE]" for OpenAI's end marker."""
+        import http.client
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
+        try:
+            conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json", **(headers or {})})
+            r = conn.getresponse()
+            assert r.status == 200 and r.getheader("Content-Type").startswith("text/event-stream"), r.read()
+            events = []
+            for line in r:
+                line = line.strip()
+                if line.startswith(b"data: "):
+                    events.append("[DONE]" if line == b"data: [DONE]" else json.loads(line[6:]))
+            return events
+        finally:
+            conn.close()
+
     def client(self, key: str = "none"):
         return openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key=key, max_retries=0, timeout=120)
 
@@ -122,9 +140,10 @@ def test_completions_and_chat_equal_generate_with_usage(server, smollm2_path):
     assert c.choices[0].text == ref["text"] and c.choices[0].finish_reason == "length"
     assert (c.usage.prompt_tokens, c.usage.completion_tokens, c.usage.total_tokens) == \
         (ref["prompt_tokens"], N, ref["prompt_tokens"] + N)
-    chunks = list(client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=N, temperature=0, stream=True))
-    assert "".join(ch.choices[0].text for ch in chunks) == ref["text"]
-    assert chunks[-1].usage.completion_tokens == N and chunks[-1].choices[0].finish_reason == "length"
+    chunks = list(client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=N, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == ref["text"]
+    assert chunks[-1].usage.completion_tokens == N and chunks[-2].choices[0].finish_reason == "length"
 
     chat_ref = _generate(smollm2_path, "--chat", "-p", QUESTION)
     messages = [{"role": "user", "content": QUESTION}]
@@ -132,7 +151,8 @@ def test_completions_and_chat_equal_generate_with_usage(server, smollm2_path):
     assert r.choices[0].message.content == chat_ref["text"] and r.choices[0].message.role == "assistant"
     assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (chat_ref["prompt_tokens"], N)
     stream = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=N, temperature=0,
-                                                  stream=True, logprobs=True, top_logprobs=3))
+                                                  stream=True, logprobs=True, top_logprobs=3,
+                                                  stream_options={"include_usage": True}))
     assert "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices) == chat_ref["text"]
     assert stream[-1].usage.prompt_tokens == chat_ref["prompt_tokens"]
     lps = [t for ch in stream if ch.choices and ch.choices[0].logprobs for t in ch.choices[0].logprobs.content]
@@ -141,6 +161,50 @@ def test_completions_and_chat_equal_generate_with_usage(server, smollm2_path):
         assert len(t.top_logprobs) == 3 and t.logprob <= 0
         assert t.top_logprobs[0].logprob == pytest.approx(t.logprob) and t.top_logprobs[0].token == t.token
         assert t.top_logprobs[0].logprob >= t.top_logprobs[1].logprob >= t.top_logprobs[2].logprob
+
+
+def _openai_chunk(kind: str, chunk: dict):
+    """A streamed chunk parsed by the openai client's own type (model_validate, so a missing or
+    mistyped field fails). openai's Completion type requires a finish_reason, which OpenAI itself
+    streams as null until the last text chunk: such a chunk is checked with that one field filled."""
+    from openai.types import Completion
+    from openai.types.chat import ChatCompletionChunk
+    if kind == "chat":
+        return ChatCompletionChunk.model_validate(chunk)
+    choices = chunk["choices"]
+    if choices and choices[0]["finish_reason"] is None:
+        choices = [{**choices[0], "finish_reason": "stop"}]
+    return Completion.model_validate({**chunk, "choices": choices})
+
+
+@pytest.mark.parametrize("kind,path,extra", [
+    ("completion", "/v1/completions", {"prompt": PROMPT}),
+    ("chat", "/v1/chat/completions", {"messages": [{"role": "user", "content": QUESTION}]}),
+])
+def test_usage_on_a_stream_only_when_asked_in_an_extra_last_chunk(server, kind, path, extra):
+    """OpenAI's rule: no usage on a stream by default; with stream_options.include_usage, every chunk
+    has "usage": null but an extra last one, whose choices are [], before [DONE]."""
+    body = {"model": MODEL, "max_tokens": N, "temperature": 0, "stream": True, **extra}
+    plain = server.sse(path, body)
+    assert plain[-1] == "[DONE]" and len(plain) > 2
+    for chunk in plain[:-1]:
+        assert "usage" not in chunk and len(chunk["choices"]) == 1, chunk
+        _openai_chunk(kind, chunk)
+    assert plain[-2]["choices"][0]["finish_reason"] == "length"
+
+    events = server.sse(path, {**body, "stream_options": {"include_usage": True}})
+    assert events[-1] == "[DONE]" and len(events) == len(plain) + 1
+    chunks = [_openai_chunk(kind, c) for c in events[:-1]]
+    *text_chunks, last = chunks
+    assert all(c.usage is None and len(c.choices) == 1 for c in text_chunks)
+    assert all("usage" in c and c["usage"] is None for c in events[:-2])       # present, and null
+    assert text_chunks[-1].choices[0].finish_reason == "length"
+    assert last.choices == [] and last.usage.completion_tokens == N
+    assert last.usage.total_tokens == last.usage.prompt_tokens + N and last.id == text_chunks[0].id
+    assert [c["choices"] for c in events[:-2]] == [c["choices"] for c in plain[:-1]]     # greedy: the same text
+
+    off = server.sse(path, {**body, "stream_options": {"include_usage": False}})
+    assert [c for c in off if c != "[DONE]" and "usage" in c] == []
 
 
 def test_sixteen_concurrent_streams_each_equal_its_sequential_run(server):

@@ -253,7 +253,7 @@ async def _respond(state: ServerState, request: Request, body, ids: list[int], m
         raise ApiError(503, f"the server failed: {e}", "server_error") from None
     meta = {"id": ("chatcmpl-" if kind == "chat" else "cmpl-") + key, "created": int(time.time()), "model": state.model_id}
     if body.stream:
-        include_usage = body.stream_options is None or body.stream_options.include_usage
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
         return StreamingResponse(_stream(state, ticket, meta, kind, include_usage), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
     text, tokens = [], []
@@ -317,7 +317,8 @@ def _sse(obj) -> bytes:
 
 
 async def _stream(state: ServerState, ticket: Ticket, meta: dict, kind: str, include_usage: bool):
-    """Server-sent events in OpenAI's chunk format; the last chunk has finish_reason and usage. An error
+    """Server-sent events in OpenAI's chunk format; the last text chunk has the finish_reason, and with
+    stream_options.include_usage an extra chunk with no choices carries the usage. An error
     (a rank died) ends the stream with an error event. A client that goes away cancels the ticket."""
     obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
     logprobs = ticket.logprobs is not None
@@ -330,7 +331,10 @@ async def _stream(state: ServerState, ticket: Ticket, meta: dict, kind: str, inc
                       "finish_reason": finish}
         else:
             choice = {"index": 0, "text": delta_text or "", "logprobs": None, "finish_reason": finish}
-        return {**meta, "object": obj, "choices": [choice]}
+        out = {**meta, "object": obj, "choices": [choice]}
+        if include_usage:
+            out["usage"] = None         # OpenAI: null on every chunk but the extra last one
+        return out
     pending: list[dict] = []
     try:
         if kind == "chat":
@@ -346,10 +350,10 @@ async def _stream(state: ServerState, ticket: Ticket, meta: dict, kind: str, inc
                 yield _sse({"error": {"message": payload, "type": "server_error", "param": None, "code": None}})
                 return
             else:
-                last = chunk(None if kind == "chat" else "", FINISH.get(payload.finish_reason, "stop"), tokens=pending)
+                yield _sse(chunk(None if kind == "chat" else "", FINISH.get(payload.finish_reason, "stop"),
+                                 tokens=pending))
                 if include_usage:
-                    last["usage"] = _usage(payload)
-                yield _sse(last)
+                    yield _sse({**meta, "object": obj, "choices": [], "usage": _usage(payload)})
                 yield b"data: [DONE]\n\n"
                 return
     finally:

@@ -22,7 +22,7 @@ class _Strict(BaseModel):
 
 
 class StreamOptions(_Strict):
-    include_usage: bool = True
+    include_usage: bool = False
 
 
 class _Sampling(_Strict):
