@@ -422,9 +422,10 @@ def test_flush():
 def test_earliest_stop_string_wins_and_beats_length():
     sc = StopChecker({2}, ["world", "lo w"], 100)
     assert sc.push(1, "hello world") == ("hel", "stop")
+    assert sc.stop_string == "lo w"           # the one that ended it (the server's stopping_word)
     sc = StopChecker({2}, ["<|end|>"], 1)
     assert sc.push(1, "ab<|end|>cd") == ("ab", "stop")
     # a stop string completed by the last allowed token is still cut
     sc = StopChecker({2}, ["<|end|>"], 2)
     assert sc.push(1, "ab<|e") == ("ab", None)
-    assert sc.push(3, "nd|>") == ("", "stop")
+    assert sc.push(3, "nd|>") == ("", "stop") and sc.stop_string == "<|end|>"
