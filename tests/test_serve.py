@@ -86,23 +86,25 @@ class Server:
             assert time.monotonic() < deadline, f"{what}: {name} = {m.get(name)} after {within:g} s"
             time.sleep(0.05)
 
-    def sse(self, path: str, body: dict, headers: dict | None = None) -> list:
-        """POST `body` and read the reply as server-sent events, as plain HTTP: each `data:` line's
-        JSON, and the string "[DONE]" for OpenAI's end marker."""
+    def stream(self, path: str, body: dict, headers: dict | None = None):
+        """POST `body` and yield the reply's server-sent events as they arrive, read as plain HTTP:
+        each `data:` line's JSON, and the string "[DONE]" for OpenAI's end marker."""
         import http.client
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=120)
         try:
             conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json", **(headers or {})})
             r = conn.getresponse()
             assert r.status == 200 and r.getheader("Content-Type").startswith("text/event-stream"), r.read()
-            events = []
             for line in r:
                 line = line.strip()
                 if line.startswith(b"data: "):
-                    events.append("[DONE]" if line == b"data: [DONE]" else json.loads(line[6:]))
-            return events
+                    yield "[DONE]" if line == b"data: [DONE]" else json.loads(line[6:])
         finally:
             conn.close()
+
+    def sse(self, path: str, body: dict, headers: dict | None = None) -> list:
+        """Every event of the reply (see stream)."""
+        return list(self.stream(path, body, headers))
 
     def client(self, key: str = "none"):
         return openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key=key, max_retries=0, timeout=120)
@@ -219,12 +221,36 @@ def test_sixteen_concurrent_streams_each_equal_its_sequential_run(server):
     alone = [run(p) for p in prompts]
     together: list = [None] * 16
     threads = [threading.Thread(target=lambda i=i: together.__setitem__(i, run(prompts[i]))) for i in range(16)]
+    before = server.metrics()
     for t in threads:
         t.start()
+    # read /metrics while the 16 run (a few steps in, two or more requests running): the steps since
+    # `before` carried more than one request each, on average
+    deadline = time.monotonic() + 60
+    while True:
+        during = server.metrics()
+        if (during["tensorsplit_requests_running"] >= 2
+                and during["tensorsplit_step_sequences_count"] - before["tensorsplit_step_sequences_count"] >= 8):
+            break
+        assert time.monotonic() < deadline, "no two requests ran at once for 8 steps"
+        time.sleep(0.02)
     for t in threads:
         t.join(300)
+    after = server.metrics()
     assert together == alone
     assert len(set(alone)) > 1
+
+    def batched(m: dict) -> tuple[float, float, float]:
+        """(steps, sequences over those steps, steps that served more than one request) since `before`"""
+        def d(name): return m[name] - before[name]
+        return (d("tensorsplit_step_sequences_count"), d("tensorsplit_step_sequences_sum"),
+                d("tensorsplit_step_sequences_count") - d('tensorsplit_step_sequences_bucket{le="1"}'))
+    for m in (during, after):
+        steps, sequences, multi = batched(m)
+        assert steps > 0 and sequences / steps > 1 and multi > 0, (steps, sequences, multi)
+    # over the whole load (4 slots, 12 waiting): more than two requests a step, on average
+    steps, sequences, _ = batched(after)
+    assert sequences / steps > 2, (steps, sequences)
 
 
 def test_tokenize_detokenize_models_and_metrics(server, smollm2_path):
@@ -234,11 +260,17 @@ def test_tokenize_detokenize_models_and_metrics(server, smollm2_path):
     code, body = server.request("/detokenize", json.dumps({"tokens": ids}).encode())
     assert code == 200 and json.loads(body)["content"] == PROMPT
     assert [m.id for m in server.client().models.list()] == [MODEL]
+    ok = 'tensorsplit_requests_total{endpoint="/v1/completions",status="200"}'
+    before = server.metrics()
+    server.client().completions.create(model=MODEL, prompt=PROMPT, max_tokens=2, temperature=0)
     code, body = server.request("/metrics")
     text = body.decode()
-    assert code == 200 and 'tensorsplit_requests_total{endpoint="/v1/completions",status="200"}' in text
+    after = server.metrics()
+    assert code == 200 and after[ok] == before.get(ok, 0) + 1
+    assert after["tensorsplit_generation_tokens_total"] >= before["tensorsplit_generation_tokens_total"] + 2
+    assert after["tensorsplit_prompt_tokens_total"] == before["tensorsplit_prompt_tokens_total"] + len(ids)
     for name in ("prompt_tokens_total", "generation_tokens_total", "requests_running", "requests_waiting",
-                 "step_seconds_count"):
+                 "step_seconds_count", "step_sequences_count", "requests_cancelled_total"):
         assert f"tensorsplit_{name} " in text
 
 
@@ -361,34 +393,43 @@ def test_non_loopback_without_a_key_warns(smollm2_path):
 
 
 def test_sigterm_lets_a_request_in_flight_finish(smollm2_path):
+    """A stream that has some of its tokens when SIGTERM arrives gets the rest, up to its max_tokens,
+    while the server already refuses new connections; then the server exits 0."""
     s = Server(smollm2_path, "--nproc-per-node", "2", "-c", "1024")
-    result = {}
-    t = threading.Thread(target=lambda: result.setdefault("c", s.client().completions.create(
-        model=MODEL, prompt=PROMPT, max_tokens=200, temperature=0)))
-    t.start()
-    deadline = time.monotonic() + 30
-    while "tensorsplit_requests_running 1" not in s.request("/metrics")[1].decode():
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    events = s.stream("/v1/completions", {"model": MODEL, "prompt": PROMPT, "max_tokens": 200, "temperature": 0,
+                                          "stream": True, "stream_options": {"include_usage": True}})
+    before = [next(events) for _ in range(3)]
+    assert all(e != "[DONE]" and e["choices"] and e["choices"][0]["finish_reason"] is None for e in before)
+    assert s.metrics()["tensorsplit_requests_running"] == 1
     workers = list(workers_of(s.proc.pid).values())
-    assert s.stop(signal.SIGTERM) == 0, s.err
-    t.join(30)
-    assert result["c"].usage.completion_tokens == 200
+    s.proc.send_signal(signal.SIGTERM)
+    after = [next(events)]
+    deadline = time.monotonic() + 10
+    while s.status("/health") != 0:            # no longer accepting, the stream still going
+        assert time.monotonic() < deadline, "still accepting connections 10 s after SIGTERM"
+        time.sleep(0.1)
+    after += list(events)
+    assert after[-1] == "[DONE]" and after[-2]["usage"]["completion_tokens"] == 200
+    assert after[-3]["choices"][0]["finish_reason"] == "length"
+    assert sum(1 for e in after[:-2] if e["choices"][0]["text"]) > 100     # most of it came after SIGTERM
+    assert s.proc.wait(60) == 0, s.err
     assert_pids_gone(workers)
 
 
 def test_a_worker_killed_mid_stream_ends_the_stream_and_the_server(smollm2_path):
+    """The stream, read as plain HTTP, ends with OpenAI's error object naming the rank (not just a
+    dropped connection, which a client could not tell from a network failure), and no [DONE]."""
     s = Server(smollm2_path, "--nproc-per-node", "2", "-c", "4096")
     workers = workers_of(s.proc.pid)
-    stream = s.client().with_options(timeout=60).completions.create(model=MODEL, prompt=PROMPT, max_tokens=4000,
-                                                                    temperature=0, stream=True)
-    it = iter(stream)
-    next(it)
+    events = s.stream("/v1/completions", {"model": MODEL, "prompt": PROMPT, "max_tokens": 4000, "temperature": 0,
+                                          "stream": True})
+    assert next(events)["choices"][0]["text"] is not None
     os.kill(workers[1], signal.SIGKILL)
     t0 = time.monotonic()
-    with pytest.raises(openai.APIError):
-        for _ in it:
-            pass
+    rest = list(events)
+    assert rest[-1] == {"error": {"message": "rank 1 failed: killed by SIGKILL", "type": "server_error",
+                                  "param": None, "code": None}}, rest[-3:]
+    assert "[DONE]" not in rest and all("choices" in e for e in rest[:-1])
     code = s.proc.wait(15)
     assert code != 0 and time.monotonic() - t0 < 15
     lines = [ln for ln in s.err.splitlines() if ln.startswith("tensorsplit:")]
