@@ -368,24 +368,43 @@ def chat(ctx, model_arg, model, n_predict, ctx_size, system, chat_template, **_)
               help="Jinja chat template file to use instead of the model's.")
 @click.option("--grace", default=30.0, show_default=True, type=float,
               help="On SIGTERM or Ctrl-C: seconds the requests in flight get to finish.")
+@click.option("-a", "--alias", default=None, metavar="NAME",
+              help="The model's name in /v1/models and in responses. Default: the file name without .gguf.")
+@click.option("--slots/--no-slots", default=False, show_default=True,
+              help="Answer GET /slots (what each slot is generating); without it, 501 as llama-server's.")
+@click.option("--cors-origin", "--cors-origins", "cors_origins", multiple=True, metavar="ORIGIN",
+              help="Also let pages from ORIGIN (https://app.example.com, or * for any) call the API from a "
+                   "browser; repeatable or comma-separated. Pages from localhost always may.")
 @_world_options
 @click.pass_context
-def serve(ctx, model_arg, model, host, port, api_key, parallel, ctx_size, max_queue, chat_template, grace, **_):
-    """An OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, streaming or not) over
-    a world of --nproc-per-node ranks; this process is rank 0. Concurrent requests share the KV-cache
-    slots (continuous batching)."""
+def serve(ctx, model_arg, model, host, port, api_key, parallel, ctx_size, max_queue, chat_template, grace, alias,
+          slots, cors_origins, **_):
+    """An OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, streaming or not), with
+    llama-server's own routes too (/completion, /props, /slots, /apply-template), over a world of
+    --nproc-per-node ranks; this process is rank 0. Concurrent requests share the KV-cache slots
+    (continuous batching)."""
     from .server.main import run_server
+    from .server.web import check_origin
     from .worker.process import in_worker
     if in_worker():
         raise TensorsplitError("serve starts its own world: run `tensorsplit serve`, not under torchrun")
     ctx.params["model"] = model or model_arg
     if parallel < 1 or max_queue < 0:
         raise TensorsplitError("--parallel must be at least 1 and --max-queue at least 0")
+    for item in cors_origins:
+        for origin in filter(None, (o.strip() for o in item.split(","))):
+            try:
+                check_origin(origin.rstrip("/"))
+            except ValueError as e:
+                raise TensorsplitError(str(e)) from None
+    if alias is not None and not alias.strip():
+        raise TensorsplitError("--alias: give a non-empty name")
     template = Path(chat_template).resolve() if chat_template else None
     if template is not None:
         _check_chat_template(ctx.params["model"], template)
     return run_server(_world(ctx.params, n_ctx=ctx_size, n_slots=parallel), _node(ctx.params), host=host, port=port,
-                      api_key=api_key, max_queue=max_queue, chat_template=template, grace_s=grace)
+                      api_key=api_key, max_queue=max_queue, chat_template=template, grace_s=grace, alias=alias,
+                      slots=slots, cors_origins=cors_origins)
 
 
 @cli.command(context_settings=CONTEXT)

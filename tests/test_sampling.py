@@ -12,13 +12,14 @@ The logits are ln(prob) + an offset, so nothing relies on them being normalized.
 from __future__ import annotations
 
 import math
+import re
 import time
 
 import pytest
 import torch
 
 from tensorsplit.coordinator.sampling import (
-    Sampler, SamplingParams, apply_min_p, apply_repeat_penalty, apply_top_k, apply_top_p,
+    Sampler, SamplingParams, apply_logit_bias, apply_min_p, apply_repeat_penalty, apply_top_k, apply_top_p,
 )
 from tensorsplit.coordinator.stopping import StopChecker
 from tensorsplit.errors import TensorsplitError
@@ -267,6 +268,30 @@ def test_penalty_in_the_chain():
     assert torch.equal(x, logits6())   # the caller's logits are not modified
 
 
+def test_logit_bias_adds_per_token_and_minus_inf_bans():
+    x = logits6()
+    out = apply_logit_bias(x, [(0, 1.5), (4, float("-inf")), (0, -0.5), (2, 2.0)])
+    v = x.tolist()
+    # token 0 gets both of its entries (+1.5 - 0.5), 4 is banned, 2 is raised, the rest unchanged
+    assert out.tolist() == pytest.approx([v[0] + 1.0, v[1], v[2] + 2.0, v[3], float("-inf"), v[5]])
+    assert torch.equal(x, logits6())   # input untouched
+    assert torch.equal(apply_logit_bias(x, []), x)
+
+
+def test_logit_bias_comes_before_the_chain():
+    # greedy: banning the argmax (1) leaves the next best (3); +4 on token 2 makes its logit
+    # ln(.02) + 4 + 3.7 = 3.79, above token 1's ln(.45) + 3.7 = 2.90, so it wins
+    greedy = dict(temperature=0.0)
+    assert draws(SamplingParams(**greedy, logit_bias=((1, float("-inf")),)), logits6(), 1) == [3]
+    assert draws(SamplingParams(**greedy, logit_bias=((2, 4.0),)), logits6(), 1) == [2]
+    # sampled with top-k 1: the bias decides which token top-k keeps, so it ran before top-k
+    p = SamplingParams(temperature=1.0, top_k=1, logit_bias=((5, 2.0),), seed=1)
+    assert set(draws(p, logits6(), 50)) == {5}
+    # a banned token is never drawn, even with every filter off
+    p = SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, logit_bias=((1, float("-inf")),), seed=2)
+    assert 1 not in set(draws(p, logits6(), 500))
+
+
 def test_large_vocab_is_fast():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(262144, generator=g) * 2
@@ -298,10 +323,14 @@ def test_large_vocab_is_fast():
     ("seed", -5, "--seed -5"),
     ("seed", 2**64, f"--seed {2**64}"),
     ("seed", "abc", "--seed abc"),
+    ("logit_bias", ((-1, 1.0),), "--logit-bias (-1, 1.0)"),
+    ("logit_bias", ((3, float("nan")),), "--logit-bias (3, nan)"),
+    ("logit_bias", ((3, float("inf")),), "--logit-bias (3, inf)"),
+    ("logit_bias", ((3, "x"),), "--logit-bias (3, 'x')"),
 ])
 def test_validate_rejects(field, value, flag):
     p = SamplingParams(**{field: value})
-    with pytest.raises(TensorsplitError, match="^" + flag.replace(".", r"\.") + ": must"):
+    with pytest.raises(TensorsplitError, match="^" + re.escape(flag) + ": must"):
         p.validate()
     with pytest.raises(TensorsplitError):
         Sampler(p)
@@ -311,6 +340,7 @@ def test_validate_rejects(field, value, flag):
     {}, dict(temperature=0.0), dict(temperature=-1.0), dict(top_k=0), dict(top_k=-1),
     dict(top_p=1.0), dict(min_p=0.0), dict(min_p=1.0), dict(repeat_last_n=-1), dict(repeat_last_n=0),
     dict(seed=0), dict(seed=-1), dict(seed=2**64 - 1), dict(repeat_penalty=1.3),
+    dict(logit_bias=((0, -100.0), (5, float("-inf")), (5, 2))),
 ])
 def test_validate_accepts(kwargs):
     SamplingParams(**kwargs).validate()
@@ -392,9 +422,10 @@ def test_flush():
 def test_earliest_stop_string_wins_and_beats_length():
     sc = StopChecker({2}, ["world", "lo w"], 100)
     assert sc.push(1, "hello world") == ("hel", "stop")
+    assert sc.stop_string == "lo w"           # the one that ended it (the server's stopping_word)
     sc = StopChecker({2}, ["<|end|>"], 1)
     assert sc.push(1, "ab<|end|>cd") == ("ab", "stop")
     # a stop string completed by the last allowed token is still cut
     sc = StopChecker({2}, ["<|end|>"], 2)
     assert sc.push(1, "ab<|e") == ("ab", None)
-    assert sc.push(3, "nd|>") == ("", "stop")
+    assert sc.push(3, "nd|>") == ("", "stop") and sc.stop_string == "<|end|>"

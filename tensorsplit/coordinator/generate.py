@@ -34,6 +34,7 @@ class GenerationResult:
     prefill_s: float            # admission to first sampled token
     decode_s: float             # first sampled token to finish
     token_ids: list[int] = field(default_factory=list)
+    stop_string: str = ""       # the stop string that ended it (finish_reason "stop")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -74,6 +75,7 @@ class Generator:
         self.n_slots, self.n_ctx, self.n_batch = n_slots, n_ctx, n_batch
         self.active: list[_Seq] = []
         self._free = list(range(n_slots))[::-1]
+        self.step_sequences = 0     # sequences the last step fed tokens for (decode rows and prompt chunks)
 
     @property
     def free_slots(self) -> int:
@@ -87,11 +89,12 @@ class Generator:
             raise TensorsplitError(f"the prompt has {len(req.prompt_ids)} tokens; the context holds {self.n_ctx} "
                                    "(raise -c/--ctx-size)")
 
-    def add(self, req: Request) -> None:
-        """Admit a request into a free slot (there must be one)."""
+    def add(self, req: Request) -> int:
+        """Admit a request into a free slot (there must be one); returns the slot."""
         self.check(req)
         assert self._free, "no free slot"
         self.active.append(_Seq(req, self._free.pop(), self.tok))
+        return self.active[-1].slot
 
     def cancel(self, key) -> bool:
         """Drop the request `key` and free its slot now; False if it is not active."""
@@ -147,6 +150,7 @@ class Generator:
                 pos.append(len(s.history) - 1)
                 slots.append(s.slot)
                 s.pending = None
+        n_seqs = len(ids)
         budget = max(self.n_batch - len(ids), 0)
         for s in active:
             left = len(s.req.prompt_ids) - s.prefilled
@@ -158,8 +162,10 @@ class Generator:
             slots += [s.slot] * take
             s.prefilled += take
             budget -= take
+            n_seqs += 1
             if s.prefilled == len(s.req.prompt_ids):
                 wants.append((s, len(ids) - 1))
+        self.step_sequences = n_seqs
         logits = self.forward(torch.tensor(ids, dtype=torch.int64), torch.tensor(pos, dtype=torch.int64),
                               torch.tensor(slots, dtype=torch.int64),
                               torch.tensor([w[1] for w in wants], dtype=torch.int64))
@@ -192,7 +198,7 @@ class Generator:
         now = time.perf_counter()
         first = s.t_first or now
         return GenerationResult("".join(s.pieces), len(s.req.prompt_ids), len(s.generated), finish,
-                                s.sampler.seed, first - s.t_admit, now - first, s.generated)
+                                s.sampler.seed, first - s.t_admit, now - first, s.generated, s.checker.stop_string)
 
 
 def generate_one(forward, tokenizer: Tokenizer, prompt_ids: Sequence[int], params: SamplingParams,

@@ -5,7 +5,11 @@ The chain and its semantics follow llama.cpp (`common/sampling.cpp` builds the c
 top-n-sigma, top-k, typical, top-p, min-p, xtc, temperature, dist) the samplers left at their
 defaults are no-ops, which leaves:
 
-    repetition penalty -> top-k -> top-p -> min-p -> temperature -> sample from the softmax
+    logit bias -> repetition penalty -> top-k -> top-p -> min-p -> temperature -> sample
+
+* Logit bias (llama.cpp's "logit_bias" sampler, which common/sampling.cpp puts ahead of the
+  chain): a per-request list of (token id, bias) pairs, each added to its token's logit; a bias
+  of -inf bans the token. Pairs for the same token add up. It applies to greedy requests too.
 
 * Repetition penalty (llama.cpp's "penalties" sampler, repeat part only): each *distinct* token
   among the last `repeat_last_n` tokens of the history has its logit divided by the penalty when
@@ -55,6 +59,7 @@ FLAGS = {
     "repeat_penalty": "--repeat-penalty",
     "repeat_last_n": "--repeat-last-n",
     "seed": "--seed",
+    "logit_bias": "--logit-bias",
 }
 
 _NEG_INF = float("-inf")
@@ -75,6 +80,7 @@ class SamplingParams:
     repeat_penalty: float = 1.0  # 1.0 disables
     repeat_last_n: int = 64      # previous tokens the penalty looks at (0 disables, -1 = all)
     seed: int | None = None      # None (or -1, as llama.cpp): a random seed, reported by Sampler.seed
+    logit_bias: tuple[tuple[int, float], ...] = ()   # (token id, bias) pairs; -inf bans the token
 
     def validate(self) -> None:
         """Raise TensorsplitError naming the flag for a value that makes no sense."""
@@ -107,10 +113,25 @@ class SamplingParams:
         s = self.seed
         if s is not None and (not is_int(s) or not (s == -1 or 0 <= s < 2**64)):
             raise bad("seed", s, "must be an integer in [0, 2**64) (or -1 for a random seed)")
+        for pair in self.logit_bias:
+            if (len(pair) != 2 or not is_int(pair[0]) or pair[0] < 0 or not is_real(pair[1])
+                    or math.isnan(pair[1]) or pair[1] == math.inf):
+                raise bad("logit_bias", pair, "must be a (token id >= 0, bias) pair, the bias a number "
+                                               "(-inf bans the token)")
 
 
 # ---------------------------------------------------------------------------------------------
 # filters: (n,) logits in, a new (n,) tensor out, removed tokens at -inf
+
+def apply_logit_bias(logits: torch.Tensor, bias: Sequence[tuple[int, float]]) -> torch.Tensor:
+    """Add each (token id, bias) to its token's logit; pairs for one token add up, -inf bans it."""
+    out = logits.clone()
+    if bias:
+        ids = torch.tensor([i for i, _ in bias], dtype=torch.long)
+        assert int(ids.max()) < out.shape[0], "logit_bias names a token id outside the vocabulary"
+        out.index_add_(0, ids, torch.tensor([float(b) for _, b in bias], dtype=out.dtype))
+    return out
+
 
 def apply_repeat_penalty(logits: torch.Tensor, history: Sequence[int], penalty: float,
                          last_n: int) -> torch.Tensor:
@@ -245,6 +266,8 @@ class Sampler:
         assert logits.dim() == 1, f"expected (vocab,) logits, got {tuple(logits.shape)}"
         pr = self.params
         x = logits.detach().to(device="cpu", dtype=torch.float32)
+        if pr.logit_bias:
+            x = apply_logit_bias(x, pr.logit_bias)
         if pr.repeat_penalty != 1.0 and pr.repeat_last_n != 0:
             x = apply_repeat_penalty(x, history, pr.repeat_penalty, pr.repeat_last_n)
         if pr.temperature <= 0.0:

@@ -26,6 +26,7 @@ class StopChecker:
         self.max_tokens = max_tokens
         self.n_tokens = 0
         self.finish_reason: str | None = None
+        self.stop_string = ""       # the stop string that ended the sequence (finish "stop")
         self._held = ""
 
     @property
@@ -43,8 +44,9 @@ class StopChecker:
 
         buf = self._held + text
         # the earliest occurrence of any stop string (held text never holds a whole one)
-        cut = min((i for i in (buf.find(s) for s in self.stop_strings) if i >= 0), default=-1)
+        cut, stop = min(((i, s) for s in self.stop_strings if (i := buf.find(s)) >= 0), default=(-1, ""))
         if cut >= 0:
+            self.stop_string = stop
             return self._finish("stop", buf[:cut])
 
         if 0 <= self.max_tokens <= self.n_tokens:

@@ -23,9 +23,11 @@ from ..errors import TensorsplitError
 from ..launcher import Launch
 from ..rank_memory import resolve_split
 from ..spec import NodeSpec, WorldSpec, check_world
-from .app import BodyLimit, ServerState, build_app
+from .app import build_app
 from .metrics import Metrics
 from .scheduler import Scheduler
+from .state import ServerState
+from .web import BodyLimit
 
 FAILURE_REPORT_S = 5.0
 
@@ -42,7 +44,8 @@ def _is_loopback(host: str) -> bool:
 
 
 def run_server(spec: WorldSpec, node: NodeSpec, *, host: str, port: int, api_key: str | None, max_queue: int,
-               chat_template: Path | None, grace_s: float) -> int:
+               chat_template: Path | None, grace_s: float, alias: str | None = None, slots: bool = False,
+               cors_origins: tuple[str, ...] = ()) -> int:
     import uvicorn
     check_world(spec, node)
     if node.nnodes > 1:
@@ -51,9 +54,10 @@ def run_server(spec: WorldSpec, node: NodeSpec, *, host: str, port: int, api_key
     if not _is_loopback(host) and not api_key:
         _say(f"warning: serving on {host} without --api-key: anyone who can reach this address can use the model")
     metrics = Metrics()
-    state = ServerState(model_id=Path(spec.model).name.removesuffix(".gguf"), api_key=api_key, metrics=metrics,
-                        scheduler=Scheduler(max_queue, metrics))
-    server = uvicorn.Server(uvicorn.Config(BodyLimit(build_app(state)), host=host, port=port, log_level="warning",
+    state = ServerState(model_id=alias or Path(spec.model).name.removesuffix(".gguf"), model_path=str(spec.model),
+                        api_key=api_key, metrics=metrics, scheduler=Scheduler(max_queue, metrics),
+                        n_slots=spec.n_slots, slots_endpoint=slots)
+    server = uvicorn.Server(uvicorn.Config(BodyLimit(build_app(state, list(cors_origins))), host=host, port=port, log_level="warning",
                                            lifespan="off", timeout_graceful_shutdown=grace_s, access_log=False))
     outcome = {"code": 0}
     launch = Launch(spec, node, rank0_here=True)

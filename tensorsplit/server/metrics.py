@@ -5,6 +5,9 @@ import threading
 from collections import Counter
 from dataclasses import dataclass, field
 
+# upper bounds of the step-sequences histogram's buckets: how many requests one step served
+SEQUENCE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
 
 @dataclass
 class Metrics:
@@ -16,16 +19,20 @@ class Metrics:
     waiting: int = 0
     step_seconds_sum: float = 0.0
     step_count: int = 0
+    step_sequences: Counter = field(default_factory=Counter)   # sequences in a step -> steps
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def count_request(self, endpoint: str, status: int) -> None:
         with self._lock:
             self.requests[endpoint, status] += 1
 
-    def observe_step(self, seconds: float) -> None:
+    def observe_step(self, seconds: float, sequences: int) -> None:
+        """One engine step that took `seconds` and fed tokens for `sequences` requests (the rows
+        batched together: one per decoding request, one per prompt chunk)."""
         with self._lock:
             self.step_seconds_sum += seconds
             self.step_count += 1
+            self.step_sequences[sequences] += 1
 
     def exposition(self) -> str:
         """Prometheus text format 0.0.4."""
@@ -46,5 +53,14 @@ class Metrics:
             lines += ["# HELP tensorsplit_step_seconds Time of one engine step (a forward on every rank).",
                       "# TYPE tensorsplit_step_seconds summary",
                       f"tensorsplit_step_seconds_sum {self.step_seconds_sum:.6f}",
-                      f"tensorsplit_step_seconds_count {self.step_count}"]
+                      f"tensorsplit_step_seconds_count {self.step_count}",
+                      "# HELP tensorsplit_step_sequences Requests batched into one engine step.",
+                      "# TYPE tensorsplit_step_sequences histogram"]
+            for le in SEQUENCE_BUCKETS:
+                n = sum(c for k, c in self.step_sequences.items() if k <= le)
+                lines.append(f'tensorsplit_step_sequences_bucket{{le="{le}"}} {n}')
+            total = sum(self.step_sequences.values())
+            lines += [f'tensorsplit_step_sequences_bucket{{le="+Inf"}} {total}',
+                      f"tensorsplit_step_sequences_sum {sum(k * c for k, c in self.step_sequences.items())}",
+                      f"tensorsplit_step_sequences_count {total}"]
             return "\n".join(lines) + "\n"

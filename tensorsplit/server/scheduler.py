@@ -5,7 +5,7 @@ free KV-cache slots of one Generator, steps it, and sends each ticket its events
 log-probabilities, the result, or an error) back to the event loop. A ticket waits in a bounded
 queue while every slot is busy (QueueFull past the bound). A cancelled ticket (a client that went
 away) leaves its slot before the next step. If the engine fails (a rank died), every ticket in
-flight or waiting gets an error, and the scheduler stops.
+flight or waiting gets an error (from the caller of run(), naming the rank), and the scheduler stops.
 """
 from __future__ import annotations
 
@@ -33,12 +33,16 @@ class Ticket:
     request: Request
     loop: asyncio.AbstractEventLoop
     logprobs: int | None = None          # None: none wanted; k: the chosen token's and the top k
+    tokens: bool = False                 # a ("token", {"id"}) event per token even without logprobs
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False
+    slot: int | None = None              # its KV-cache slot, once admitted (GET /slots)
+    n_decoded: int = 0                   # tokens sampled so far
     id: int = field(default_factory=itertools.count().__next__)
 
     def emit(self, kind: str, payload) -> None:
-        """From the engine thread: ("text", str), ("token", dict), ("done", GenerationResult), ("error", str)."""
+        """From the engine thread: ("text", str), ("token", dict), ("done", GenerationResult), ("error", str).
+        A token's event comes before the text it completes."""
         self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
 
 
@@ -67,6 +71,11 @@ class Scheduler:
             ticket.cancelled = True
             self._cv.notify()
 
+    def running_by_slot(self) -> dict[int, Ticket]:
+        """The tickets holding a slot now, by slot."""
+        with self._cv:
+            return {t.slot: t for t in self._running.values()}
+
     def stop(self) -> None:
         """Finish what is running and waiting, then return from run()."""
         with self._cv:
@@ -87,17 +96,15 @@ class Scheduler:
 
     # -- the engine thread -------------------------------------------------------------------------
     def run(self, gen: Generator, tokenizer) -> None:
-        """Step until stopped (or failed); raises what the engine raised, after failing every ticket."""
-        try:
-            while self._admit(gen):
-                t0 = time.perf_counter()
-                finished = gen.step(self._on_text, self._on_token)
-                self.metrics.observe_step(time.perf_counter() - t0)
-                for req, res in finished:
-                    self._finish(req, res)
-        except BaseException as e:
-            self.fail(f"the model failed: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}")
-            raise
+        """Step until stopped (or failed). Raises what the engine raised; the caller then fails every
+        ticket with fail(), once it knows which rank died (the launcher's line, which clients and
+        the log then both show, rather than the collective's own error)."""
+        while self._admit(gen):
+            t0 = time.perf_counter()
+            finished = gen.step(self._on_text, self._on_token)
+            self.metrics.observe_step(time.perf_counter() - t0, gen.step_sequences)
+            for req, res in finished:
+                self._finish(req, res)
 
     def _admit(self, gen: Generator) -> bool:
         """Drop cancelled tickets, admit waiting ones into free slots, and wait while there is nothing
@@ -114,7 +121,7 @@ class Scheduler:
                         self.metrics.cancelled += 1
                         continue
                     try:
-                        gen.add(t.request)
+                        t.slot = gen.add(t.request)
                     except Exception as e:  # noqa: BLE001 - the request's own error, to its client
                         t.emit("error", str(e))
                         continue
@@ -137,8 +144,13 @@ class Scheduler:
     def _on_token(self, req: Request, token: int, logits: torch.Tensor) -> None:
         self.metrics.generation_tokens += 1
         t = self._ticket(req)
-        if t is not None and t.logprobs is not None:
+        if t is None:
+            return
+        t.n_decoded += 1
+        if t.logprobs is not None:
             t.emit("token", token_logprobs(token, logits, t.logprobs))
+        elif t.tokens:
+            t.emit("token", {"id": token})
 
     def _finish(self, req: Request, res: GenerationResult) -> None:
         with self._cv:

@@ -3,7 +3,8 @@
 Unknown fields are refused, as OpenAI refuses them ("Unrecognized request argument"); fields
 OpenAI has but this server does not implement are accepted only at their neutral value (n=1,
 no penalties, no tools), so a client never gets something other than what it asked for.
-`top_k`, `min_p` and `repeat_penalty` are llama.cpp-server extensions.
+`top_k`, `min_p` and `repeat_penalty` are llama.cpp-server extensions, and so are logit_bias's
+forms other than OpenAI's (params.py). `model` may be left out, as llama-server allows.
 """
 from __future__ import annotations
 
@@ -21,12 +22,23 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def check_stop(v, most: int):
+    """A stop field (a string or a list of them): at most `most`, none empty or over MAX_STOP_CHARS."""
+    items = [v] if isinstance(v, str) else (v or [])
+    if len(items) > most:
+        raise ValueError(f"at most {most} stop sequences")
+    for s in items:
+        if not s or len(s) > MAX_STOP_CHARS:
+            raise ValueError(f"each stop sequence must have 1 to {MAX_STOP_CHARS} characters")
+    return v
+
+
 class StreamOptions(_Strict):
-    include_usage: bool = True
+    include_usage: bool = False
 
 
 class _Sampling(_Strict):
-    model: str = Field(max_length=512)
+    model: str | None = Field(None, max_length=512)   # any name: the one model answers (README)
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
@@ -37,7 +49,7 @@ class _Sampling(_Strict):
     stream_options: StreamOptions | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    logit_bias: dict | None = None
+    logit_bias: dict | list | None = None              # checked against the vocabulary in params.py
     user: str | None = Field(None, max_length=512)
     top_k: int | None = Field(None, ge=0)
     min_p: float | None = Field(None, ge=0.0, le=1.0)
@@ -46,13 +58,7 @@ class _Sampling(_Strict):
     @field_validator("stop")
     @classmethod
     def _stop(cls, v):
-        items = [v] if isinstance(v, str) else (v or [])
-        if len(items) > MAX_STOP:
-            raise ValueError(f"at most {MAX_STOP} stop sequences")
-        for s in items:
-            if not s or len(s) > MAX_STOP_CHARS:
-                raise ValueError(f"each stop sequence must have 1 to {MAX_STOP_CHARS} characters")
-        return v
+        return check_stop(v, MAX_STOP)
 
     @model_validator(mode="after")
     def _neutral(self):
@@ -60,8 +66,6 @@ class _Sampling(_Strict):
             raise ValueError("n: only 1 choice per request is supported")
         if self.presence_penalty or self.frequency_penalty:
             raise ValueError("presence_penalty and frequency_penalty are not supported (use repeat_penalty)")
-        if self.logit_bias:
-            raise ValueError("logit_bias is not supported")
         return self
 
     def stops(self) -> tuple[str, ...]:
