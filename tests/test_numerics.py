@@ -100,9 +100,10 @@ def test_gelu_uses_the_f16_table():
 def test_sharded_rounds_like_unsharded(tmp_path, types):
     """Ranks see the same activation blocks as one rank does, and the row-parallel partial sums are
     float64 through the all-reduce, rounded once (model/layers.py): 2, 3 and 4 ranks give the logits of
-    one, bit for bit (seen), while the mode itself moves them by far more. Before the partials were
-    widened, the float32 summation order flipped 8-bit roundings now and then (up to 3.7% of the
-    mode's own change)."""
+    one, bit for bit, while the mode itself moves them by far more. Before the partials were widened,
+    the float32 summation order flipped 8-bit roundings now and then (up to 3.7% of the mode's own
+    change). ODD's F32 ffn_down runs the torch path, a float64 BLAS product that sums K in an order
+    that depends on the cut (test_model_parity.py): within 1e-6 of the mode's change there."""
     path = write_llama(tmp_path / "m.gguf", n_embd=512, n_heads=8, n_kv=2, n_ff=1024, vocab=300, types=types,
                        tied=False)
     gf, cfg = open_model(path)
@@ -112,7 +113,10 @@ def test_sharded_rounds_like_unsharded(tmp_path, types):
     assert mode_change > 1e-3
     for world in (2, 3, 4):
         sharded = world_logits(gf, cfg, world, ids, numerics=LLAMACPP)
-        assert np.abs(sharded - one).max() <= 1e-6 * mode_change, world
+        if types is ODD:
+            assert np.abs(sharded - one).max() <= 1e-6 * mode_change, world
+        else:
+            assert np.array_equal(sharded, one), (world, float(np.abs(sharded - one).max()))
 
 
 def test_kv_cache_follows_the_mode(tmp_path):
