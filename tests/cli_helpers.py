@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -166,3 +167,20 @@ def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None
         if time.monotonic() > deadline:
             raise AssertionError(f"{what}: not within {timeout:g} s")
         time.sleep(0.05)
+
+
+def listeners(port: int) -> list[str]:
+    """Local addresses of the sockets listening on `port` (/proc/net/tcp and tcp6, state 0A)."""
+    out = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            addr, p = local.split(":")
+            if state == "0A" and int(p, 16) == port:
+                raw = bytes.fromhex(addr)
+                if len(raw) == 4:   # little-endian IPv4
+                    out.append(socket.inet_ntop(socket.AF_INET, raw[::-1]))
+                else:               # IPv6: four little-endian 32-bit words
+                    words = b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4))
+                    out.append(socket.inet_ntop(socket.AF_INET6, words))
+    return out

@@ -222,6 +222,20 @@ def test_native_results_do_not_depend_on_threads_rows_shards_or_isa(qtype):
             assert torch.equal(other, one), f"{qtype.name} {numerics.mode}: {isa} vs {before}"
 
 
+@pytest.mark.parametrize("env,want", [({"TENSORSPLIT_ISA": "scalar"}, "scalar"), ({"TENSORSPLIT_NATIVE": "0"}, "torch")])
+def test_environment_picks_the_isa_or_turns_the_kernels_off(env, want):
+    """README: TENSORSPLIT_ISA picks a lower instruction set, TENSORSPLIT_NATIVE=0 turns the native
+    kernels off (silently: it is asked for, not a failure)."""
+    import os
+    import subprocess
+    import sys
+    _native_or_skip()
+    r = subprocess.run([sys.executable, "-c", "from tensorsplit import kernels; print(kernels.isa())"],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, **env})
+    assert r.returncode == 0 and r.stdout.strip() == want, r.stdout + r.stderr
+    assert r.stderr.strip() == ""
+
+
 def test_use_isa_returns_a_name_it_takes_back():
     """use_isa(name) returns the instruction set it replaced, in a form use_isa accepts, so a test can
     restore it; a level this CPU lacks is refused for that reason, not as an unknown name."""

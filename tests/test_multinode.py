@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from cli_helpers import ROOT, assert_all_gone, run_cli, start_cli, wait_until
+from cli_helpers import ROOT, assert_all_gone, listeners, run_cli, start_cli, wait_until
 from tensorsplit.model.gguf_file import GGUFFile
 
 PROMPT = "The capital of France is"
@@ -238,23 +238,6 @@ def test_agreement_covers_the_dtype(smollm2_path, monkeypatch):
     assert errors == {0: msg, 1: msg}
 
 
-def _listeners(port: int) -> list[str]:
-    """Local addresses of the sockets listening on `port` (/proc/net/tcp and tcp6, state 0A)."""
-    out = []
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            local, state = line.split()[1], line.split()[3]
-            addr, p = local.split(":")
-            if state == "0A" and int(p, 16) == port:
-                raw = bytes.fromhex(addr)
-                if len(raw) == 4:   # little-endian IPv4
-                    out.append(socket.inet_ntop(socket.AF_INET, raw[::-1]))
-                else:               # IPv6: four little-endian 32-bit words
-                    words = b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4))
-                    out.append(socket.inet_ntop(socket.AF_INET6, words))
-    return out
-
-
 def test_rendezvous_listens_on_master_addr_only(smollm2_path):
     """README: node 0 hosts the rendezvous, bound to --master-addr only. With --master-addr 127.0.0.2
     (a loopback address other than the usual one), the only socket listening on the port is on
@@ -264,9 +247,9 @@ def test_rendezvous_listens_on_master_addr_only(smollm2_path):
                     "--nproc-per-node", "1", "--master-addr", "127.0.0.2", "--master-port", str(port),
                     "--timeout", "120")
     try:
-        wait_until(lambda: _listeners(port) or job.proc.poll() is not None, 120, f"a listener on port {port}")
+        wait_until(lambda: listeners(port) or job.proc.poll() is not None, 120, f"a listener on port {port}")
         assert job.proc.poll() is None, job.err.text()
-        assert _listeners(port) == ["127.0.0.2"]
+        assert listeners(port) == ["127.0.0.2"]
         with socket.socket() as s, pytest.raises(ConnectionRefusedError):
             s.settimeout(10)
             s.connect(("127.0.0.1", port))
