@@ -130,9 +130,15 @@ def test_batch_killed_midway_then_rerun_gives_one_line_per_id(smollm2_path, tmp_
 
 def test_python_api_batches_in_input_order(smollm2_path):
     from tensorsplit import LLM
+    import os
+
+    from cli_helpers import assert_pids_gone, workers_of
     with LLM(smollm2_path, nproc_per_node=2, parallel=3, n_ctx=128) as llm:
         res = llm.generate(PROMPTS[:4], max_tokens=5, temperature=0)
         alone = llm.generate(PROMPTS[2], max_tokens=5, temperature=0)
+        workers = list(workers_of(os.getpid()).values())
+    assert len(workers) == 1
+    assert_pids_gone(workers)                # README: the worker processes end with the LLM
     assert len(res) == 4 and all(r.completion_tokens == 5 for r in res)
     assert res[2].token_ids == alone[0].token_ids
     assert "Paris" in res[0].text

@@ -61,6 +61,22 @@ def test_generate_streams_text_and_reports(smollm2_path):
     assert "generated 4 tokens" in r.stderr and "world 2 (gloo)" in r.stderr
 
 
+def test_sampling_flags_reach_the_sampler(smollm2_path):
+    """--seed makes a sampled run repeat (and another seed gives another text), --stop ends the text
+    before the stop string, --top-k 1 samples greedily at any temperature."""
+    def gen(*flags):
+        r = run_cli("generate", "-m", str(smollm2_path), "-p", PROMPT, "-n", "16", "--json", *flags)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout.strip().splitlines()[-1])
+    greedy = gen("--temp", "0")
+    assert gen("--temp", "1.5", "--top-k", "1", "--seed", "9")["text"] == greedy["text"]
+    a, b, c = (gen("--temp", "1.5", "--seed", str(s)) for s in (3, 3, 4))
+    assert a["token_ids"] == b["token_ids"] and a["token_ids"] != c["token_ids"]
+    stop = greedy["text"].split()[2]
+    cut = gen("--temp", "0", "--stop", stop)
+    assert cut["finish_reason"] == "stop" and cut["text"] == greedy["text"][:greedy["text"].index(stop)]
+
+
 def test_sigkill_of_a_worker_ends_everything(smollm2_path):
     """SIGKILL rank 1 mid-generation: the launcher exits non-zero within 15 s naming rank 1, nothing left."""
     job = start_cli("generate", "-m", str(smollm2_path), "-p", PROMPT, "-n", "2000", "-c", "4096", "--temp", "0",
