@@ -117,11 +117,13 @@ def run_perplexity(request, name, world, mode, key="perplexity"):
 
 
 @pytest.mark.slow
+# Gemma 3 in exact numerics is checked against the float64 reference instead (test_archs.py; 70 s of CI
+# here bought a bound of 0.75% against llama.cpp, which does not compute in exact numerics).
 # Sharded runs give one rank's logits bit for bit (test_model_parity, test_archs, test_numerics assert
 # it on prompts, in both numerics, up to 4 ranks): one sharded run here, Gemma 3 at 2 ranks in the
 # default numerics, checks the same over a whole text (test_gemma3_perplexity_same_at_1_and_2_ranks)
 @pytest.mark.parametrize("name,world,mode,key", [
-    ("smollm2", 1, "exact", "perplexity"), ("smollm2", 1, "llamacpp", "perplexity"), ("gemma3", 1, "exact", "perplexity"),
+    ("smollm2", 1, "exact", "perplexity"), ("smollm2", 1, "llamacpp", "perplexity"),
     ("gemma3", 1, "llamacpp", "perplexity"), ("gemma3", 2, "llamacpp", "perplexity"),
     ("gemma3", 1, "llamacpp", "perplexity_long"),
 ])
