@@ -191,13 +191,13 @@ class Check:
 
     def world(self) -> dict:
         import torch
-        from tensorsplit.api import World
+        from tensorsplit.launcher.world import World
         from tensorsplit.spec import NodeSpec, WorldSpec
         out = {}
         for numerics in ("exact", "llamacpp"):
             spec = WorldSpec(model=self.mixed_model().resolve(), device=f"{self.device},cpu", n_ctx=256, n_slots=1,
                              quiet=True, numerics=numerics, timeout_s=60)
-            world = World(spec, NodeSpec(nproc=2))
+            world = World.start(spec, NodeSpec(nproc=2))
             try:
                 first = world.forward(self.prompt, torch.arange(N_PROMPT), torch.zeros(N_PROMPT, dtype=torch.int64),
                                       torch.tensor([N_PROMPT - 1]))

@@ -11,7 +11,6 @@ one dies, the call in progress (or the next) raises WorkerFailed naming it, inst
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Sequence
 
@@ -19,77 +18,10 @@ from . import models
 from .coordinator.generate import GenerationResult, Generator, Request
 from .coordinator.sampling import SamplingParams
 from .coordinator.tokenizer import Tokenizer
-from .errors import CollectiveError, TensorsplitError, WorkerFailed
-from .launcher import Launch
-from .rank_memory import resolve_split
-from .spec import NodeSpec, WorldSpec, check_world
-from .worker.engine import Engine
-from .worker.main import join_and_load
-from .worker.process import RankEnv
+from .launcher.world import World
+from .spec import NodeSpec, WorldSpec
 
-FAILURE_REPORT_S = 5.0   # how long to wait for the launcher's account of a failure seen in a collective
-
-
-class World:
-    """A world started with this process as rank 0: the launcher starts the other ranks and watches
-    them. `forward` speaks token ids (Engine.forward); a failure anywhere in the world comes out of
-    it as WorkerFailed naming the rank. LLM adds the tokenizer; scripts/gpu_check.py drives a model
-    without one."""
-
-    def __init__(self, spec: WorldSpec, node: NodeSpec):
-        check_world(spec, node)
-        spec = resolve_split(spec, node)      # split="auto": ratios from the devices' free memory
-        self.engine: Engine | None = None
-        self.failure: str | None = None
-        self._launch = Launch(spec, node, rank0_here=True)
-        self._launch.watch_from_thread(self._on_failure)
-        try:
-            env = RankEnv(0, node.world, 0, node.nproc, node.master_addr, self._launch.port)
-            shard, self.gf, self.config = join_and_load(env, spec)
-        except BaseException as e:
-            self._launch.close(0)
-            raise self.explained(e) from None
-        self.engine = Engine(shard, spec.n_slots, spec.n_ctx)
-
-    def _on_failure(self, line: str) -> None:
-        self.failure = line
-
-    def check(self) -> Engine:
-        """The engine, or WorkerFailed when the world has failed or is closed."""
-        if self.failure:
-            raise WorkerFailed(self.failure)
-        if self.engine is None:
-            raise WorkerFailed("this world is closed")
-        return self.engine
-
-    def forward(self, ids, positions, slots, logit_rows):
-        engine = self.check()
-        try:
-            return engine.forward(ids, positions, slots, logit_rows)
-        except BaseException as e:
-            raise self.explained(e) from None
-
-    def explained(self, e: BaseException) -> BaseException:
-        """An error seen from rank 0 because a peer died (a collective that lost it) becomes WorkerFailed,
-        with the launcher's line naming the rank, once the watcher has it."""
-        if isinstance(e, (KeyboardInterrupt, WorkerFailed)):
-            return e
-        lost_peer = isinstance(e, CollectiveError) or (isinstance(e, (RuntimeError, OSError))
-                                                        and not isinstance(e, TensorsplitError))
-        deadline = time.monotonic() + (FAILURE_REPORT_S if lost_peer else 0.0)
-        while self.failure is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        return WorkerFailed(self.failure) if self.failure else e
-
-    def close(self) -> None:
-        if self.engine is not None:
-            engine, self.engine = self.engine, None
-            try:
-                if self.failure is None:
-                    engine.shutdown()
-            finally:
-                engine.shard.comm.close()
-        self._launch.close()
+__all__ = ["LLM", "World"]
 
 
 class LLM:
@@ -102,7 +34,7 @@ class LLM:
         node = NodeSpec(nproc=nproc_per_node, threads=threads)
         spec = WorldSpec(model=path.resolve() if path.exists() else path, split=split, device=device, n_ctx=n_ctx,
                          n_slots=parallel, timeout_s=timeout, threads=threads, quiet=True, numerics=numerics)
-        self._world = World(spec, node)
+        self._world = World.start(spec, node)
         self.config = self._world.config
         self.tokenizer = Tokenizer.from_gguf_kv(self._world.gf.kv)
 

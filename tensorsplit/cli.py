@@ -77,7 +77,7 @@ def _model_option(f):
 
 
 def _single_nproc(nproc: str | None) -> int:
-    from .launcher import default_nproc
+    from .devices import default_nproc
     if nproc is None:
         return default_nproc()
     try:
@@ -104,32 +104,29 @@ def _node(p: dict, nproc: int | None = None):
 
 
 def _run_world(p: dict, job, *, n_ctx: int, n_slots: int = 1, nproc: int | None = None) -> int:
-    """Run `job` on rank 0 of a world: started here by the launcher, or, under torchrun, with this
-    process as one of its ranks."""
-    from .rank_memory import resolve_split
+    """Run `job` on rank 0 of a world: planned and started here by the launcher, or, under torchrun, with
+    this process as one of its ranks (each rank plans the same world from the same inputs)."""
+    from .plan import check_world, plan_world
     from .worker.process import in_worker
     spec = _world(p, n_ctx=n_ctx, n_slots=n_slots)
     if in_worker():
         from .worker.main import run_worker
-        return run_worker(_torchrun_split(spec), job)
+        return run_worker(_torchrun_plan(spec), job)
     from .launcher import launch
-    from .spec import check_world
     node = _node(p, nproc)
     check_world(spec, node)
-    return launch(resolve_split(spec, node), node, job)
+    return launch(plan_world(spec, node), node, job)
 
 
-def _torchrun_split(spec):
-    """Under torchrun, --split auto is resolved by every rank, from TENSORSPLIT_FREE_MEMORY only (ranks
-    that measured separately could disagree); rank 0 says what it chose."""
-    from .rank_memory import resolve_split
+def _torchrun_plan(spec):
+    """Under torchrun every rank plans the world itself; --split auto only from TENSORSPLIT_FREE_MEMORY
+    (ranks that measured separately could disagree); rank 0 says what it chose."""
+    from .plan import plan_world
     from .spec import NodeSpec
     from .worker.process import RankEnv
-    if spec.split != "auto":
-        return spec
     env = RankEnv.from_environ()
     node = NodeSpec(nproc=env.local_world, nnodes=max(1, env.world // env.local_world))
-    return resolve_split(spec, node, torchrun=True, announce=env.rank == 0)
+    return plan_world(spec, node, torchrun=True, announce=env.rank == 0)
 
 
 def _check_chat_template(model: str | None, template: Path | None) -> None:
@@ -432,11 +429,12 @@ def info(model_arg, model, nproc, nnodes, split, device, ctx_size, parallel, num
     """Metadata, the shard plan and what each rank will hold (weights as loaded, KV cache), without
     loading weights; with --split auto, the shares chosen from the devices' free memory."""
     from .report import info_report
+    from .spec import NodeSpec, WorldSpec
     if nproc < 1 or nnodes < 1 or ctx_size < 1 or parallel < 1:
         raise TensorsplitError("--nproc-per-node, --nnodes, -c and -np must be at least 1")
-    print(info_report(_model_path(model or model_arg), nproc=nproc, nnodes=nnodes, split=split, device=device,
-                      n_ctx=ctx_size, n_slots=parallel, numerics=numerics, backend=backend, cuda_graphs=cuda_graphs,
-                      verbose=verbose, as_json=as_json))
+    spec = WorldSpec(model=_model_path(model or model_arg), split=split, device=device, backend=backend, n_ctx=ctx_size,
+                     n_slots=parallel, numerics=numerics, cuda_graphs=cuda_graphs, quiet=True)
+    print(info_report(spec, NodeSpec(nproc=nproc, nnodes=nnodes), verbose=verbose, as_json=as_json))
 
 
 @cli.command(context_settings=CONTEXT)

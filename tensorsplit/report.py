@@ -5,12 +5,12 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from .free_memory import FREE_MEMORY_ENV, override, rank_devices
-from .model import make_plan, open_model, parse_split
-from .model.auto_split import FREE_MARGIN, RANK_RESERVE
+from .model import make_plan, open_model
 from .model.shard_plan import format_plan
-from .rank_memory import AUTO, auto_split, check_auto_world, rank_memory, world_graphs
-from .worker.process import device_kinds
+from .plan import WorldPlan, plan_world
+from .plan.auto_split import FREE_MARGIN, RANK_RESERVE
+from .plan.free_memory import FREE_MEMORY_ENV
+from .spec import NodeSpec, WorldSpec
 
 _BIG_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges", "tokenizer.ggml.scores")
 
@@ -33,62 +33,55 @@ def _size(n: int) -> str:
     return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
-def _memory_lines(memory, auto, n_slots: int, n_ctx: int, numerics: str, file_ratio: float, graphs: bool) -> list[str]:
-    """Per rank: device, weights as loaded, KV cache, total; with --split auto, the free memory planned
-    against and the rank's budget."""
-    kv_dtype = "float16" if numerics == "llamacpp" else "float32"
-    lines = [f"memory per rank once loaded: weights ({file_ratio:.3f} x their file bytes; CPU ranks in the native "
+def _world_lines(plan: WorldPlan, file_ratio: float) -> list[str]:
+    """The world's plan: its decisions, then per rank its device, threads and bytes; with --split auto,
+    the free memory planned against and each rank's budget."""
+    spec, auto = plan.spec, plan.auto
+    lines = [f"world       {plan.world} rank(s), {plan.nproc} per node; backend {plan.backend.name} "
+             f"({plan.backend.why}); decode {'as CUDA graphs' if plan.cuda_graphs else 'without CUDA graphs'}",
+             f"split       {plan.split_text()}" + (" (auto)" if auto is not None else ""),
+             f"memory per rank once loaded: weights ({file_ratio:.3f} x their file bytes; CPU ranks in the native "
              "kernels' layout)",
-             f"  and KV cache for {n_slots} sequence(s) of {n_ctx} positions ({kv_dtype})"
-             + (", and one scratch slot for the CUDA graphs" if graphs else "")]
+             f"  and KV cache for {spec.n_slots} sequence(s) of {spec.n_ctx} positions ({plan.kv_dtype})"
+             + (", and one scratch slot for the CUDA graphs" if plan.cuda_graphs else "")]
     if auto is not None:
         source = f"given in {FREE_MEMORY_ENV}" if auto.given else "measured"
-        lines += [f"split auto {auto.split}, from the free memory {source}",
+        lines += [f"split auto {plan.split_text()}, from the free memory {source}",
                   f"  ({FREE_MARGIN:.0%} kept spare and {_size(RANK_RESERVE)} per rank; ranks on one device share "
                   "its budget)"]
-    head = f"{'rank':>4}  {'device':<8}  {'weights':>10}  {'kv cache':>10}  {'total':>10}"
+    head = f"{'rank':>4}  {'device':<8}  {'threads':>7}  {'weights':>10}  {'kv cache':>10}  {'total':>10}"
     lines.append(head + (f"  {'free':>10}  {'budget':>10}" if auto else ""))
-    for m in memory:
-        row = f"{m.rank:>4}  {m.device:<8}  {_size(m.weights):>10}  {_size(m.kv_cache):>10}  {_size(m.total):>10}"
+    for m in plan.ranks:
+        row = (f"{m.rank:>4}  {m.device:<8}  {m.threads:>7}  {_size(m.weights):>10}  "
+               f"{_size(m.kv_cache + m.graph_scratch):>10}  {_size(m.total):>10}")
         if auto is not None:
             row += f"  {_size(auto.free[m.device]):>10}  {_size(auto.budgets[m.rank]):>10}"
         lines.append(row)
     return lines
 
 
-def info_report(path: Path, *, nproc: int, nnodes: int = 1, split: str | None = None, device: str = "auto",
-                n_ctx: int = 2048, n_slots: int = 1, numerics: str = "llamacpp", backend: str | None = None,
-                cuda_graphs: bool = True, verbose: bool = False, as_json: bool = False) -> str:
-    """Metadata, the plan, and what each rank will hold, for a world of nproc x nnodes ranks; with
-    split "auto", the ratios chosen from the devices' free memory. Nothing is loaded."""
-    from .kernels import native
-    world = nproc * nnodes
-    native_ok = native(announce=False)
-    devices = rank_devices(device_kinds(device, world), override(), nproc)
-    graphs = world_graphs(devices, backend, cuda_graphs)
+def info_report(spec: WorldSpec, node: NodeSpec, *, verbose: bool = False, as_json: bool = False) -> str:
+    """Metadata, the shard plan, and the world's plan (world/plan.py: devices, backend, bytes per rank)
+    for `spec` on nproc x nnodes ranks; with split "auto", the ratios chosen from the devices' free
+    memory. Nothing is loaded; the world may be planned for another machine."""
+    path = Path(spec.model)
+    plan = plan_world(spec, node, here=False, announce=False)
     gf, cfg = open_model(path)
-    auto = None
-    if split == AUTO:
-        check_auto_world(nnodes)
-        auto = auto_split(gf, cfg, devices, n_slots, n_ctx, numerics, native_ok, graphs)
-        split = auto.split
-    plan = make_plan(cfg, gf.tensors, world, parse_split(split, world))
-    memory = rank_memory(gf, cfg, plan, devices, n_slots, n_ctx, numerics, native_ok, graphs)
+    shard_plan = make_plan(cfg, gf.tensors, plan.world, plan.ratios)
     total = sum(t.nbytes for t in gf.tensors.values())
-    resident = [m.weights for m in memory]
     if as_json:
         config = {k: v for k, v in asdict(cfg).items() if k != "spec"}
-        mem = {"n_ctx": n_ctx, "n_slots": n_slots, "numerics": numerics, "cuda_graphs": graphs,
-               "ranks": [{**asdict(m), "total": m.total} for m in memory]}
-        auto_doc = None if auto is None else {**asdict(auto), "rank_reserve": RANK_RESERVE, "free_margin": FREE_MARGIN}
+        world_plan = json.loads(plan.to_json())
+        world_plan["ranks"] = [{**r, "total": m.total} for r, m in zip(world_plan["ranks"], plan.ranks)]
+        if world_plan["auto"] is not None:
+            world_plan["auto"].update(split=plan.split_text(), rank_reserve=RANK_RESERVE, free_margin=FREE_MARGIN)
         return json.dumps({"file": str(path), "file_bytes": path.stat().st_size, "weight_bytes": total,
                            "fingerprint": gf.fingerprint(), "metadata": _metadata(gf.kv), "config": config,
-                           "plan": plan.to_dict(), "resident_bytes_per_rank": resident, "memory": mem,
-                           "auto_split": auto_doc}, indent=2, default=str)
+                           "shard_plan": shard_plan.to_dict(), "world_plan": world_plan}, indent=2, default=str)
     types: dict[str, int] = {}
     for t in gf.tensors.values():
         types[t.qtype.name] = types.get(t.qtype.name, 0) + 1
-    file_ratio = sum(resident) / max(1, sum(r.nbytes for r in plan.ranks))
+    file_ratio = sum(m.weights for m in plan.ranks) / max(1, sum(r.nbytes for r in shard_plan.ranks))
     lines = [
         f"file        {path} ({path.stat().st_size / 2**20:.1f} MiB, GGUF v{gf.version})",
         f"model       {gf.kv.get('general.name', '?')} ({cfg.arch})",
@@ -102,9 +95,9 @@ def info_report(path: Path, *, nproc: int, nnodes: int = 1, split: str | None = 
         f"tensors     {len(gf.tensors)}: " + ", ".join(f"{n} {k}" for k, n in sorted(types.items())),
         f"weights     {total / 2**20:.1f} MiB",
         "",
-        format_plan(plan, cfg, verbose),
+        format_plan(shard_plan, cfg, verbose),
         "",
-        *_memory_lines(memory, auto, n_slots, n_ctx, numerics, file_ratio, graphs),
+        *_world_lines(plan, file_ratio),
     ]
     return "\n".join(lines)
 

@@ -3,9 +3,11 @@
   WorldSpec  what every rank must agree on: the model, split, devices, context, slots, numerics
   NodeSpec   how this node starts its ranks: how many, which node, where the rendezvous is
 
-Both travel to the workers as JSON (environment variables set by the launcher), never pickled,
+The WorldSpec travels to the workers inside the world's plan, as JSON (an environment variable set
+by the launcher), never pickled,
 and never with text: the job, which holds the prompt, goes to rank 0 alone (coordinator/jobs.py).
-`check_world` reports the flag errors every rank would hit, once, before anyone starts.
+What the world becomes on these devices (the split resolved, bytes per rank, the backend) is
+decided from them once, in plan/world.py.
 """
 from __future__ import annotations
 
@@ -13,10 +15,9 @@ import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from .errors import TensorsplitError
 from .model.numerics import DEFAULT as DEFAULT_NUMERICS
 
-WORLD_ENV = "TENSORSPLIT_WORLD"     # the WorldSpec, as JSON, for every rank the launcher starts
+WORLD_ENV = "TENSORSPLIT_WORLD"     # the WorldPlan (plan/world.py), as JSON, for every rank the launcher starts
 JOB_ENV = "TENSORSPLIT_JOB"         # rank 0 only: a file holding the job, as JSON
 
 
@@ -58,22 +59,3 @@ class NodeSpec:
     def world(self) -> int:
         return self.nproc * self.nnodes
 
-
-def check_world(spec: WorldSpec, node: NodeSpec) -> None:
-    """Flag errors every rank would hit, reported once by whoever starts the world."""
-    from .model.shard_plan import parse_split
-    from .rank_memory import check_auto_world
-    from .worker.process import device_kinds
-    if node.nproc < 1:
-        raise TensorsplitError(f"--nproc-per-node {node.nproc}: must be at least 1")
-    if spec.split == "auto":
-        check_auto_world(node.nnodes)
-    if node.nnodes > 1 and node.master_port is None:
-        raise TensorsplitError("--master-port is required with --nnodes > 1 (every node must use the same one)")
-    if not 0 <= node.node_rank < node.nnodes:
-        raise TensorsplitError(f"--node-rank {node.node_rank} is outside 0..{node.nnodes - 1} (--nnodes {node.nnodes})")
-    if not Path(spec.model).exists():
-        raise TensorsplitError(f"{spec.model}: no such file")
-    if spec.split != "auto":      # resolved after these checks, by rank_memory.resolve_split
-        parse_split(spec.split, node.world)
-    device_kinds(spec.device, node.world)

@@ -14,6 +14,11 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from tensorsplit import models
+from tensorsplit.worker.main import CHECK_PLAN_ENV
+
+# Every world the suite starts checks that each rank holds the bytes its world's plan said (weights and
+# KV cache, within 1%; worker/main.py check_allocation): the plan `info` prints is the one ranks hold
+os.environ[CHECK_PLAN_ENV] = "1"
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

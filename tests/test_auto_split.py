@@ -1,7 +1,7 @@
-"""--split auto: shares from the devices' free memory (model/auto_split.py), the free memory itself
-(free_memory.py: TENSORSPLIT_FREE_MEMORY and measuring), the choice checked under the real plan of
-SmolLM2 (rank_memory.py), and the command line: `info --split auto`, the worlds where it is refused,
-and a real 2-rank run."""
+"""--split auto and the world's plan: shares from the devices' free memory (plan/auto_split.py), the
+free memory itself (plan/free_memory.py: TENSORSPLIT_FREE_MEMORY and measuring), the choice checked
+under the real plan of SmolLM2 (plan/world.py), which device each rank uses (devices.py), and the
+command line: `info --split auto`, the worlds where it is refused, and a real 2-rank run."""
 from __future__ import annotations
 
 import json
@@ -14,13 +14,15 @@ import torch
 
 from cli_helpers import ROOT, run_cli
 from tensorsplit.errors import AutoSplitError, ShardPlanError
-from tensorsplit.free_memory import (FREE_MEMORY_ENV, cpu_available, free_memory, parse_free_memory, parse_size,
-                                     rank_devices)
+from tensorsplit.comm.backend import decode_graphs
+from tensorsplit.devices import rank_devices
 from tensorsplit.model import make_plan, open_model, parse_split
-from tensorsplit.model.auto_split import (FREE_MARGIN, MIN_CPU_SHARE, RANK_RESERVE, fit_to_units, rank_budgets,
-                                          share_by_memory)
-from tensorsplit.rank_memory import choose_split, rank_memory, resolve_split, split_text, world_graphs
-from tensorsplit.spec import NodeSpec, WorldSpec, check_world
+from tensorsplit.plan import check_world, plan_world
+from tensorsplit.plan.auto_split import (FREE_MARGIN, MIN_CPU_SHARE, RANK_RESERVE, fit_to_units, rank_budgets,
+                                         share_by_memory)
+from tensorsplit.plan.free_memory import FREE_MEMORY_ENV, cpu_available, free_memory, parse_free_memory, parse_size
+from tensorsplit.plan.world import choose_split, rank_totals, split_text
+from tensorsplit.spec import NodeSpec, WorldSpec
 
 G, M = 2**30, 2**20
 PROMPT = "The capital of France is"
@@ -117,9 +119,32 @@ def smollm2(smollm2_path):
     gf.close()
 
 
-def _check_within_budgets(gf, cfg, devices, free, auto, n_slots, n_ctx):
-    plan = make_plan(cfg, gf.tensors, len(devices), parse_split(auto.split, len(devices)))
-    memory = rank_memory(gf, cfg, plan, devices, n_slots, n_ctx, "llamacpp", True, world_graphs(devices, None, True))
+def _spec(path, n_slots, n_ctx):
+    return WorldSpec(model=path, n_slots=n_slots, n_ctx=n_ctx, numerics="llamacpp")
+
+
+def _graphs(devices, backend=None, cuda_graphs=True):
+    """The plan's rule for CUDA graphs, for devices named as ranks use them ("cuda:0", "cpu")."""
+    kinds = [d.split(":")[0] for d in devices]
+    return decode_graphs(kinds, backend or ("nccl" if set(kinds) == {"cuda"} else "gloo"), cuda_graphs)
+
+
+def _memory(smollm2, devices, ratios, n_slots, n_ctx, graphs=None):
+    gf, cfg = smollm2
+    return rank_totals(gf, cfg, ratios, devices, _spec(gf.path, n_slots, n_ctx), True,
+                       _graphs(devices) if graphs is None else graphs)
+
+
+def _choose(smollm2, devices, free, n_slots, n_ctx):
+    gf, cfg = smollm2
+    return choose_split(gf, cfg, devices, free, _spec(gf.path, n_slots, n_ctx), True, _graphs(devices))
+
+
+def _check_within_budgets(smollm2, devices, free, chosen, n_slots, n_ctx):
+    gf, cfg = smollm2
+    ratios, auto = chosen
+    plan = make_plan(cfg, gf.tensors, len(devices), ratios)
+    memory = _memory(smollm2, devices, ratios, n_slots, n_ctx)
     assert auto.budgets == tuple(rank_budgets(devices, free))
     assert all(m.total <= b for m, b in zip(memory, auto.budgets)), ([m.total for m in memory], auto.budgets)
     return plan, memory
@@ -129,16 +154,13 @@ def test_real_plan_fits_each_budget_after_rounding_to_units(smollm2):
     """SmolLM2 (3 KV heads) with 4 slots of 8192 positions: the KV cache is 720 MiB in 3 units of 240.
     Budgets of 530 and 300 MiB: the proportional shares (0.64, 0.36) give rank 0 two KV heads and
     more weights than fit; the planner moves FFN and vocabulary units to rank 1 until rank 0 fits."""
-    gf, cfg = smollm2
     devices = ["cuda:0", "cpu"]
     free = {"cuda:0": free_for(530 * M), "cpu": free_for(300 * M)}
-    equal = rank_memory(gf, cfg, make_plan(cfg, gf.tensors, 2), devices, 4, 8192, "llamacpp", True, False)
+    equal = _memory(smollm2, devices, (0.5, 0.5), 4, 8192)
     proportional = share_by_memory(devices, free, [0, 0], sum(m.total for m in equal))
-    raw = make_plan(cfg, gf.tensors, 2, parse_split(split_text(proportional), 2))
-    raw_memory = rank_memory(gf, cfg, raw, devices, 4, 8192, "llamacpp", True, False)
+    raw_memory = _memory(smollm2, devices, parse_split(split_text(proportional), 2), 4, 8192)
     assert raw_memory[0].total > rank_budgets(devices, free)[0]          # rounding alone would overflow
-    auto = choose_split(gf, cfg, devices, free, 4, 8192, "llamacpp", True, False)
-    plan, memory = _check_within_budgets(gf, cfg, devices, free, auto, 4, 8192)
+    plan, memory = _check_within_budgets(smollm2, devices, free, _choose(smollm2, devices, free, 4, 8192), 4, 8192)
     assert plan.ranks[0].n_local_kv_heads == 2 and plan.ratios[0] < proportional[0]
 
 
@@ -147,23 +169,20 @@ def test_the_plan_counts_the_graphs_scratch_slot_only_where_the_world_runs_graph
     NCCL and --no-cuda-graphs is not given (comm/backend.py decode_graphs, which the worker follows):
     planned per rank as the cache such a rank allocates. A cuda,cpu world, --backend gloo and
     --no-cuda-graphs have no graphs, and no scratch slot."""
-    from tensorsplit.comm.backend import decode_graphs
     from tensorsplit.model.attention import KVCache
     gf, cfg = smollm2
     plan = make_plan(cfg, gf.tensors, 2)
     gpus = ["cuda:0", "cuda:1"]
-    assert world_graphs(gpus, None, True) and world_graphs(gpus, "nccl", True)
-    assert not world_graphs(gpus, None, False) and not world_graphs(gpus, "gloo", True)
-    assert not world_graphs(["cuda:0", "cpu"], None, True) and not world_graphs(["cpu", "cpu"], None, True)
-    assert decode_graphs(["cuda", "cuda"], "nccl", True) and not decode_graphs(["cuda", "cuda"], "gloo", True)
-    graphs = rank_memory(gf, cfg, plan, gpus, 4, 512, "llamacpp", True, world_graphs(gpus, None, True))
-    for backend, cuda_graphs in [("gloo", True), (None, False)]:
-        plain = rank_memory(gf, cfg, plan, gpus, 4, 512, "llamacpp", True, world_graphs(gpus, backend, cuda_graphs))
-        for r, rs in enumerate(plan.ranks):
-            static = KVCache(cfg.n_layers, 4, 512, rs.n_local_kv_heads, cfg.head_dim, "cpu", torch.float16,
-                             cfg.layer_windows, static=True)
-            assert graphs[r].kv_cache == static.nbytes
-            assert plain[r].kv_cache * 5 == static.nbytes * 4          # 4 slots, not 4 + 1
+    assert _graphs(gpus) and _graphs(gpus, "nccl")
+    assert not _graphs(gpus, None, False) and not _graphs(gpus, "gloo")
+    assert not _graphs(["cuda:0", "cpu"]) and not _graphs(["cpu", "cpu"])
+    graphs = _memory(smollm2, gpus, (0.5, 0.5), 4, 512, graphs=True)
+    plain = _memory(smollm2, gpus, (0.5, 0.5), 4, 512, graphs=False)
+    for r, rs in enumerate(plan.ranks):
+        static = KVCache(cfg.n_layers, 4, 512, rs.n_local_kv_heads, cfg.head_dim, "cpu", torch.float16,
+                         cfg.layer_windows, static=True)
+        assert graphs[r].kv_cache + graphs[r].graph_scratch == static.nbytes
+        assert plain[r].kv_cache * 5 == static.nbytes * 4 and plain[r].graph_scratch == 0   # 4 slots, not 4 + 1
 
 
 def test_info_plans_the_graphs_as_the_run_flags_say(smollm2_path):
@@ -172,8 +191,8 @@ def test_info_plans_the_graphs_as_the_run_flags_say(smollm2_path):
         r = run_cli("info", str(smollm2_path), "--nproc-per-node", "2", "--device", "cuda", "-np", "4", "-c", "512",
                     "--json", *flags, env={FREE_MEMORY_ENV: "cuda=24G,cpu=64G"})
         assert r.returncode == 0, r.stderr
-        doc = json.loads(r.stdout)
-        return doc["memory"]["cuda_graphs"], [m["kv_cache"] for m in doc["memory"]["ranks"]]
+        doc = json.loads(r.stdout)["world_plan"]
+        return doc["cuda_graphs"], [m["kv_cache"] + m["graph_scratch"] for m in doc["ranks"]]
     on, with_graphs = kv()
     off, without = kv("--no-cuda-graphs")
     gloo, on_gloo = kv("--backend", "gloo")
@@ -182,21 +201,18 @@ def test_info_plans_the_graphs_as_the_run_flags_say(smollm2_path):
 
 
 def test_real_plan_with_ample_gpu_memory_leaves_the_cpu_one_unit(smollm2):
-    gf, cfg = smollm2
     devices, free = ["cuda:0", "cpu"], {"cuda:0": 24 * G, "cpu": 64 * G}
-    auto = choose_split(gf, cfg, devices, free, 1, 2048, "llamacpp", True, world_graphs(devices, None, True))
-    ratios = parse_split(auto.split, 2)
-    assert ratios[0] == pytest.approx(1 / (1 + MIN_CPU_SHARE), abs=1e-3)
-    plan, _ = _check_within_budgets(gf, cfg, devices, free, auto, 1, 2048)
+    chosen = _choose(smollm2, devices, free, 1, 2048)
+    assert chosen[0][0] == pytest.approx(1 / (1 + MIN_CPU_SHARE), abs=1e-3)
+    plan, _ = _check_within_budgets(smollm2, devices, free, chosen, 1, 2048)
     assert plan.ranks[1].n_local_heads == 3 and plan.ranks[1].local_ff <= 64     # one head group, one FFN unit
 
 
 def test_real_plan_that_whole_kv_heads_cannot_fit_is_refused(smollm2):
     """Equal budgets of 440 MiB hold 810 MiB in total, but one rank must take 2 of the 3 KV heads (480 MiB)."""
-    gf, cfg = smollm2
     free = {"cuda:0": free_for(440 * M), "cpu": free_for(440 * M)}
     with pytest.raises(AutoSplitError) as e:
-        choose_split(gf, cfg, ["cuda:0", "cpu"], free, 4, 8192, "llamacpp", True, False)
+        _choose(smollm2, ["cuda:0", "cpu"], free, 4, 8192)
     assert "once shares are rounded to whole heads and FFN blocks" in str(e.value)
 
 
@@ -233,7 +249,7 @@ def test_override_gives_each_device_and_names_a_missing_one(monkeypatch):
 
 
 def test_rank_devices_follow_the_launchers_gpu_choice(monkeypatch):
-    """Local rank i on a GPU kind uses GPU i % count (worker/process.py resolve_device); CPU ranks share 'cpu'.
+    """Local rank i on a GPU kind uses GPU i % count (as worker/process.py resolve_device); CPU ranks share 'cpu'.
     With no GPU visible, the override's cuda:N entries say how many there are."""
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
     assert rank_devices(["cuda", "cuda", "cuda", "cpu"]) == ["cuda:0", "cuda:1", "cuda:0", "cpu"]
@@ -263,7 +279,7 @@ def test_auto_is_resolved_before_workers_and_refused_across_nodes(smollm2_path, 
     monkeypatch.setenv(FREE_MEMORY_ENV, "cpu=16G")
     spec = WorldSpec(model=smollm2_path, split="auto", device="cpu", quiet=True)
     check_world(spec, NodeSpec(nproc=2))
-    assert resolve_split(spec, NodeSpec(nproc=2)).split == "0.5,0.5"
+    assert plan_world(spec, NodeSpec(nproc=2)).ratios == (0.5, 0.5)
     with pytest.raises(AutoSplitError, match=r"--split auto needs --nnodes 1 \(got 2\)"):
         check_world(spec, NodeSpec(nproc=2, nnodes=2, master_port=29500))
     with pytest.raises(ShardPlanError, match="--split auto is resolved from free memory"):
@@ -277,19 +293,19 @@ def test_info_split_auto_prints_ratios_bytes_and_free_memory(smollm2_path):
     r = run_cli(*args, "--json", env=env)
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
-    auto, memory = doc["auto_split"], doc["memory"]
+    plan = doc["world_plan"]
+    auto, memory = plan["auto"], plan["ranks"]
     ratios = [float(x) for x in auto["split"].split(",")]
     assert ratios[0] == pytest.approx(1 / (1 + MIN_CPU_SHARE), abs=1e-3)     # the GPU holds it all
-    assert doc["plan"]["ratios"] == pytest.approx(ratios, abs=1e-3)
+    assert plan["ratios"] == pytest.approx(ratios, abs=1e-3) == doc["shard_plan"]["ratios"]
     assert auto["free"] == {"cuda:0": 24 * G, "cpu": 64 * G} and auto["given"] is True
     assert auto["rank_reserve"] == RANK_RESERVE and auto["free_margin"] == FREE_MARGIN
-    assert (memory["n_ctx"], memory["n_slots"]) == (4096, 2)
-    assert [m["device"] for m in memory["ranks"]] == ["cuda:0", "cpu"]
-    assert [m["weights"] for m in memory["ranks"]] == doc["resident_bytes_per_rank"]
+    assert (plan["spec"]["n_ctx"], plan["spec"]["n_slots"], plan["kv_dtype"]) == (4096, 2, "float16")
+    assert [m["device"] for m in memory] == ["cuda:0", "cpu"] and plan["backend"]["name"] == "gloo"
     # KV cache: 30 layers x 4096 positions x 2 slots x 64 head_dim x k and v x float16, per KV head
-    kv_heads = [r["kv_heads"][1] - r["kv_heads"][0] for r in doc["plan"]["ranks"]]
-    assert [m["kv_cache"] for m in memory["ranks"]] == [30 * 4096 * 2 * 64 * 2 * 2 * h for h in kv_heads]
-    assert all(m["total"] == m["weights"] + m["kv_cache"] <= b for m, b in zip(memory["ranks"], auto["budgets"]))
+    kv_heads = [r["kv_heads"][1] - r["kv_heads"][0] for r in doc["shard_plan"]["ranks"]]
+    assert [m["kv_cache"] for m in memory] == [30 * 4096 * 2 * 64 * 2 * 2 * h for h in kv_heads]
+    assert all(m["total"] == m["weights"] + m["kv_cache"] <= b for m, b in zip(memory, auto["budgets"]))
     text = run_cli(*args, env=env)
     assert text.returncode == 0, text.stderr
     out = text.stdout
@@ -303,8 +319,9 @@ def test_info_split_auto_prints_ratios_bytes_and_free_memory(smollm2_path):
 def test_info_without_auto_shows_devices_and_measures_nothing(smollm2_path):
     r = run_cli("info", str(smollm2_path), "--nproc-per-node", "3", "--device", "cpu", "--split", "2,1,1", "--json")
     assert r.returncode == 0, r.stderr
-    doc = json.loads(r.stdout)
-    assert doc["auto_split"] is None and [m["device"] for m in doc["memory"]["ranks"]] == ["cpu"] * 3
+    plan = json.loads(r.stdout)["world_plan"]
+    assert plan["auto"] is None and [m["device"] for m in plan["ranks"]] == ["cpu"] * 3
+    assert plan["ratios"] == pytest.approx([0.5, 0.25, 0.25])
 
 
 def test_split_auto_is_refused_across_nodes_before_anything_starts(smollm2_path):

@@ -129,7 +129,7 @@ def test_info_and_tokenize_on_default_model():
     assert r.returncode == 0, r.stderr
     assert "9 heads, 3 KV heads" in r.stdout and "world 2" in r.stdout
     j = json.loads(run_cli("info", "--nproc-per-node", "2", "--split", "3,1", "--json").stdout)
-    ranks = j["plan"]["ranks"]
+    ranks = j["shard_plan"]["ranks"]
     assert len(ranks) == 2 and ranks[0]["ffn"] == [0, 1152]
     r = run_cli("tokenize", "-p", "Hello world")
     assert r.returncode == 0 and json.loads(r.stdout) == [19556, 905]

@@ -197,6 +197,8 @@ def test_agreement_covers_the_dtype(smollm2_path, monkeypatch):
 
     from tensorsplit.comm.rendezvous import agree
     from tensorsplit.errors import TensorsplitError
+    from tensorsplit.plan import plan_world
+    from tensorsplit.spec import NodeSpec, WorldSpec
     from tensorsplit.worker import main as worker_main
     from tensorsplit.worker.process import RankEnv
 
@@ -208,7 +210,8 @@ def test_agreement_covers_the_dtype(smollm2_path, monkeypatch):
     monkeypatch.setattr(worker_main, "init_comm", capture)
     threads = torch.get_num_threads()
     try:
-        worker_main.join_and_load(RankEnv(0, 2, 0, 1, "127.0.0.1", 1), worker_main.WorldSpec(model=smollm2_path))
+        plan = plan_world(WorldSpec(model=smollm2_path, device="cpu"), NodeSpec(nproc=1, nnodes=2, master_port=1))
+        worker_main.join_and_load(RankEnv(0, 2, 0, 1, "127.0.0.1", 1), plan)
     except Captured as e:
         identity = e.args[0]
     finally:

@@ -258,7 +258,9 @@ def test_seeded_sampling_is_the_same_alone_and_batched(server):
                 (b["choices"][0]["message"]["content"], b["choices"][0]["logprobs"]))
     alone = both()
     assert alone[0][0] and alone[1][0]
-    other = [{"prompt": f"Story {i}: once upon a time", "temperature": 0.9, "n_predict": 200} for i in range(3)]
+    # ignore_eos: a sampled story could end early, and the seeded requests would then run beside fewer
+    other = [{"prompt": f"Story {i}: once upon a time", "temperature": 0.9, "n_predict": 200, "ignore_eos": True}
+             for i in range(3)]
     threads = [threading.Thread(target=post, args=(server, "/completion", o)) for o in other]
     for t in threads:
         t.start()

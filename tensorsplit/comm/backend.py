@@ -6,9 +6,8 @@
   MPS, or mixed kinds  -> gloo, staging device tensors through host memory for each collective
 `--backend` overrides the choice; a backend this torch lacks is an error, not a fallback.
 
-`decode_graphs` is the one rule for whether a world replays its decode steps as CUDA graphs: the
-worker follows it when it allocates its cache, and the memory plan (rank_memory.py) when it counts
-the graphs' scratch slot.
+`decode_graphs` is the one rule for whether a world replays its decode steps as CUDA graphs. Both are
+decided once, in the world's plan (plan/world.py), which the workers follow.
 """
 from __future__ import annotations
 
@@ -39,38 +38,33 @@ def _available(name: str) -> bool:
     return False
 
 
-def choose_backend(device_kinds: list[str], override: str | None = None) -> BackendChoice:
-    """device_kinds: the torch device type of every rank in the world ("cuda", "cpu", "xpu", "mps")."""
+def choose_backend(device_kinds: list[str], override: str | None = None, check_available: bool = True
+                   ) -> BackendChoice:
+    """device_kinds: the torch device type of every rank in the world ("cuda", "cpu", "xpu", "mps").
+    check_available=False plans for a machine that has what the devices need (`info` planning for
+    another machine): no check of this torch build."""
     kinds = set(device_kinds)
+    available = _available if check_available else (lambda name: True)
     if override:
         if override not in BACKENDS:
             raise TensorsplitError(f"--backend {override!r} is not known; choose one of {', '.join(BACKENDS)}")
-        if not _available(override):
+        if not available(override):
             raise TensorsplitError(f"--backend {override}: this torch build ({torch.__version__}) has no {override} "
                                    f"support")
         if override in ("nccl", "xccl") and kinds != {"cuda" if override == "nccl" else "xpu"}:
             raise TensorsplitError(f"--backend {override} needs every rank on "
                                    f"{'a GPU' if override == 'nccl' else 'an XPU'}; ranks use {sorted(kinds)}")
         return BackendChoice(override, override == "gloo" and kinds != {"cpu"}, "--backend")
-    if kinds == {"cuda"} and _available("nccl"):
+    if kinds == {"cuda"} and available("nccl"):
         flavour = "RCCL" if getattr(torch.version, "hip", None) else "NCCL"
         return BackendChoice("nccl", False, f"every rank on a GPU: {flavour}")
-    if kinds == {"xpu"} and _available("xccl"):
+    if kinds == {"xpu"} and available("xccl"):
         return BackendChoice("xccl", False, "every rank on an XPU: XCCL")
-    if not _available("gloo"):
+    if not available("gloo"):
         raise TensorsplitError("this torch build has no gloo backend, and the devices need it")
     if kinds == {"cpu"}:
         return BackendChoice("gloo", False, "every rank on the CPU: Gloo")
     return BackendChoice("gloo", True, f"devices {sorted(kinds)}: Gloo, staged through host memory")
-
-
-def planned_backend(device_kinds: list[str], override: str | None = None) -> str:
-    """The backend name choose_backend picks on a machine that has what the devices need: for plans
-    made before any worker runs, possibly for another machine (`info`, --split auto)."""
-    if override:
-        return override
-    kinds = set(device_kinds)
-    return "nccl" if kinds == {"cuda"} else "xccl" if kinds == {"xpu"} else "gloo"
 
 
 def decode_graphs(device_kinds: list[str], backend: str, cuda_graphs: bool) -> bool:

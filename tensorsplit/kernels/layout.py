@@ -39,6 +39,10 @@ FORMATS = {int(k): v for k, v in FORMATS.items()}
 
 ACT_KINDS = {"q8_0": 0, "q8_1": 1, "q8_k": 2}   # csrc/layout.h ActKind
 
+# IQ4_NL / IQ4_XS: the 16 non-linear levels a 4-bit code stands for (ggml's kvalues_iq4nl); the
+# decoders (model/quants/formats_iq.py), the GPU kernels and csrc/ all use this table
+IQ4_LEVELS = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+
 
 def n_tiles(n_rows: int) -> int:
     return -(-n_rows // TILE_ROWS)

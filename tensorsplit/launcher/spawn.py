@@ -1,7 +1,7 @@
 """Start one worker process per device on this node, watch them, and end them together.
 
 torchrun-style: every worker gets RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR
-and MASTER_PORT, runs `python -m tensorsplit.worker`, and reads the world (WorldSpec) as JSON from
+and MASTER_PORT, runs `python -m tensorsplit.worker`, and reads the world's plan (WorldPlan) as JSON from
 its environment; rank 0 also gets the job, in a file only it is told of (workers never see text).
 When the launching process is rank 0 itself (LLM, serve), the launcher starts the other ranks and
 watches them from a thread, telling the caller of the first failure.
@@ -27,8 +27,9 @@ from pathlib import Path
 from typing import Callable
 
 from ..comm.shm import remove_job_segments
-from ..spec import JOB_ENV, WORLD_ENV, NodeSpec, WorldSpec
-from ..worker.process import default_threads
+from ..spec import JOB_ENV, WORLD_ENV, NodeSpec
+from ..devices import visible_gpus
+from ..plan import WorldPlan
 
 POLL_S = 0.05
 FAILURE_WINDOW_S = 1.0   # after a first failure, how long to let the others report theirs
@@ -42,22 +43,6 @@ def free_port(addr: str) -> int:
         return s.getsockname()[1]
 
 
-def visible_gpus() -> list[str]:
-    """GPU ids this launcher may hand out, without initialising CUDA in the launcher."""
-    env = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if env is not None:
-        return [g for g in env.split(",") if g.strip() != ""]
-    try:
-        import torch
-        return [str(i) for i in range(torch.cuda.device_count())]
-    except Exception:  # noqa: BLE001 - no torch CUDA, no GPUs
-        return []
-
-
-def default_nproc() -> int:
-    return max(1, len(visible_gpus()))
-
-
 def native_kernels_env() -> dict[str, str]:
     """Build the native CPU kernels here, once, before the workers start (they load the built library
     instead of racing to compile it). If they cannot be built, the reason was printed once here and the
@@ -66,9 +51,9 @@ def native_kernels_env() -> dict[str, str]:
     return {} if native() else {"TENSORSPLIT_NATIVE": "0"}
 
 
-def worker_env(node: NodeSpec, local_rank: int, port: int, error_file: str, gpus: list[str]) -> dict[str, str]:
+def worker_env(node: NodeSpec, local_rank: int, port: int, error_file: str, gpus: list[str], threads: int
+               ) -> dict[str, str]:
     env = dict(os.environ)
-    threads = node.threads or default_threads(node.nproc)
     env.update({
         "RANK": str(node.node_rank * node.nproc + local_rank),
         "WORLD_SIZE": str(node.world),
@@ -90,7 +75,7 @@ def worker_env(node: NodeSpec, local_rank: int, port: int, error_file: str, gpus
 class Launch:
     """The running workers of this node."""
 
-    def __init__(self, spec: WorldSpec, node: NodeSpec, job=None, rank0_here: bool = False):
+    def __init__(self, plan: WorldPlan, node: NodeSpec, job=None, rank0_here: bool = False):
         """job: what rank 0 runs (coordinator/jobs.py), given to it alone. rank0_here: the calling
         process is rank 0 (LLM, serve): start only the other ranks of this node."""
         from ..coordinator.jobs import job_to_json
@@ -101,14 +86,15 @@ class Launch:
         first = 1 if self.rank0_here else 0
         self.local_ranks = list(range(first, node.nproc))
         self.error_files = [str(Path(self.tmp.name) / f"rank{self.rank_of(i)}.json") for i in self.local_ranks]
-        extra = {**native_kernels_env(), WORLD_ENV: spec.to_json()}
+        extra = {**native_kernels_env(), WORLD_ENV: plan.to_json()}
         job_file = None
         if job is not None and node.node_rank == 0 and not self.rank0_here:
             job_file = Path(self.tmp.name) / "job.json"        # the temporary folder is the user's alone
             job_file.write_text(job_to_json(job), encoding="utf-8")
         self.procs: list[subprocess.Popen] = []
         for k, i in enumerate(self.local_ranks):
-            env = {**worker_env(node, i, self.port, self.error_files[k], gpus), **extra}
+            threads = plan.ranks[self.rank_of(i)].threads
+            env = {**worker_env(node, i, self.port, self.error_files[k], gpus, threads), **extra}
             if self.rank_of(i) == 0 and job_file is not None:
                 env[JOB_ENV] = str(job_file)
             self.procs.append(subprocess.Popen([sys.executable, "-m", "tensorsplit.worker"], env=env,
@@ -251,6 +237,6 @@ def _signal_cause(code: int | None) -> str:
     return f"exited with code {code}"
 
 
-def launch(spec: WorldSpec, node: NodeSpec, job) -> int:
+def launch(plan: WorldPlan, node: NodeSpec, job) -> int:
     """Run this node's ranks of the world (rank 0 runs `job`), watch them; the exit code."""
-    return Launch(spec, node, job).wait()
+    return Launch(plan, node, job).wait()

@@ -16,20 +16,18 @@ import signal
 import socket
 import sys
 import threading
-import time
 from pathlib import Path
 
 from ..errors import TensorsplitError
-from ..launcher import Launch
-from ..rank_memory import resolve_split
-from ..spec import NodeSpec, WorldSpec, check_world
+from ..launcher.world import World
+from ..plan import check_world, plan_world
+from ..spec import NodeSpec, WorldSpec
 from .app import build_app
 from .metrics import Metrics
 from .scheduler import Scheduler
 from .state import ServerState
 from .web import BodyLimit
 
-FAILURE_REPORT_S = 5.0
 
 
 def _say(msg: str) -> None:
@@ -50,7 +48,7 @@ def run_server(spec: WorldSpec, node: NodeSpec, *, host: str, port: int, api_key
     check_world(spec, node)
     if node.nnodes > 1:
         raise TensorsplitError("serve runs on one node (--nnodes 1)")
-    spec = resolve_split(spec, node)
+    plan = plan_world(spec, node)
     if not _is_loopback(host) and not api_key:
         _say(f"warning: serving on {host} without --api-key: anyone who can reach this address can use the model")
     metrics = Metrics()
@@ -60,7 +58,6 @@ def run_server(spec: WorldSpec, node: NodeSpec, *, host: str, port: int, api_key
     server = uvicorn.Server(uvicorn.Config(BodyLimit(build_app(state, list(cors_origins))), host=host, port=port, log_level="warning",
                                            lifespan="off", timeout_graceful_shutdown=grace_s, access_log=False))
     outcome = {"code": 0}
-    launch = Launch(spec, node, rank0_here=True)
 
     def fail(line: str) -> None:
         if state.failed is None:
@@ -70,9 +67,9 @@ def run_server(spec: WorldSpec, node: NodeSpec, *, host: str, port: int, api_key
             outcome["code"] = 1
             server.should_exit = True
 
-    launch.watch_from_thread(fail)
-    engine_thread = threading.Thread(target=_engine_main, args=(spec, node, launch, state, chat_template, host, port,
-                                                                fail), name="tensorsplit-engine", daemon=True)
+    world = World(plan, node, on_failure=fail)       # the other ranks start; rank 0 loads on the engine thread
+    engine_thread = threading.Thread(target=_engine_main, args=(world, state, chat_template, host, port, fail),
+                                     name="tensorsplit-engine", daemon=True)
     engine_thread.start()
     # uvicorn re-raises the SIGTERM/SIGINT it caught once it has shut down, with the handlers it found:
     # these make that a no-op, so the world is closed below and the exit code is ours.
@@ -85,27 +82,21 @@ def run_server(spec: WorldSpec, node: NodeSpec, *, host: str, port: int, api_key
     finally:
         state.scheduler.stop()
         engine_thread.join(timeout=grace_s + 15)
-        launch.close()
+        world.close()
     return outcome["code"]
 
 
-def _engine_main(spec: WorldSpec, node: NodeSpec, launch: Launch, state: ServerState, chat_template: Path | None,
-                 host: str, port: int, fail) -> None:
+def _engine_main(world: World, state: ServerState, chat_template: Path | None, host: str, port: int, fail) -> None:
     from ..coordinator.chat import ChatFormatter
     from ..coordinator.chat_template import ChatTemplateError
     from ..coordinator.generate import Generator
     from ..coordinator.tokenizer import Tokenizer
-    from ..worker.engine import Engine
-    from ..worker.main import join_and_load
-    from ..worker.process import RankEnv
-    engine = None
+    spec, node = world.plan.spec, world.node
     try:
-        env = RankEnv(0, node.world, 0, node.nproc, node.master_addr, launch.port)
-        shard, gf, cfg = join_and_load(env, spec)
-        engine = Engine(shard, spec.n_slots, spec.n_ctx)
-        tok = Tokenizer.from_gguf_kv(gf.kv)
+        engine = world.load()
+        tok = Tokenizer.from_gguf_kv(world.gf.kv)
         try:
-            chat = ChatFormatter(tok, gf, chat_template)
+            chat = ChatFormatter(tok, world.gf, chat_template)
         except ChatTemplateError as e:
             if chat_template is not None:
                 raise
@@ -115,14 +106,8 @@ def _engine_main(spec: WorldSpec, node: NodeSpec, launch: Launch, state: ServerS
         state.ready = True
         _say(f"serving {state.model_id} on http://{host}:{port} ({node.world} rank(s), {spec.n_slots} slot(s) of "
              f"{spec.n_ctx} tokens; all-reduce: {engine.all_reduce_path})")
-        state.scheduler.run(Generator(engine.forward, tok, engine.n_slots, engine.n_ctx), tok)
-        engine.shutdown()
+        state.scheduler.run(Generator(world.forward, tok, engine.n_slots, engine.n_ctx), tok)
     except BaseException as e:  # noqa: BLE001 - reported as one line; the launcher's when a rank died
-        deadline = time.monotonic() + FAILURE_REPORT_S
-        while launch.failure is None and state.failed is None and time.monotonic() < deadline:
-            time.sleep(0.05)
+        e = world.explained(e)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        fail(launch.failure or (f"error: {first}" if isinstance(e, TensorsplitError) else f"rank 0 failed: {first}"))
-    finally:
-        if engine is not None:
-            engine.shard.comm.close()
+        fail(world.failure or (f"error: {first}" if isinstance(e, TensorsplitError) else f"rank 0 failed: {first}"))

@@ -105,6 +105,10 @@ class Engine:
             self._closed = True
             self.shard.comm.broadcast_control(shutdown_header())
 
+    def close(self) -> None:
+        """Leave the world (this rank's process groups); after shutdown, or after a failure."""
+        self.shard.comm.close()
+
 
 def serve(shard: Shard) -> None:
     """Ranks >= 1: run steps until the coordinator says shut down."""

@@ -14,18 +14,19 @@ import traceback
 from pathlib import Path
 from typing import Callable
 
-from ..comm import choose_backend, init_comm
-from ..comm.backend import decode_graphs
+import torch
+
+from ..comm import init_comm
 from ..errors import TensorsplitError
-from ..model import make_plan, open_model, parse_split
+from ..model import make_plan, open_model
 from ..model.numerics import Numerics
 from ..model.quants import paths as kernel_paths
 from ..model.transformer import RankModel
-from ..spec import JOB_ENV, WORLD_ENV, WorldSpec
+from ..plan import WorldPlan
+from ..spec import JOB_ENV, WORLD_ENV
 from .engine import Engine, Shard, StepGuard, serve
 from .faults import FaultPlan
-from .process import (RankEnv, device_kinds, die_with_parent, report_failure, resolve_device,
-                      set_threads)
+from .process import RankEnv, die_with_parent, report_failure, resolve_device
 
 
 LOAD_TIMEOUT_S = 3600.0   # a rank still loading after an hour is taken as stuck
@@ -34,16 +35,16 @@ Job = Callable[[Engine, object, object], int]   # (engine, GGUFFile, ModelConfig
 
 
 def main_from_env() -> int:
-    """A worker the launcher started: the world from TENSORSPLIT_WORLD, and on rank 0 the job from the
-    file TENSORSPLIT_JOB names (none when rank 0 is the launching process: LLM, serve)."""
+    """A worker the launcher started: the world's plan from TENSORSPLIT_WORLD, and on rank 0 the job from
+    the file TENSORSPLIT_JOB names (none when rank 0 is the launching process: LLM, serve)."""
     from ..coordinator.jobs import job_from_json
-    spec = WorldSpec.from_json(os.environ[WORLD_ENV])
+    plan = WorldPlan.from_json(os.environ[WORLD_ENV])
     job_file = os.environ.get(JOB_ENV)
     job = job_from_json(Path(job_file).read_text(encoding="utf-8")) if job_file else None
-    return run_worker(spec, job)
+    return run_worker(plan, job)
 
 
-def run_worker(spec: WorldSpec, job: Job | None) -> int:
+def run_worker(plan: WorldPlan, job: Job | None) -> int:
     """Entry point of every worker process. Returns the process exit code. Rank 0 runs `job`; the
     other ranks serve steps until rank 0 shuts them down."""
     env = None
@@ -55,7 +56,7 @@ def run_worker(spec: WorldSpec, job: Job | None) -> int:
         else:
             signal.signal(signal.SIGTERM, StepGuard.handler)
             signal.signal(signal.SIGINT, StepGuard.handler)
-        return _run(env, spec, job)
+        return _run(env, plan, job)
     except KeyboardInterrupt:
         return 130
     except BaseException as e:  # noqa: BLE001 - turned into one line for the launcher
@@ -67,15 +68,15 @@ def run_worker(spec: WorldSpec, job: Job | None) -> int:
         return 1
 
 
-def _run(env: RankEnv, spec: WorldSpec, job: Job | None) -> int:
+def _run(env: RankEnv, plan: WorldPlan, job: Job | None) -> int:
     if env.rank == 0 and job is None:
         raise TensorsplitError("rank 0 was started without a job (start the world with `tensorsplit` or torchrun)")
-    shard, gf, cfg = join_and_load(env, spec)
+    shard, gf, cfg = join_and_load(env, plan)
     try:
         if env.rank != 0:
             serve(shard)
             return 0
-        engine = Engine(shard, spec.n_slots, spec.n_ctx)
+        engine = Engine(shard, plan.spec.n_slots, plan.spec.n_ctx)
         try:
             return job(engine, gf, cfg)
         finally:
@@ -93,46 +94,66 @@ def _write_kernel_paths(rank: int) -> None:
         Path(folder, f"rank{rank}.json").write_text(json.dumps(kernel_paths.counts()))
 
 
-def join_and_load(env: RankEnv, spec: WorldSpec) -> tuple[Shard, object, object]:
-    """Threads, device, backend, plan; join the world; load this rank's shard and allocate its cache."""
-    set_threads(env, spec.threads)
-    kinds = device_kinds(spec.device, env.world)
-    device = resolve_device(kinds[env.rank], env.local_rank)
-    backend = choose_backend(kinds, spec.backend)
+def join_and_load(env: RankEnv, plan: WorldPlan) -> tuple[Shard, object, object]:
+    """Threads, device, backend and split as the world's plan says; join the world; load this rank's shard
+    and allocate its cache."""
+    spec, mine = plan.spec, plan.ranks[env.rank]
+    assert plan.world == env.world, (plan.world, env.world)
+    torch.set_num_threads(mine.threads)
+    device = resolve_device(mine.kind, env.local_rank)
     gf, cfg = open_model(spec.model)
-    plan = make_plan(cfg, gf.tensors, env.world, parse_split(spec.split, env.world))
+    shard_plan = make_plan(cfg, gf.tensors, env.world, plan.ratios)
     identity = {"model_fingerprint": gf.fingerprint(), "model_bytes": spec.model.stat().st_size,
                 "world": env.world, "split": [round(r, 6) for r in plan.ratios], "dtype": "float32",
-                "devices": kinds, "backend": backend.name, "n_ctx": spec.n_ctx, "n_slots": spec.n_slots,
+                "devices": plan.kinds, "backend": plan.backend.name, "n_ctx": spec.n_ctx, "n_slots": spec.n_slots,
                 "numerics": spec.numerics,
                 "version": _version()}
-    comm = init_comm(env.rank, env.world, env.local_rank, device, backend, env.master_addr, env.master_port,
+    comm = init_comm(env.rank, env.world, env.local_rank, device, plan.backend, env.master_addr, env.master_port,
                      spec.timeout_s, identity, env.local_world,
                      on_timeout=lambda msg: report_failure(env.rank, RuntimeError(msg)))
     faults = FaultPlan(env.rank)
     try:
-        bar = _progress_bar(plan.ranks[0].nbytes) if env.rank == 0 and not spec.quiet else None
+        bar = _progress_bar(shard_plan.ranks[0].nbytes) if env.rank == 0 and not spec.quiet else None
 
         def progress(done: int, total: int, name: str) -> None:
             faults.at("load")
             if bar:
                 bar(done, total, name)
-        model = RankModel(cfg, plan.ranks[env.rank], env.world, comm.all_reduce, gf, device, on_progress=progress,
-                          numerics=Numerics(spec.numerics))
-        graphs = decode_graphs(kinds, backend.name, spec.cuda_graphs)
-        model.allocate_cache(spec.n_slots, spec.n_ctx, decode_graphs="cuda" if graphs else None)
+        model = RankModel(cfg, shard_plan.ranks[env.rank], env.world, comm.all_reduce, gf, device,
+                          on_progress=progress, numerics=Numerics(spec.numerics),
+                          native=None if plan.native else False)    # None: the kernels load on a CPU rank
+        model.allocate_cache(spec.n_slots, spec.n_ctx, decode_graphs="cuda" if plan.cuda_graphs else None)
+        check_allocation(mine, model)
         # ranks load at different speeds: start stepping only when all have loaded, so that the first
         # step's collectives are not charged with another rank's loading time
         comm.barrier_control("waiting for every rank to load its shard", LOAD_TIMEOUT_S)
         if env.rank == 0 and not spec.quiet:
-            shares = ", ".join(f"{r.nbytes / 2**20:.1f}" for r in plan.ranks)
-            print(f"tensorsplit: loaded; weights per rank (MiB): {shares}; world {env.world} ({backend.why}; "
-                  f"all-reduce: {comm.path_name()}{'; decode: CUDA graphs' if graphs else ''})", file=sys.stderr,
-                  flush=True)
+            shares = ", ".join(f"{r.nbytes / 2**20:.1f}" for r in shard_plan.ranks)
+            print(f"tensorsplit: loaded; weights per rank (MiB): {shares}; world {env.world} ({plan.backend.why}; "
+                  f"all-reduce: {comm.path_name()}{'; decode: CUDA graphs' if plan.cuda_graphs else ''})",
+                  file=sys.stderr, flush=True)
     except BaseException:
         comm.close()
         raise
-    return Shard(model, comm, [r.local_vocab for r in plan.ranks], faults), gf, cfg
+    return Shard(model, comm, [r.local_vocab for r in shard_plan.ranks], faults), gf, cfg
+
+
+CHECK_PLAN_ENV = "TENSORSPLIT_CHECK_PLAN"   # set (the test suite sets it): a rank holding other bytes than
+CHECK_PLAN_TOLERANCE = 0.01                 # its plan said, by more than this, fails
+
+
+def check_allocation(mine, model) -> None:
+    """With TENSORSPLIT_CHECK_PLAN set, the bytes this rank allocated (weights as loaded, its KV cache)
+    must be what the world's plan said, within 1%: the plan that `info` prints and --split auto fits
+    is then the one the ranks hold."""
+    if not os.environ.get(CHECK_PLAN_ENV):
+        return
+    held = {"weights": model.weight_bytes, "kv_cache": model.cache.nbytes}
+    planned = {"weights": mine.weights, "kv_cache": mine.kv_cache + mine.graph_scratch}
+    for what in held:
+        if abs(held[what] - planned[what]) > CHECK_PLAN_TOLERANCE * max(planned[what], 1):
+            raise TensorsplitError(f"rank {mine.rank} holds {held[what]} bytes of {what}, its plan said "
+                                   f"{planned[what]}")
 
 
 def _version() -> str:
@@ -156,4 +177,4 @@ def _progress_bar(total: int):
     return step
 
 
-__all__ = ["WorldSpec", "join_and_load", "run_worker"]
+__all__ = ["join_and_load", "run_worker"]

@@ -58,34 +58,6 @@ def die_with_parent() -> None:
         os._exit(1)
 
 
-def default_threads(local_world: int) -> int:
-    """CPU ranks share the cores: cores // ranks on this node."""
-    return max(1, (os.cpu_count() or 1) // local_world)
-
-
-def set_threads(env: RankEnv, threads: int | None) -> int:
-    """The user's --threads, else the launcher's choice, else default_threads."""
-    n = threads or int(os.environ.get("TENSORSPLIT_THREADS", 0)) or default_threads(env.local_world)
-    torch.set_num_threads(n)
-    return n
-
-
-def device_kinds(device: str, world: int) -> list[str]:
-    """--device 'auto' | 'cpu' | 'cuda' | a comma list with one entry per rank -> device type per rank."""
-    parts = [p.strip() for p in device.split(",")]
-    if len(parts) not in (1, world):
-        raise TensorsplitError(f"--device {device!r} lists {len(parts)} devices for a world of {world} ranks")
-    kinds = []
-    for p in parts:
-        kind = p.split(":")[0]
-        if kind == "auto":
-            kind = "cuda" if torch.cuda.is_available() else "cpu"
-        if kind not in ("cpu", "cuda", "xpu", "mps"):
-            raise TensorsplitError(f"--device {p!r}: expected auto, cpu, cuda, xpu or mps")
-        kinds.append(kind)
-    return kinds * world if len(kinds) == 1 else kinds
-
-
 def resolve_device(kind: str, local_rank: int) -> torch.device:
     if kind == "cpu":
         return torch.device("cpu")

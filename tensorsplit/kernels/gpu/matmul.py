@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from ..layout import FORMATS
-from ...model.quants.formats_iq import KVALUES
+from ..layout import IQ4_LEVELS
 from .decode import decode
 from .gemv import UNITS, gemv_words_kernel
 from .tiles import WORD_TILE_FORMATS, word_tile
@@ -40,7 +40,7 @@ GEMM_BLOCKS_F32 = (32, 64, 32)
 GEMM_WARPS = 8               # 4 spilled the K-quant decode on sm_90 (offline.py)
 GEMV_WARPS = 4
 
-_levels: dict = {}        # device -> the IQ4 levels (formats_iq.KVALUES) as a float32 tensor
+_levels: dict = {}        # device -> the IQ4 levels (layout.IQ4_LEVELS) as a float32 tensor
 _sm_count: dict = {}
 
 
@@ -103,7 +103,7 @@ def _gemm_kernel(x_ptr, w_ptr, tab_ptr, y_ptr, M, N, K, row_bytes,
 def _levels_on(device: torch.device) -> torch.Tensor:
     t = _levels.get(device)
     if t is None:
-        t = _levels[device] = torch.tensor(KVALUES, dtype=torch.float32, device=device)
+        t = _levels[device] = torch.tensor(IQ4_LEVELS, dtype=torch.float32, device=device)
     return t
 
 

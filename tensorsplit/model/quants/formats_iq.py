@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from ...kernels.layout import IQ4_LEVELS as KVALUES
 from ._common import const, crumbs, f16_field, nibbles
-
-KVALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 
 
 def _lookup(q: torch.Tensor) -> torch.Tensor:

@@ -4,11 +4,10 @@ starts, or given in TENSORSPLIT_FREE_MEMORY to plan for another machine (and in 
   TENSORSPLIT_FREE_MEMORY="cuda:0=24G,cpu=64G"    one entry per device; K, M, G, T are powers of 1024
   TENSORSPLIT_FREE_MEMORY="cuda=80G,cpu=500G"     a bare kind stands for each device of that kind
 
-Devices are named as the ranks will use them (worker/process.py `resolve_device`): the rank of local
-rank i on a GPU kind gets GPU i % (GPUs visible), so ranks with the same name share one device; every
-CPU rank is on "cpu". Measuring: the CPU from /proc/meminfo's MemAvailable (os.sysconf without /proc);
-GPUs in a short-lived child process (`torch.cuda.mem_get_info`), so that this process, which
-watches the workers for the whole run, never holds a CUDA context on their devices.
+Devices are named as the ranks will use them (devices.py `rank_devices`). Measuring: the CPU from
+/proc/meminfo's MemAvailable (os.sysconf without /proc); GPUs in a short-lived child process
+(`torch.cuda.mem_get_info`), so that this process, which watches the workers for the whole run, never
+holds a CUDA context on their devices.
 """
 from __future__ import annotations
 
@@ -19,11 +18,10 @@ import subprocess
 import sys
 from typing import Mapping, Sequence
 
-from .errors import AutoSplitError
+from ..errors import AutoSplitError
 
 FREE_MEMORY_ENV = "TENSORSPLIT_FREE_MEMORY"
 MEASURE_TIMEOUT_S = 120.0     # the child imports torch and starts a context on each device
-KINDS = ("cpu", "cuda", "xpu", "mps")
 _UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 _SIZE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([KMGT]?)(?:I?B)?", re.IGNORECASE)
 _DEVICE = re.compile(r"(cpu|mps|cuda|xpu)(?::(\d+))?")
@@ -56,31 +54,6 @@ def parse_free_memory(text: str) -> dict[str, int]:
 def override() -> dict[str, int] | None:
     text = os.environ.get(FREE_MEMORY_ENV, "").strip()
     return parse_free_memory(text) if text else None
-
-
-def device_count(kind: str, given: Mapping[str, int] | None) -> int:
-    """GPUs of `kind` the ranks will share out: the ones visible here, else (planning for another
-    machine) as many as the override names, else 1."""
-    if kind in ("cpu", "mps"):
-        return 1
-    if kind == "cuda":
-        from .launcher.spawn import visible_gpus     # counts without starting CUDA in this process
-        n = len(visible_gpus())
-    else:
-        import torch
-        module = getattr(torch, kind, None)
-        n = module.device_count() if module is not None and module.is_available() else 0
-    if n == 0 and given:
-        n = len([d for d in given if d.startswith(f"{kind}:")])
-    return max(n, 1)
-
-
-def rank_devices(kinds: Sequence[str], given: Mapping[str, int] | None = None, nproc: int | None = None) -> list[str]:
-    """Per rank, the device it will use: 'cpu', 'mps', 'cuda:1'. nproc: ranks per node (default: all on one
-    node); rank r is local rank r % nproc of its node, and names repeat on every node."""
-    counts = {k: device_count(k, given) for k in set(kinds)}
-    nproc = nproc or len(kinds)
-    return [k if k in ("cpu", "mps") else f"{k}:{r % nproc % counts[k]}" for r, k in enumerate(kinds)]
 
 
 def free_memory(devices: Sequence[str]) -> dict[str, int]:
@@ -123,7 +96,7 @@ def cpu_available() -> int:
 
 
 def _measure_in_child(kind: str, devices: Sequence[str]) -> list[int]:
-    cmd = [sys.executable, "-m", "tensorsplit.free_memory", kind, *devices]
+    cmd = [sys.executable, "-m", "tensorsplit.plan.free_memory", kind, *devices]
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=MEASURE_TIMEOUT_S)
     except subprocess.TimeoutExpired:
