@@ -371,3 +371,26 @@ def test_torchrun_resolves_auto_from_the_override_only(smollm2_path):
     assert r.returncode == 0, r.stderr
     assert r.stderr.count("tensorsplit: --split auto: 0.5,0.5") == 1        # said once, by rank 0
     assert len(_token_ids(r.stdout)) == 4
+
+
+def test_a_rank_holding_other_bytes_than_its_plan_fails(smollm2_path, monkeypatch):
+    """worker/main.py check_allocation, which every world of the suite runs (conftest.py): a rank loaded
+    as its plan says passes; a plan off by 2% in weights or KV cache is refused, naming the rank."""
+    from dataclasses import replace
+
+    from tensorsplit.errors import TensorsplitError
+    from tensorsplit.model.layers import no_reduce
+    from tensorsplit.model.numerics import Numerics
+    from tensorsplit.model.transformer import RankModel
+    from tensorsplit.worker.main import CHECK_PLAN_ENV, check_allocation
+    monkeypatch.setenv(CHECK_PLAN_ENV, "1")
+    spec = WorldSpec(model=smollm2_path, device="cpu", n_ctx=256, n_slots=2)
+    plan = plan_world(spec, NodeSpec(nproc=1))
+    gf, cfg = open_model(smollm2_path)
+    model = RankModel(cfg, make_plan(cfg, gf.tensors, 1).ranks[0], 1, no_reduce, gf, numerics=Numerics(spec.numerics))
+    model.allocate_cache(spec.n_slots, spec.n_ctx)
+    mine = plan.ranks[0]
+    check_allocation(mine, model)
+    for field in ("weights", "kv_cache"):
+        with pytest.raises(TensorsplitError, match=f"rank 0 holds .* bytes of {field}, its plan said"):
+            check_allocation(replace(mine, **{field: int(getattr(mine, field) * 1.02)}), model)
