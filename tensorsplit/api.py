@@ -11,6 +11,7 @@ one dies, the call in progress (or the next) raises WorkerFailed naming it, inst
 """
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Sequence
 
@@ -19,24 +20,33 @@ from .coordinator.generate import GenerationResult, Generator, Request
 from .coordinator.sampling import SamplingParams
 from .coordinator.tokenizer import Tokenizer
 from .launcher.world import World
-from .spec import NodeSpec, WorldSpec
+from .errors import TensorsplitError
+from .spec import specs_from_options, world_options
 
 __all__ = ["LLM", "World"]
 
 
 class LLM:
-    def __init__(self, model: str | Path | None = None, *, nproc_per_node: int = 1, split: str | None = None,
-                 device: str = "auto", n_ctx: int = 2048, parallel: int = 4, threads: int | None = None,
-                 timeout: float = 120.0, numerics: str = "llamacpp"):
-        """parallel: sequences decoded together (KV-cache slots); n_ctx: context per sequence; split: "3,1",
-        or "auto" for shares by the devices' free memory (as the CLI's --split)."""
+    def __init__(self, model: str | Path | None = None, *, n_ctx: int = 2048, parallel: int = 4, **world_options):
+        """parallel: sequences decoded together (KV-cache slots); n_ctx: context per sequence. The other
+        keywords are the CLI's world options, declared once in spec.py (nproc_per_node, split ("3,1", or
+        "auto" for shares by the devices' free memory), device, backend, threads, timeout, numerics,
+        cuda_graphs, and for a multi-node world nnodes, master_addr, master_port; this process is rank 0,
+        so node_rank is 0). The signature lists them all."""
         path = Path(model) if model is not None else models.fetch(models.DEFAULT)
-        node = NodeSpec(nproc=nproc_per_node, threads=threads)
-        spec = WorldSpec(model=path.resolve() if path.exists() else path, split=split, device=device, n_ctx=n_ctx,
-                         n_slots=parallel, timeout_s=timeout, threads=threads, quiet=True, numerics=numerics)
+        spec, node = specs_from_options(path.resolve() if path.exists() else path, n_ctx=n_ctx, n_slots=parallel,
+                                        quiet=True, **world_options)
+        if node.node_rank != 0:
+            raise TensorsplitError(f"LLM runs rank 0, on node 0 (node_rank {node.node_rank}): start the other "
+                                   "nodes with the `tensorsplit` command and --node-rank")
         self._world = World.start(spec, node)
         self.config = self._world.config
         self.tokenizer = Tokenizer.from_gguf_kv(self._world.gf.kv)
+
+    @property
+    def plan(self):
+        """The world's plan (plan/world.py): devices, backend, split and bytes per rank."""
+        return self._world.plan
 
     def generate(self, prompts: str | Sequence[str], *, max_tokens: int = 128, temperature: float = 0.8,
                  top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0,
@@ -63,3 +73,14 @@ class LLM:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _signature() -> inspect.Signature:
+    """LLM.__init__'s signature with every world option as a keyword, from the one declaration."""
+    base = list(inspect.signature(LLM.__init__).parameters.values())[:-1]      # drop **world_options
+    extra = [inspect.Parameter(o.keyword, inspect.Parameter.KEYWORD_ONLY, default=o.default)
+             for o in world_options()]
+    return inspect.Signature(base + extra)
+
+
+LLM.__init__.__signature__ = _signature()

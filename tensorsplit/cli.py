@@ -19,6 +19,7 @@ import click
 
 from . import models
 from .errors import TensorsplitError
+from .spec import SPLIT_HELP
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -32,41 +33,16 @@ def _model_path(model: str | None) -> Path:
     return path
 
 
-SPLIT_HELP = ("Uneven shares per rank, e.g. 3,1 gives rank 0 three quarters of every layer; auto: shares by "
-              "each device's free memory, after a 1 GiB reserve per rank and 5% spare (ranks on one device share "
-              "it). TENSORSPLIT_FREE_MEMORY=cuda:0=24G,cpu=64G gives the free memory instead of measuring it "
-              "(cuda=80G: each GPU), to plan for another machine.")
-
-
 def _world_options(f):
-    """Options shared by the commands that start a world of workers."""
-    opts = [
-        click.option("--nproc-per-node", "nproc", default=None, metavar="N",
-                     help="Workers on this node (one per device). Default: one per visible GPU, else 1."),
-        click.option("--split", default=None, metavar="R0,R1,..|auto", help=SPLIT_HELP),
-        click.option("--device", default="auto", show_default=True,
-                     help="auto, cpu, cuda, xpu, mps, or one per rank: cuda,cpu (mixed devices use Gloo)."),
-        click.option("--backend", default=None, type=click.Choice(["nccl", "gloo", "xccl"]),
-                     help="Override the torch.distributed backend chosen from the devices."),
-        click.option("--threads", "-t", default=None, type=int,
-                     help="CPU threads per worker. Default: cores / workers on this node."),
-        click.option("--numerics", default="llamacpp", show_default=True, type=click.Choice(["llamacpp", "exact"]),
-                     help="llamacpp: llama.cpp's arithmetic (8-bit matmul inputs multiplied in integers, an f16 KV "
-                          "cache): fast, and reproduces its logits. exact: float32 activations throughout "
-                          "(slower; closer to the unquantized model on some models)."),
-        click.option("--timeout", default=120.0, show_default=True, type=float,
-                     help="Seconds before a collective or the rendezvous gives up (a dead or stuck rank)."),
-        click.option("--cuda-graphs/--no-cuda-graphs", default=True, show_default=True,
-                     help="On GPUs with NCCL: replay decode steps (up to 16 sequences) as CUDA graphs, one per "
-                          "batch-size and context bucket, instead of launching every kernel from Python."),
-        click.option("--nnodes", default=1, show_default=True, type=int, help="Nodes in the world."),
-        click.option("--node-rank", default=0, show_default=True, type=int, help="This node's index."),
-        click.option("--master-addr", default="127.0.0.1", show_default=True,
-                     help="Address of node 0, where the rendezvous listens. Use a trusted network."),
-        click.option("--master-port", default=None, type=int, help="Rendezvous port. Default: a free port."),
-    ]
-    for o in reversed(opts):
-        f = o(f)
+    """The world options (spec.py: declared once, on WorldSpec's and NodeSpec's fields; LLM takes the same
+    keywords), for the commands that start a world of workers."""
+    from .spec import world_options
+    for o in reversed(world_options()):
+        kw = dict(o.click)
+        if "choices" in kw:
+            kw["type"] = click.Choice(list(kw.pop("choices")))
+        f = click.option(*o.flags, o.keyword, default=o.default, show_default=o.default is not None,
+                         help=o.help, **kw)(f)
     return f
 
 
@@ -89,18 +65,13 @@ def _single_nproc(nproc: str | None) -> int:
     return n
 
 
-def _world(p: dict, *, n_ctx: int, n_slots: int = 1, quiet: bool = False):
-    """The WorldSpec of a command's parsed options."""
-    from .spec import WorldSpec
-    return WorldSpec(model=_model_path(p["model"]).resolve(), split=p["split"], device=p["device"],
-                     backend=p["backend"], n_ctx=n_ctx, n_slots=n_slots, timeout_s=p["timeout"],
-                     threads=p["threads"], numerics=p["numerics"], quiet=quiet, cuda_graphs=p["cuda_graphs"])
-
-
-def _node(p: dict, nproc: int | None = None):
-    from .spec import NodeSpec
-    return NodeSpec(nproc=nproc or _single_nproc(p["nproc"]), nnodes=p["nnodes"], node_rank=p["node_rank"],
-                    master_addr=p["master_addr"], master_port=p["master_port"], threads=p["threads"])
+def _specs(p: dict, *, n_ctx: int, n_slots: int = 1, nproc: int | None = None, quiet: bool = False):
+    """The WorldSpec and NodeSpec of a command's parsed options."""
+    from .spec import specs_from_options, world_options
+    values = {o.keyword: p[o.keyword] for o in world_options()}
+    values["nproc_per_node"] = nproc or _single_nproc(values["nproc_per_node"])
+    return specs_from_options(_model_path(p["model"]).resolve(), n_ctx=n_ctx, n_slots=n_slots, quiet=quiet,
+                              **values)
 
 
 def _run_world(p: dict, job, *, n_ctx: int, n_slots: int = 1, nproc: int | None = None) -> int:
@@ -108,24 +79,23 @@ def _run_world(p: dict, job, *, n_ctx: int, n_slots: int = 1, nproc: int | None 
     this process as one of its ranks (each rank plans the same world from the same inputs)."""
     from .plan import check_world, plan_world
     from .worker.process import in_worker
-    spec = _world(p, n_ctx=n_ctx, n_slots=n_slots)
+    spec, node = _specs(p, n_ctx=n_ctx, n_slots=n_slots, nproc=nproc)
     if in_worker():
         from .worker.main import run_worker
-        return run_worker(_torchrun_plan(spec), job)
+        return run_worker(_torchrun_plan(spec, node.threads), job)
     from .launcher import launch
-    node = _node(p, nproc)
     check_world(spec, node)
     return launch(plan_world(spec, node), node, job)
 
 
-def _torchrun_plan(spec):
+def _torchrun_plan(spec, threads: int | None):
     """Under torchrun every rank plans the world itself; --split auto only from TENSORSPLIT_FREE_MEMORY
     (ranks that measured separately could disagree); rank 0 says what it chose."""
     from .plan import plan_world
     from .spec import NodeSpec
     from .worker.process import RankEnv
     env = RankEnv.from_environ()
-    node = NodeSpec(nproc=env.local_world, nnodes=max(1, env.world // env.local_world))
+    node = NodeSpec(nproc=env.local_world, nnodes=max(1, env.world // env.local_world), threads=threads)
     return plan_world(spec, node, torchrun=True, announce=env.rank == 0)
 
 
@@ -241,7 +211,7 @@ def perplexity(ctx, model_arg, model, text_file, ctx_size, chunks, as_json, **_)
                    "the world's own path (shared memory between the CPU ranks of a node) against plain Gloo.")
 @_world_options
 @click.pass_context
-def bench(ctx, model_arg, model, n_prompt, n_gen, repetitions, comm, json_out, nproc, **_):
+def bench(ctx, model_arg, model, n_prompt, n_gen, repetitions, comm, json_out, nproc_per_node, **_):
     """Prompt-processing and generation speed per world size (--nproc-per-node 1,2), as llama-bench;
     with --comm, all-reduce latency per message size."""
     from .worker.process import in_worker
@@ -250,7 +220,7 @@ def bench(ctx, model_arg, model, n_prompt, n_gen, repetitions, comm, json_out, n
     if in_worker():        # under torchrun: one world, whose size torchrun chose; rank 0 prints
         worlds = [None]
     else:
-        worlds = [_single_nproc(x) for x in (nproc or "1").split(",")]
+        worlds = [_single_nproc(x) for x in (nproc_per_node or "1").split(",")]
         if comm:
             worlds = [n for n in worlds if n > 1]
             if not worlds:
@@ -399,7 +369,7 @@ def serve(ctx, model_arg, model, host, port, api_key, parallel, ctx_size, max_qu
     template = Path(chat_template).resolve() if chat_template else None
     if template is not None:
         _check_chat_template(ctx.params["model"], template)
-    return run_server(_world(ctx.params, n_ctx=ctx_size, n_slots=parallel), _node(ctx.params), host=host, port=port,
+    return run_server(*_specs(ctx.params, n_ctx=ctx_size, n_slots=parallel), host=host, port=port,
                       api_key=api_key, max_queue=max_queue, chat_template=template, grace_s=grace, alias=alias,
                       slots=slots, cors_origins=cors_origins)
 

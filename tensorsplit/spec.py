@@ -12,28 +12,49 @@ decided from them once, in plan/world.py.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from .devices import default_nproc
 from .model.numerics import DEFAULT as DEFAULT_NUMERICS
 
 WORLD_ENV = "TENSORSPLIT_WORLD"     # the WorldPlan (plan/world.py), as JSON, for every rank the launcher starts
 JOB_ENV = "TENSORSPLIT_JOB"         # rank 0 only: a file holding the job, as JSON
 
 
+SPLIT_HELP = ("Uneven shares per rank, e.g. 3,1 gives rank 0 three quarters of every layer; auto: shares by "
+              "each device's free memory, after a 1 GiB reserve per rank and 5% spare (ranks on one device share "
+              "it). TENSORSPLIT_FREE_MEMORY=cuda:0=24G,cpu=64G gives the free memory instead of measuring it "
+              "(cuda=80G: each GPU), to plan for another machine.")
+
+
+def option(default, *flags: str, help: str, keyword: str | None = None, **click):
+    """A field that is also a world option: the CLI's flags and LLM's keyword (default: the field's name)
+    come from here, with its help text; `click` holds the flag's type details (choices, metavar)."""
+    return field(default=default, metadata={"flags": flags, "help": help, "keyword": keyword, "click": click})
+
+
 @dataclass(frozen=True)
 class WorldSpec:
     model: Path
-    split: str | None = None
-    device: str = "auto"
-    backend: str | None = None
-    n_ctx: int = 2048          # KV-cache positions per slot
-    n_slots: int = 1           # concurrent sequences
-    timeout_s: float = 120.0   # every collective on the device group, and the rendezvous
-    threads: int | None = None
+    split: str | None = option(None, "--split", help=SPLIT_HELP, metavar="R0,R1,..|auto")
+    device: str = option("auto", "--device", help="auto, cpu, cuda, xpu, mps, or one per rank: cuda,cpu (mixed "
+                                                   "devices use Gloo).")
+    backend: str | None = option(None, "--backend", help="Override the torch.distributed backend chosen from the "
+                                                         "devices.", choices=("nccl", "gloo", "xccl"))
+    n_ctx: int = 2048          # KV-cache positions per slot (each command has its own -c and default)
+    n_slots: int = 1           # concurrent sequences (-np where a command decodes several)
+    timeout_s: float = option(120.0, "--timeout", keyword="timeout",
+                              help="Seconds before a collective or the rendezvous gives up (a dead or stuck rank).")
     quiet: bool = False        # no load progress
-    numerics: str = DEFAULT_NUMERICS   # "llamacpp" (8-bit matmul inputs, as ggml) or "exact" (model/numerics.py)
-    cuda_graphs: bool = True   # decode steps as CUDA graphs where every rank is a GPU on NCCL (model/decode_graphs.py)
+    numerics: str = option(DEFAULT_NUMERICS, "--numerics", choices=("llamacpp", "exact"),
+                           help="llamacpp: llama.cpp's arithmetic (8-bit matmul inputs multiplied in integers, an "
+                                "f16 KV cache): fast, and reproduces its logits. exact: float32 activations "
+                                "throughout (slower; closer to the unquantized model on some models).")
+    cuda_graphs: bool = option(True, "--cuda-graphs/--no-cuda-graphs",
+                               help="On GPUs with NCCL: replay decode steps (up to 16 sequences) as CUDA graphs, one "
+                                    "per batch-size and context bucket, instead of launching every kernel from "
+                                    "Python.")
 
     def to_json(self) -> str:
         return json.dumps({**asdict(self), "model": str(self.model)})
@@ -47,15 +68,53 @@ class WorldSpec:
 
 @dataclass(frozen=True)
 class NodeSpec:
-    nproc: int                 # workers on this node
-    nnodes: int = 1
-    node_rank: int = 0
-    master_addr: str = "127.0.0.1"
-    master_port: int | None = None   # None: pick a free one (single node only)
-    threads: int | None = None       # per CPU worker; default cores // nproc
+    nproc: int = option(None, "--nproc-per-node", keyword="nproc_per_node", metavar="N",
+                        help="Workers on this node (one per device). Default: one per visible GPU, else 1.")
+    nnodes: int = option(1, "--nnodes", help="Nodes in the world.")
+    node_rank: int = option(0, "--node-rank", help="This node's index.")
+    master_addr: str = option("127.0.0.1", "--master-addr",
+                              help="Address of node 0, where the rendezvous listens. Use a trusted network.")
+    master_port: int | None = option(None, "--master-port", type=int, help="Rendezvous port. Default: a free port.")
+    threads: int | None = option(None, "--threads", "-t", type=int,
+                                 help="CPU threads per worker. Default: cores / workers on this node.")
     pin_gpus: bool = True            # CUDA_VISIBLE_DEVICES per worker when GPUs are visible
+
+    def __post_init__(self):
+        if self.nproc is None:           # the option's default: one worker per visible GPU, else 1
+            object.__setattr__(self, "nproc", default_nproc())
 
     @property
     def world(self) -> int:
         return self.nproc * self.nnodes
 
+
+@dataclass(frozen=True)
+class Option:
+    """A world option as the CLI and LLM take it (declared by `option` on a WorldSpec or NodeSpec field)."""
+    keyword: str          # LLM's keyword, and the CLI's parameter name
+    flags: tuple[str, ...]
+    help: str
+    default: object
+    spec: type            # WorldSpec or NodeSpec
+    field: str
+    click: dict
+
+
+def world_options() -> list[Option]:
+    """Every world option, in declaration order: WorldSpec's, then NodeSpec's."""
+    return [Option(f.metadata["keyword"] or f.name, f.metadata["flags"], f.metadata["help"], f.default, cls, f.name,
+                   f.metadata["click"])
+            for cls in (WorldSpec, NodeSpec) for f in fields(cls) if "flags" in f.metadata]
+
+
+def specs_from_options(model: Path, *, n_ctx: int, n_slots: int = 1, quiet: bool = False,
+                       **values) -> tuple[WorldSpec, NodeSpec]:
+    """The WorldSpec and NodeSpec of world options given by keyword (unknown keywords: TypeError)."""
+    options = {o.keyword: o for o in world_options()}
+    unknown = sorted(set(values) - set(options))
+    if unknown:
+        raise TypeError(f"unknown world option(s) {', '.join(unknown)}; the options are {', '.join(options)}")
+    chosen = {o.keyword: values.get(o.keyword, o.default) for o in options.values()}
+    of = {cls: {o.field: chosen[o.keyword] for o in options.values() if o.spec is cls} for cls in (WorldSpec, NodeSpec)}
+    return (WorldSpec(model=model, n_ctx=n_ctx, n_slots=n_slots, quiet=quiet, **of[WorldSpec]),
+            NodeSpec(**of[NodeSpec]))

@@ -137,7 +137,7 @@ def plan_world(spec: WorldSpec, node: NodeSpec, *, here: bool = True, torchrun: 
     backend = choose_backend(kinds, spec.backend, check_available=here)
     graphs = decode_graphs(kinds, backend.name, spec.cuda_graphs)
     native = kernels_native(announce=here)
-    threads = spec.threads or node.threads or default_threads(node.nproc)
+    threads = node.threads or default_threads(node.nproc)
     gf, cfg = open_model(spec.model)
     try:
         auto = None
