@@ -12,6 +12,7 @@ one dies, the call in progress (or the next) raises WorkerFailed naming it, inst
 from __future__ import annotations
 
 import inspect
+from dataclasses import fields
 from pathlib import Path
 from typing import Sequence
 
@@ -48,15 +49,19 @@ class LLM:
         """The world's plan (plan/world.py): devices, backend, split and bytes per rank."""
         return self._world.plan
 
-    def generate(self, prompts: str | Sequence[str], *, max_tokens: int = 128, temperature: float = 0.8,
-                 top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0,
-                 seed: int | None = None, stop: Sequence[str] = ()) -> list[GenerationResult]:
-        """Generate for each prompt, `parallel` at a time (continuous batching); results in input order."""
+    def generate(self, prompts: str | Sequence[str], *, max_tokens: int = 128, stop: Sequence[str] = (),
+                 **sampling) -> list[GenerationResult]:
+        """Generate for each prompt, `parallel` at a time (continuous batching); results in input order.
+        The sampling keywords are SamplingParams' fields, the CLI's sampling options (temperature, top_k,
+        top_p, min_p, repeat_penalty, repeat_last_n, seed; and logit_bias)."""
         engine = self._world.check()
         if isinstance(prompts, str):
             prompts = [prompts]
-        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                                repeat_penalty=repeat_penalty, seed=seed)
+        known = {f.name for f in fields(SamplingParams)}
+        if set(sampling) - known:
+            raise TypeError(f"unknown sampling option(s) {', '.join(sorted(set(sampling) - known))}; the options "
+                            f"are {', '.join(known)}")
+        params = SamplingParams(**sampling)
         params.validate()
         requests = [Request(i, self.tokenizer.encode(p, add_special=True), params, max_tokens, tuple(stop))
                     for i, p in enumerate(prompts)]
@@ -83,4 +88,13 @@ def _signature() -> inspect.Signature:
     return inspect.Signature(base + extra)
 
 
+def _generate_signature() -> inspect.Signature:
+    """LLM.generate's signature with every sampling option as a keyword, from SamplingParams' fields."""
+    base = list(inspect.signature(LLM.generate).parameters.values())[:-1]      # drop **sampling
+    extra = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default)
+             for f in fields(SamplingParams)]
+    return inspect.Signature(base + extra)
+
+
 LLM.__init__.__signature__ = _signature()
+LLM.generate.__signature__ = _generate_signature()

@@ -111,26 +111,19 @@ def _check_chat_template(model: str | None, template: Path | None) -> None:
 
 
 def _sampling_options(f):
-    opts = [
-        click.option("--temp", default=0.8, show_default=True, type=float, help="Temperature; 0 is greedy."),
-        click.option("--top-k", default=40, show_default=True, type=int, help="Top-k filter (0 disables)."),
-        click.option("--top-p", default=0.95, show_default=True, type=float, help="Top-p filter (1 disables)."),
-        click.option("--min-p", default=0.05, show_default=True, type=float, help="Min-p filter (0 disables)."),
-        click.option("--repeat-penalty", default=1.0, show_default=True, type=float, help="1.0 disables."),
-        click.option("--repeat-last-n", default=64, show_default=True, type=int,
-                     help="Tokens the penalty looks back over."),
-        click.option("--seed", default=None, type=int, help="Sampling seed; the same seed gives the same text."),
-        click.option("--stop", multiple=True, help="Stop when this text appears (repeatable)."),
-    ]
-    for o in reversed(opts):
-        f = o(f)
+    """The sampling options, generated from SamplingParams' fields (LLM.generate takes the same keywords),
+    and --stop."""
+    from .coordinator.sampling import sampling_options
+    f = click.option("--stop", multiple=True, help="Stop when this text appears (repeatable).")(f)
+    for o in reversed(sampling_options()):
+        f = click.option(o.metadata["flag"], o.name, default=o.default, show_default=o.default is not None,
+                         type=o.metadata["type"], help=o.metadata["help"])(f)
     return f
 
 
 def _sampling(p: dict):
-    from .coordinator.sampling import SamplingParams
-    params = SamplingParams(temperature=p["temp"], top_k=p["top_k"], top_p=p["top_p"], min_p=p["min_p"],
-                            repeat_penalty=p["repeat_penalty"], repeat_last_n=p["repeat_last_n"], seed=p["seed"])
+    from .coordinator.sampling import SamplingParams, sampling_options
+    params = SamplingParams(**{o.name: p[o.name] for o in sampling_options()})
     params.validate()
     return params
 

@@ -8,14 +8,19 @@ import socket
 import pytest
 
 from tensorsplit import LLM
-from tensorsplit.cli import _world_options
+from tensorsplit.cli import _sampling_options, _world_options
+from tensorsplit.coordinator.sampling import SamplingParams, sampling_options
 from tensorsplit.spec import world_options
 
 
-def _cli_world_options() -> set[str]:
+def _cli_options(decorator) -> set[str]:
     def command(**_):
         pass
-    return {p.name for p in _world_options(command).__click_params__}
+    return {p.name for p in decorator(command).__click_params__}
+
+
+def _cli_world_options() -> set[str]:
+    return _cli_options(_world_options)
 
 
 def test_llm_takes_every_world_option_the_cli_has():
@@ -43,3 +48,12 @@ def test_every_world_option_reaches_the_plan(smollm2_path):
 def test_an_unknown_keyword_names_the_options():
     with pytest.raises(TypeError, match="unknown world option.*frobnicate.*the options are split, device"):
         LLM(frobnicate=1)
+
+
+def test_llm_generate_takes_every_sampling_option_the_cli_has():
+    """The CLI's sampling flags and LLM.generate's keywords both come from SamplingParams' fields; generate
+    also takes logit_bias (no flag: the servers' requests carry it)."""
+    from dataclasses import fields
+    keywords = set(inspect.signature(LLM.generate).parameters) - {"self", "prompts", "max_tokens", "stop"}
+    assert keywords == {f.name for f in fields(SamplingParams)}
+    assert _cli_options(_sampling_options) - {"stop"} == {f.name for f in sampling_options()} == keywords - {"logit_bias"}

@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import math
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from typing import Sequence
 
 import torch
@@ -51,17 +51,6 @@ import torch
 from ..errors import TensorsplitError
 
 # the command-line flag of each field, as llama.cpp spells them; used in validation messages
-FLAGS = {
-    "temperature": "--temp",
-    "top_k": "--top-k",
-    "top_p": "--top-p",
-    "min_p": "--min-p",
-    "repeat_penalty": "--repeat-penalty",
-    "repeat_last_n": "--repeat-last-n",
-    "seed": "--seed",
-    "logit_bias": "--logit-bias",
-}
-
 _NEG_INF = float("-inf")
 # top-p first looks at this many of the largest probabilities (llama.cpp: 256) and widens the
 # window 8x at a time only while they do not reach p
@@ -71,22 +60,30 @@ _TOP_P_FIRST = 256
 _SORT_MAX = 4096
 
 
+def _option(default, flag: str, type_: type, help: str):
+    return field(default=default, metadata={"flag": flag, "type": type_, "help": help})
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    temperature: float = 0.8     # <= 0 means greedy (argmax), as llama.cpp
-    top_k: int = 40              # <= 0 disables
-    top_p: float = 0.95          # >= 1 disables
-    min_p: float = 0.05          # <= 0 disables
-    repeat_penalty: float = 1.0  # 1.0 disables
-    repeat_last_n: int = 64      # previous tokens the penalty looks at (0 disables, -1 = all)
-    seed: int | None = None      # None (or -1, as llama.cpp): a random seed, reported by Sampler.seed
-    logit_bias: tuple[tuple[int, float], ...] = ()   # (token id, bias) pairs; -inf bans the token
+    """Each field is a sampling option: the CLI's flag (generated from `flag` and `help`) and the keyword
+    of LLM.generate are both made from it. logit_bias has no flag (the servers' requests carry it)."""
+    temperature: float = _option(0.8, "--temp", float, "Temperature; 0 is greedy.")   # <= 0: argmax, as llama.cpp
+    top_k: int = _option(40, "--top-k", int, "Top-k filter (0 disables).")
+    top_p: float = _option(0.95, "--top-p", float, "Top-p filter (1 disables).")
+    min_p: float = _option(0.05, "--min-p", float, "Min-p filter (0 disables).")
+    repeat_penalty: float = _option(1.0, "--repeat-penalty", float, "1.0 disables.")
+    repeat_last_n: int = _option(64, "--repeat-last-n", int, "Tokens the penalty looks back over (0 disables, -1 all).")
+    # None (or -1, as llama.cpp): a random seed, reported by Sampler.seed
+    seed: int | None = _option(None, "--seed", int, "Sampling seed; the same seed gives the same text.")
+    # (token id, bias) pairs, -inf bans the token; named in errors as llama.cpp's flag, not a flag here
+    logit_bias: tuple[tuple[int, float], ...] = field(default=(), metadata={"flag": "--logit-bias"})
 
     def validate(self) -> None:
         """Raise TensorsplitError naming the flag for a value that makes no sense."""
 
-        def bad(field: str, value, why: str) -> TensorsplitError:
-            return TensorsplitError(f"{FLAGS[field]} {value}: {why}")
+        def bad(name: str, value, why: str) -> TensorsplitError:
+            return TensorsplitError(f"{flag(name)} {value}: {why}")
 
         def is_int(v) -> bool:
             return isinstance(v, int) and not isinstance(v, bool)
@@ -312,3 +309,13 @@ class Sampler:
         if ids is None:
             ids = torch.arange(x.shape[0])
         return ids, apply_temperature(x, pr.temperature)
+
+
+def flag(name: str) -> str:
+    """The command-line flag of a SamplingParams field, as errors name it."""
+    return {f.name: f.metadata["flag"] for f in fields(SamplingParams)}[name]
+
+
+def sampling_options() -> list:
+    """The SamplingParams fields that are command-line options, in declaration order."""
+    return [f for f in fields(SamplingParams) if "help" in f.metadata]
