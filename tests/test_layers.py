@@ -12,7 +12,7 @@ import tensorsplit
 PACKAGE = Path(tensorsplit.__file__).parent
 
 # bottom first: a module may import from its own layer and from the layers before it
-LAYERS = ["errors", "models", "devices", "kernels", "model", "spec", "comm", "plan", "coordinator", "worker",
+LAYERS = ["errors", "messages", "models", "devices", "kernels", "model", "spec", "comm", "plan", "coordinator", "worker",
           "launcher", "report", "server", "api", "cli", "__init__", "__main__"]
 # lower -> higher imports allowed, each with its reason
 UPWARD = {

@@ -20,10 +20,8 @@ from .generate import generate_one
 from .perplexity import perplexity
 from .sampling import SamplingParams
 from .tokenizer import Tokenizer
+from ..messages import say
 
-
-def _say(msg: str) -> None:
-    print(f"tensorsplit: {msg}", file=sys.stderr, flush=True)
 
 
 @dataclass(frozen=True)
@@ -48,7 +46,7 @@ class GenerateJob:
         except KeyboardInterrupt:
             if out:
                 out.end_line()
-            _say("interrupted")
+            say("interrupted")
             return 130
         except BaseException:
             if out:
@@ -62,7 +60,7 @@ class GenerateJob:
         else:
             sys.stdout.write("\n")
             sys.stdout.flush()
-            _say(f"prompt {res.prompt_tokens} tokens in {res.prefill_s:.2f} s "
+            say(f"prompt {res.prompt_tokens} tokens in {res.prefill_s:.2f} s "
                  f"({res.prompt_tokens / max(res.prefill_s, 1e-9):.1f} tok/s); "
                  f"generated {res.completion_tokens} tokens in {res.decode_s:.2f} s "
                  f"({res.completion_tokens / max(res.decode_s, 1e-9):.1f} tok/s); finish: {res.finish_reason}; "
@@ -99,7 +97,7 @@ class PerplexityJob:
     def __call__(self, engine, gf, cfg) -> int:
         tok = Tokenizer.from_gguf_kv(gf.kv)
         tokens = tok.encode(Path(self.text_file).read_text(encoding="utf-8"), add_special=True)
-        _say(f"{len(tokens)} tokens, chunks of {self.n_ctx}")
+        say(f"{len(tokens)} tokens, chunks of {self.n_ctx}")
         t0 = time.perf_counter()
 
         def progress(done: int, total: int, ppl: float) -> None:
@@ -215,11 +213,11 @@ class BatchJob:
             requests.append(Request(item.id, ids, params, opts.get("max_tokens", self.max_tokens),
                                     tuple(opts.get("stop", self.stop))))
         for b in bad:
-            _say(f"{self.input}: {b}" + (" (skipped)" if self.on_error == "skip" else ""))
+            say(f"{self.input}: {b}" + (" (skipped)" if self.on_error == "skip" else ""))
         if bad and self.on_error == "fail":
             raise TensorsplitError(f"{self.input}: {len(bad)} bad line(s), the first {bad[0]}; nothing generated")
         if skipped:
-            _say(f"{skipped} prompt(s) already in {self.output}: skipped")
+            say(f"{skipped} prompt(s) already in {self.output}: skipped")
         return _run_batch(engine, tok, requests, self.output, len(bad))
 
 
@@ -269,7 +267,7 @@ def _run_batch(engine, tok: Tokenizer, requests, output: Path, n_bad: int) -> in
         bar.close()
         writer.close()
     secs = time.perf_counter() - t0
-    _say(f"{'stopped' if code else 'done'}: {totals['done']} of {len(requests)} prompt(s) written to {output}"
+    say(f"{'stopped' if code else 'done'}: {totals['done']} of {len(requests)} prompt(s) written to {output}"
          f"{f', {n_bad} bad line(s) skipped' if n_bad else ''}; {totals['tokens']} tokens in {secs:.1f} s "
          f"({totals['tokens'] / max(secs, 1e-9):.1f} tok/s over all sequences)"
          f"{'; rerun the same command to continue' if code else ''}")
@@ -291,7 +289,7 @@ class ChatJob:
         fmt = ChatFormatter(tok, gf, self.chat_template)
         messages = [{"role": "system", "content": self.system}] if self.system else []
         interactive = sys.stdin.isatty()
-        _say("chat: type a message and press Enter; /exit or Ctrl-D to quit")
+        say("chat: type a message and press Enter; /exit or Ctrl-D to quit")
         while True:
             if interactive:
                 sys.stdout.write("> ")

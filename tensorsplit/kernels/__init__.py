@@ -15,9 +15,9 @@ float64 matmul, and a numpy transcription of llama.cpp's activation quantization
 from __future__ import annotations
 
 import os
-import sys
 
 from .build import BuildError, load_library
+from ..messages import say
 
 _state: dict = {}
 
@@ -34,7 +34,7 @@ def native(announce: bool = True) -> bool:
         from . import fake  # noqa: F401 - registers the fake (meta) implementations
         _state["ok"] = True
     except (BuildError, OSError, RuntimeError) as e:
-        print(f"tensorsplit: native kernels unavailable ({e}); using the slower torch path", file=sys.stderr, flush=True)
+        say(f"native kernels unavailable ({e}); using the slower torch path")
         _state["ok"] = False
     return _state["ok"]
 

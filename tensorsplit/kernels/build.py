@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from ..messages import say
 
 NAME = "tensorsplit_kernels"
 CSRC = Path(__file__).resolve().parent / "csrc"
@@ -87,7 +88,7 @@ def load_library(announce: bool = True) -> Path:
     from torch.utils import cpp_extension
     where.mkdir(parents=True, exist_ok=True)
     if announce:
-        print("tensorsplit: compiling the native kernels (once; about a minute)", file=sys.stderr, flush=True)
+        say("compiling the native kernels (once; about a minute)")
     try:
         cpp_extension.load(NAME, [str(CSRC / s) for s in SOURCES], extra_cflags=CFLAGS, extra_ldflags=LDFLAGS,
                            build_directory=str(where), is_python_module=False, verbose=False)

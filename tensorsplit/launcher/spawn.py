@@ -30,6 +30,7 @@ from ..comm.shm import remove_job_segments
 from ..spec import JOB_ENV, WORLD_ENV, NodeSpec
 from ..devices import visible_gpus
 from ..plan import WorldPlan
+from ..messages import say
 
 POLL_S = 0.05
 FAILURE_WINDOW_S = 1.0   # after a first failure, how long to let the others report theirs
@@ -170,7 +171,7 @@ class Launch:
             time.sleep(POLL_S)
 
     def _fail(self, failed: list[int]) -> int:
-        print(f"tensorsplit: {self._blame(failed)}", file=sys.stderr, flush=True)
+        say(f"{self._blame(failed)}")
         return 1
 
     def _blame(self, failed: list[int]) -> str:

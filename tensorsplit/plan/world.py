@@ -12,7 +12,6 @@ none of them again.
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -28,6 +27,7 @@ from ..model.shard_plan import ShardPlan
 from ..spec import NodeSpec, WorldSpec
 from .auto_split import fit_to_units, gib, rank_budgets, share_by_memory
 from .free_memory import FREE_MEMORY_ENV, free_memory, override
+from ..messages import say
 
 AUTO = "auto"
 
@@ -155,8 +155,7 @@ def plan_world(spec: WorldSpec, node: NodeSpec, *, here: bool = True, torchrun: 
                      .removeprefix("torch."), native, ranks, auto)
     if auto is not None and announce and not spec.quiet:
         where = ", ".join(f"{d} {gib(auto.free[d])}" for d in dict.fromkeys(devices))
-        print(f"tensorsplit: --split auto: {plan.split_text()} (free: {where}"
-              f"{', from ' + FREE_MEMORY_ENV if auto.given else ''})", file=sys.stderr, flush=True)
+        say(f"--split auto: {plan.split_text()} (free: {where}{', from ' + FREE_MEMORY_ENV if auto.given else ''})")
     return plan
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import ipaddress
 import signal
 import socket
-import sys
 import threading
 from pathlib import Path
 
@@ -27,11 +26,9 @@ from .metrics import Metrics
 from .scheduler import Scheduler
 from .state import ServerState
 from .web import BodyLimit
+from ..messages import say
 
 
-
-def _say(msg: str) -> None:
-    print(f"tensorsplit: {msg}", file=sys.stderr, flush=True)
 
 
 def _is_loopback(host: str) -> bool:
@@ -50,7 +47,7 @@ def run_server(spec: WorldSpec, node: NodeSpec, *, host: str, port: int, api_key
         raise TensorsplitError("serve runs on one node (--nnodes 1)")
     plan = plan_world(spec, node)
     if not _is_loopback(host) and not api_key:
-        _say(f"warning: serving on {host} without --api-key: anyone who can reach this address can use the model")
+        say(f"warning: serving on {host} without --api-key: anyone who can reach this address can use the model")
     metrics = Metrics()
     state = ServerState(model_id=alias or Path(spec.model).name.removesuffix(".gguf"), model_path=str(spec.model),
                         api_key=api_key, metrics=metrics, scheduler=Scheduler(max_queue, metrics),
@@ -63,7 +60,7 @@ def run_server(spec: WorldSpec, node: NodeSpec, *, host: str, port: int, api_key
         if state.failed is None:
             state.failed = line
             state.scheduler.fail(line)
-            _say(line)
+            say(line)
             outcome["code"] = 1
             server.should_exit = True
 
@@ -100,11 +97,11 @@ def _engine_main(world: World, state: ServerState, chat_template: Path | None, h
         except ChatTemplateError as e:
             if chat_template is not None:
                 raise
-            _say(f"chat completions are off: {e}")
+            say(f"chat completions are off: {e}")
             chat = None
         state.tokenizer, state.chat, state.n_ctx = tok, chat, spec.n_ctx
         state.ready = True
-        _say(f"serving {state.model_id} on http://{host}:{port} ({node.world} rank(s), {spec.n_slots} slot(s) of "
+        say(f"serving {state.model_id} on http://{host}:{port} ({node.world} rank(s), {spec.n_slots} slot(s) of "
              f"{spec.n_ctx} tokens; all-reduce: {engine.all_reduce_path})")
         state.scheduler.run(Generator(world.forward, tok, engine.n_slots, engine.n_ctx), tok)
     except BaseException as e:  # noqa: BLE001 - reported as one line; the launcher's when a rank died

@@ -11,8 +11,8 @@ step3"). Unset in normal use; the checks cost one comparison.
 from __future__ import annotations
 
 import os
-import sys
 import time
+from ..messages import say
 
 
 class InjectedFault(RuntimeError):
@@ -51,4 +51,4 @@ class FaultPlan:
             self.paused_step = None
 
     def _say(self, what: str) -> None:
-        print(f"tensorsplit: fault: rank {self.rank} {what}", file=sys.stderr, flush=True)
+        say(f"fault: rank {self.rank} {what}")

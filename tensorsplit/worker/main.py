@@ -27,6 +27,7 @@ from ..spec import JOB_ENV, WORLD_ENV
 from .engine import Engine, Shard, StepGuard, serve
 from .faults import FaultPlan
 from .process import RankEnv, die_with_parent, report_failure, resolve_device
+from ..messages import say
 
 
 LOAD_TIMEOUT_S = 3600.0   # a rank still loading after an hour is taken as stuck
@@ -129,9 +130,8 @@ def join_and_load(env: RankEnv, plan: WorldPlan) -> tuple[Shard, object, object]
         comm.barrier_control("waiting for every rank to load its shard", LOAD_TIMEOUT_S)
         if env.rank == 0 and not spec.quiet:
             shares = ", ".join(f"{r.nbytes / 2**20:.1f}" for r in shard_plan.ranks)
-            print(f"tensorsplit: loaded; weights per rank (MiB): {shares}; world {env.world} ({plan.backend.why}; "
-                  f"all-reduce: {comm.path_name()}{'; decode: CUDA graphs' if plan.cuda_graphs else ''})",
-                  file=sys.stderr, flush=True)
+            say(f"loaded; weights per rank (MiB): {shares}; world {env.world} ({plan.backend.why}; "
+                f"all-reduce: {comm.path_name()}{'; decode: CUDA graphs' if plan.cuda_graphs else ''})")
     except BaseException:
         comm.close()
         raise

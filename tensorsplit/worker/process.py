@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import CollectiveError, TensorsplitError
+from ..messages import say
 
 
 @dataclass(frozen=True)
@@ -96,5 +97,5 @@ def report_failure(rank: int, exc: BaseException) -> str:
         with open(path, "w") as f:
             json.dump({"rank": rank, "message": msg, "secondary": secondary}, f)
     else:  # under torchrun: say it ourselves
-        print(f"tensorsplit: rank {rank}: {msg}", file=sys.stderr, flush=True)
+        say(f"rank {rank}: {msg}")
     return msg

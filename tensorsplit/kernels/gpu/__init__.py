@@ -14,9 +14,9 @@ Triton is imported only when a GPU weight first needs it.
 from __future__ import annotations
 
 import os
-import sys
 
 from ..layout import FORMATS
+from ...messages import say
 
 _state: dict = {}
 
@@ -30,8 +30,7 @@ def available() -> bool:
                 from . import matmul  # noqa: F401 - imports triton and defines the kernels
                 _state["ok"] = True
             except ImportError as e:
-                print(f"tensorsplit: Triton kernels unavailable ({e}); GPU matmuls use the slower torch path",
-                      file=sys.stderr, flush=True)
+                say(f"Triton kernels unavailable ({e}); GPU matmuls use the slower torch path")
                 _state["ok"] = False
     return _state["ok"]
 
