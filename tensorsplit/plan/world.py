@@ -143,7 +143,8 @@ def plan_world(spec: WorldSpec, node: NodeSpec, *, here: bool = True, torchrun: 
         auto = None
         if spec.split == AUTO:
             check_auto_world(node.nnodes, torchrun)
-            ratios, auto = _auto_ratios(gf, cfg, devices, spec, native, graphs)
+            ratios, auto = choose_split(gf, cfg, devices, free_memory(devices), spec, native, graphs,
+                                        given=override() is not None)
         else:
             ratios = parse_split(spec.split, world)
         shard_plan = make_plan(cfg, gf.tensors, world, ratios)
@@ -176,11 +177,6 @@ def rank_totals(gf, cfg, ratios: Sequence[float], devices: Sequence[str], spec: 
     """Every rank's bytes under the plan of `ratios`."""
     shard_plan = make_plan(cfg, gf.tensors, len(devices), ratios)
     return [_rank_plan(gf, cfg, shard_plan, r, d, 1, spec, native, graphs) for r, d in enumerate(devices)]
-
-
-def _auto_ratios(gf, cfg, devices: Sequence[str], spec: WorldSpec, native: bool, graphs: bool
-                 ) -> tuple[tuple[float, ...], AutoSplit]:
-    return choose_split(gf, cfg, devices, free_memory(devices), spec, native, graphs, given=override() is not None)
 
 
 def choose_split(gf, cfg, devices: Sequence[str], free: dict[str, int], spec: WorldSpec, native: bool, graphs: bool,
