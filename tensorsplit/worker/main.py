@@ -123,7 +123,8 @@ def join_and_load(env: RankEnv, plan: WorldPlan) -> tuple[Shard, object, object]
         model = RankModel(cfg, shard_plan.ranks[env.rank], env.world, comm.all_reduce, gf, device,
                           on_progress=progress, numerics=Numerics(spec.numerics),
                           native=None if plan.native else False)    # None: the kernels load on a CPU rank
-        model.allocate_cache(spec.n_slots, spec.n_ctx, decode_graphs="cuda" if plan.cuda_graphs else None)
+        model.allocate_cache(spec.n_slots, spec.n_ctx, dtype=getattr(torch, plan.kv_dtype),
+                             decode_graphs="cuda" if plan.cuda_graphs else None)
         check_allocation(mine, model)
         # ranks load at different speeds: start stepping only when all have loaded, so that the first
         # step's collectives are not charged with another rank's loading time
