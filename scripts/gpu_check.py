@@ -159,7 +159,9 @@ class Check:
         import torch
         from tensorsplit.model import make_plan, open_model
         from tensorsplit.model.layers import no_reduce
-        from tensorsplit.model.numerics import Numerics
+        from tensorsplit.kernels.choice import choose_kernels
+        from tensorsplit.kernels.numerics import Numerics
+        from tensorsplit.kernels.torch_kernels import TorchKernels
         from tensorsplit.model.transformer import RankModel
         path = self.mixed_model()
         prompt = torch.randint(0, 512, (N_PROMPT,), generator=torch.Generator().manual_seed(7))
@@ -170,9 +172,10 @@ class Check:
             runs = {}
             for where in ("cpu", "gpu"):
                 gf, cfg = open_model(path)
-                device, native = ("cpu", None) if where == "cpu" else (self.device, False if self.rehearse else None)
-                m = RankModel(cfg, make_plan(cfg, gf.tensors, 1).ranks[0], 1, no_reduce, gf, device,
-                              numerics=Numerics(numerics), native=native)
+                # the "GPU" of a rehearsal is the CPU without native kernels
+                kernels = (choose_kernels("cpu", Numerics(numerics)) if where == "cpu" else
+                           TorchKernels(Numerics(numerics)) if self.rehearse else choose_kernels(self.device, Numerics(numerics)))
+                m = RankModel(cfg, make_plan(cfg, gf.tensors, 1).ranks[0], 1, no_reduce, gf, kernels)
                 graphs = None if where == "cpu" else ("eager" if self.rehearse else "cuda")
                 m.allocate_cache(1, 256, decode_graphs=graphs)
                 logits = m.forward(prompt, torch.arange(N_PROMPT), torch.zeros(N_PROMPT, dtype=torch.int64)).float().cpu()

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from .devices import default_nproc
-from .model.numerics import DEFAULT as DEFAULT_NUMERICS
+from .kernels.numerics import DEFAULT as DEFAULT_NUMERICS
 
 WORLD_ENV = "TENSORSPLIT_WORLD"     # the WorldPlan (plan/world.py), as JSON, for every rank the launcher starts
 JOB_ENV = "TENSORSPLIT_JOB"         # rank 0 only: a file holding the job, as JSON

@@ -1,8 +1,8 @@
 """The check every fast-path test makes: the fast kernel computed matmuls, and never fell back.
 
 A fallback computes the same numbers to float32 rounding, so comparing results cannot catch it;
-the kernels count which path ran (tensorsplit/model/quants/paths.py) and this reads the counts:
-in-process with `paths.counts()`, from worker processes through the files they write when
+a rank's kernels wrapped in tensorsplit/kernels/counting.py count which path ran, and this reads
+the counts: in-process from a `Counting`'s `counts`, from worker processes through the files they write when
 TENSORSPLIT_KERNEL_PATHS names a folder (`rank_counts`).
 """
 from __future__ import annotations
@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tensorsplit.model.quants import paths
+from tensorsplit.kernels.counting import fallbacks
 
 
 def assert_fast_path(counts: dict[str, int], kernel: str, *, exclusive: bool = False) -> None:
     """`kernel` ran at least once and nothing fell back; with exclusive, nothing else ran either."""
     assert counts.get(kernel, 0) > 0, f"the {kernel} kernels never ran: {counts}"
-    assert not paths.fallbacks(counts), f"fell back to the eager path: {counts}"
+    assert not fallbacks(counts), f"fell back to the eager path: {counts}"
     if exclusive:
         assert set(counts) == {kernel}, f"not only the {kernel} kernels ran: {counts}"
 

@@ -28,6 +28,8 @@ import torch
 
 from conftest import FIXTURES
 from golden_models import ARCH_MODELS, sha256, write_arch_model
+from tensorsplit.kernels.choice import choose_kernels
+from tensorsplit.kernels.numerics import LLAMACPP
 from tensorsplit.comm.local import ThreadWorld
 from tensorsplit.coordinator.perplexity import perplexity
 from tensorsplit.coordinator.tokenizer import Tokenizer
@@ -65,7 +67,7 @@ def world_forward(gf, cfg, world: int, n_ctx: int):
     """forward(ids, positions, slots, rows=None) -> full logits, over `world` ranks as threads."""
     plan = make_plan(cfg, gf.tensors, world)
     tw = ThreadWorld(world)
-    models = [RankModel(cfg, plan.ranks[r], world, tw.reducer(r) if world > 1 else no_reduce, gf)
+    models = [RankModel(cfg, plan.ranks[r], world, tw.reducer(r) if world > 1 else no_reduce, gf, choose_kernels("cpu", LLAMACPP))
               for r in range(world)]
     for m in models:
         m.allocate_cache(1, n_ctx)     # the context decides LongRoPE's factors, as in llama.cpp

@@ -24,6 +24,7 @@ from gguf import GGMLQuantizationType as Q
 
 from reference_archs import DenseModel
 from synthetic import write_model
+from tensorsplit.kernels.choice import choose_kernels
 from tensorsplit.comm.local import ThreadWorld
 from tensorsplit.errors import ConfigError, UnsupportedError
 from tensorsplit.model import make_plan, open_model, parse_split
@@ -31,7 +32,7 @@ from tensorsplit.model.arch import ARCHS
 from tensorsplit.model.attention import KVCache
 from tensorsplit.model.config import config_from_gguf
 from tensorsplit.model.layers import no_reduce
-from tensorsplit.model.numerics import EXACT
+from tensorsplit.kernels.numerics import EXACT
 from tensorsplit.model.transformer import RankModel
 
 REF_ATOL = {                  # one rank vs the float64 reference (exact numerics)
@@ -76,7 +77,7 @@ def world_logits(gf, cfg, world, ids, split=None, n_ctx=64):
     n = len(ids)
 
     def rank(r):
-        m = RankModel(cfg, plan.ranks[r], world, tw.reducer(r) if world > 1 else no_reduce, gf, numerics=EXACT)
+        m = RankModel(cfg, plan.ranks[r], world, tw.reducer(r) if world > 1 else no_reduce, gf, choose_kernels("cpu", EXACT))
         m.allocate_cache(1, n_ctx)
         return m.forward(torch.tensor(ids), torch.arange(n), torch.zeros(n, dtype=torch.long))
 
@@ -209,7 +210,7 @@ def test_sliding_window_ring_equals_one_forward(tmp_path):
         tw = ThreadWorld(world)
 
         def rank(r):
-            m = RankModel(cfg, plan.ranks[r], world, tw.reducer(r) if world > 1 else no_reduce, gf, numerics=EXACT)
+            m = RankModel(cfg, plan.ranks[r], world, tw.reducer(r) if world > 1 else no_reduce, gf, choose_kernels("cpu", EXACT))
             cache = m.allocate_cache(2, 32)
             assert cache.k_ring.shape[2] == 4 and cache.k.shape[0] == 1   # 5 local layers in rings, 1 global
             assert cache.nbytes == KVCache.planned_bytes([4] * 5 + [0], 2, 32, plan.ranks[r].n_local_kv_heads,

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from cli_helpers import ROOT, run_cli
+from tensorsplit.kernels.choice import choose_kernels
 from tensorsplit.errors import AutoSplitError, ShardPlanError
 from tensorsplit.comm.backend import decode_graphs
 from tensorsplit.devices import rank_devices
@@ -380,14 +381,14 @@ def test_a_rank_holding_other_bytes_than_its_plan_fails(smollm2_path, monkeypatc
 
     from tensorsplit.errors import TensorsplitError
     from tensorsplit.model.layers import no_reduce
-    from tensorsplit.model.numerics import Numerics
+    from tensorsplit.kernels.numerics import Numerics
     from tensorsplit.model.transformer import RankModel
     from tensorsplit.worker.main import CHECK_PLAN_ENV, check_allocation
     monkeypatch.setenv(CHECK_PLAN_ENV, "1")
     spec = WorldSpec(model=smollm2_path, device="cpu", n_ctx=256, n_slots=2)
     plan = plan_world(spec, NodeSpec(nproc=1))
     gf, cfg = open_model(smollm2_path)
-    model = RankModel(cfg, make_plan(cfg, gf.tensors, 1).ranks[0], 1, no_reduce, gf, numerics=Numerics(spec.numerics))
+    model = RankModel(cfg, make_plan(cfg, gf.tensors, 1).ranks[0], 1, no_reduce, gf, choose_kernels("cpu", Numerics(spec.numerics)))
     model.allocate_cache(spec.n_slots, spec.n_ctx)
     mine = plan.ranks[0]
     check_allocation(mine, model)

@@ -12,6 +12,8 @@ import time
 import pytest
 
 from cli_helpers import ROOT, assert_pids_gone, run_cli, wait_for_workers
+from tensorsplit.kernels.choice import choose_kernels
+from tensorsplit.kernels.numerics import LLAMACPP
 from tensorsplit.coordinator.batch_io import BadLine, InputLine, done_ids, parse_line
 from tensorsplit.coordinator.generate import Generator, Request, generate_one
 from tensorsplit.coordinator.sampling import SamplingParams
@@ -27,7 +29,7 @@ PROMPTS = ["The capital of France is", "Once upon a time", "def fibonacci(n):", 
 @pytest.mark.slow
 def test_batch_of_8_equals_8_single_runs(smollm2_path):
     gf, cfg = open_model(smollm2_path)
-    model = RankModel(cfg, make_plan(cfg, gf.tensors, 1).ranks[0], 1, no_reduce, gf)
+    model = RankModel(cfg, make_plan(cfg, gf.tensors, 1).ranks[0], 1, no_reduce, gf, choose_kernels("cpu", LLAMACPP))
     model.allocate_cache(8, 128)
     tok = Tokenizer.from_gguf_kv(gf.kv)
     greedy = SamplingParams(temperature=0)

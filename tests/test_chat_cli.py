@@ -12,6 +12,8 @@ import pytest
 from cli_helpers import run_cli
 from conftest import fixture_path
 from golden_models import sha256
+from tensorsplit.kernels.choice import choose_kernels
+from tensorsplit.kernels.numerics import LLAMACPP
 from tensorsplit.coordinator.generate import generate_one
 from tensorsplit.coordinator.sampling import SamplingParams
 from tensorsplit.coordinator.tokenizer import Tokenizer
@@ -55,7 +57,7 @@ def greedy(smollm2_path):
     """ids -> the greedy GenerationResult of N tokens, one rank in this process."""
     gf, cfg = open_model(smollm2_path)
     tok = Tokenizer.from_gguf_kv(gf.kv)
-    model = RankModel(cfg, make_plan(cfg, gf.tensors, 1).ranks[0], 1, no_reduce, gf)
+    model = RankModel(cfg, make_plan(cfg, gf.tensors, 1).ranks[0], 1, no_reduce, gf, choose_kernels("cpu", LLAMACPP))
 
     done = {}
 

@@ -13,10 +13,11 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from synthetic import write_model
+from tensorsplit.kernels.choice import choose_kernels
 from tensorsplit.model import make_plan, open_model
 from tensorsplit.model.decode_graphs import DecodeGraphs, kv_bucket, row_bucket
 from tensorsplit.model.layers import no_reduce
-from tensorsplit.model.numerics import Numerics
+from tensorsplit.kernels.numerics import Numerics
 from tensorsplit.model.transformer import RankModel
 
 CUDA = torch.cuda.is_available()
@@ -64,9 +65,10 @@ def test_padding_rows_go_to_the_scratch_slot_and_buffers_are_reused():
     assert g.replays == 4 and g.captured == 0
 
 
-def _model(path, device, numerics, graphs, native=None):
+def _model(path, device, numerics, graphs, native=True):
+    """native: the native kernels on a CPU where they load (False: the torch kernels a GPU would run)."""
     gf, cfg = open_model(path)
-    m = RankModel(cfg, make_plan(cfg, gf.tensors, 1).ranks[0], 1, no_reduce, gf, device, numerics=numerics, native=native)
+    m = RankModel(cfg, make_plan(cfg, gf.tensors, 1).ranks[0], 1, no_reduce, gf, choose_kernels(device, numerics, native))
     m.allocate_cache(4, 64, decode_graphs=graphs)
     return m
 

@@ -28,7 +28,7 @@ N = 12
 
 @pytest.mark.slow
 def test_greedy_tokens_and_logits_agree_across_world_sizes(smollm2_path, tmp_path):
-    """Every rank reports which kernels computed its matmuls (model/quants/paths.py): the native
+    """Every rank reports which kernels computed its matmuls (kernels/counting.py): the native
     kernels, and nothing else (a fallback to the torch path would give the same logits). In both
     numerics, greedy tokens are the same at every world size and split, and the logits are one rank's,
     bit for bit."""
@@ -185,7 +185,7 @@ def test_perplexity_command_matches_in_process_and_takes_numerics(smollm2_path):
     from tensorsplit.coordinator.perplexity import perplexity
     from tensorsplit.coordinator.tokenizer import Tokenizer
     from tensorsplit.model import open_model
-    from tensorsplit.model.numerics import Numerics
+    from tensorsplit.kernels.numerics import Numerics
 
     text = ROOT / "tests" / "fixtures" / "english.txt"
     args = ["perplexity", "-m", str(smollm2_path), "-f", str(text), "-c", "128", "--chunks", "2", "--json",

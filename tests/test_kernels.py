@@ -24,8 +24,9 @@ from kernel_reference import EPS32, matmul_exact, matmul_llamacpp
 from synthetic import random_quantized
 from tensorsplit import kernels
 from tensorsplit.kernels.layout import FORMATS
-from tensorsplit.model.numerics import EXACT, LLAMACPP
-from tensorsplit.model.quants import QWeight, qmatmul
+from tensorsplit.kernels.numerics import EXACT, LLAMACPP
+from tensorsplit.kernels.quants import QWeight
+from tensorsplit.kernels.torch_kernels import TorchKernels
 
 QUANTS = [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.IQ4_NL, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_XS]
 FLOATS = [Q.F16, Q.BF16]
@@ -51,7 +52,19 @@ def backend(request):
 
 def _weight(raw: np.ndarray, qtype, n_cols: int, backend: str) -> QWeight:
     w = QWeight.from_numpy(raw, qtype, raw.shape[0], n_cols, name=f"w.{qtype.name}")
-    return w.to_native() if backend == "native" else w
+    return w.to_tiles() if backend == "native" else w
+
+
+def _kernels(w: QWeight, numerics):
+    """The kernels that multiply w: the native ones for a tiled weight, the torch reference for GGUF blocks."""
+    if w.layout == "tiles":
+        from tensorsplit.kernels.native_kernels import NativeKernels
+        return NativeKernels(numerics)
+    return TorchKernels(numerics)
+
+
+def qmatmul(x, w: QWeight, numerics, wide: bool = False) -> torch.Tensor:
+    return _kernels(w, numerics).matmul(x, w, wide)
 
 
 def _raw(qtype, n_rows, n_cols, rng) -> np.ndarray:
@@ -276,27 +289,31 @@ def test_torch_fallback_when_the_kernels_cannot_build(tmp_path):
 
 def test_path_counts_show_the_native_kernels_ran_and_catch_a_fallback(monkeypatch):
     """The counts name what computed each matmul (a fallback gives the same numbers to float32
-    rounding, so only they can show it): native on native weights; when the library could not load,
+    rounding, so only they can show it): native on tiled weights; when the library could not load,
     weights stay in GGUF layout and every CPU matmul counts as native:fallback, which fails the check."""
     from fast_path import assert_fast_path
-    from tensorsplit.model.quants import paths
+    from tensorsplit.kernels.choice import choose_kernels
+    from tensorsplit.kernels.counting import Counting
     _native_or_skip()
     rng = np.random.default_rng(9)
     raw = random_quantized(Q.Q4_0, 32, 64, rng)
     x = torch.from_numpy(rng.standard_normal((2, 64)).astype(np.float32))
-    paths.reset()
     for numerics in (LLAMACPP, EXACT):
-        qmatmul(x, _weight(raw, Q.Q4_0, 64, "native"), numerics)
-    assert_fast_path(paths.counts(), "native", exclusive=True)
-    paths.reset()
-    qmatmul(x, _weight(raw, Q.Q4_0, 64, "torch"), LLAMACPP)
-    assert paths.counts() == {"torch": 1}           # asked for: a weight built in GGUF layout
+        cpu = Counting(choose_kernels("cpu", numerics))
+        assert cpu.name == "native"
+        cpu.matmul(x, cpu.load(QWeight.from_numpy(raw, Q.Q4_0, 32, 64)))
+        assert_fast_path(cpu.counts, "native", exclusive=True)
+    cpu.counts.clear()
+    cpu.matmul(x, _weight(raw, Q.Q4_0, 64, "torch"))
+    assert cpu.counts == {"torch": 1}               # asked for: a weight built in GGUF layout
     monkeypatch.setitem(kernels._state, "ok", False)  # as after a failed build
-    paths.reset()
-    qmatmul(x, _weight(raw, Q.Q4_0, 64, "torch"), LLAMACPP)
-    assert paths.counts() == {"native:fallback": 1}
+    fallen = Counting(choose_kernels("cpu", LLAMACPP))
+    fallen.matmul(x, fallen.load(QWeight.from_numpy(raw, Q.Q4_0, 32, 64)))
+    assert fallen.counts == {"native:fallback": 1}
     with pytest.raises(AssertionError, match="never ran"):
-        assert_fast_path(paths.counts(), "native")
+        assert_fast_path(fallen.counts, "native")
+    monkeypatch.setenv("TENSORSPLIT_NATIVE", "0")     # turned off on purpose: not a fallback
+    assert choose_kernels("cpu", LLAMACPP).path(_weight(raw, Q.Q4_0, 64, "torch")) == "torch"
 
 
 def test_ops_have_consistent_fake_implementations():

@@ -32,15 +32,16 @@ import torch
 
 from conftest import FIXTURES
 from golden_models import sha256
+from tensorsplit.kernels.choice import choose_kernels
 from tensorsplit.comm import BackendChoice, CommGroup
 from tensorsplit.comm.local import ThreadWorld
 from tensorsplit.coordinator.perplexity import perplexity
 from tensorsplit.coordinator.tokenizer import Tokenizer
 from tensorsplit.model import make_plan, open_model
 from tensorsplit.model.layers import no_reduce
-from tensorsplit.model.numerics import Numerics
+from tensorsplit.kernels.numerics import Numerics
 from tensorsplit.model.transformer import RankModel
-from tensorsplit.worker.engine import Engine, Shard
+from tensorsplit.worker.engine import Engine, LoadedRank
 
 GOLDEN = {"smollm2": FIXTURES / "smollm2_golden.json", "gemma3": FIXTURES / "gemma3-270m_golden.json"}
 PPL_TOLERANCE = {("smollm2", "exact"): 0.005, ("smollm2", "llamacpp"): 0.005, ("gemma3", "exact"): 0.0075,
@@ -65,10 +66,10 @@ def golden(name, model_path):
 def local_engine(gf, cfg, n_ctx, numerics: Numerics):
     """A world of one in this process: the same Engine the coordinator drives in a real run."""
     plan = make_plan(cfg, gf.tensors, 1)
-    model = RankModel(cfg, plan.ranks[0], 1, no_reduce, gf, numerics=numerics)
+    model = RankModel(cfg, plan.ranks[0], 1, no_reduce, gf, choose_kernels("cpu", numerics))
     model.allocate_cache(1, n_ctx)
     comm = CommGroup(0, 1, 0, torch.device("cpu"), BackendChoice("gloo", False, "one rank"))
-    return Engine(Shard(model, comm, [cfg.vocab_size]), 1, n_ctx)
+    return Engine(LoadedRank(model, comm, [cfg.vocab_size]), 1, n_ctx)
 
 
 def world_forward(gf, cfg, world, n_ctx, numerics: Numerics):
@@ -76,7 +77,7 @@ def world_forward(gf, cfg, world, n_ctx, numerics: Numerics):
     full logits, the Engine's signature."""
     plan = make_plan(cfg, gf.tensors, world)
     tw = ThreadWorld(world)
-    models = [RankModel(cfg, plan.ranks[r], world, tw.reducer(r), gf, numerics=numerics) for r in range(world)]
+    models = [RankModel(cfg, plan.ranks[r], world, tw.reducer(r), gf, choose_kernels("cpu", numerics)) for r in range(world)]
     for m in models:
         m.allocate_cache(1, n_ctx)
 
@@ -165,7 +166,7 @@ def test_prompt_top_logits_match_llamacpp(model, world, mode):
     tw = ThreadWorld(world)
 
     def rank(r):
-        m = RankModel(cfg, plan.ranks[r], world, tw.reducer(r) if world > 1 else no_reduce, gf, numerics=Numerics(mode))
+        m = RankModel(cfg, plan.ranks[r], world, tw.reducer(r) if world > 1 else no_reduce, gf, choose_kernels("cpu", Numerics(mode)))
         m.allocate_cache(1, 128)
         outs = []
         for p in prompts:

@@ -20,11 +20,12 @@ from gguf import GGMLQuantizationType as Q
 
 from reference import DenseLlama
 from synthetic import write_llama
+from tensorsplit.kernels.choice import choose_kernels
 from tensorsplit.comm.local import ThreadWorld
 from tensorsplit.model import make_plan, open_model, parse_split
 from tensorsplit.model.attention import Attention
 from tensorsplit.model.layers import no_reduce
-from tensorsplit.model.numerics import EXACT
+from tensorsplit.kernels.numerics import EXACT
 from tensorsplit.model.transformer import RankModel
 
 DECODE_ATOL = 2.5e-4          # decode steps and batched slots vs one prefill (seen: 5.5e-5; the prompt
@@ -60,7 +61,7 @@ def world_logits(gf, cfg, world, ids, split=None, numerics=EXACT):
     n = len(ids)
 
     def rank(r):
-        m = RankModel(cfg, plan.ranks[r], world, tw.reducer(r) if world > 1 else no_reduce, gf, numerics=numerics)
+        m = RankModel(cfg, plan.ranks[r], world, tw.reducer(r) if world > 1 else no_reduce, gf, choose_kernels("cpu", numerics))
         m.allocate_cache(1, 64)
         return m.forward(ids, torch.arange(n), torch.zeros(n, dtype=torch.long))
 
@@ -98,7 +99,8 @@ def test_smollm2_matches_dense_reference(smollm2_path, smollm2_one_rank):
 def test_smollm2_sharded_equals_unsharded(smollm2, smollm2_one_rank, world, split):
     gf, cfg = smollm2
     ranks = make_plan(cfg, gf.tensors, world, parse_split(split, world)).ranks
-    in_place = [Attention(r.q_heads, r.kv_heads, cfg.group_size, cfg.head_dim).gqa_in_place for r in ranks]
+    in_place = [Attention(r.q_heads, r.kv_heads, cfg.group_size, cfg.head_dim,
+                          choose_kernels("cpu", EXACT)).gqa_in_place for r in ranks]
     assert in_place == ([True] * 3 + [False] if split == "1,1,1,3" else [True] * world)
     ours = world_logits(*smollm2, world, PROMPT, split)
     assert_same_logits(ours, smollm2_one_rank, f"{world} {split}")
@@ -145,7 +147,7 @@ def test_decode_and_batching_match_prefill(smollm2):
     slots, give the logits of one prefill of each sequence."""
     gf, cfg = smollm2
     plan = make_plan(cfg, gf.tensors, 1)
-    m = RankModel(cfg, plan.ranks[0], 1, no_reduce, gf, numerics=EXACT)
+    m = RankModel(cfg, plan.ranks[0], 1, no_reduce, gf, choose_kernels("cpu", EXACT))
     m.allocate_cache(2, 64)
     a, b = torch.tensor(PROMPT[:9]), torch.tensor(PROMPT[5:])
     full_a = m.forward(a, torch.arange(9), torch.zeros(9, dtype=torch.long))
@@ -167,7 +169,7 @@ def test_decode_and_batching_match_prefill(smollm2):
 
 def test_logit_rows_select_positions(smollm2, smollm2_one_rank):
     gf, cfg = smollm2
-    m = RankModel(cfg, make_plan(cfg, gf.tensors, 1).ranks[0], 1, no_reduce, gf, numerics=EXACT)
+    m = RankModel(cfg, make_plan(cfg, gf.tensors, 1).ranks[0], 1, no_reduce, gf, choose_kernels("cpu", EXACT))
     m.allocate_cache(1, 64)
     n = len(PROMPT)
     last = m.forward(torch.tensor(PROMPT), torch.arange(n), torch.zeros(n, dtype=torch.long), torch.tensor([n - 1]))
@@ -200,7 +202,7 @@ def test_rope_scaling_matches_reference(tmp_path, scaling):
 
 def test_resident_bytes_match_info_and_stay_within_5_percent(tmp_path):
     """What `info` reports before loading (loader.resident_bytes) is what a rank holds once loaded, in the
-    native layout, and at most 5% above its shard's file bytes (the K-quants widen their 6-bit scales)."""
+    tiled layout, and at most 5% above its shard's file bytes (the K-quants widen their 6-bit scales)."""
     from tensorsplit.kernels import native
     from tensorsplit.model.loader import resident_bytes
     path = write_llama(tmp_path / "k.gguf", n_embd=512, n_heads=8, n_kv=2, n_ff=1024, vocab=300, tied=False,
@@ -210,6 +212,6 @@ def test_resident_bytes_match_info_and_stay_within_5_percent(tmp_path):
     gf, cfg = open_model(path)
     for world in (1, 2):
         for shard in make_plan(cfg, gf.tensors, world).ranks:
-            m = RankModel(cfg, shard, world, no_reduce, gf, numerics=EXACT)
+            m = RankModel(cfg, shard, world, no_reduce, gf, choose_kernels("cpu", EXACT))
             assert m.weight_bytes == resident_bytes(gf, shard.tensors, native())
             assert shard.nbytes <= m.weight_bytes <= 1.05 * shard.nbytes, (m.weight_bytes, shard.nbytes)

@@ -23,13 +23,15 @@ from gguf import GGMLQuantizationType as Q
 from gguf import quants as gq
 
 from synthetic import write_llama
+from tensorsplit.kernels.choice import choose_kernels
 from tensorsplit import kernels
 from tensorsplit.model import make_plan, open_model
 from tensorsplit.model.attention import Attention, KVCache
 from tensorsplit.model.layers import no_reduce
-from tensorsplit.model.numerics import EXACT, LLAMACPP, Numerics
-from tensorsplit.model.quants import MatmulInput
-from tensorsplit.model.quants.activations import round_inputs
+from tensorsplit.kernels.numerics import EXACT, LLAMACPP, Numerics
+from tensorsplit.kernels.base import MatmulInput
+from tensorsplit.kernels.quants.activations import round_inputs
+from tensorsplit.kernels.torch_kernels import TorchKernels, gelu_tanh_like_ggml
 from tensorsplit.model.rope import Rope
 from tensorsplit.model.transformer import RankModel
 from test_model_parity import MIXED, ODD, world_logits
@@ -60,9 +62,9 @@ def _q8_k_reference(x: np.ndarray) -> np.ndarray:
 def test_exact_mode_leaves_inputs_alone():
     x = torch.from_numpy(_activations())
     for qt in (Q.Q4_0, Q.Q4_K, Q.F16):
-        inp = MatmulInput(x, EXACT)
-        assert inp.rounded(qt) is inp.x2 and torch.equal(inp.x2, x)
-        assert not torch.equal(MatmulInput(x, LLAMACPP).rounded(qt), x)
+        inp = MatmulInput(x)
+        assert TorchKernels(EXACT).rounded(inp, qt) is inp.x2 and torch.equal(inp.x2, x)
+        assert not torch.equal(TorchKernels(LLAMACPP).rounded(MatmulInput(x), qt), x)
 
 
 @pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q8_0, Q.IQ4_NL])
@@ -91,7 +93,8 @@ def test_float_weights_round_inputs_to_their_type():
 
 def test_gelu_uses_the_f16_table():
     x = torch.tensor([-12.0, -3.3, 0.1234567, 2.71828, 11.0])
-    y = LLAMACPP.gelu_tanh(x)
+    y = gelu_tanh_like_ggml(x)
+    assert TorchKernels(LLAMACPP).activation("gelu_tanh") is gelu_tanh_like_ggml
     assert y[0] == 0 and y[4] == 11.0
     assert torch.equal(y[1:4], torch.nn.functional.gelu(x[1:4].half().float(), approximate="tanh").half().float())
 
@@ -122,7 +125,7 @@ def test_sharded_rounds_like_unsharded(tmp_path, types):
 def test_kv_cache_follows_the_mode(tmp_path):
     gf, cfg = open_model(write_llama(tmp_path / "m.gguf", n_embd=64, n_heads=2, n_kv=1, n_ff=64, vocab=64))
     for mode, dtype in [("exact", torch.float32), ("llamacpp", torch.float16)]:
-        model = RankModel(cfg, make_plan(cfg, gf.tensors, 1).ranks[0], 1, no_reduce, gf, numerics=Numerics(mode))
+        model = RankModel(cfg, make_plan(cfg, gf.tensors, 1).ranks[0], 1, no_reduce, gf, choose_kernels("cpu", Numerics(mode)))
         cache = model.allocate_cache(1, 8)
         assert cache.k.dtype == cache.v.dtype == dtype, mode
 
@@ -171,14 +174,15 @@ def test_attention_rounds_like_ggml(q_prescaled, window, native):
     key) and the torch path."""
     if native and not kernels.native():
         pytest.fail("the native kernels did not build")
+    cpu = choose_kernels("cpu", LLAMACPP, native)
+    assert cpu.name == ("native" if native else "torch")
     g = np.random.default_rng(5)
     n, H, KV, hd = 24, 4, 2, 128
     q = (g.standard_normal((n, H, hd)) * 3).astype(np.float32)
     k = (g.standard_normal((n, KV, hd)) * 3).astype(np.float32)
     v = g.standard_normal((n, KV, hd)).astype(np.float32)
     scale = 1 / np.sqrt(hd)
-    attn = Attention((0, H), (0, KV), H // KV, hd, scale=scale, q_prescaled=q_prescaled, numerics=LLAMACPP,
-                     native=native)
+    attn = Attention((0, H), (0, KV), H // KV, hd, cpu, scale=scale, q_prescaled=q_prescaled)
     cache = KVCache(1, 1, 32, KV, hd, "cpu", torch.float16, windows=(window,))
     out = []
     for a, b in [(0, 16)] + [(p, p + 1) for p in range(16, n)]:
@@ -212,8 +216,8 @@ def test_rope_angles_are_ggml_float32_recurrence(base, dims, freq_scale, factors
     got = {}
     for mode in ("llamacpp", "exact"):
         rope = Rope(dims, dims, base, neox=True, freq_scale=freq_scale,
-                    freq_factors=torch.from_numpy(ff) if factors else None, numerics=Numerics(mode))
-        rope.build(int(positions.max()) + 1, "cpu", native=False)     # the tables, built once per context
+                    freq_factors=torch.from_numpy(ff) if factors else None)
+        rope.build(int(positions.max()) + 1, TorchKernels(Numerics(mode)))     # the tables, built once per context
         got[mode] = np.stack([rope.cos[positions].double().numpy(), rope.sin[positions].double().numpy()])
     ref = np.stack([np.cos(angles.astype(np.float64)), np.sin(angles.astype(np.float64))])
     np.testing.assert_allclose(got["llamacpp"], ref, atol=1.5e-7, rtol=0)    # seen: 3.5e-8 (0.6 ulp)

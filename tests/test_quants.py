@@ -1,4 +1,4 @@
-"""tensorsplit.model.quants against gguf-py's reference dequantizers (never against itself).
+"""tensorsplit.kernels.quants against gguf-py's reference dequantizers (never against itself).
 
 Dequantization must be bit-exact: our torch code performs the same float32 operations in the
 same order as gguf-py (fp16 -> fp32 conversions, one multiply / one multiply-add per element),
@@ -14,10 +14,10 @@ from gguf import quants as gq
 from gguf.constants import GGML_QUANT_SIZES
 
 from tensorsplit.errors import ShardPlanError, UnsupportedError
-from tensorsplit.model.numerics import EXACT
-from tensorsplit.model.quants import matmul as qmm
-from tensorsplit.model.quants import (SUPPORTED, QWeight, block_info, dequantize, get_rows, qmatmul,
-                                      row_bytes, slice_cols)
+from tensorsplit.kernels.numerics import EXACT
+from tensorsplit.kernels import torch_kernels as qmm
+from tensorsplit.kernels.quants import SUPPORTED, QWeight, block_info, dequantize, row_bytes, slice_cols
+from tensorsplit.kernels.torch_kernels import TorchKernels
 
 ALL = [QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1,
        QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.IQ4_NL, QT.IQ4_XS]
@@ -117,13 +117,13 @@ def test_float_types_accept_typed_tensors(qtype):
 
 
 def _check_matmul(x: torch.Tensor, w: QWeight, dense: torch.Tensor):
-    """qmatmul on the torch path (weights in GGUF layout, exact numerics) vs a float64 product of
+    """The reference kernels' matmul (weights in GGUF layout, exact numerics) vs a float64 product of
     gguf-py's dense weights. (The native kernels and llama.cpp's numerics: test_kernels.py.)
 
     Tolerance: the textbook float32 dot-product error bound, |err| <= K * u * sum_k |x_k w_k|
     with u = 2**-24 (doubled for slack). A single wrongly decoded weight would exceed it.
     """
-    y = qmatmul(x, w, EXACT)
+    y = TorchKernels(EXACT).matmul(x, w)
     assert y.dtype == torch.float32 and y.shape == (*x.shape[:-1], w.n_rows)
     xd, wd = x.double(), dense.double()
     ref = xd @ wd.T
@@ -161,7 +161,7 @@ def test_get_rows(qtype):
     dense = reference(raw, qtype)
     w = QWeight.from_numpy(raw, qtype, 9, n_cols)
     ids = torch.tensor([4, 0, 8, 4])
-    got = get_rows(w, ids)
+    got = TorchKernels(EXACT).get_rows(w, ids)
     assert got.shape == (4, n_cols)
     assert torch.equal(got, dense[ids])
 

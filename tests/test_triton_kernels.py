@@ -28,8 +28,12 @@ from tensorsplit.kernels import gpu  # noqa: E402
 from tensorsplit.kernels.gpu.gemv import UNITS
 from tensorsplit.kernels.gpu.matmul import GEMV_MAX_ROWS, gemv_blocks, k_splits, qmatmul as raw_qmatmul, words_blocks
 from tensorsplit.kernels.layout import FORMATS
-from tensorsplit.model.numerics import EXACT, LLAMACPP
-from tensorsplit.model.quants import QWeight, paths, qmatmul
+from tensorsplit.kernels.choice import choose_kernels
+from tensorsplit.kernels.counting import Counting
+from tensorsplit.kernels.numerics import EXACT, LLAMACPP
+from tensorsplit.kernels.quants import QWeight
+from tensorsplit.kernels.torch_kernels import TorchKernels
+from tensorsplit.kernels.triton_kernels import TritonKernels
 from test_kernels import F16_FIELDS, QUANTS
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -61,7 +65,7 @@ def _reference(raw, qtype, x, numerics):
 @pytest.mark.parametrize("numerics", [LLAMACPP, EXACT], ids=["llamacpp", "exact"])
 @pytest.mark.parametrize("qtype", QUANTS, ids=lambda q: q.name)
 def test_matmul_matches_reference(qtype, numerics):
-    """Every format, through tensorsplit's qmatmul (the input rounding of the numerics included), at
+    """Every format, through the TritonKernels' matmul (the input rounding of the numerics included), at
     gemv and gemm row counts, on 37 rows (partial row tiles) and K of one block and of three."""
     rng = np.random.default_rng(int(qtype) * 11 + (numerics is LLAMACPP))
     block = FORMATS[int(qtype)].block
@@ -80,19 +84,11 @@ def test_matmul_matches_reference(qtype, numerics):
 
 
 def _qmatmul_on_kernels(x, w, numerics, wide=False):
-    """qmatmul, asserting the Triton kernels computed it (on a CPU: qmatmul's own dispatch is shown the
-    weight as a GPU would show it, and the kernels run interpreted)."""
-    paths.reset()
-    if DEVICE.type == "cuda":
-        y = qmatmul(x, w, numerics, wide)
-    else:
-        real = gpu.serves
-        gpu.serves = lambda weight: gpu.handles(weight) and gpu.available()
-        try:
-            y = qmatmul(x, w, numerics, wide)
-        finally:
-            gpu.serves = real
-    assert paths.counts() == {"triton": 1}, paths.counts()
+    """A matmul on the TritonKernels (their input rounding included), asserting the Triton kernels
+    computed it (on a CPU they run interpreted)."""
+    kernels = Counting(TritonKernels(numerics, DEVICE))
+    y = kernels.matmul(x, w, wide)
+    assert kernels.counts == {"triton": 1}, kernels.counts
     return y
 
 
@@ -162,18 +158,18 @@ def test_block_choices():
 
 
 def test_who_serves_what(monkeypatch):
-    """Block weights on a CUDA device go to Triton; float weights, CPU weights and native tiles do not;
-    a CUDA machine whose Triton cannot load counts its matmuls as a fallback."""
+    """A CUDA device gets the Triton kernels: block weights go to Triton, float weights to torch; a CUDA
+    machine whose Triton cannot load counts its matmuls as a fallback; other accelerators run torch."""
     rng = np.random.default_rng(5)
     q = QWeight.from_numpy(random_quantized(QUANTS[0], 4, 32, rng), QUANTS[0], 4, 32)
     f16 = QWeight.from_numpy((rng.standard_normal((4, 32)) * 0.1).astype(np.float16), 1, 4, 32)
-    assert gpu.handles(q) and not gpu.handles(f16)
-    assert not gpu.serves(q) or DEVICE.type == "cuda"           # a CPU weight is the native kernels' or torch's
+    cuda = choose_kernels("cuda", EXACT)
+    assert cuda.name == "triton" and cuda.path(q) == "triton" and cuda.path(f16) == "torch"
     monkeypatch.setattr(gpu, "_state", {"ok": False})
-    assert paths.torch_path(torch.device("cuda")) == "triton:fallback"
-    assert paths.torch_path(torch.device("mps")) == "torch"
+    assert choose_kernels("cuda", EXACT).path(q) == "triton:fallback"
+    assert choose_kernels("mps", EXACT).path(q) == "torch"
     monkeypatch.setenv("TENSORSPLIT_TRITON", "0")
-    assert paths.torch_path(torch.device("cuda")) == "torch"     # turned off on purpose: no fallback
+    assert choose_kernels("cuda", EXACT).path(q) == "torch"     # turned off on purpose: no fallback
 
 
 @pytest.fixture(scope="module")
@@ -193,19 +189,15 @@ def test_model_on_the_kernels_matches_the_torch_path(mixed_file, monkeypatch):
     from tensorsplit.model.transformer import RankModel
 
     def run(device, triton: bool):
-        if triton and device.type == "cpu":
-            monkeypatch.setattr(gpu, "serves", lambda weight: gpu.handles(weight) and gpu.available())
+        kernels = Counting(TritonKernels(EXACT, device) if triton else TorchKernels(EXACT, device))
         gf, cfg = open_model(mixed_file)
-        m = RankModel(cfg, make_plan(cfg, gf.tensors, 1).ranks[0], 1, no_reduce, gf, device, numerics=EXACT,
-                      native=False)
+        m = RankModel(cfg, make_plan(cfg, gf.tensors, 1).ranks[0], 1, no_reduce, gf, kernels)
         m.allocate_cache(1, 64)
-        paths.reset()
         ids = torch.tensor([5, 17, 200, 3, 99, 42, 7, 8, 1, 250, 11, 12, 13, 14, 15, 16, 18, 19, 20, 21])
         out = [m.forward(ids, torch.arange(20), torch.zeros(20, dtype=torch.int64)).cpu()]
         for step, t in enumerate((31, 77)):
             out.append(m.forward(torch.tensor([t]), torch.tensor([20 + step]), torch.tensor([0])).cpu())
-        monkeypatch.undo()
-        return out, paths.counts()
+        return out, dict(kernels.counts)
 
     ref, ref_paths = run(torch.device("cpu"), triton=False)
     got, got_paths = run(DEVICE, triton=True)

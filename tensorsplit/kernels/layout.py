@@ -1,4 +1,4 @@
-"""Python-side facts about the native weight layout (csrc/layout.h): which GGML types have it, the
+"""Python-side facts about the tiled weight layout of the native kernels (csrc/layout.h): which GGML types have it, the
 tile geometry, and which activation quantization each type's integer kernel takes."""
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ class Format:
     block: int         # elements per GGUF block (1 for F16/BF16: a "block" is one column)
     block_bytes: int   # bytes per GGUF block
     group: int         # elements per scale group (the activation sums are per group)
-    tile_block: int    # bytes of 16 rows of one block column in the native layout
+    tile_block: int    # bytes of 16 rows of one block column in the tiled layout
     act: str | None    # activation quantization of the integer kernel: "q8_0", "q8_1", "q8_k"; None: float
     has_min: bool = False   # a float offset per group (w = s * q + o): the kernel needs sum(x) per group
 
@@ -40,7 +40,7 @@ FORMATS = {int(k): v for k, v in FORMATS.items()}
 ACT_KINDS = {"q8_0": 0, "q8_1": 1, "q8_k": 2}   # csrc/layout.h ActKind
 
 # IQ4_NL / IQ4_XS: the 16 non-linear levels a 4-bit code stands for (ggml's kvalues_iq4nl); the
-# decoders (model/quants/formats_iq.py), the GPU kernels and csrc/ all use this table
+# decoders (quants/formats_iq.py), the GPU kernels and csrc/ all use this table
 IQ4_LEVELS = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
 
 
@@ -48,7 +48,7 @@ def n_tiles(n_rows: int) -> int:
     return -(-n_rows // TILE_ROWS)
 
 
-def native_bytes(qtype: int, n_rows: int, n_cols: int) -> int:
-    """Bytes of a weight in the native layout (rows padded to whole tiles)."""
+def tiled_bytes(qtype: int, n_rows: int, n_cols: int) -> int:
+    """Bytes of a weight in the tiled layout (rows padded to whole tiles)."""
     f = FORMATS[int(qtype)]
     return n_tiles(n_rows) * (n_cols // f.block) * f.tile_block

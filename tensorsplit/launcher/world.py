@@ -52,10 +52,10 @@ class World:
         WorkerFailed naming it."""
         env = RankEnv(0, self.node.world, 0, self.node.nproc, self.node.master_addr, self._launch.port)
         try:
-            shard, self.gf, self.config = join_and_load(env, self.plan)
+            loaded, self.gf, self.config = join_and_load(env, self.plan)
         except BaseException as e:
             raise self.explained(e) from None
-        self.engine = Engine(shard, self.plan.spec.n_slots, self.plan.spec.n_ctx)
+        self.engine = Engine(loaded, self.plan.spec.n_slots, self.plan.spec.n_ctx)
         return self.engine
 
     def _failed(self, line: str) -> None:

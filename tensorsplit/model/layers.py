@@ -6,7 +6,7 @@ partial sum that `reduce` (an all-reduce handed in by the caller) completes, the
 added once. Vocab-parallel: each rank holds a range of vocabulary rows of the embedding (and
 of the output layer). `reduce` is any callable summing a tensor over ranks in place or not:
 torch.distributed in a real world, a thread barrier in tests that build every rank in one
-process, identity for one rank. The arithmetic (`Numerics`) is handed in the same way.
+process, identity for one rank. The rank's kernels (kernels/base.py) are handed in the same way.
 
 A linear takes a tensor or a MatmulInput: projections that share an input (q, k, v; gate, up)
 share one MatmulInput, so its 8-bit quantization is done once.
@@ -17,10 +17,8 @@ from typing import Callable
 
 import torch
 
-from ..kernels.ops import ops
-
-from .numerics import Numerics
-from .quants import MatmulInput, QWeight, get_rows, qmatmul
+from ..kernels.base import Kernels, MatmulInput
+from ..kernels.quants import QWeight
 
 Reduce = Callable[[torch.Tensor], torch.Tensor]
 Input = torch.Tensor | MatmulInput
@@ -30,25 +28,15 @@ def no_reduce(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x (..., d) * rsqrt(mean(x^2) + eps) * weight (d,)."""
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
-
-
-def native_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """rms_norm in one native op (the sum of squares in double, as ggml takes it)."""
-    return ops.rms_norm(x, weight, eps)
-
-
 class ColumnParallelLinear:
     """y[:, local outputs] = x @ W_local.T (+ b_local). No communication."""
 
-    def __init__(self, weight: QWeight, bias: torch.Tensor | None, numerics: Numerics):
+    def __init__(self, weight: QWeight, bias: torch.Tensor | None, kernels: Kernels):
         assert bias is None or bias.shape == (weight.n_rows,), (weight.name, bias.shape, weight.n_rows)
-        self.weight, self.bias, self.numerics = weight, bias, numerics
+        self.weight, self.bias, self.kernels = weight, bias, kernels
 
     def __call__(self, x: Input) -> torch.Tensor:
-        y = qmatmul(x, self.weight, self.numerics)           # (n, local_out)
+        y = self.kernels.matmul(x, self.weight)              # (n, local_out)
         return y + self.bias if self.bias is not None else y
 
 
@@ -60,37 +48,37 @@ class RowParallelLinear:
     the result does not depend on the world size or the split (to a tie at float32 rounding), and the
     next layer's 8-bit activation rounding (llama.cpp's numerics) has no summation order to magnify."""
 
-    def __init__(self, weight: QWeight, bias: torch.Tensor | None, reduce: Reduce, numerics: Numerics):
+    def __init__(self, weight: QWeight, bias: torch.Tensor | None, reduce: Reduce, kernels: Kernels):
         assert bias is None or bias.shape == (weight.n_rows,), (weight.name, bias.shape, weight.n_rows)
-        self.weight, self.bias, self.reduce, self.numerics = weight, bias, reduce, numerics
+        self.weight, self.bias, self.reduce, self.kernels = weight, bias, reduce, kernels
 
     def __call__(self, x: Input) -> torch.Tensor:
-        y = self.reduce(qmatmul(x, self.weight, self.numerics, wide=True)).float()   # (n, out), summed over ranks
+        y = self.reduce(self.kernels.matmul(x, self.weight, wide=True)).float()   # (n, out), summed over ranks
         return y + self.bias if self.bias is not None else y
 
 
 class VocabParallelEmbedding:
     """Rows [vocab_start, vocab_start + local_vocab) of token_embd; other ranks supply the rest via reduce."""
 
-    def __init__(self, weight: QWeight, vocab_start: int, reduce: Reduce, world: int):
-        self.weight, self.vocab_start, self.reduce, self.world = weight, vocab_start, reduce, world
+    def __init__(self, weight: QWeight, vocab_start: int, reduce: Reduce, world: int, kernels: Kernels):
+        self.weight, self.vocab_start, self.reduce, self.world, self.kernels = weight, vocab_start, reduce, world, kernels
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
         """ids (n,) global token ids -> (n, n_embd) float32."""
         if self.world == 1:
-            return get_rows(self.weight, ids)
+            return self.kernels.get_rows(self.weight, ids)
         local = ids - self.vocab_start
         mine = (local >= 0) & (local < self.weight.n_rows)
         # rows of other ranks' tokens read row 0 and are zeroed: no host sync on which tokens are ours
-        rows = get_rows(self.weight, torch.where(mine, local, torch.zeros_like(local)))
+        rows = self.kernels.get_rows(self.weight, torch.where(mine, local, torch.zeros_like(local)))
         return self.reduce(rows * mine.unsqueeze(1).to(rows.dtype))
 
 
 class VocabParallelHead:
     """Output layer: this rank's vocabulary slice of the logits, (n, local_vocab). Gathered by the runtime."""
 
-    def __init__(self, weight: QWeight, numerics: Numerics):
-        self.weight, self.numerics = weight, numerics
+    def __init__(self, weight: QWeight, kernels: Kernels):
+        self.weight, self.kernels = weight, kernels
 
     def __call__(self, h: Input) -> torch.Tensor:
-        return qmatmul(h, self.weight, self.numerics)
+        return self.kernels.matmul(h, self.weight)

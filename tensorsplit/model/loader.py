@@ -2,8 +2,8 @@
 
 Only the planned bytes are copied: a row-split weight is a contiguous run of whole rows (whole
 blocks), or for a fused weight several runs concatenated in plan order; a column-split weight
-takes whole blocks from each row. Quantized weights stay quantized (`QWeight`): in GGUF block layout,
-or, for the native CPU kernels, in their tile layout (the same blocks with 16 rows interleaved);
+takes whole blocks from each row. Quantized weights stay quantized (`QWeight`): in the layout the
+rank's kernels multiply (GGUF blocks; for the native CPU kernels the same blocks, 16 rows interleaved);
 1-D tensors (norms, biases) are small and become float32.
 """
 from __future__ import annotations
@@ -13,14 +13,15 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..kernels.layout import FORMATS, native_bytes
-from .quants import QWeight, dequantize, row_bytes
+from ..kernels.base import Kernels
+from ..kernels.layout import FORMATS, tiled_bytes
+from ..kernels.quants import QWeight, dequantize, row_bytes
 from .shard_plan import TensorSlice
 
 
-def load_weight(gf, ts: TensorSlice, device="cpu", native: bool = False) -> QWeight:
-    """The rank's part of a 2-D weight as a QWeight of shape (local rows, local cols); with `native`,
-    in the native kernels' layout where its type has one (F32 weights stay dense)."""
+def load_weight(gf, ts: TensorSlice, kernels: Kernels) -> QWeight:
+    """The rank's part of a 2-D weight as a QWeight of shape (local rows, local cols), in the layout
+    and on the device of the rank's kernels."""
     info = gf.tensors[ts.name]
     n_cols, n_rows = int(info.shape[0]), int(info.shape[1])
     rb = row_bytes(info.qtype, n_cols)
@@ -35,9 +36,7 @@ def load_weight(gf, ts: TensorSlice, device="cpu", native: bool = False) -> QWei
         raw, shape = rows, (n_rows, n_cols)
     w = QWeight.from_numpy(raw, info.qtype, shape[0], shape[1], name=ts.name)
     assert w.nbytes == ts.nbytes, (ts.name, w.nbytes, ts.nbytes)
-    if native and int(w.qtype) in FORMATS:
-        return w.to_native()          # the GGUF copy is freed: a rank holds one copy of its shard
-    return w.to(device)
+    return kernels.load(w)
 
 
 def load_vector(gf, ts: TensorSlice, device="cpu") -> torch.Tensor:
@@ -50,9 +49,9 @@ def load_vector(gf, ts: TensorSlice, device="cpu") -> torch.Tensor:
     return part.contiguous().to(device)
 
 
-def resident_bytes(gf, slices, native: bool) -> int:
-    """Bytes a rank holds after loading these slices: 2-D weights as loaded (native tile layout where
-    `native` and the type has one), 1-D tensors as float32. `tensorsplit info` reports it before loading."""
+def resident_bytes(gf, slices, tiled: bool) -> int:
+    """Bytes a rank holds after loading these slices: 2-D weights as loaded (the native kernels' tiled
+    layout where `tiled` and the type has one), 1-D tensors as float32. `tensorsplit info` reports it before loading."""
     total = 0
     for ts in slices:
         info = gf.tensors[ts.name]
@@ -64,7 +63,7 @@ def resident_bytes(gf, slices, native: bool) -> int:
             n_rows = ts.length
         elif ts.axis == 0:
             n_cols = ts.length
-        total += native_bytes(info.qtype, n_rows, n_cols) if native and int(info.qtype) in FORMATS else ts.nbytes
+        total += tiled_bytes(info.qtype, n_rows, n_cols) if tiled and int(info.qtype) in FORMATS else ts.nbytes
     return total
 
 

@@ -12,8 +12,8 @@ Data path of `forward`, per step (n tokens from possibly several sequences):
     x += f
   rms_norm(x[logit_rows]) -> vocab-parallel head -> (m, local_vocab): this rank's logit slice
 The bracketed steps are switched by the architecture's flags in arch.py.
-The module knows nothing of processes: `reduce` is handed in, and so is the arithmetic (`Numerics`).
-Weights are loaded into the native kernels' layout when those are available (`native`).
+The module knows nothing of processes or of which kernels run: `reduce` is handed in, and so are the
+rank's kernels (kernels/base.py), which load the weights into their layout and do the arithmetic.
 """
 from __future__ import annotations
 
@@ -25,11 +25,9 @@ import torch
 from .attention import Attention, KVCache
 from .config import ModelConfig
 from .decode_graphs import DecodeGraphs
-from .layers import (ColumnParallelLinear, Reduce, RowParallelLinear, VocabParallelEmbedding,
-                     VocabParallelHead, native_rms_norm, rms_norm)
+from ..kernels.base import Kernels, MatmulInput
+from .layers import ColumnParallelLinear, Reduce, RowParallelLinear, VocabParallelEmbedding, VocabParallelHead
 from .loader import LoadProgress, load_vector, load_weight
-from .numerics import Numerics
-from .quants import MatmulInput
 from .rope import Rope
 from .shard_plan import RankShard
 
@@ -66,24 +64,19 @@ def _return_freed_memory() -> None:
 
 
 class RankModel:
-    def __init__(self, cfg: ModelConfig, shard: RankShard, world: int, reduce: Reduce, gf,
-                 device="cpu", on_progress=None, numerics: Numerics = Numerics(), native: bool | None = None):
-        """native: load weights into the native kernels' layout (default: when the device is a CPU and
-        the kernels are available)."""
-        self.cfg, self.shard, self.world, self.device = cfg, shard, world, torch.device(device)
-        self.numerics = numerics
-        if native is None:
-            from ..kernels import native as kernels_native
-            native = self.device.type == "cpu" and kernels_native()
-        self.native = native
-        self.norm = native_rms_norm if native else rms_norm
+    def __init__(self, cfg: ModelConfig, shard: RankShard, world: int, reduce: Reduce, gf, kernels: Kernels,
+                 on_progress=None):
+        """kernels: the rank's (kernels/choice.py), on its device."""
+        self.cfg, self.shard, self.world, self.kernels = cfg, shard, world, kernels
+        self.device = kernels.device
+        self.norm = kernels.rms_norm
         spec = cfg.spec
         slices = {t.name: t for t in shard.tensors}
         progress = LoadProgress(shard.nbytes, on_progress)
         self.resident_bytes = 0    # weight bytes held, after any repacking
 
         def weight(name):
-            w = load_weight(gf, slices[name], self.device, native)
+            w = load_weight(gf, slices[name], kernels)
             progress.step(slices[name])
             self.resident_bytes += w.nbytes
             return w
@@ -97,19 +90,18 @@ class RankModel:
             return v
 
         def column(name, bias=None):
-            return ColumnParallelLinear(weight(name), vector(bias), numerics) if name in slices else None
+            return ColumnParallelLinear(weight(name), vector(bias), kernels) if name in slices else None
 
-        self.embed = VocabParallelEmbedding(weight("token_embd.weight"), shard.vocab[0], reduce, world)
+        self.embed = VocabParallelEmbedding(weight("token_embd.weight"), shard.vocab[0], reduce, world, kernels)
         self.embed_scale = math.sqrt(cfg.n_embd) if spec.embed_scale else None
-        self.head = VocabParallelHead(self.embed.weight if cfg.tied_output else weight("output.weight"), numerics)
+        self.head = VocabParallelHead(self.embed.weight if cfg.tied_output else weight("output.weight"), kernels)
         self.output_norm = vector("output_norm.weight")
         # rope frequency factors: llama3's rope_freqs, or Phi-3 LongRoPE's pair (chosen by context size)
         self.rope_factors = {k: vector(k + ".weight")
                              for k in ("rope_freqs", "rope_factors_long", "rope_factors_short")}
-        self.act = numerics.activation(spec.activation)
-        self.attention = Attention(shard.q_heads, shard.kv_heads, cfg.group_size, cfg.head_dim,
-                                   scale=cfg.attn_scale, q_prescaled=spec.q_prescaled, device=self.device,
-                                   numerics=numerics, native=native)
+        self.act = kernels.activation(spec.activation)
+        self.attention = Attention(shard.q_heads, shard.kv_heads, cfg.group_size, cfg.head_dim, kernels,
+                                   scale=cfg.attn_scale, q_prescaled=spec.q_prescaled)
         self.blocks = []
         for i in range(cfg.n_layers):
             p = f"blk.{i}."
@@ -122,13 +114,13 @@ class RankModel:
                 q_norm=vector(p + "attn_q_norm.weight"),
                 k_norm=vector(p + "attn_k_norm.weight"),
                 wo=RowParallelLinear(weight(p + "attn_output.weight"), vector(p + "attn_output.bias"), reduce,
-                                     numerics),
+                                     kernels),
                 post_attn_norm=vector(p + "post_attention_norm.weight"),
                 ffn_norm=vector(p + "ffn_norm.weight"),
                 w_gate=column(p + "ffn_gate.weight"),
                 w_up=column(p + "ffn_up.weight"),
                 w_down=RowParallelLinear(weight(p + "ffn_down.weight"), vector(p + "ffn_down.bias"), reduce,
-                                         numerics),
+                                         kernels),
                 post_ffn_norm=vector(p + "post_ffw_norm.weight"),
                 local=cfg.is_swa(i),
             ))
@@ -142,7 +134,7 @@ class RankModel:
     @property
     def weight_bytes(self) -> int:
         """Bytes of weights this rank holds, as loaded (the tied head shares the embedding's bytes; 1-D
-        tensors as float32); the native layout pads rows to whole tiles and widens some K-quant scales
+        tensors as float32); the tiled layout pads rows to whole tiles and widens some K-quant scales
         (<= 4%). Equal to loader.resident_bytes of the shard, which `info` shows before loading."""
         return self.resident_bytes
 
@@ -160,18 +152,17 @@ class RankModel:
             factors = self.rope_factors["rope_factors_long" if n_ctx > original else "rope_factors_short"]
         freq_scale = 1.0 / cfg.rope_scaling.factor if cfg.rope_scaling.kind == "linear" else 1.0
         ropes = {False: Rope(cfg.head_dim, cfg.rope_dim, cfg.rope_base, cfg.spec.rope_neox, freq_scale, factors,
-                             cfg.rope_scaling.attn_factor, numerics=self.numerics)}
+                             cfg.rope_scaling.attn_factor)}
         if cfg.swa_layers:
-            ropes[True] = Rope(cfg.head_dim, cfg.rope_dim, cfg.rope_base_swa, cfg.spec.rope_neox,
-                               numerics=self.numerics)
-        return {local: rope.build(max(n_ctx, 1), self.device, self.native) for local, rope in ropes.items()}
+            ropes[True] = Rope(cfg.head_dim, cfg.rope_dim, cfg.rope_base_swa, cfg.spec.rope_neox)
+        return {local: rope.build(max(n_ctx, 1), self.kernels) for local, rope in ropes.items()}
 
     def allocate_cache(self, n_slots: int, n_ctx: int, dtype: torch.dtype | None = None,
                        decode_graphs: str | None = None) -> KVCache:
         """decode_graphs: "cuda" to replay decode steps as CUDA graphs, "eager" for the same fixed-shape
         steps without capture (tests), None for none (decode_graphs.py)."""
         if dtype is None:
-            dtype = self.numerics.kv_dtype
+            dtype = self.kernels.kv_dtype
         self.cache = KVCache(self.cfg.n_layers, n_slots, n_ctx, self.shard.n_local_kv_heads,
                              self.cfg.head_dim, self.device, dtype, self.cfg.layer_windows,
                              static=decode_graphs is not None)
@@ -183,7 +174,7 @@ class RankModel:
     def _qkv(self, b: Block, h: torch.Tensor):
         """h (n, n_embd) -> q (n, n_local_heads, hd), k and v (n, n_local_kv_heads, hd)."""
         n, hd, sh = h.shape[0], self.cfg.head_dim, self.shard
-        h = MatmulInput(h, self.numerics)             # quantized once for q, k and v
+        h = MatmulInput(h)                            # quantized once for q, k and v
         if b.wqkv is not None:   # fused rows: this rank's q heads, then its k heads, then its v heads
             q, k, v = b.wqkv(h).split([sh.n_local_heads * hd, sh.n_local_kv_heads * hd, sh.n_local_kv_heads * hd], -1)
         else:
@@ -193,7 +184,7 @@ class RankModel:
 
     def _ffn(self, b: Block, h: torch.Tensor) -> torch.Tensor:
         """Gated FFN: down(act(gate(h)) * up(h)), before the all-reduce completes it."""
-        h = MatmulInput(h, self.numerics)             # quantized once for gate and up
+        h = MatmulInput(h)                            # quantized once for gate and up
         if b.w_gate is None:     # fused rows: this rank's gate range, then its up range
             gate, up = b.w_up(h).chunk(2, dim=-1)
         else:

@@ -22,7 +22,7 @@ from ..errors import AutoSplitError, TensorsplitError
 from ..model import make_plan, open_model, parse_split
 from ..model.attention import KVCache
 from ..model.loader import resident_bytes
-from ..model.numerics import Numerics
+from ..kernels.numerics import Numerics
 from ..model.shard_plan import ShardPlan
 from ..spec import NodeSpec, WorldSpec
 from .auto_split import fit_to_units, gib, rank_budgets, share_by_memory
@@ -37,7 +37,7 @@ class RankPlan:
     rank: int
     device: str          # as the rank will use it: "cpu", "cuda:0"
     threads: int         # torch threads of the rank's process
-    weights: int         # bytes of its weights as loaded (native tile layout on a CPU with the kernels)
+    weights: int         # bytes of its weights as loaded (tiled layout on a CPU with the native kernels)
     kv_cache: int        # bytes of its KV cache: its KV heads, every sequence slot, the whole context
     graph_scratch: int   # bytes of the CUDA graphs' scratch slot in that cache (0 without graphs)
 

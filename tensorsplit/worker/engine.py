@@ -17,8 +17,8 @@ from .protocol import (COMM_PATHS, OP_COMM_BENCH, OP_FORWARD, OP_SHUTDOWN, Step,
                        payload_len, shutdown_header)
 
 
-class Shard:
-    """One rank's loaded model with its comm group: runs a step and takes part in the gather."""
+class LoadedRank:
+    """One rank's loaded model (its shard of the weights) with its comm group: runs a step and takes part in the gather."""
 
     def __init__(self, model: RankModel, comm: CommGroup, vocab_sizes: list[int], faults: FaultPlan | None = None):
         self.model, self.comm, self.vocab_sizes = model, comm, vocab_sizes
@@ -50,41 +50,41 @@ class Engine:
     """Rank 0's handle on the whole world, and all a job sees of it: `forward` runs one step on every
     rank and returns full logits (m, vocab); the properties describe the world for reports."""
 
-    def __init__(self, shard: Shard, n_slots: int, n_ctx: int):
-        assert shard.comm.rank == 0
-        self.shard, self.n_slots, self.n_ctx = shard, n_slots, n_ctx
-        self.vocab_size = sum(shard.vocab_sizes)
+    def __init__(self, loaded: LoadedRank, n_slots: int, n_ctx: int):
+        assert loaded.comm.rank == 0
+        self.loaded, self.n_slots, self.n_ctx = loaded, n_slots, n_ctx
+        self.vocab_size = sum(loaded.vocab_sizes)
         self._closed = False
 
     @property
     def world(self) -> int:
-        return self.shard.comm.world
+        return self.loaded.comm.world
 
     @property
     def backend_name(self) -> str:
-        return self.shard.comm.backend.name
+        return self.loaded.comm.backend.name
 
     @property
     def all_reduce_path(self) -> str:
-        return self.shard.comm.path_name()
+        return self.loaded.comm.path_name()
 
     @property
     def device(self) -> str:
-        return str(self.shard.comm.device)
+        return str(self.loaded.comm.device)
 
     @property
     def weight_bytes(self) -> int:
         """Bytes of weights rank 0 holds."""
-        return self.shard.model.weight_bytes
+        return self.loaded.model.weight_bytes
 
     def forward(self, ids, positions, slots, logit_rows) -> torch.Tensor:
         step = Step(*(torch.as_tensor(t, dtype=torch.int64).reshape(-1) for t in (ids, positions, slots, logit_rows)))
-        comm = self.shard.comm
+        comm = self.loaded.comm
         StepGuard.in_step = True
         try:
             comm.broadcast_control(step.header())
             comm.broadcast_control(step.payload())
-            logits = self.shard.run(step)
+            logits = self.loaded.run(step)
         finally:
             StepGuard.in_step = False
         if StepGuard.pending:
@@ -95,7 +95,7 @@ class Engine:
 
     def time_all_reduce(self, n_elems: int, iters: int, path: str) -> float:
         """Seconds per all-reduce of n_elems float64 values on every rank (`bench --comm`)."""
-        comm = self.shard.comm
+        comm = self.loaded.comm
         comm.broadcast_control(comm_bench_header(n_elems, iters, path))
         return comm.time_all_reduce(n_elems, iters, path)
 
@@ -103,16 +103,16 @@ class Engine:
         """Tell the workers to exit their loop. Safe to call twice."""
         if not self._closed:
             self._closed = True
-            self.shard.comm.broadcast_control(shutdown_header())
+            self.loaded.comm.broadcast_control(shutdown_header())
 
     def close(self) -> None:
         """Leave the world (this rank's process groups); after shutdown, or after a failure."""
-        self.shard.comm.close()
+        self.loaded.comm.close()
 
 
-def serve(shard: Shard) -> None:
+def serve(loaded: LoadedRank) -> None:
     """Ranks >= 1: run steps until the coordinator says shut down."""
-    comm = shard.comm
+    comm = loaded.comm
     while True:
         header = comm.broadcast_control(empty_header(), idle=True)
         op = int(header[0])
@@ -123,4 +123,4 @@ def serve(shard: Shard) -> None:
             continue
         assert op == OP_FORWARD, f"unknown op {op}"
         payload = comm.broadcast_control(torch.empty(payload_len(header), dtype=torch.int64))
-        shard.run(Step.from_payload(header, payload))
+        loaded.run(Step.from_payload(header, payload))

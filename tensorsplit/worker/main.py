@@ -19,12 +19,13 @@ import torch
 from ..comm import init_comm
 from ..errors import TensorsplitError
 from ..model import make_plan, open_model
-from ..model.numerics import Numerics
-from ..model.quants import paths as kernel_paths
+from ..kernels.choice import choose_kernels
+from ..kernels.counting import Counting
+from ..kernels.numerics import Numerics
 from ..model.transformer import RankModel
 from ..plan import WorldPlan
 from ..spec import JOB_ENV, WORLD_ENV
-from .engine import Engine, Shard, StepGuard, serve
+from .engine import Engine, LoadedRank, StepGuard, serve
 from .faults import FaultPlan
 from .process import RankEnv, die_with_parent, report_failure, resolve_device
 from ..messages import say
@@ -72,30 +73,36 @@ def run_worker(plan: WorldPlan, job: Job | None) -> int:
 def _run(env: RankEnv, plan: WorldPlan, job: Job | None) -> int:
     if env.rank == 0 and job is None:
         raise TensorsplitError("rank 0 was started without a job (start the world with `tensorsplit` or torchrun)")
-    shard, gf, cfg = join_and_load(env, plan)
+    loaded, gf, cfg = join_and_load(env, plan)
     try:
         if env.rank != 0:
-            serve(shard)
+            serve(loaded)
             return 0
-        engine = Engine(shard, plan.spec.n_slots, plan.spec.n_ctx)
+        engine = Engine(loaded, plan.spec.n_slots, plan.spec.n_ctx)
         try:
             return job(engine, gf, cfg)
         finally:
             engine.shutdown()
     finally:
-        shard.comm.close()
-        _write_kernel_paths(env.rank)
+        loaded.comm.close()
+        _write_kernel_paths(env.rank, loaded.model.kernels)
 
 
-def _write_kernel_paths(rank: int) -> None:
-    """For tests: which kernels computed this rank's matmuls (model/quants/paths.py), as
-    <TENSORSPLIT_KERNEL_PATHS>/rank<r>.json. Unset in normal use."""
+def _rank_kernels(device, plan: WorldPlan):
+    """The rank's kernels (kernels/choice.py); counted (kernels/counting.py) when a test asks for the
+    counts through TENSORSPLIT_KERNEL_PATHS, which normal use leaves unset."""
+    kernels = choose_kernels(device, Numerics(plan.spec.numerics), plan.native)
+    return Counting(kernels) if os.environ.get("TENSORSPLIT_KERNEL_PATHS") else kernels
+
+
+def _write_kernel_paths(rank: int, kernels) -> None:
+    """For tests: which kernels computed this rank's matmuls, as <TENSORSPLIT_KERNEL_PATHS>/rank<r>.json."""
     folder = os.environ.get("TENSORSPLIT_KERNEL_PATHS")
-    if folder:
-        Path(folder, f"rank{rank}.json").write_text(json.dumps(kernel_paths.counts()))
+    if folder and isinstance(kernels, Counting):
+        Path(folder, f"rank{rank}.json").write_text(json.dumps(dict(kernels.counts)))
 
 
-def join_and_load(env: RankEnv, plan: WorldPlan) -> tuple[Shard, object, object]:
+def join_and_load(env: RankEnv, plan: WorldPlan) -> tuple[LoadedRank, object, object]:
     """Threads, device, backend and split as the world's plan says; join the world; load this rank's shard
     and allocate its cache."""
     spec, mine = plan.spec, plan.ranks[env.rank]
@@ -120,9 +127,8 @@ def join_and_load(env: RankEnv, plan: WorldPlan) -> tuple[Shard, object, object]
             faults.at("load")
             if bar:
                 bar(done, total, name)
-        model = RankModel(cfg, shard_plan.ranks[env.rank], env.world, comm.all_reduce, gf, device,
-                          on_progress=progress, numerics=Numerics(spec.numerics),
-                          native=None if plan.native else False)    # None: the kernels load on a CPU rank
+        model = RankModel(cfg, shard_plan.ranks[env.rank], env.world, comm.all_reduce, gf,
+                          _rank_kernels(device, plan), on_progress=progress)
         model.allocate_cache(spec.n_slots, spec.n_ctx, dtype=getattr(torch, plan.kv_dtype),
                              decode_graphs="cuda" if plan.cuda_graphs else None)
         check_allocation(mine, model)
@@ -136,7 +142,7 @@ def join_and_load(env: RankEnv, plan: WorldPlan) -> tuple[Shard, object, object]
     except BaseException:
         comm.close()
         raise
-    return Shard(model, comm, [r.local_vocab for r in shard_plan.ranks], faults), gf, cfg
+    return LoadedRank(model, comm, [r.local_vocab for r in shard_plan.ranks], faults), gf, cfg
 
 
 CHECK_PLAN_ENV = "TENSORSPLIT_CHECK_PLAN"   # set (the test suite sets it): a rank holding other bytes than

@@ -1,4 +1,4 @@
-// The matmul kernels over native tiles, written once against a SIMD traits class S (simd_*.h) and
+// The matmul kernels over tiled weights, written once against a SIMD traits class S (simd_*.h) and
 // compiled once per instruction set (isa_*.cpp). Everything here has internal linkage.
 //
 // For one tile (16 weight rows) and up to S::MAX_RN token rows at a time, per scale group:

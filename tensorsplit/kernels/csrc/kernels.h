@@ -28,7 +28,7 @@ struct ActF {
 };
 
 struct MatArgs {
-  const uint8_t* w;      // native tiles (ceil(n_rows / 16), n_blocks * tile_block)
+  const uint8_t* w;      // tiles (ceil(n_rows / 16), n_blocks * tile_block)
   int64_t n_rows, n_blocks;
   void* out;             // (M, ldo): out[m * ldo + row], float32, or float64 for the wide kernels
   int64_t ldo, M;

@@ -1,4 +1,4 @@
-// The native weight layout: GGUF blocks of 16 rows interleaved, so that one SIMD lane holds one row.
+// The tiled weight layout: GGUF blocks of 16 rows interleaved, so that one SIMD lane holds one row.
 //
 // A weight of n_rows x n_cols is stored as ceil(n_rows / 16) row tiles; a tile holds 16 rows
 // (rows past n_rows are zero blocks). Along the columns a tile is a run of tile-blocks, one per

@@ -4,8 +4,8 @@
 //   isa() -> str                                      the kernels in use: avx512-vnni, avx2 or scalar
 //   use_isa(name) -> str                              switch to scalar / avx2 / avx512 / auto (tests)
 //   matmul_threads() -> int                           threads that ran the last matmul_q8 / matmul_f32 (tests)
-//   repack(rows, type, n_cols) -> tiles               GGUF rows (n_rows, row_bytes) uint8 -> native tiles
-//   unpack_rows(tiles, type, n_rows, n_cols, ids)     native tiles -> the GGUF bytes of rows `ids`
+//   repack(rows, type, n_cols) -> tiles               GGUF rows (n_rows, row_bytes) uint8 -> tiles
+//   unpack_rows(tiles, type, n_rows, n_cols, ids)     tiles -> the GGUF bytes of rows `ids`
 //   quantize_act(x, kind, group) -> (q, d, s, isum)   float activations -> llama.cpp's Q8_0/Q8_1/Q8_K
 //   group_sums(x, group) -> sums                      per-group sums of x (the exact path's min term)
 //   matmul_q8(tiles, type, n_rows, n_cols, q, d, s, isum, wide) -> (M, n_rows)    integer numerics
@@ -102,7 +102,7 @@ int64_t n_tiles_of(int64_t n_rows) { return (n_rows + TILE_ROWS - 1) / TILE_ROWS
 
 FormatInfo checked_format(int64_t type, int64_t n_cols) {
   const FormatInfo f = format_info((int)type);
-  TORCH_CHECK(f.block > 0, "tensorsplit kernels: quant type ", type, " has no native layout");
+  TORCH_CHECK(f.block > 0, "tensorsplit kernels: quant type ", type, " has no tiled layout");
   TORCH_CHECK(n_cols > 0 && n_cols % f.block == 0, "tensorsplit kernels: ", n_cols,
               " columns is not a multiple of the block size ", f.block);
   return f;

@@ -1,4 +1,4 @@
-// GGUF blocks <-> the native tile layout (layout.h), one block of one row at a time. Scalar code:
+// GGUF blocks <-> the tiled layout (layout.h), one block of one row at a time. Scalar code:
 // it runs once per weight at load (repack) and for the few rows an embedding lookup reads (unpack).
 // The two directions are inverses; tests check unpack(repack(rows)) == rows for every format.
 #include "repack.h"

@@ -1,4 +1,4 @@
-// GGUF rows <-> native tiles (see layout.h). Scalar; no torch, no SIMD.
+// GGUF rows <-> tiles (see layout.h). Scalar; no torch, no SIMD.
 #pragma once
 #include "layout.h"
 
@@ -13,7 +13,7 @@ void unpack_block(int type, const uint8_t* tb, int i, uint8_t* blk);
 void repack_tiles(int type, const uint8_t* rows, int64_t n_rows, int64_t n_blocks, uint8_t* tiles,
                   int64_t tile_begin, int64_t tile_end);
 
-// The GGUF bytes of one row (n_blocks * block_bytes) from the native tiles.
+// The GGUF bytes of one row (n_blocks * block_bytes) from the tiles.
 void unpack_row(int type, const uint8_t* tiles, int64_t n_blocks, int64_t row, uint8_t* out);
 
 }  // namespace ts

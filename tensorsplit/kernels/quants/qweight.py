@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from ...errors import ConfigError, ShardPlanError
-from ...kernels.layout import ACT_KINDS, FORMATS, n_tiles
+from ..layout import ACT_KINDS, FORMATS, n_tiles
 from .qtypes import FLOAT_TYPES, QType, block_info, check_supported, row_bytes, type_name
 
 # dense dtype kept for each float type
@@ -18,10 +18,10 @@ _NP_VIEW = {QType.F32: np.float32, QType.F16: np.float16, QType.BF16: np.int16}
 
 
 @dataclass(frozen=True)
-class NativeKernel:
-    """A native weight's kernel arguments, worked out once: the GGML type id, the activation
-    quantization kind of its integer kernel (None: a float kernel), its scale group, and whether
-    it has a min term (the exact path then needs per-group sums of x)."""
+class TileKernel:
+    """A tiled weight's arguments to the native kernels, worked out once: the GGML type id, the
+    activation quantization kind of its integer kernel (None: a float kernel), its scale group, and
+    whether it has a min term (the exact path then needs per-group sums of x)."""
     type_id: int
     act: int | None
     group: int
@@ -35,8 +35,8 @@ class QWeight:
 
     layout "gguf":   data is uint8 (n_rows, row_bytes) GGUF blocks for quantized types, or
                      float32/float16/bfloat16 (n_rows, n_cols) for F32/F16/BF16;
-    layout "native": data is uint8 (ceil(n_rows / 16), tile_bytes), the same blocks with 16 rows
-                     interleaved for the native kernels (kernels/csrc/layout.h); see to_native().
+    layout "tiles":  data is uint8 (ceil(n_rows / 16), tile_bytes), the same blocks with 16 rows
+                     interleaved for the native kernels (kernels/csrc/layout.h); see to_tiles().
     """
     data: torch.Tensor
     qtype: QType
@@ -44,7 +44,7 @@ class QWeight:
     n_cols: int
     name: str = ""
     layout: str = "gguf"
-    kernel: "NativeKernel | None" = None     # how the native kernels multiply it (native layout only)
+    kernel: "TileKernel | None" = None       # how the native kernels multiply it (tiled layout only)
 
     def __post_init__(self):
         self.qtype = check_supported(self.qtype, self.name)
@@ -52,11 +52,11 @@ class QWeight:
         if self.n_cols % bs:
             raise ConfigError(f"{self.name}: {self.n_cols} columns is not a multiple of the "
                               f"{self.qtype.name} block size {bs}")
-        if self.layout == "native":
+        if self.layout == "tiles":
             f = FORMATS[int(self.qtype)]
             want = (n_tiles(self.n_rows), self.n_cols // f.block * f.tile_block)
             assert self.data.dtype == torch.uint8, f"{self.name}: expected uint8 tiles, got {self.data.dtype}"
-            self.kernel = NativeKernel(int(self.qtype), ACT_KINDS.get(f.act), f.group, f.has_min)
+            self.kernel = TileKernel(int(self.qtype), ACT_KINDS.get(f.act), f.group, f.has_min)
         elif self.qtype in FLOAT_TYPES and self.data.dtype != torch.uint8:
             want = (self.n_rows, self.n_cols)
         else:
@@ -77,13 +77,13 @@ class QWeight:
         return QWeight(self.data.to(device), self.qtype, self.n_rows, self.n_cols, self.name, self.layout)
 
 
-    def to_native(self) -> "QWeight":
-        """The same weight in the native kernels' tile layout (CPU; needs kernels.native()). Same bytes
+    def to_tiles(self) -> "QWeight":
+        """The same weight in the native kernels' tiled layout (CPU; needs kernels.native()). Same bytes
         but for whole-tile padding of the rows and, for Q3_K/Q4_K/Q5_K/IQ4_XS, scales widened to bytes."""
         assert self.layout == "gguf" and self.data.device.type == "cpu", (self.name, self.layout, self.data.device)
         raw = self.data if self.data.dtype == torch.uint8 else self.data.view(torch.uint8)
         tiles = torch.ops.tensorsplit.repack(raw.reshape(self.n_rows, -1).contiguous(), int(self.qtype), self.n_cols)
-        return QWeight(tiles, self.qtype, self.n_rows, self.n_cols, self.name, "native")
+        return QWeight(tiles, self.qtype, self.n_rows, self.n_cols, self.name, "tiles")
 
     @staticmethod
     def from_numpy(raw: np.ndarray, qtype, n_rows: int, n_cols: int, name: str = "") -> "QWeight":
@@ -118,7 +118,7 @@ def slice_cols(w: QWeight, start: int, end: int) -> QWeight:
     Raises ShardPlanError naming the tensor, type, block size and offending column otherwise.
     The result owns a contiguous copy of its bytes.
     """
-    assert w.layout == "gguf", f"{w.name}: slice columns before converting to the native layout"
+    assert w.layout == "gguf", f"{w.name}: slice columns before tiling"
     bs, ts = block_info(w.qtype)
     if not 0 <= start < end <= w.n_cols:
         raise ShardPlanError(f"{w.name}: column range [{start}, {end}) is empty or outside "

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ...kernels.layout import IQ4_LEVELS as KVALUES
+from ..layout import IQ4_LEVELS as KVALUES
 from ._common import const, crumbs, f16_field, nibbles
 
 

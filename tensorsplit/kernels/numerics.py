@@ -1,7 +1,7 @@
 """Which arithmetic a model's forward pass uses: llama.cpp's roundings (the default) or exact float32.
 
-`Numerics` is handed to the model when it is built (like `reduce`), and from there to its layers,
-attention and rope; nothing reads a process-wide switch.
+`Numerics` names one; the rank's kernels (base.py) are built for it, and each implementation settles
+what it changes in its constructor. The model never reads it; nothing reads a process-wide switch.
 
 llamacpp (default): the arithmetic of llama.cpp's CPU backend, which is also the fast one here:
   - each quantized matmul's input row is quantized once to 8 bits (Q8_0 / Q8_1 / Q8_K blocks, as
@@ -21,14 +21,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 NUMERICS = ("llamacpp", "exact")
 DEFAULT = "llamacpp"
-
-
-def round_f16(x: torch.Tensor) -> torch.Tensor:
-    return x.half().to(x.dtype)
 
 
 @dataclass(frozen=True)
@@ -41,23 +36,14 @@ class Numerics:
 
     @property
     def llamacpp(self) -> bool:
+        """For the kernels' constructors (base.py): which of their two arithmetics to take."""
         return self.mode == "llamacpp"
 
     @property
     def kv_dtype(self) -> torch.dtype:
-        """llama.cpp's KV cache is f16; ours is exact unless asked to match it."""
+        """What the KV cache stores: llama.cpp's is f16; ours is exact unless asked to match it. The
+        world plan reads it (its bytes per rank), and so do the kernels."""
         return torch.float16 if self.llamacpp else torch.float32
-
-    def gelu_tanh(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.llamacpp:
-            return F.gelu(x, approximate="tanh")
-        # ggml_vec_gelu_f32 with GGML_GELU_FP16: table[f16(x)] as f16 for -10 < x < 10, else 0 or x
-        y = round_f16(F.gelu(round_f16(x), approximate="tanh"))
-        return torch.where(x <= -10.0, torch.zeros_like(x), torch.where(x >= 10.0, x, y))
-
-    def activation(self, name: str):
-        """The FFN activation `name` ("silu" or "gelu_tanh") as this arithmetic computes it."""
-        return {"silu": F.silu, "gelu_tanh": self.gelu_tanh}[name]
 
 
 EXACT = Numerics("exact")

@@ -1,0 +1,95 @@
+"""NativeKernels: the Kernels (base.py) of a CPU rank, on the native C++ ops (csrc/, built and loaded by
+kernels.native()). One op per matmul, straight from the weight's blocks in the tiled layout
+(16 rows interleaved, csrc/layout.h; QWeight.to_tiles):
+
+    numerics llamacpp: the input is quantized to 8 bits once per MatmulInput (so q/k/v and gate/up
+      share it), as llama.cpp quantizes it, and multiplied with the codes in integers;
+    numerics exact: float input, the weights decoded in registers, float sums.
+
+Attention is one op per layer for every slot of the step (csrc/attention_body.h): it writes the
+step's keys and values into the cache and attends. rms_norm and rope are one op each. What the tiled
+layout does not hold (dense F32 weights, a weight a test built in GGUF layout) and the fixed-shape
+decode attention are the reference's (torch_kernels.py).
+"""
+from __future__ import annotations
+
+import torch
+
+from .base import Heads, MatmulInput
+from .layout import FORMATS
+from .numerics import Numerics
+from .quants.dequant import dequantize
+from .quants.qweight import QWeight
+from .torch_kernels import TorchKernels
+
+
+class NativeKernels(TorchKernels):
+    name = "native"
+
+    def __init__(self, numerics: Numerics):
+        super().__init__(numerics, "cpu")
+        ops = torch.ops.tensorsplit    # loaded by kernels.native(); each op's overload looked up once here,
+        # which skips the per-call overload resolution (about a microsecond, some twenty calls per layer)
+        self._matmul_q8, self._matmul_f32 = ops.matmul_q8.default, ops.matmul_f32.default
+        self._quantize_act, self._group_sums = ops.quantize_act.default, ops.group_sums.default
+        self._unpack_rows, self._rms_norm, self._rope = ops.unpack_rows.default, ops.rms_norm.default, ops.rope.default
+        self._attention = ops.attention.default
+        llamacpp = numerics.llamacpp
+        self._block_matmul = self._integer_matmul if llamacpp else self._float_matmul
+        self._round16 = llamacpp           # the attention op rounds q and the probabilities to f16
+
+    def load(self, w: QWeight) -> QWeight:
+        """The tiled layout where the type has one (the GGUF copy is freed: a rank holds one copy)."""
+        return w.to_tiles() if int(w.qtype) in FORMATS else w
+
+    def path(self, w: QWeight) -> str | None:
+        return self.name if w.layout == "tiles" else super().path(w)
+
+    def matmul(self, x, w: QWeight, wide: bool = False) -> torch.Tensor:
+        k = w.kernel
+        if k is None:                                       # not tiled: the reference's
+            return super().matmul(x, w, wide)
+        inp = MatmulInput.of(x)
+        inp.check(w)
+        if k.act is None:                                   # F16 / BF16: float arithmetic on the rounded input
+            y = self._matmul_f32(w.data, k.type_id, w.n_rows, w.n_cols, self.rounded(inp, w.qtype), None, wide)
+        else:
+            y = self._block_matmul(inp, w, wide)
+        return inp.shaped(y)
+
+    def _integer_matmul(self, inp: MatmulInput, w: QWeight, wide: bool) -> torch.Tensor:
+        k = w.kernel
+        key = (k.act, k.group)
+        q8 = inp.forms.get(key)
+        if q8 is None:          # (q int8 (M, K), d, s, isum (M, K / group)): llama.cpp's Q8_0 / Q8_1 / Q8_K of x
+            q8 = inp.forms[key] = self._quantize_act(inp.x2, k.act, k.group)
+        return self._matmul_q8(w.data, k.type_id, w.n_rows, w.n_cols, *q8, wide)
+
+    def _float_matmul(self, inp: MatmulInput, w: QWeight, wide: bool) -> torch.Tensor:
+        k = w.kernel
+        sums = None
+        if k.has_min:           # per-group sums of x (M, K / group), for the min term
+            key = ("sums", k.group)
+            sums = inp.forms.get(key)
+            if sums is None:
+                sums = inp.forms[key] = self._group_sums(inp.x2, k.group)
+        return self._matmul_f32(w.data, k.type_id, w.n_rows, w.n_cols, inp.x2, sums, wide)
+
+    def get_rows(self, w: QWeight, ids: torch.Tensor) -> torch.Tensor:
+        if w.layout != "tiles":
+            return super().get_rows(w, ids)
+        flat = ids.reshape(-1).to(dtype=torch.long)
+        raw = self._unpack_rows(w.data, int(w.qtype), w.n_rows, w.n_cols, flat)     # GGUF bytes of those rows
+        return dequantize(raw, w.qtype, w.n_cols, w.name).reshape(*ids.shape, w.n_cols)
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """In one op, the sum of squares in double as ggml takes it."""
+        return self._rms_norm(x, weight, eps)
+
+    def rope(self, x, positions, cos, sin, neox: bool, rope_dim: int) -> torch.Tensor:
+        return self._rope(x, positions, cos, sin, neox, rope_dim)
+
+    def attend(self, q, k, v, k_cache, v_cache, window: int, positions, slots, heads: Heads) -> torch.Tensor:
+        return self._attention(q.contiguous(), k.contiguous(), v.contiguous(), k_cache, v_cache, positions, slots,
+                               heads.kv_of_q, window, heads.scale, self._round16,
+                               self._round16 and not heads.q_prescaled)

@@ -1,0 +1,267 @@
+"""TorchKernels: the reference implementation of the Kernels (base.py), in torch ops on any device.
+
+It is what runs where no faster kernel does (a CPU without the native kernels, mps, xpu, a CUDA
+machine without Triton), what the other two inherit for what they do not do themselves, and what
+their tests compare with. Weights stay in GGUF blocks; a matmul dequantizes a bounded tile of rows
+at a time (TILE_ELEMS) to float32 and multiplies, its input rounded as llama.cpp's CPU backend rounds
+it under llamacpp numerics (quants/activations.py), so every device sees the same inputs.
+
+Attention goes one slot at a time, with the slot's keys gathered from the cache: SDPA in exact
+numerics, llama.cpp's f16 roundings in llamacpp numerics. The fixed-shape form (attend_static)
+gathers every row's keys at once, with a mask, and no host sync.
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+
+from .base import Heads, MatmulInput
+from .numerics import Numerics
+from .quants.activations import ROUNDING_KIND, round_inputs
+from .quants.dequant import dequantize
+from .quants.qtypes import QType
+from .quants.qweight import QWeight
+
+# Most weight elements dequantized at once (one tile of whole rows): 4M float32 = 16 MiB of scratch.
+# Tests shrink it with monkeypatch to exercise multi-tile paths.
+TILE_ELEMS = 1 << 22
+
+
+class TorchKernels:
+    name = "torch"
+
+    def __init__(self, numerics: Numerics, device="cpu", label: str = "torch"):
+        """label: what a quantized matmul here counts as (counting.py): "torch", or "native:fallback" /
+        "triton:fallback" where faster kernels were wanted on this device but could not load."""
+        self.numerics, self.device, self.label = numerics, torch.device(device), label
+        llamacpp = numerics.llamacpp
+        # every choice the numerics make, made here once
+        self.kv_dtype = numerics.kv_dtype
+        self._round_inputs = round_inputs if llamacpp else None
+        self._attend_math = attend_like_llamacpp if llamacpp else attend_sdpa
+        self._gqa_in_place = not llamacpp       # SDPA reads grouped KV heads in place; the f16 path copies
+        self._angles = angles_like_ggml if llamacpp else angles_exact
+        self._activations = {"silu": F.silu,
+                             "gelu_tanh": gelu_tanh_like_ggml if llamacpp else partial(F.gelu, approximate="tanh")}
+
+    # --- weights and matmuls
+
+    def load(self, w: QWeight) -> QWeight:
+        return w.to(self.device)
+
+    def path(self, w: QWeight) -> str | None:
+        """Dense F32 weights are multiplied as they are (ggml does too): not counted."""
+        return None if w.data.dtype == torch.float32 else self.label
+
+    def rounded(self, inp: MatmulInput, qtype) -> torch.Tensor:
+        """x as a llamacpp-numerics matmul against qtype sees it (F32 weights: as it is), kept on inp."""
+        if self._round_inputs is None or qtype == QType.F32:
+            return inp.x2
+        key = ("rounded", ROUNDING_KIND[qtype])
+        form = inp.forms.get(key)
+        if form is None:
+            form = inp.forms[key] = self._round_inputs(inp.x2, qtype)
+        return form
+
+    def matmul(self, x, w: QWeight, wide: bool = False) -> torch.Tensor:
+        """y = x @ W.T: x (..., n_cols) -> (..., n_rows) float32, or float64 with `wide` (a row-parallel
+        partial sum is kept wide through the all-reduce and rounded once after)."""
+        inp = MatmulInput.of(x)
+        inp.check(w)
+        if w.data.dtype == torch.float32:                     # dense F32: ggml multiplies in float32 too
+            y = inp.x2.double() @ w.data.double().T if wide else inp.x2 @ w.data.T
+        else:
+            y = _tiled(self.rounded(inp, w.qtype), w, wide)
+        return inp.shaped(y)
+
+    def get_rows(self, w: QWeight, ids: torch.Tensor) -> torch.Tensor:
+        """Dequantize only rows `ids` of w: ids (any shape) -> (*ids.shape, n_cols) float32."""
+        flat = ids.reshape(-1).to(device=w.data.device, dtype=torch.long)
+        rows = dequantize(w.data.index_select(0, flat), w.qtype, w.n_cols, w.name)
+        return rows.reshape(*ids.shape, w.n_cols)
+
+    # --- the rest of a layer
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """x (..., d) * rsqrt(mean(x^2) + eps) * weight (d,)."""
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+    def activation(self, name: str):
+        """The FFN activation `name` ("silu" or "gelu_tanh") as this arithmetic computes it."""
+        return self._activations[name]
+
+    def rope_angles(self, rope, positions: torch.Tensor) -> torch.Tensor:
+        """(n, rope_dim/2) rotation angles of `positions` for a model/rope.py Rope."""
+        return self._angles(rope, positions)
+
+    def rope(self, x, positions, cos, sin, neox: bool, rope_dim: int) -> torch.Tensor:
+        """x (n, heads, head_dim) rotated by the angles of positions (n,); cos, sin (n_ctx, rope_dim/2)
+        tables. Only the first rope_dim dims of each head turn. neox: pairs (x[i], x[i + d/2]), else
+        adjacent pairs (x[2i], x[2i+1])."""
+        cos, sin = cos[positions][:, None, :], sin[positions][:, None, :]      # (n, 1, rope_dim/2)
+        d = rope_dim
+        rot, rest = x[..., :d], x[..., d:]
+        if neox:
+            a, b = rot[..., : d // 2], rot[..., d // 2:]
+            out = torch.cat((a * cos - b * sin, a * sin + b * cos), dim=-1)
+        else:
+            a, b = rot[..., 0::2], rot[..., 1::2]
+            out = torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2)
+        return torch.cat((out, rest), dim=-1) if rest.shape[-1] else out
+
+    # --- attention
+
+    def attend(self, q, k, v, k_cache, v_cache, window: int, positions, slots, heads: Heads) -> torch.Tensor:
+        """q (n, n_local_heads, hd); k, v (n, n_local_kv_heads, hd) -> (n, n_local_heads * hd).
+
+        k_cache, v_cache: this layer's store, (n_stored_slots, n_ctx, n_kv, hd), or for a sliding layer
+        its ring (n_stored_slots, window, n_kv, hd) where position p lives at p % window. Tokens may
+        belong to several slots; a slot's tokens in one step have consecutive positions and attend
+        within their slot. A sliding layer's step attends to its own keys before they are written to
+        the ring, so a step may hold more tokens than the window."""
+        if not window:
+            k_cache[slots, positions] = k.to(k_cache.dtype)
+            v_cache[slots, positions] = v.to(v_cache.dtype)
+        out = torch.empty(q.shape[0], heads.n_local_heads, heads.head_dim, dtype=q.dtype, device=q.device)
+        in_place = heads.gqa_in_place and self._gqa_in_place
+        for slot, idx in _group_by_slot(slots):
+            qpos = positions[idx]                                     # (t,) consecutive
+            if window:
+                keys, vals, kpos = _ring_keys(k_cache, v_cache, slot, int(qpos[0]), window, k[idx], v[idx], q.dtype)
+            else:
+                kv_len = int(qpos.max()) + 1
+                keys = k_cache[slot, :kv_len].to(q.dtype)             # (L, n_local_kv_heads, hd)
+                vals = v_cache[slot, :kv_len].to(q.dtype)
+                kpos = torch.arange(kv_len, device=q.device)
+            if not in_place:
+                keys, vals = keys.index_select(1, heads.kv_of_q), vals.index_select(1, heads.kv_of_q)  # (L, H, hd)
+            qh, kh, vh = q[idx].transpose(0, 1), keys.transpose(0, 1), vals.transpose(0, 1)
+            mask = allowed_mask(kpos, qpos, window)                   # (t, L)
+            out[idx] = self._attend_math(qh, kh, vh, mask, heads, in_place).transpose(0, 1)
+        return out.reshape(q.shape[0], -1)
+
+    def attend_static(self, q, k, v, k_cache, v_cache, window: int, positions, slots, heads: Heads,
+                      kv_len: int) -> torch.Tensor:
+        """One token per row, each of its own slot, with shapes that depend only on (rows, kv_len) and no
+        host synchronisation: what a CUDA graph can hold (model/decode_graphs.py).
+
+        A global layer reads the first kv_len positions of each row's slot (kv_len > every position),
+        a sliding layer its whole ring, masking what the row may not see. The row's own key is written
+        first: for one token that is the order attend() has too."""
+        n = q.shape[0]
+        if window:
+            k_cache[slots, positions % window] = k.to(k_cache.dtype)
+            v_cache[slots, positions % window] = v.to(v_cache.dtype)
+            keys, vals = k_cache[slots], v_cache[slots]                   # (n, window, n_kv, hd)
+            entry = torch.arange(window, device=q.device)
+            # ring entry j holds the newest position p <= pos with p % window == j
+            kpos = positions[:, None] - torch.remainder(positions[:, None] - entry[None, :], window)
+            allowed = kpos >= 0                                           # (n, window)
+        else:
+            k_cache[slots, positions] = k.to(k_cache.dtype)
+            v_cache[slots, positions] = v.to(v_cache.dtype)
+            keys, vals = k_cache[slots, :kv_len], v_cache[slots, :kv_len]   # (n, kv_len, n_kv, hd)
+            allowed = torch.arange(kv_len, device=q.device)[None, :] <= positions[:, None]
+        kh = keys.index_select(2, heads.kv_of_q).transpose(1, 2).to(q.dtype)   # (n, H, L, hd)
+        vh = vals.index_select(2, heads.kv_of_q).transpose(1, 2).to(q.dtype)
+        qh = q[:, :, None, :]                                             # (n, H, 1, hd)
+        mask = allowed[:, None, None, :]                                  # (n, 1, 1, L)
+        return self._attend_math(qh, kh, vh, mask, heads, False).reshape(n, -1)
+
+
+def _tiled(x2: torch.Tensor, w: QWeight, wide: bool = False) -> torch.Tensor:
+    """Dequantize at most TILE_ELEMS weight elements (whole rows) at a time; never the whole matrix
+    when it is larger than one tile. wide: the products summed in float64 (row-parallel partials)."""
+    dtype = torch.float64 if wide else torch.float32
+    out = torch.empty(x2.shape[0], w.n_rows, dtype=dtype, device=x2.device)  # (M, n_rows)
+    x2 = x2.to(dtype)
+    step = max(1, TILE_ELEMS // max(1, w.n_cols))            # rows per tile
+    for r0 in range(0, w.n_rows, step):
+        r1 = min(r0 + step, w.n_rows)
+        tile = dequantize(w.data[r0:r1], w.qtype, w.n_cols, w.name)  # (r1 - r0, n_cols)
+        out[:, r0:r1] = x2 @ tile.to(dtype).T
+    return out
+
+
+def round_f16(x: torch.Tensor) -> torch.Tensor:
+    return x.half().to(x.dtype)
+
+
+def gelu_tanh_like_ggml(x: torch.Tensor) -> torch.Tensor:
+    """ggml_vec_gelu_f32 with GGML_GELU_FP16: table[f16(x)] as f16 for -10 < x < 10, else 0 or x."""
+    y = round_f16(F.gelu(round_f16(x), approximate="tanh"))
+    return torch.where(x <= -10.0, torch.zeros_like(x), torch.where(x >= 10.0, x, y))
+
+
+def angles_exact(rope, positions: torch.Tensor) -> torch.Tensor:
+    """(n, rope_dim/2) float64 angles, rounded once when the tables are made."""
+    return positions.to(torch.float64)[:, None] * rope.inv_freq[None, :]
+
+
+def angles_like_ggml(rope, positions: torch.Tensor) -> torch.Tensor:
+    """(n, rope_dim/2) angles as ggml_rope_cache_init forms them, each float32 product rounded:
+    theta_i = theta_{i-1} * base^(-2/d)."""
+    step = torch.tensor(rope.base, dtype=torch.float32) ** torch.tensor(-2.0 / rope.rope_dim, dtype=torch.float32)
+    scale = torch.tensor(rope.freq_scale, dtype=torch.float32)
+    theta = positions.to("cpu", torch.float32)
+    cols = []
+    for i in range(rope.rope_dim // 2):
+        ff = 1.0 if rope.freq_factors is None else rope.freq_factors[i]
+        cols.append(theta / ff * scale)
+        theta = theta * step
+    return torch.stack(cols, dim=-1)
+
+
+def attend_sdpa(q, k, v, attn_mask, heads: Heads, in_place: bool):
+    """q (..., H, t, hd), k and v (..., H or n_kv, L, hd) -> (..., H, t, hd), in float32 (torch's SDPA)."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=heads.scale,
+                                          **({"enable_gqa": True} if in_place else {}))
+
+
+def attend_like_llamacpp(q, k, v, attn_mask, heads: Heads, in_place: bool = False):
+    """q (..., H, t, hd), k and v (..., H, L, hd) f16-valued -> (..., H, t, hd), rounding as llama.cpp's CPU
+    path does without flash attention: q to f16 for q @ k.T, the probabilities to f16 for p @ v. The
+    scale multiplies q before that rounding where llama.cpp's graph scales q (heads.q_prescaled), else
+    the float32 scores (ggml_soft_max_ext's scale). Equal when the scale is a power of two."""
+    assert not in_place
+    if heads.q_prescaled:
+        scores = round_f16(q * heads.scale) @ k.transpose(-1, -2)
+    else:
+        scores = (round_f16(q) @ k.transpose(-1, -2)) * heads.scale
+    scores = scores.masked_fill(~attn_mask, float("-inf"))
+    return round_f16(torch.softmax(scores, dim=-1)) @ v
+
+
+def allowed_mask(kpos: torch.Tensor, qpos: torch.Tensor, window: int) -> torch.Tensor:
+    """(t, L) bool: query at qpos[i] may read the key at kpos[j] (causal, and within the window)."""
+    allowed = kpos[None, :] <= qpos[:, None]
+    if window:
+        allowed &= kpos[None, :] > qpos[:, None] - window
+    return allowed
+
+
+def _ring_keys(k_ring, v_ring, slot: int, p0: int, window: int, k_new, v_new, dtype):
+    """Keys and values a sliding layer's step starting at position p0 may read: the ring's entries for
+    positions [max(0, p0 - window + 1), p0), then the step's own. Stores the step's last `window`
+    entries in the ring afterwards. Returns keys, values (L, n_local_kv_heads, hd) and positions (L,)."""
+    device = k_new.device
+    past = torch.arange(max(0, p0 - window + 1), p0, device=device)       # (P,)
+    new = torch.arange(p0, p0 + k_new.shape[0], device=device)            # (t,)
+    keys = torch.cat([k_ring[slot, past % window].to(dtype),
+                      k_new.to(k_ring.dtype).to(dtype)])                  # rounded as the cache stores them
+    vals = torch.cat([v_ring[slot, past % window].to(dtype), v_new.to(v_ring.dtype).to(dtype)])
+    keep = slice(max(0, k_new.shape[0] - window), None)
+    k_ring[slot, new[keep] % window] = k_new[keep].to(k_ring.dtype)
+    v_ring[slot, new[keep] % window] = v_new[keep].to(v_ring.dtype)
+    return keys, vals, torch.cat([past, new])
+
+
+def _group_by_slot(slots: torch.Tensor):
+    """Yield (slot, token indices) for each distinct slot, in first-appearance order."""
+    if slots.numel() and bool((slots == slots[0]).all()):
+        yield int(slots[0]), torch.arange(slots.numel(), device=slots.device)
+        return
+    for s in torch.unique(slots).tolist():
+        yield s, (slots == s).nonzero().squeeze(1)
