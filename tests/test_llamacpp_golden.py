@@ -2,7 +2,7 @@
 
 llama.cpp rounds as it computes: activations to 8 bits inside its quantized matmuls, attention
 through an f16 cache with f16 probabilities, GELU through an f16 table. Our default numerics,
-"llamacpp" (model/numerics.py), round in the same places, with the same integer block dots (the
+"llamacpp" (kernels/numerics.py), round in the same places, with the same integer block dots (the
 native kernels); "exact" keeps float32. Measured over 2,040 scored tokens of English at n_ctx 512
 (8 chunks) against llama.cpp 0.3.36's 14.974 (Gemma 3) and 18.388 (SmolLM2):
   llamacpp: Gemma 3 270M 14.960 (-0.09%) at 1, 2 and 4 ranks, top-1 94.7%; SmolLM2 18.382

@@ -1,14 +1,19 @@
-"""Native CPU kernels: quantized matmul straight from GGUF blocks, and activation quantization.
+"""What a rank computes with. base.py: the Kernels protocol the model calls (matmul, get_rows,
+rms_norm, rope, attend), with three implementations, one chosen per rank in choice.py:
+torch_kernels.py (the reference, any device), native_kernels.py (C++ on a CPU), triton_kernels.py
+(Triton on CUDA / ROCm). quants/: GGUF block formats and QWeight; numerics.py: the two arithmetics;
+counting.py: which kernels ran, for tests.
 
-C++ in csrc/, built on first use with torch.utils.cpp_extension (build.py) and registered as torch
-custom ops (`torch.ops.tensorsplit.*`, with fake implementations so torch.compile can trace them).
-Instruction sets are chosen at run time: AVX-512 VNNI, AVX2, or portable scalar code.
+The native CPU kernels are C++ in csrc/, built on first use with torch.utils.cpp_extension
+(build.py) and registered as torch custom ops (`torch.ops.tensorsplit.*`, with fake implementations
+so torch.compile can trace them). Instruction sets are chosen at run time: AVX-512 VNNI, AVX2, or
+portable scalar code.
 
     kernels.native()    -> True when the ops are loaded (building them the first time)
     kernels.isa()       -> "avx512-vnni", "avx2" or "scalar"
 
-With no compiler (or a failed build) one warning line is printed and the callers use their torch
-fallback. TENSORSPLIT_NATIVE=0 turns the native kernels off (for debugging and tests).
+With no compiler (or a failed build) one warning line is printed and CPU ranks use the reference
+kernels. TENSORSPLIT_NATIVE=0 turns the native kernels off (for debugging and tests).
 Each kernel has a reference it is tested against: gguf-py's numpy dequantization followed by a
 float64 matmul, and a numpy transcription of llama.cpp's activation quantization (tests/).
 """

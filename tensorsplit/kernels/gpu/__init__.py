@@ -2,10 +2,11 @@
 matmul.py: the gemv for decode steps and the gemm for prompt chunks). One source serves CUDA and
 ROCm (torch's "cuda" device on a HIP build); other accelerators (mps, xpu) take the portable torch
 path, and so does a CUDA machine without Triton (one warning line; the matmuls then count as
-"triton:fallback" in model/quants/paths.py).
+"triton:fallback", kernels/counting.py).
 
-    gpu.serves(w)      -> whether a QWeight's matmuls run here (a GGUF-layout block weight on CUDA)
+    gpu.handles(w)     -> whether the kernels have a format for a QWeight (GGUF-layout blocks)
     gpu.available()    -> Triton imports and these kernels load (TENSORSPLIT_TRITON=0: off)
+A CUDA rank's TritonKernels (../triton_kernels.py) send the weights they handle here.
 
 On a machine without a GPU the same kernels run under Triton's interpreter (TRITON_INTERPRET=1,
 set before the first import), which is how the CPU test suite checks them against gguf-py.
@@ -46,15 +47,10 @@ def handles(w) -> bool:
     return w.layout == "gguf" and f is not None and f.act is not None and w.data.dtype.itemsize == 1
 
 
-def serves(w) -> bool:
-    """Whether w's matmuls run on these kernels: a block weight on a CUDA (or ROCm) device."""
-    return w.data.device.type == "cuda" and handles(w) and available()
-
-
 def qmatmul(x2, w, fp16_gemm: bool):
     """x2 (M, K) float32 @ w.T -> (M, n_rows) float32 (matmul.qmatmul for a QWeight)."""
     from .matmul import qmatmul as run
     return run(x2, w.data, int(w.qtype), w.n_rows, w.n_cols, fp16_gemm)
 
 
-__all__ = ["available", "unavailable", "handles", "serves", "qmatmul"]
+__all__ = ["available", "unavailable", "handles", "qmatmul"]
