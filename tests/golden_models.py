@@ -141,6 +141,26 @@ ARCH_MODELS: dict[str, ArchModel] = {
         types={"token_embd": Q.F16, "output": Q.Q8_0, "attn_q": Q.Q8_0, "attn_k": Q.Q8_0, "attn_v": Q.F32,
                "attn_output": Q.Q8_0, "ffn_gate": Q.Q4_1, "ffn_up": Q.Q5_0, "ffn_down": Q.Q8_0}),
         note="linear rope scaling (factor 4), 2 heads / 1 KV head of 32"),
+    # mixtures of experts: the router F32 (as llama.cpp's quantize keeps it), experts 3-D
+    "qwen3moe": ArchModel("qwen3moe", dict(
+        n_embd=256, n_heads=4, n_kv=2, head_dim=64, n_ff=512, seed=16, rope_base=1e6, n_expert=32,
+        n_expert_used=8, n_ff_exp=256,
+        types={"token_embd": Q.Q8_0, "output": Q.Q6_K, "attn_q": Q.Q8_0, "attn_k": Q.Q5_0, "attn_v": Q.Q8_0,
+               "attn_output": Q.Q4_0, "ffn_gate_exps": Q.Q4_K, "ffn_up_exps": Q.Q5_0, "ffn_down_exps": Q.Q8_0}),
+        note="32 experts, top 8, weights renormalised; q/k RMSNorm; K-quant expert rows"),
+    "qwen2moe": ArchModel("qwen2moe", dict(
+        n_embd=256, n_heads=8, n_kv=2, n_ff=512, seed=17, rope_base=1e6, bias_scale=0.5, n_expert=16,
+        n_expert_used=4, n_ff_exp=128, n_ff_shexp=384,
+        types={"token_embd": Q.Q8_0, "output": Q.Q8_0, "attn_q": Q.Q8_0, "attn_k": Q.Q8_0, "attn_v": Q.Q5_1,
+               "attn_output": Q.Q8_0, "ffn_gate_exps": Q.Q4_0, "ffn_up_exps": Q.Q8_0, "ffn_down_exps": Q.Q4_1,
+               "ffn_gate_shexp": Q.Q5_K, "ffn_up_shexp": Q.Q8_0, "ffn_down_shexp": Q.Q5_0}),
+        note="16 experts, top 4, weights not renormalised; a shared expert (384) behind a sigmoid gate; "
+             "q/k/v biases"),
+    "mixtral": ArchModel("llama", dict(
+        n_embd=256, n_heads=4, n_kv=2, n_ff=256, seed=18, rope_base=1e6, n_expert=8, n_expert_used=2,
+        types={"token_embd": Q.Q8_0, "output": Q.Q8_0, "attn_q": Q.Q4_K, "attn_k": Q.Q8_0, "attn_v": Q.Q8_0,
+               "attn_output": Q.Q8_0, "ffn_gate_exps": Q.Q6_K, "ffn_up_exps": Q.IQ4_NL, "ffn_down_exps": Q.Q8_0}),
+        note="Mixtral: the llama architecture with 8 experts, top 2, normal rope layout"),
 }
 
 

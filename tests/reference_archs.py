@@ -1,5 +1,13 @@
-"""Plain dense float64 forwards of Qwen2, Qwen3, Phi-3 and Gemma 3, written from the published
-architectures (the Hugging Face modeling files' math), independent of tensorsplit.
+"""Plain dense float64 forwards of Qwen2, Qwen3, Phi-3 and Gemma 3, and of the mixture-of-experts
+Qwen3-MoE, Qwen2-MoE and Mixtral, written from the published architectures (the Hugging Face
+modeling files' math), independent of tensorsplit.
+
+Mixture of experts (HF Qwen2MoeSparseMoeBlock, Qwen3MoeSparseMoeBlock, MixtralSparseMoeBlock):
+softmax of the router's logits, the top-k experts, their probabilities renormalised to sum 1
+(norm_topk_prob: Qwen3-MoE and Mixtral yes, Qwen2-MoE no), each expert a SwiGLU MLP, the weighted
+sum; Qwen2-MoE adds sigmoid(shared_expert_gate(x)) * shared_expert(x). Mixtral is the llama
+architecture: the converter permutes its q/k rows for llama.cpp's normal rope layout, so rope
+rotates adjacent pairs here (equal to HF's rotate_half on the unpermuted weights).
 
 Weights come from gguf-py's GGUFReader and numpy dequantization. Rope is HF's rotate_half on
 the original weight layout: llama.cpp's converter leaves these four families' q/k rows
@@ -18,7 +26,8 @@ import numpy as np
 from gguf import GGUFReader
 from gguf.quants import dequantize
 
-FAMILIES = ("qwen2", "qwen3", "phi3", "gemma3")
+FAMILIES = ("qwen2", "qwen3", "phi3", "gemma3", "qwen3moe", "qwen2moe", "llama")
+NORM_TOPK = {"qwen3moe": True, "qwen2moe": False, "llama": True}
 
 
 class DenseModel:
@@ -44,6 +53,7 @@ class DenseModel:
         # Phi-3 LongRoPE: factors chosen by context length, cos/sin times the attention factor
         self.attn_factor = kv("rope.scaling.attn_factor", 1.0)
         self.orig_ctx = kv("rope.scaling.original_context_length", kv("context_length"))
+        self.n_used = kv("expert_used_count", 0)
 
     def w(self, name) -> np.ndarray:
         t = self.t[name]
@@ -69,8 +79,37 @@ class DenseModel:
         cos = np.concatenate([np.cos(ang)] * 2, -1)[:, None, :] * scale
         sin = np.concatenate([np.sin(ang)] * 2, -1)[:, None, :] * scale
         xr, rest = x[..., :d], x[..., d:]
+        if self.arch == "llama":          # adjacent pairs (x[2i], x[2i+1]): the permuted rows' layout
+            c, s_ = np.cos(ang)[:, None, :] * scale, np.sin(ang)[:, None, :] * scale
+            a, b = xr[..., 0::2], xr[..., 1::2]
+            out = np.stack([a * c - b * s_, a * s_ + b * c], -1).reshape(xr.shape)
+            return np.concatenate([out, rest], -1)
         rot = np.concatenate([-xr[..., half:], xr[..., :half]], -1)
         return np.concatenate([xr * cos + rot * sin, rest], -1)
+
+    @staticmethod
+    def swiglu(h, gate_w, up_w, down_w):
+        gate, up = h @ gate_w.T, h @ up_w.T
+        return (gate / (1 + np.exp(-gate)) * up) @ down_w.T
+
+    def moe(self, h, p) -> np.ndarray:
+        """h (n, n_embd) -> the experts' weighted sum (n, n_embd)."""
+        logits = h @ self.w(p + "ffn_gate_inp.weight").T                    # (n, E)
+        probs = np.exp(logits - logits.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        top = np.argsort(-probs, axis=-1, kind="stable")[:, :self.n_used]   # (n, k)
+        weights = np.take_along_axis(probs, top, -1)
+        if NORM_TOPK[self.arch]:
+            weights = weights / weights.sum(-1, keepdims=True)
+        gate, up, down = (self.w(p + f"ffn_{t}_exps.weight") for t in ("gate", "up", "down"))   # (E, out, in)
+        out = np.zeros_like(h)
+        for t in range(h.shape[0]):
+            for j, e in enumerate(top[t]):
+                out[t] += weights[t, j] * self.swiglu(h[t:t + 1], gate[e], up[e], down[e])[0]
+        if p + "ffn_gate_inp_shexp.weight" in self.t:
+            shared = self.swiglu(h, *(self.w(p + f"ffn_{t}_shexp.weight") for t in ("gate", "up", "down")))
+            out += shared / (1 + np.exp(-(h @ self.w(p + "ffn_gate_inp_shexp.weight"))))[:, None]
+        return out
 
     def is_sliding(self, i) -> bool:
         return self.arch == "gemma3" and (i + 1) % 6 != 0
@@ -97,10 +136,10 @@ class DenseModel:
                 q, k, v = np.split(qkv, [H * hd, H * hd + K * hd], axis=-1)
             else:
                 q, k, v = (h @ self.w(p + f"attn_{t}.weight").T for t in "qkv")
-            if self.arch == "qwen2":
+            if self.arch in ("qwen2", "qwen2moe"):
                 q, k, v = (y + self.w(p + f"attn_{t}.bias") for y, t in zip((q, k, v), "qkv"))
             q, k, v = q.reshape(n, H, hd), k.reshape(n, K, hd), v.reshape(n, K, hd)
-            if self.arch in ("qwen3", "gemma3"):
+            if self.arch in ("qwen3", "gemma3", "qwen3moe"):
                 q, k = self.rms(q, self.w(p + "attn_q_norm.weight")), self.rms(k, self.w(p + "attn_k_norm.weight"))
             base = self.local_base if self.is_sliding(i) else self.base
             q, k = self.rope(q, pos, base, factors, scale), self.rope(k, pos, base, factors, scale)
@@ -117,6 +156,9 @@ class DenseModel:
                 a = self.rms(a, self.w(p + "post_attention_norm.weight"))
             x = x + a
             h = self.rms(x, self.w(p + "ffn_norm.weight"))
+            if p + "ffn_gate_inp.weight" in self.t:
+                x = x + self.moe(h, p)
+                continue
             if self.arch == "phi3":
                 gate, up = np.split(h @ self.w(p + "ffn_up.weight").T, 2, axis=-1)
             else:

@@ -53,7 +53,8 @@ def write_model(path: Path, arch: str = "llama", *, n_layers=2, n_embd=256, n_he
                 rope_base=10000.0, extra_kv: dict | None = None, window=4, rope_factors=False,
                 bias_scale=0.5, original_context=32, rope_dim=None, fused_qkv=None,
                 extra_tensors: dict[str, np.ndarray] | None = None, context_length=256,
-                attn_factor=1.19, init="small", kv_items=()) -> Path:
+                attn_factor=1.19, init="small", kv_items=(), n_expert=0, n_expert_used=2, n_ff_exp=None,
+                n_ff_shexp=None) -> Path:
     """A GGUF of `arch` with random weights, laid out as llama.cpp's converter writes that arch:
 
     llama   q, k, v, o, gate, up, down
@@ -62,6 +63,11 @@ def write_model(path: Path, arch: str = "llama", *, n_layers=2, n_embd=256, n_he
     phi3    fused attn_qkv = [q; k; v] and ffn_up = [gate; up] (no ffn_gate); with rope_factors,
             LongRoPE's rope_factors_long/short, rope.scaling.attn_factor and `original_context`
     gemma3  + q/k norms, post_attention_norm, post_ffw_norm; attention.sliding_window = `window`
+    qwen3moe  qwen3's attention; every FFN `n_expert` experts of width n_ff_exp (3-D ffn_*_exps),
+            routed by ffn_gate_inp (F32) to n_expert_used of them
+    qwen2moe  qwen2's attention (biases); experts as qwen3moe, and a shared expert of n_ff_shexp
+            (ffn_*_shexp) with its gate vector ffn_gate_inp_shexp
+    llama with n_expert > 0: Mixtral (experts of width n_ff, expert_feed_forward_length not written)
 
     `types` maps a tensor suffix ("attn_q", "attn_qkv", "ffn_down", "token_embd", "output", ...) to
     its quant type; default Q8_0. Norm weights are 1 + 0.1 N(0, 1) (gemma's stored +1 included).
@@ -91,6 +97,14 @@ def write_model(path: Path, arch: str = "llama", *, n_layers=2, n_embd=256, n_he
     w.add_layer_norm_rms_eps(1e-5 if arch != "gemma3" else 1e-6)
     if arch == "gemma3":
         w.add_sliding_window(window)
+    moe = n_expert > 0
+    if moe:
+        w.add_expert_count(n_expert)
+        w.add_expert_used_count(n_expert_used)
+        if arch != "llama":
+            w.add_expert_feed_forward_length(n_ff_exp or n_ff)
+        if arch == "qwen2moe":
+            w.add_expert_shared_feed_forward_length(n_ff_shexp or n_ff)
     if rope_factors:
         w.add_rope_scaling_attn_factors(attn_factor)
         w.add_rope_scaling_orig_ctx_len(original_context)
@@ -114,6 +128,17 @@ def write_model(path: Path, arch: str = "llama", *, n_layers=2, n_embd=256, n_he
             w.add_tensor(name, data, raw_shape=(n_rows, n_cols) if data.dtype != np.uint8
                          else data.shape, raw_dtype=qtype)
 
+    def experts(name, suffix, n_rows, n_cols):
+        """A 3-D expert tensor: n_expert matrices of (n_rows, n_cols), ggml [n_cols, n_rows, n_expert]."""
+        qtype = types.get(suffix, Q.Q8_0)
+        data = random_quantized(qtype, n_expert * n_rows, n_cols, rng, std_of(suffix, n_cols))
+        data = data.reshape(n_expert, n_rows, -1)
+        if qtype == Q.F32:
+            w.add_tensor(name, data)
+        else:
+            w.add_tensor(name, data, raw_shape=(n_expert, n_rows, n_cols) if data.dtype != np.uint8
+                         else data.shape, raw_dtype=qtype)
+
     def vector(name, n, mean=1.0, std=0.1 if init == "small" else 0.3):
         w.add_tensor(name, (mean + std * rng.standard_normal(n)).astype(np.float32))
 
@@ -134,22 +159,36 @@ def write_model(path: Path, arch: str = "llama", *, n_layers=2, n_embd=256, n_he
             tensor(p + "attn_q.weight", "attn_q", q_dim, n_embd)
             tensor(p + "attn_k.weight", "attn_k", kv_dim, n_embd)
             tensor(p + "attn_v.weight", "attn_v", kv_dim, n_embd)
-        if arch == "qwen2":
+        if arch in ("qwen2", "qwen2moe"):
             for t, n in (("q", q_dim), ("k", kv_dim), ("v", kv_dim)):
                 vector(p + f"attn_{t}.bias", n, mean=0.0, std=bias_scale)
-        if arch in ("qwen3", "gemma3"):
+        if arch in ("qwen3", "gemma3", "qwen3moe"):
             vector(p + "attn_q_norm.weight", hd)
             vector(p + "attn_k_norm.weight", hd)
         tensor(p + "attn_output.weight", "attn_output", n_embd, q_dim)
         if arch == "gemma3":
             vector(p + "post_attention_norm.weight", n_embd)
         vector(p + "ffn_norm.weight", n_embd)
-        if arch == "phi3":
+        if moe:
+            ff = n_ff_exp or n_ff
+            w.add_tensor(p + "ffn_gate_inp.weight",      # the router: F32, as llama.cpp's quantize keeps it
+                         (rng.standard_normal((n_expert, n_embd)) * std_of("ffn_gate_inp", n_embd)).astype(np.float32))
+            experts(p + "ffn_gate_exps.weight", "ffn_gate_exps", ff, n_embd)
+            experts(p + "ffn_up_exps.weight", "ffn_up_exps", ff, n_embd)
+            experts(p + "ffn_down_exps.weight", "ffn_down_exps", n_embd, ff)
+            if arch == "qwen2moe":
+                sh = n_ff_shexp or n_ff
+                vector(p + "ffn_gate_inp_shexp.weight", n_embd, mean=0.0, std=std_of("ffn_gate_inp_shexp", n_embd))
+                tensor(p + "ffn_gate_shexp.weight", "ffn_gate_shexp", sh, n_embd)
+                tensor(p + "ffn_up_shexp.weight", "ffn_up_shexp", sh, n_embd)
+                tensor(p + "ffn_down_shexp.weight", "ffn_down_shexp", n_embd, sh)
+        elif arch == "phi3":
             tensor(p + "ffn_up.weight", "ffn_up", 2 * n_ff, n_embd)
         else:
             tensor(p + "ffn_gate.weight", "ffn_gate", n_ff, n_embd)
             tensor(p + "ffn_up.weight", "ffn_up", n_ff, n_embd)
-        tensor(p + "ffn_down.weight", "ffn_down", n_embd, n_ff)
+        if not moe:
+            tensor(p + "ffn_down.weight", "ffn_down", n_embd, n_ff)
         if arch == "gemma3":
             vector(p + "post_ffw_norm.weight", n_embd)
     for name, data in (extra_tensors or {}).items():

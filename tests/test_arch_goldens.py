@@ -1,4 +1,5 @@
-"""Qwen2, Qwen3, Phi-3 LongRoPE, llama3 rope scaling and linear rope scaling against llama.cpp's own
+"""Qwen2, Qwen3, Phi-3 LongRoPE, llama3 rope scaling, linear rope scaling and the mixtures of experts
+(Qwen3-MoE 32 experts top 8, Qwen2-MoE with its shared expert, Mixtral) against llama.cpp's own
 outputs on small synthetic files (tests/golden_models.py; fixtures tests/fixtures/arch_*_golden.json
 from scripts/make_golden.py, llama.cpp 0.3.36), at 1 and 2 ranks in this process.
 
@@ -17,6 +18,8 @@ What that catches (each tried by breaking it and rerunning): ignoring LongRoPE's
 rope_freqs (RMS 0.44, top-1 60%), ignoring linear scaling (RMS 1.7, top-1 50%), dropping qwen2's
 k bias (RMS 0.57, top-1 86%), qwen3 q/k norm weights taken as 1 (RMS 0.49, top-1 81%), the other
 rope layout (RMS 1.3, top-1 51%).
+The mixtures of experts, seen: top-10 RMS 0.012-0.019, max 0.11; perplexity within 0.04%, top-1
+agreement 98.0-98.5% (their routing in float32 as llama.cpp's: a flipped choice would show as a jump).
 """
 from __future__ import annotations
 

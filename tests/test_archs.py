@@ -1,4 +1,5 @@
-"""Qwen2, Qwen3, Phi-3 and Gemma 3 against independent dense references, all ranks in one process.
+"""Qwen2, Qwen3, Phi-3, Gemma 3 and the mixtures of experts (Qwen3-MoE, Qwen2-MoE, Mixtral) against
+independent dense references, all ranks in one process.
 (The same families, and llama3 / linear rope scaling, against llama.cpp itself: test_arch_goldens.py.)
 
 - Synthetic files (tests/synthetic.py writes them as llama.cpp's converter lays each arch out):
@@ -41,6 +42,9 @@ REF_ATOL = {                  # one rank vs the float64 reference (exact numeric
     "phi3": 8e-6,             # seen: 2.0e-6 (also at 2 ranks with either set of LongRoPE factors)
     "phi3-separate-qkv": 6e-6,   # seen: 1.3e-6
     "gemma3": 8e-6,           # seen: 1.9e-6; the ring test (ring vs one forward): 1.4e-6
+    "qwen3moe": 1e-5,         # seen: 2.5e-6
+    "qwen2moe": 4e-6,         # seen: 8.1e-7
+    "llama-moe": 7e-6,        # seen: 1.6e-6
 }
 # Sharded vs one rank: the same logits bit for bit (row-parallel partials are float64 to the all-reduce
 # and rounded once; README), asserted as equality.
@@ -67,6 +71,16 @@ SYNTHETIC = {
     # 6 layers: 5 sliding (window 4 < 12 tokens) then one global; 4 heads / 1 KV head
     "gemma3": dict(n_layers=6, n_embd=128, n_heads=4, n_kv=1, head_dim=64, n_ff=256, vocab=300, window=4,
                    rope_base=1e6, seed=3),
+    # mixtures of experts, every expert split by rows / columns: 32 experts top-8 (K-quant gate rows),
+    # 16 top-4 with a shared expert and q/k/v biases, and Mixtral's llama with 8 top-2
+    "qwen3moe": dict(n_embd=256, n_heads=4, n_kv=2, head_dim=64, n_ff=512, vocab=300, seed=5, n_expert=32,
+                     n_expert_used=8, n_ff_exp=256,
+                     types={"ffn_gate_exps": Q.Q4_K, "ffn_up_exps": Q.Q5_0, "ffn_down_exps": Q.Q8_0}),
+    "qwen2moe": dict(n_embd=256, n_heads=8, n_kv=2, n_ff=512, vocab=300, seed=6, n_expert=16, n_expert_used=4,
+                     n_ff_exp=128, n_ff_shexp=384,
+                     types={"ffn_gate_exps": Q.Q4_0, "ffn_down_exps": Q.Q4_1, "ffn_down_shexp": Q.Q5_0}),
+    "llama-moe": dict(n_embd=256, n_heads=4, n_kv=2, n_ff=256, vocab=300, seed=7, n_expert=8, n_expert_used=2,
+                      types={"ffn_gate_exps": Q.Q6_K, "ffn_up_exps": Q.IQ4_NL, "ffn_down_exps": Q.Q8_0}),
 }
 
 
@@ -172,7 +186,7 @@ def test_unknown_architecture_lists_supported(tmp_path):
     with pytest.raises(UnsupportedError, match="architecture 'mamba'") as e:
         open_model(path)
     assert f"supported: {', '.join(sorted(ARCHS))}" in str(e.value)
-    assert set(ARCHS) == {"llama", "qwen2", "qwen3", "phi3", "gemma3"}
+    assert set(ARCHS) == {"llama", "qwen2", "qwen3", "phi3", "gemma3", "qwen3moe", "qwen2moe"}
 
 
 def test_unknown_tensor_is_named_with_the_supported_ones(tmp_path):

@@ -67,9 +67,10 @@ def choose_backend(device_kinds: list[str], override: str | None = None, check_a
     return BackendChoice("gloo", True, f"devices {sorted(kinds)}: Gloo, staged through host memory")
 
 
-def decode_graphs(device_kinds: list[str], backend: str, cuda_graphs: bool) -> bool:
+def decode_graphs(device_kinds: list[str], backend: str, cuda_graphs: bool, experts: bool = False) -> bool:
     """Whether decode steps run as CUDA graphs (model/decode_graphs.py), with a static KV cache of one
     scratch slot more: only where every rank is a GPU on NCCL, whose all-reduces a graph can hold (a
-    world staged through host memory, or on Gloo, cannot be captured; a CPU has no graphs), and not
-    with --no-cuda-graphs."""
-    return cuda_graphs and set(device_kinds) == {"cuda"} and backend == "nccl"
+    world staged through host memory, or on Gloo, cannot be captured; a CPU has no graphs), not for a
+    mixture of experts (each step's routing decides which experts' weights are read, on the host), and
+    not with --no-cuda-graphs."""
+    return cuda_graphs and set(device_kinds) == {"cuda"} and backend == "nccl" and not experts

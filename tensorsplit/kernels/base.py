@@ -5,6 +5,8 @@ which kernels run or which arithmetic they use; it calls these.
     load(w)                       a QWeight in the layout these kernels multiply (CPU: 16-row tiles)
     matmul(x, w, wide=False)      x (..., n_cols) @ W.T -> (..., n_rows) float32 (wide: float64)
     get_rows(w, ids)              rows `ids` of w, dequantized (the embedding lookup)
+    experts(x, gate, up, down, selected, weights, act)
+                                  a mixture-of-experts FFN's weighted sum over each token's experts
     rms_norm(x, weight, eps)      x * rsqrt(mean(x^2) + eps) * weight, over the last dim
     rope(x, positions, cos, sin, neox, rope_dim)          the rotary embedding, tables given
     attend(q, k, v, k_cache, v_cache, window, positions, slots, heads)
@@ -86,6 +88,9 @@ class Kernels(Protocol):
     def matmul(self, x: "torch.Tensor | MatmulInput", w: QWeight, wide: bool = False) -> torch.Tensor: ...
 
     def get_rows(self, w: QWeight, ids: torch.Tensor) -> torch.Tensor: ...
+
+    def experts(self, x, gate: list[QWeight], up: list[QWeight], down: list[QWeight], selected: torch.Tensor,
+                weights: torch.Tensor, act) -> torch.Tensor: ...
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor: ...
 

@@ -82,6 +82,27 @@ class TorchKernels:
         rows = dequantize(w.data.index_select(0, flat), w.qtype, w.n_cols, w.name)
         return rows.reshape(*ids.shape, w.n_cols)
 
+    def experts(self, x, gate: list, up: list, down: list, selected: torch.Tensor, weights: torch.Tensor,
+                act) -> torch.Tensor:
+        """A mixture-of-experts FFN's partial sum on this rank, before the all-reduce:
+        out[t] = sum_j weights[t, j] * down_e(act(gate_e(x[t])) * up_e(x[t])), e = selected[t, j].
+
+        x (n, n_embd) or MatmulInput; gate, up, down: per expert, this rank's rows / columns of it;
+        selected (n, k) long, weights (n, k) float32 -> (n, n_out) float64 (the partials are summed
+        wide, as a row-parallel layer's are). The tokens are grouped by expert and each expert runs
+        once over its tokens (a gemm in a prompt, a gemv in a decode step); an expert no token chose
+        is not read. Each row's input is rounded as in a dense matmul (per row, so the same in a group
+        as alone)."""
+        inp = MatmulInput.of(x)
+        out = torch.zeros(inp.x2.shape[0], down[0].n_rows, dtype=torch.float64, device=inp.x2.device)
+        for e in torch.unique(selected).tolist():
+            tok, slot = (selected == e).nonzero(as_tuple=True)            # tokens routed to e, in order
+            xe = MatmulInput(inp.x2.index_select(0, tok))
+            h = act(self.matmul(xe, gate[e])) * self.matmul(xe, up[e])     # (t, local_ff) float32
+            y = self.matmul(h, down[e], wide=True)                          # (t, n_out) float64
+            out.index_add_(0, tok, y * weights[tok, slot].to(torch.float64)[:, None])
+        return out
+
     # --- the rest of a layer
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

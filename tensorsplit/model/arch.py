@@ -16,8 +16,14 @@ Split roles (ggml shapes: ne0 is the input dim, ne1 the output dim of a weight):
   gate_up_rows a fused [gate; up] projection: two row ranges per rank, its FFN range in each half
   o_cols       input columns of the attention output projection, cut at the rank's query heads
   ffn_cols     input columns of ffn_down, cut on the FFN plan
+  exp_rows     output rows of every expert's gate/up (3-D [n_embd, n_ff_exp, n_expert]), cut on the
+               expert FFN plan: each rank holds the same rows of every expert
+  exp_cols     input columns of every expert's down (3-D [n_ff_exp, n_embd, n_expert]), likewise
+  shexp_rows   output rows of the shared expert's gate/up, cut on the shared-expert FFN plan
+  shexp_cols   input columns of the shared expert's down
   vocab_rows   rows of token_embd / output, cut by vocabulary
-  mirror       every rank holds all of it (norms, rope factors, biases of input-split weights)
+  mirror       every rank holds all of it (norms, rope factors, biases of input-split weights, the
+               expert router: every rank routes alike, with no broadcast)
 For a 1-D bias the role's axis is its only axis.
 """
 from __future__ import annotations
@@ -31,7 +37,7 @@ from typing import Callable
 from ..errors import UnsupportedError
 
 SPLIT_ROLES = ("q_rows", "kv_rows", "qkv_rows", "ffn_rows", "gate_up_rows", "o_cols", "ffn_cols",
-               "vocab_rows", "mirror")
+               "exp_rows", "exp_cols", "shexp_rows", "shexp_cols", "vocab_rows", "mirror")
 ACTIVATIONS = ("silu", "gelu_tanh")
 
 
@@ -45,6 +51,15 @@ class TensorRole:
 
 def _head_dim_scale(cfg) -> float:
     return 1.0 / math.sqrt(cfg.head_dim)
+
+
+@dataclass(frozen=True)
+class MoeSpec:
+    """How a mixture-of-experts layer routes, as llama.cpp's graph for the arch calls build_moe_ffn
+    (src/models/*.cpp): softmax over the router's logits, the top expert_used_count experts by
+    probability, their probabilities as weights, divided by their sum where `norm_weights`."""
+    norm_weights: bool
+    shared_expert: bool = False   # qwen2moe: a shared expert, scaled by sigmoid(ffn_gate_inp_shexp . x)
 
 
 @dataclass(frozen=True)
@@ -62,6 +77,7 @@ class ArchSpec:
     attn_scale: Callable[[object], float] = _head_dim_scale   # cfg -> softmax scale of q.k
     q_prescaled: bool = False     # llama.cpp scales q itself before attention (kq_scale 1), not q.k in its
                                   # softmax: it matters only where --numerics llamacpp rounds q to f16
+    moe: MoeSpec | None = None    # every layer's FFN is a mixture of experts
 
     def __post_init__(self):
         assert self.activation in ACTIVATIONS, self.activation
@@ -93,9 +109,9 @@ def _t(suffix, shape, split, optional=False) -> TensorRole:
 
 
 def _layer(*, qkv_bias: str = "optional", fused_qkv: bool = False, qk_norm: bool = False,
-           post_norms: bool = False, fused_gate_up: bool = False) -> tuple[TensorRole, ...]:
+           post_norms: bool = False, fused_gate_up: bool = False, moe: MoeSpec | None = None) -> tuple[TensorRole, ...]:
     """The tensors of one decoder layer. qkv_bias: "optional" (llama: some files have them),
-    "required" (qwen2) or "none"."""
+    "required" (qwen2) or "none". moe: experts (llama.cpp's 3-D ffn_*_exps) instead of a dense FFN."""
     roles = [_t("attn_norm.weight", lambda c: (c.n_embd,), "mirror")]
     if fused_qkv:
         roles.append(_t("attn_qkv.weight", lambda c: (c.n_embd, c.q_dim + 2 * c.kv_dim), "qkv_rows"))
@@ -117,12 +133,23 @@ def _layer(*, qkv_bias: str = "optional", fused_qkv: bool = False, qk_norm: bool
     if post_norms:
         roles.append(_t("post_attention_norm.weight", lambda c: (c.n_embd,), "mirror"))
     roles.append(_t("ffn_norm.weight", lambda c: (c.n_embd,), "mirror"))
-    if fused_gate_up:
+    if moe:
+        roles += [_t("ffn_gate_inp.weight", lambda c: (c.n_embd, c.n_expert), "mirror"),
+                  _t("ffn_gate_exps.weight", lambda c: (c.n_embd, c.n_ff_exp, c.n_expert), "exp_rows"),
+                  _t("ffn_up_exps.weight", lambda c: (c.n_embd, c.n_ff_exp, c.n_expert), "exp_rows"),
+                  _t("ffn_down_exps.weight", lambda c: (c.n_ff_exp, c.n_embd, c.n_expert), "exp_cols")]
+        if moe.shared_expert:
+            roles += [_t("ffn_gate_inp_shexp.weight", lambda c: (c.n_embd,), "mirror"),
+                      _t("ffn_gate_shexp.weight", lambda c: (c.n_embd, c.n_ff_shexp), "shexp_rows"),
+                      _t("ffn_up_shexp.weight", lambda c: (c.n_embd, c.n_ff_shexp), "shexp_rows"),
+                      _t("ffn_down_shexp.weight", lambda c: (c.n_ff_shexp, c.n_embd), "shexp_cols")]
+    elif fused_gate_up:
         roles.append(_t("ffn_up.weight", lambda c: (c.n_embd, 2 * c.n_ff), "gate_up_rows"))
     else:
         roles += [_t("ffn_gate.weight", lambda c: (c.n_embd, c.n_ff), "ffn_rows"),
                   _t("ffn_up.weight", lambda c: (c.n_embd, c.n_ff), "ffn_rows")]
-    roles.append(_t("ffn_down.weight", lambda c: (c.n_ff, c.n_embd), "ffn_cols"))
+    if not moe:
+        roles.append(_t("ffn_down.weight", lambda c: (c.n_ff, c.n_embd), "ffn_cols"))
     if post_norms:
         roles.append(_t("post_ffw_norm.weight", lambda c: (c.n_embd,), "mirror"))
     return tuple(roles)
@@ -133,6 +160,10 @@ def _gemma3_attn_scale(cfg) -> float:
     # every size but the 27B, which it recognises by its 62 layers and scales by n_embd / n_heads.
     return 1.0 / math.sqrt(cfg.n_embd // cfg.n_heads if cfg.n_layers == 62 else cfg.head_dim)
 
+
+_QWEN3_MOE = MoeSpec(norm_weights=True)
+_QWEN2_MOE = MoeSpec(norm_weights=False, shared_expert=True)
+_MIXTRAL_MOE = MoeSpec(norm_weights=True)
 
 _ROPE_FACTORS = tuple(_t(f"rope_factors_{kind}.weight", lambda c: (c.rope_dim // 2,), "mirror", optional=True)
                       for kind in ("long", "short"))
@@ -158,7 +189,19 @@ ARCHS: dict[str, ArchSpec] = {
     "gemma3": ArchSpec("gemma3", rope_neox=True, layer_tensors=_layer(qkv_bias="none", qk_norm=True, post_norms=True),
                        embed_scale=True, qk_norm=True, post_norms=True, activation="gelu_tanh",
                        swa_pattern=6, rope_base_swa=10000.0, attn_scale=_gemma3_attn_scale, q_prescaled=True),
+    # Qwen3-MoE (qwen3moe.cpp): qwen3's attention; every FFN 128 experts (Qwen3-30B-A3B), top 8, the
+    # selected probabilities renormalised (norm_w true), no shared expert.
+    "qwen3moe": ArchSpec("qwen3moe", rope_neox=True, qk_norm=True, moe=_QWEN3_MOE,
+                         layer_tensors=_layer(qkv_bias="none", qk_norm=True, moe=_QWEN3_MOE)),
+    # Qwen1.5/2-MoE (qwen2moe.cpp): qwen2's attention with q/k/v biases; top-k weights not renormalised
+    # (norm_w false); a shared expert added, scaled by sigmoid of its own gate.
+    "qwen2moe": ArchSpec("qwen2moe", rope_neox=True, moe=_QWEN2_MOE,
+                         layer_tensors=_layer(qkv_bias="required", moe=_QWEN2_MOE)),
 }
+
+# Mixtral: the llama architecture with expert_count > 0 (llama.cpp's llama graph calls build_moe_ffn
+# with norm_w true); recognised by its expert tensors.
+_LLAMA_MOE = dataclasses.replace(ARCHS["llama"], moe=_MIXTRAL_MOE, layer_tensors=_layer(moe=_MIXTRAL_MOE))
 
 
 # Phi-3 files whose converter kept q, k and v apart (llama.cpp loads attn_qkv when present, else these).
@@ -169,6 +212,8 @@ def arch_spec(name: str, tensor_names=()) -> ArchSpec:
     """The spec of architecture `name`; `tensor_names` picks between layouts one architecture allows."""
     if name == "phi3" and "blk.0.attn_q.weight" in tensor_names and "blk.0.attn_qkv.weight" not in tensor_names:
         return _PHI3_SEPARATE_QKV
+    if name == "llama" and "blk.0.ffn_gate_exps.weight" in tensor_names:
+        return _LLAMA_MOE
     try:
         return ARCHS[name]
     except KeyError:

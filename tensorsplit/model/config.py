@@ -43,6 +43,10 @@ class ModelConfig:
     swa_window: int = 0             # {arch}.attention.sliding_window: local layers see the last this many positions
     swa_layers: tuple[bool, ...] = ()   # per layer: True = sliding-window (local) layer; empty = none
     rope_base_swa: float = 0.0      # rope base of the local layers ({arch}.rope.freq_base_swa, else the arch's)
+    n_expert: int = 0               # {arch}.expert_count: experts per MoE layer (0: a dense FFN)
+    n_expert_used: int = 0          # {arch}.expert_used_count: experts each token is routed to
+    n_ff_exp: int = 0               # {arch}.expert_feed_forward_length (else feed_forward_length): an expert's width
+    n_ff_shexp: int = 0             # {arch}.expert_shared_feed_forward_length: the shared expert's width
     spec: ArchSpec = field(repr=False, compare=False, default=None)  # per-architecture conventions
 
     @property
@@ -123,11 +127,13 @@ def config_from_gguf(kv: Mapping[str, object], tensors: Mapping[str, object]) ->
     if any(long_short) and not all(long_short):
         raise ConfigError("rope_factors_long.weight and rope_factors_short.weight come as a pair; "
                           f"the file has only {'rope_factors_long' if long_short[0] else 'rope_factors_short'}")
+    n_ff = int(_get(kv, a + "feed_forward_length"))
+    moe = _moe_fields(kv, a, spec, n_ff)
     cfg = ModelConfig(
         arch=str(arch),
         n_layers=n_layers,
         n_embd=n_embd,
-        n_ff=int(_get(kv, a + "feed_forward_length")),
+        n_ff=n_ff,
         n_heads=n_heads,
         n_kv_heads=n_kv_heads,
         head_dim=head_dim,
@@ -143,6 +149,7 @@ def config_from_gguf(kv: Mapping[str, object], tensors: Mapping[str, object]) ->
         swa_window=swa_window,
         swa_layers=swa_layers,
         rope_base_swa=float(_get(kv, a + "rope.freq_base_swa", spec.rope_base_swa or rope_base)),
+        **moe,
         spec=spec,
     )
     declared_vocab = kv.get(a + "vocab_size")
@@ -150,6 +157,26 @@ def config_from_gguf(kv: Mapping[str, object], tensors: Mapping[str, object]) ->
         raise ConfigError(f"'{a}vocab_size' is {declared_vocab} but token_embd.weight has {vocab_size} rows")
     check_tensors(cfg, tensors)
     return cfg
+
+
+def _moe_fields(kv: Mapping[str, object], a: str, spec: ArchSpec, n_ff: int) -> dict:
+    """The expert counts and widths, as llama.cpp reads them for the arch (llama-model.cpp load_hparams)."""
+    n_expert = int(_get(kv, a + "expert_count", 0))
+    if spec.moe is None:
+        if n_expert:
+            raise UnsupportedError(f"'{a}expert_count' is {n_expert} but the file has no expert tensors "
+                                   "(blk.N.ffn_gate_exps.weight); per-expert 2-D tensors of old converters are "
+                                   "not supported: convert the model again")
+        return {}
+    used = int(_get(kv, a + "expert_used_count"))
+    if n_expert <= 0 or not 0 < used <= n_expert:
+        raise ConfigError(f"'{a}expert_count' {n_expert} and '{a}expert_used_count' {used}: expected "
+                          "0 < expert_used_count <= expert_count")
+    fields = dict(n_expert=n_expert, n_expert_used=used,
+                  n_ff_exp=int(_get(kv, a + "expert_feed_forward_length", n_ff)))
+    if spec.moe.shared_expert:
+        fields["n_ff_shexp"] = int(_get(kv, a + "expert_shared_feed_forward_length"))
+    return fields
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -181,7 +208,8 @@ def check_tensors(cfg: ModelConfig, tensors: Mapping[str, object]) -> None:
         if got != shape:
             raise ConfigError(f"tensor '{name}' has shape {list(got)} but the metadata implies {list(shape)} "
                               f"(n_embd={cfg.n_embd}, n_ff={cfg.n_ff}, n_heads={cfg.n_heads}, "
-                              f"n_kv_heads={cfg.n_kv_heads}, head_dim={cfg.head_dim}, vocab={cfg.vocab_size})")
+                              f"n_kv_heads={cfg.n_kv_heads}, head_dim={cfg.head_dim}, vocab={cfg.vocab_size}"
+                              + (f", n_expert={cfg.n_expert}, n_ff_exp={cfg.n_ff_exp}" if cfg.n_expert else "") + ")")
     unknown = [n for n in tensors if n not in expected]
     if unknown:
         shown = ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else "")

@@ -8,6 +8,7 @@ rank's kernels multiply (GGUF blocks; for the native CPU kernels the same blocks
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import numpy as np
@@ -24,19 +25,39 @@ def load_weight(gf, ts: TensorSlice, kernels: Kernels) -> QWeight:
     and on the device of the rank's kernels."""
     info = gf.tensors[ts.name]
     n_cols, n_rows = int(info.shape[0]), int(info.shape[1])
-    rb = row_bytes(info.qtype, n_cols)
-    rows = gf.tensor_bytes(ts.name).reshape(n_rows, rb)          # (n_rows, row_bytes) uint8 view, no copy
+    rows = gf.tensor_bytes(ts.name).reshape(n_rows, row_bytes(info.qtype, n_cols))   # uint8 view, no copy
+    w = _part(rows, info.qtype, n_cols, ts, ts.name)
+    assert w.nbytes == ts.nbytes, (ts.name, w.nbytes, ts.nbytes)
+    return kernels.load(w)
+
+
+def load_experts(gf, ts: TensorSlice, kernels: Kernels) -> list[QWeight]:
+    """The rank's part of a 3-D expert tensor [n_cols, n_rows, n_expert]: one QWeight per expert, each
+    cut as the slice says, in the kernels' layout. Each expert is copied out and converted in turn, so
+    the rank never holds more than one expert's GGUF copy besides its result."""
+    info = gf.tensors[ts.name]
+    n_cols, n_rows, n_expert = (int(d) for d in info.shape)
+    mats = gf.tensor_bytes(ts.name).reshape(n_expert, n_rows, row_bytes(info.qtype, n_cols))
+    out = []
+    for e in range(n_expert):
+        part = _part(mats[e], info.qtype, n_cols, ts, f"{ts.name}[{e}]")
+        assert part.nbytes * n_expert == ts.nbytes, (ts.name, part.nbytes, ts.nbytes)
+        out.append(kernels.load(part))
+    return out
+
+
+def _part(rows: np.ndarray, qtype, n_cols: int, ts: TensorSlice, name: str) -> QWeight:
+    """The slice's part of a (n_rows, row_bytes) matrix of file bytes, copied into a QWeight."""
+    n_rows = rows.shape[0]
     if ts.axis == 1:
         runs = [rows[a:b] for a, b in ts.ranges]                  # views; concatenate copies once
         raw, shape = (runs[0] if len(runs) == 1 else np.concatenate(runs)), (ts.length, n_cols)
     elif ts.axis == 0:
-        b0, b1 = row_bytes(info.qtype, ts.start), row_bytes(info.qtype, ts.end)
+        b0, b1 = row_bytes(qtype, ts.start), row_bytes(qtype, ts.end)
         raw, shape = rows[:, b0:b1], (n_rows, ts.end - ts.start)
     else:
         raw, shape = rows, (n_rows, n_cols)
-    w = QWeight.from_numpy(raw, info.qtype, shape[0], shape[1], name=ts.name)
-    assert w.nbytes == ts.nbytes, (ts.name, w.nbytes, ts.nbytes)
-    return kernels.load(w)
+    return QWeight.from_numpy(raw, qtype, shape[0], shape[1], name=name)
 
 
 def load_vector(gf, ts: TensorSlice, device="cpu") -> torch.Tensor:
@@ -58,12 +79,13 @@ def resident_bytes(gf, slices, tiled: bool) -> int:
         if len(info.shape) < 2 or int(info.shape[1]) == 1:
             total += 4 * (ts.length if ts.axis is not None else int(info.shape[0]))
             continue
-        n_cols, n_rows = int(info.shape[0]), int(info.shape[1])
+        n_cols, n_rows, n_mats = int(info.shape[0]), int(info.shape[1]), math.prod(int(d) for d in info.shape[2:])
         if ts.axis == 1:
             n_rows = ts.length
         elif ts.axis == 0:
             n_cols = ts.length
-        total += tiled_bytes(info.qtype, n_rows, n_cols) if tiled and int(info.qtype) in FORMATS else ts.nbytes
+        total += (n_mats * tiled_bytes(info.qtype, n_rows, n_cols) if tiled and int(info.qtype) in FORMATS
+                  else ts.nbytes)
     return total
 
 

@@ -13,6 +13,10 @@ Rules (Megatron-style, as llama.cpp's tensor split mode and vLLM):
   head and FFN units are sized to make every cut a multiple of the largest block size.
 - Fused weights (phi3's attn_qkv = [q; k; v], ffn_up = [gate; up]) are split per segment: a
   rank's slice is several row runs, its own q heads, KV heads, gate and up rows, concatenated.
+- Mixture-of-experts layers: every expert is split as a dense FFN is (gate/up by output rows, down by
+  input columns, on the experts' own FFN plan), so each rank holds the same rows of every expert and
+  one all-reduce completes the layer; the shared expert likewise, on its own plan. The router is
+  mirrored: every rank routes alike, with no broadcast.
 - token_embd and the output layer are split by vocabulary rows (a tied output shares the
   embedding's slice). Norms and the biases of input-split weights are mirrored.
 - Uneven ratios are shared out by largest remainder, in whole units, at least one unit each.
@@ -63,6 +67,13 @@ class RankShard:
     ffn: tuple[int, int]       # [start, end) of the FFN hidden dim
     vocab: tuple[int, int]     # [start, end) of vocabulary rows
     tensors: tuple[TensorSlice, ...]
+    ffn_exp: tuple[int, int] = (0, 0)     # [start, end) of every expert's FFN hidden dim (MoE)
+    ffn_shexp: tuple[int, int] = (0, 0)   # [start, end) of the shared expert's FFN hidden dim
+
+    @property
+    def expert_nbytes(self) -> int:
+        """Bytes of expert weights (routed and shared) this rank holds, as in the file."""
+        return sum(t.nbytes for t in self.tensors if t.split.startswith(("exp_", "shexp_")))
 
     @property
     def n_local_heads(self) -> int:
@@ -191,13 +202,17 @@ def make_plan(cfg: ModelConfig, tensors: Mapping[str, object], world: int,
         q_ranges = [(a * head_unit, b * head_unit) for a, b in units]
     kv_ranges = [(q0 // g, (q1 - 1) // g + 1) for q0, q1 in q_ranges]
 
-    # FFN: ffn_down's columns are cut, on its largest block size over all layers.
-    ffn_unit = _lcm_blocks(tensors, down_names)
-    if cfg.n_ff % ffn_unit:
-        raise ShardPlanError(f"n_ff {cfg.n_ff} is not a multiple of ffn_down's block size {ffn_unit}")
-    ffn_ranges = [(a * ffn_unit, b * ffn_unit) for a, b in
-                  apportion(cfg.n_ff // ffn_unit, ratios, f"the FFN ({cfg.n_ff} = {cfg.n_ff // ffn_unit} "
-                                                          f"blocks of {ffn_unit})")]
+    # FFN: ffn_down's columns are cut, on its largest block size over all layers; the experts' and
+    # the shared expert's likewise, on their own down weights.
+    none = [(0, 0)] * world
+    ffn_unit, ffn_ranges = (1, none) if cfg.n_expert else _ffn_plan(tensors, down_names, cfg.n_ff, ratios, "the FFN")
+    exp_ranges = shexp_ranges = none
+    if cfg.n_expert:
+        _, exp_ranges = _ffn_plan(tensors, [f"blk.{i}.ffn_down_exps.weight" for i in range(cfg.n_layers)],
+                                  cfg.n_ff_exp, ratios, "every expert's FFN")
+    if cfg.n_ff_shexp:
+        _, shexp_ranges = _ffn_plan(tensors, [f"blk.{i}.ffn_down_shexp.weight" for i in range(cfg.n_layers)],
+                                    cfg.n_ff_shexp, ratios, "the shared expert's FFN")
     vocab_ranges = apportion(cfg.vocab_size, ratios, f"a vocabulary of {cfg.vocab_size}")
 
     ranks = []
@@ -213,12 +228,26 @@ def make_plan(cfg: ModelConfig, tensors: Mapping[str, object], world: int,
             "gate_up_rows": ((f0, f1), (cfg.n_ff + f0, cfg.n_ff + f1)),
             "o_cols": (q_rows,),
             "ffn_cols": (ffn_ranges[r],),
+            "exp_rows": (exp_ranges[r],),
+            "exp_cols": (exp_ranges[r],),
+            "shexp_rows": (shexp_ranges[r],),
+            "shexp_cols": (shexp_ranges[r],),
             "vocab_rows": (vocab_ranges[r],),
         }
         slices = tuple(_slice(name, role, tensors[name], extents)
                        for name, role in _roles(cfg, tensors))
-        ranks.append(RankShard(r, q_ranges[r], kv_ranges[r], ffn_ranges[r], vocab_ranges[r], slices))
+        ranks.append(RankShard(r, q_ranges[r], kv_ranges[r], ffn_ranges[r], vocab_ranges[r], slices,
+                               exp_ranges[r], shexp_ranges[r]))
     return ShardPlan(world, ratios, kv_replicated, head_unit, ffn_unit, tuple(ranks))
+
+
+def _ffn_plan(tensors, down_names, n_ff: int, ratios, what: str) -> tuple[int, list[tuple[int, int]]]:
+    """(unit, [start, end) per rank) of an FFN hidden dim of n_ff, cut on its down weights' largest block."""
+    unit = _lcm_blocks(tensors, down_names)
+    if n_ff % unit:
+        raise ShardPlanError(f"{what}: width {n_ff} is not a multiple of its down weight's block size {unit}")
+    return unit, [(a * unit, b * unit) for a, b in
+                  apportion(n_ff // unit, ratios, f"{what} ({n_ff} = {n_ff // unit} blocks of {unit})")]
 
 
 def _roles(cfg: ModelConfig, tensors: Mapping[str, object]):
@@ -250,21 +279,26 @@ def _slice(name: str, role: str, info, extents) -> TensorSlice:
     if len(shape) == 1:          # a bias: its one axis is the output axis
         return TensorSlice(name, role, 0, ranges, _row_bytes(info, n))
     n_cols, n_rows = shape[0], shape[1]
+    n_mats = math.prod(shape[2:])          # 3-D expert tensors: the cut applies to each expert alike
     if role.endswith("_cols"):
         block = GGML_QUANT_SIZES[info.qtype][0]
         assert len(ranges) == 1 and all(x % block == 0 for x in ranges[0]), (name, ranges, block)
-        return TensorSlice(name, role, 0, ranges, n_rows * _row_bytes(info, n))
-    return TensorSlice(name, role, 1, ranges, n * _row_bytes(info, n_cols))
+        return TensorSlice(name, role, 0, ranges, n_mats * n_rows * _row_bytes(info, n))
+    return TensorSlice(name, role, 1, ranges, n_mats * n * _row_bytes(info, n_cols))
 
 
 def format_plan(plan: ShardPlan, cfg: ModelConfig, verbose: bool = False) -> str:
     """A human-readable table of the plan: per rank heads, FFN, vocab, bytes; per tensor with verbose."""
     lines = [f"world {plan.world}, shares {', '.join(f'{r:.3f}' for r in plan.ratios)}"
              f"{', KV heads replicated' if plan.kv_replicated else ''}"]
-    lines.append(f"{'rank':>4}  {'q heads':>9}  {'kv heads':>9}  {'ffn':>13}  {'vocab':>15}  {'weights':>10}")
+    moe = cfg.n_expert > 0
+    ffn = "expert ffn" if moe else "ffn"
+    lines.append(f"{'rank':>4}  {'q heads':>9}  {'kv heads':>9}  {ffn:>13}  {'vocab':>15}  {'weights':>10}"
+                 + (f"  {'experts':>10}" if moe else ""))
     for rs in plan.ranks:
-        lines.append(f"{rs.rank:>4}  {_rng(rs.q_heads):>9}  {_rng(rs.kv_heads):>9}  {_rng(rs.ffn):>13}  "
-                     f"{_rng(rs.vocab):>15}  {_mib(rs.nbytes):>10}")
+        lines.append(f"{rs.rank:>4}  {_rng(rs.q_heads):>9}  {_rng(rs.kv_heads):>9}  "
+                     f"{_rng(rs.ffn_exp if moe else rs.ffn):>13}  {_rng(rs.vocab):>15}  {_mib(rs.nbytes):>10}"
+                     + (f"  {_mib(rs.expert_nbytes):>10}" if moe else ""))
     if verbose:
         for rs in plan.ranks:
             lines.append(f"rank {rs.rank}:")

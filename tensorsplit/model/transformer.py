@@ -27,7 +27,8 @@ from .config import ModelConfig
 from .decode_graphs import DecodeGraphs
 from ..kernels.base import Kernels, MatmulInput
 from .layers import ColumnParallelLinear, Reduce, RowParallelLinear, VocabParallelEmbedding, VocabParallelHead
-from .loader import LoadProgress, load_vector, load_weight
+from .loader import LoadProgress, load_experts, load_vector, load_weight
+from .moe import MoE, SharedExpert
 from .rope import Rope
 from .shard_plan import RankShard
 
@@ -45,10 +46,11 @@ class Block:
     post_attn_norm: torch.Tensor | None      # (n_embd,), post_norms archs
     ffn_norm: torch.Tensor
     w_gate: ColumnParallelLinear | None      # -> (n, local_ff); None when fused into w_up
-    w_up: ColumnParallelLinear               # -> (n, local_ff), or (n, 2 * local_ff) = gate | up when fused
-    w_down: RowParallelLinear                # (n, local_ff) -> (n, n_embd), all-reduced
+    w_up: ColumnParallelLinear | None        # -> (n, local_ff), or (n, 2 * local_ff) = gate | up when fused
+    w_down: RowParallelLinear | None         # (n, local_ff) -> (n, n_embd), all-reduced
     post_ffn_norm: torch.Tensor | None
     local: bool                              # sliding-window layer
+    moe: MoE | None = None                   # a mixture-of-experts FFN instead of gate/up/down
 
 
 def _return_freed_memory() -> None:
@@ -89,6 +91,23 @@ class RankModel:
             self.resident_bytes += v.numel() * v.element_size()
             return v
 
+        def experts(name):
+            ws = load_experts(gf, slices[name], kernels)
+            progress.step(slices[name])
+            self.resident_bytes += sum(w.nbytes for w in ws)
+            return ws
+
+        def moe(p):
+            if spec.moe is None:
+                return None
+            shared = None
+            if spec.moe.shared_expert:
+                shared = SharedExpert(vector(p + "ffn_gate_inp_shexp.weight"), weight(p + "ffn_gate_shexp.weight"),
+                                      weight(p + "ffn_up_shexp.weight"), weight(p + "ffn_down_shexp.weight"))
+            return MoE(weight(p + "ffn_gate_inp.weight"), experts(p + "ffn_gate_exps.weight"),
+                       experts(p + "ffn_up_exps.weight"), experts(p + "ffn_down_exps.weight"), cfg.n_expert_used,
+                       spec.moe, self.act, reduce, kernels, shared)
+
         def column(name, bias=None):
             return ColumnParallelLinear(weight(name), vector(bias), kernels) if name in slices else None
 
@@ -117,10 +136,11 @@ class RankModel:
                                      kernels),
                 post_attn_norm=vector(p + "post_attention_norm.weight"),
                 ffn_norm=vector(p + "ffn_norm.weight"),
+                moe=moe(p),
                 w_gate=column(p + "ffn_gate.weight"),
                 w_up=column(p + "ffn_up.weight"),
-                w_down=RowParallelLinear(weight(p + "ffn_down.weight"), vector(p + "ffn_down.bias"), reduce,
-                                         kernels),
+                w_down=(RowParallelLinear(weight(p + "ffn_down.weight"), vector(p + "ffn_down.bias"), reduce,
+                                          kernels) if p + "ffn_down.weight" in slices else None),
                 post_ffn_norm=vector(p + "post_ffw_norm.weight"),
                 local=cfg.is_swa(i),
             ))
@@ -183,7 +203,9 @@ class RankModel:
                 v.reshape(n, sh.n_local_kv_heads, hd))
 
     def _ffn(self, b: Block, h: torch.Tensor) -> torch.Tensor:
-        """Gated FFN: down(act(gate(h)) * up(h)), before the all-reduce completes it."""
+        """Gated FFN: down(act(gate(h)) * up(h)), summed over ranks (or the experts' weighted sum)."""
+        if b.moe is not None:
+            return b.moe(h)
         h = MatmulInput(h)                            # quantized once for gate and up
         if b.w_gate is None:     # fused rows: this rank's gate range, then its up range
             gate, up = b.w_up(h).chunk(2, dim=-1)

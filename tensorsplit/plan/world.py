@@ -135,10 +135,10 @@ def plan_world(spec: WorldSpec, node: NodeSpec, *, here: bool = True, torchrun: 
     kinds = device_kinds(spec.device, world)
     devices = rank_devices(kinds, override(), node.nproc)
     backend = choose_backend(kinds, spec.backend, check_available=here)
-    graphs = decode_graphs(kinds, backend.name, spec.cuda_graphs)
     native = kernels_native(announce=here)
     threads = node.threads or default_threads(node.nproc)
     gf, cfg = open_model(spec.model)
+    graphs = decode_graphs(kinds, backend.name, spec.cuda_graphs, experts=cfg.n_expert > 0)
     try:
         auto = None
         if spec.split == AUTO:

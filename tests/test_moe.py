@@ -1,0 +1,187 @@
+"""Mixture-of-experts layers (model/moe.py, the kernels' `experts`) against float64 references built
+from gguf-py's dequantization, and the router's edge cases.
+
+- experts: every block format, on the native kernels and the torch reference, at token rows 1-16 and
+  128, exact numerics: each token's weighted sum over its experts, against the same sum in float64 of
+  gguf-py's dequantized weights. Tolerance 2e-5 of the output's scale (float32 matmuls of K <= 512;
+  seen below 2e-6); a wrong expert, block or weight is off by O(1).
+- the router: softmax, top-k by probability with ties to the lower expert id, renormalised where
+  the arch says; an expert no token chooses is never read; all tokens on one expert; a batch of 16
+  gives each token the bits it gets alone.
+(Whole models against a float64 reference and bit for bit across world sizes: test_archs.py; against
+llama.cpp: test_arch_goldens.py.)
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+from gguf.quants import dequantize
+
+from synthetic import random_quantized
+from tensorsplit import kernels
+from tensorsplit.kernels.numerics import EXACT, LLAMACPP
+from tensorsplit.kernels.quants import QWeight
+from tensorsplit.kernels.torch_kernels import TorchKernels
+from tensorsplit.model.arch import MoeSpec
+from tensorsplit.model.layers import no_reduce
+from tensorsplit.model.moe import MoE
+from test_kernels import FLOATS, QUANTS
+
+N_EMBD, N_FF, N_EXPERT, N_USED = 256, 256, 6, 2
+
+
+def _kernels(which: str, numerics=EXACT):
+    if which == "native":
+        if not kernels.native():
+            pytest.fail("the native kernels did not build")
+        from tensorsplit.kernels.native_kernels import NativeKernels
+        return NativeKernels(numerics)
+    return TorchKernels(numerics)
+
+
+def _raw(qtype, n_rows, n_cols, rng):
+    raw = random_quantized(qtype, n_rows, n_cols, rng, std=1.0 / n_cols ** 0.5)
+    return raw if raw.dtype == np.uint8 or qtype == Q.F32 else raw.view(np.uint8)
+
+
+def _dense(raw, qtype, n_cols) -> np.ndarray:
+    return dequantize(raw, qtype).astype(np.float64).reshape(-1, n_cols)
+
+
+class Experts:
+    """N_EXPERT random experts of one format: the kernels' weights and gguf-py's dense float64 ones."""
+
+    def __init__(self, qtype, k, rng):
+        self.gate_raw = [_raw(qtype, N_FF, N_EMBD, rng) for _ in range(N_EXPERT)]
+        self.up_raw = [_raw(qtype, N_FF, N_EMBD, rng) for _ in range(N_EXPERT)]
+        self.down_raw = [_raw(qtype, N_EMBD, N_FF, rng) for _ in range(N_EXPERT)]
+        load = lambda raws, rows, cols: [k.load(QWeight.from_numpy(r, qtype, rows, cols, f"e{i}"))  # noqa: E731
+                                         for i, r in enumerate(raws)]
+        self.gate, self.up = load(self.gate_raw, N_FF, N_EMBD), load(self.up_raw, N_FF, N_EMBD)
+        self.down = load(self.down_raw, N_EMBD, N_FF)
+        self.dense = [(_dense(g, qtype, N_EMBD), _dense(u, qtype, N_EMBD), _dense(d, qtype, N_FF))
+                      for g, u, d in zip(self.gate_raw, self.up_raw, self.down_raw)]
+
+    def reference(self, x, selected, weights) -> np.ndarray:
+        x = x.astype(np.float64)
+        out = np.zeros((x.shape[0], N_EMBD))
+        for t in range(x.shape[0]):
+            for j, e in enumerate(selected[t]):
+                g, u, d = self.dense[e]
+                a, b = g @ x[t], u @ x[t]
+                out[t] += float(weights[t, j]) * (d @ (a / (1 + np.exp(-a)) * b))
+        return out
+
+
+def _routing(n, rng):
+    selected = np.stack([rng.choice(N_EXPERT, N_USED, replace=False) for _ in range(n)])
+    weights = rng.uniform(0.1, 1.0, (n, N_USED)).astype(np.float32)
+    return torch.from_numpy(selected).long(), torch.from_numpy(weights)
+
+
+@pytest.mark.parametrize("which", ["native", "torch"])
+@pytest.mark.parametrize("qtype", QUANTS + FLOATS + [Q.F32], ids=lambda q: q.name)
+def test_experts_match_a_float64_reference(qtype, which):
+    k = _kernels(which)
+    rng = np.random.default_rng(int(qtype) + 100)
+    ex = Experts(qtype, k, rng)
+    for n in list(range(1, 17)) + [128]:
+        x = rng.standard_normal((n, N_EMBD)).astype(np.float32)
+        selected, weights = _routing(n, rng)
+        y = k.experts(torch.from_numpy(x), ex.gate, ex.up, ex.down, selected, weights, torch.nn.functional.silu)
+        assert y.dtype == torch.float64 and y.shape == (n, N_EMBD)
+        ref = ex.reference(x, selected.numpy(), weights.numpy())
+        err = np.abs(y.numpy() - ref).max() / np.abs(ref).max()
+        assert err < 2e-5, f"{qtype.name} {which} rows {n}: relative error {err:.2e}"
+
+
+class Recording:
+    """Kernels that remember which weights their matmuls read."""
+
+    def __init__(self, inner):
+        self.inner, self.read = inner, set()
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def matmul(self, x, w, wide=False):
+        self.read.add(w.name)
+        return self.inner.matmul(x, w, wide)
+
+    def experts(self, *args):
+        return TorchKernels.experts(self, *args)
+
+
+def _moe(k, ex: Experts, router: np.ndarray, norm: bool) -> MoE:
+    r = QWeight.from_numpy(router.astype(np.float32), Q.F32, N_EXPERT, N_EMBD, "router")
+    return MoE(r, ex.gate, ex.up, ex.down, N_USED, MoeSpec(norm_weights=norm), torch.nn.functional.silu,
+               no_reduce, k)
+
+
+def _route_reference(h, router, norm):
+    logits = h.astype(np.float64) @ router.T.astype(np.float64)
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    top = np.argsort(-p, axis=-1, kind="stable")[:, :N_USED]
+    w = np.take_along_axis(p, top, -1)
+    return top, (w / w.sum(-1, keepdims=True) if norm else w)
+
+
+@pytest.mark.parametrize("norm", [True, False], ids=["renormalised", "raw"])
+def test_router_ties_go_to_the_lower_expert(norm):
+    """Experts 1, 4 and 5 have the same router row, which wins: 1 is taken first, then 4, not 5. Small
+    integers throughout, so that the logits are exact in any summation order and the tie is exact.
+    Weights as the reference's."""
+    rng = np.random.default_rng(3)
+    k = TorchKernels(EXACT)
+    ex = Experts(Q.Q8_0, k, rng)
+    router = rng.integers(0, 2, (N_EXPERT, N_EMBD)).astype(np.float32) / 64
+    router[1] = router[4] = router[5] = 2 / 64
+    h = rng.integers(0, 4, (5, N_EMBD)).astype(np.float32)              # >= 0: the shared row wins
+    moe = _moe(k, ex, router, norm)
+    selected, weights = moe.route(MatmulInputOf(h))
+    assert selected.tolist() == [[1, 4]] * 5
+    top, w = _route_reference(h, router, norm)
+    assert (selected.numpy() == top).all()
+    np.testing.assert_allclose(weights.numpy(), w, rtol=1e-5)
+
+
+def MatmulInputOf(h):
+    from tensorsplit.kernels.base import MatmulInput
+    return MatmulInput(torch.from_numpy(h))
+
+
+def test_unchosen_experts_are_not_read_and_one_expert_can_take_every_token():
+    """A router that sends every token to experts 2 and 3 (all tokens on one expert, and on the other):
+    only their weights are read, and the output is the float64 reference's."""
+    rng = np.random.default_rng(4)
+    inner = TorchKernels(EXACT)
+    ex = Experts(Q.Q4_K, inner, rng)
+    router = np.zeros((N_EXPERT, N_EMBD), np.float32)
+    router[2], router[3] = 1.0, 0.5
+    h = np.abs(rng.standard_normal((7, N_EMBD))).astype(np.float32) / 8
+    k = Recording(inner)
+    moe = _moe(k, ex, router, norm=True)
+    y = moe(torch.from_numpy(h))
+    assert k.read == {"router", "e2", "e3"}, k.read
+    top, w = _route_reference(h, router, True)
+    assert (top == [2, 3]).all()
+    ref = ex.reference(h, top, w)
+    assert np.abs(y.double().numpy() - ref).max() < 2e-5 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("numerics", [LLAMACPP, EXACT], ids=["llamacpp", "exact"])
+def test_a_batch_of_16_gives_each_token_its_bits_alone(numerics):
+    """Routing and experts per token do not depend on the batch: 16 tokens at once equal each alone,
+    bit for bit (the native kernels' per-row arithmetic; each expert group is a gemm, alone a gemv)."""
+    rng = np.random.default_rng(5)
+    k = _kernels("native", numerics)
+    ex = Experts(Q.Q4_0, k, rng)
+    router = rng.standard_normal((N_EXPERT, N_EMBD)).astype(np.float32) / 16
+    moe = _moe(k, ex, router, norm=True)
+    h = torch.from_numpy(rng.standard_normal((16, N_EMBD)).astype(np.float32))
+    batch = moe(h)
+    alone = torch.cat([moe(h[i:i + 1]) for i in range(16)])
+    assert torch.equal(batch, alone)
