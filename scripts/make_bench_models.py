@@ -1,8 +1,13 @@
 #!/usr/bin/env python3
-"""Write the synthetic speed subjects: a TinyLlama-shaped 1.1B llama model with random weights.
+"""Write the synthetic speed subjects: a TinyLlama-shaped 1.1B llama model with random weights, and
+mixtures of experts with real per-layer shapes.
 
     .venv/bin/python scripts/make_bench_models.py [--out DIR] [--llama-py /work/refvenv/bin/python]
     .venv/bin/python scripts/make_bench_models.py --shape llama3-8b --no-tokenizer --out DIR   # GPU check
+    .venv/bin/python scripts/make_bench_models.py --shape qwen3-30b-a3b [--layers 6]
+      -> qwen3-30b-a3b-6l-random.Q4_K_M.gguf: Qwen3-30B-A3B's layer (n_embd 2048, 32 heads / 4 KV
+         heads of 128, 128 experts of 768, top 8) with Q4_K_M's types, 6 of its 48 layers, SmolLM2's
+         vocabulary (49152) unless --no-tokenizer (then its own 151936)
 
 Files written into DIR (default: the tensorsplit model cache, $TENSORSPLIT_CACHE or
 ~/.cache/tensorsplit):
@@ -52,6 +57,26 @@ SHAPES = {s.name: s for s in (Shape("tinyllama-1.1b", 22, 2048, 32, 4, 5632, 320
                               Shape("llama3-8b", 32, 4096, 32, 8, 14336, 128256))}
 
 
+@dataclass(frozen=True)
+class MoeShape:
+    name: str
+    arch: str
+    n_layers: int         # the real model's; --layers writes fewer
+    n_embd: int
+    n_heads: int
+    n_kv: int
+    head_dim: int
+    n_ff: int             # the dense width the metadata declares
+    n_expert: int
+    n_expert_used: int
+    n_ff_exp: int
+    n_vocab: int
+
+
+MOE_SHAPES = {s.name: s for s in (MoeShape("qwen3-30b-a3b", "qwen3moe", 48, 2048, 32, 4, 128, 6144, 128, 8, 768,
+                                           151936),)}
+
+
 def _copy_tokenizer(w: GGUFWriter, src: Path) -> int:
     """Copy every tokenizer.* key of `src` into `w`; returns the vocabulary size."""
     r = GGUFReader(str(src))
@@ -92,6 +117,82 @@ def _random_q6_k(n_rows: int, n_cols: int, rng: np.random.Generator) -> np.ndarr
     d = (rng.uniform(0.5, 1.5, nb) * 0.0001).astype(np.float16)
     blocks[:, 208:210] = d.view(np.uint8).reshape(-1, 2)
     return blocks.reshape(n_rows, -1)
+
+
+def _random_k(qtype: Q, n_rows: int, n_cols: int, rng: np.random.Generator) -> np.ndarray:
+    """(n_rows, row_bytes) uint8 Q4_K / Q6_K blocks: random codes and small float16 scales."""
+    size, fields = {Q.Q4_K: (144, (0, 2)), Q.Q6_K: (210, (208,))}[qtype]
+    if qtype == Q.Q6_K:
+        return _random_q6_k(n_rows, n_cols, rng)
+    nb = n_rows * n_cols // 256
+    blocks = np.frombuffer(rng.bytes(nb * size), dtype=np.uint8).reshape(nb, size).copy()
+    for off in fields:
+        blocks[:, off:off + 2] = (rng.uniform(0.5, 1.5, nb) * 0.0005).astype(np.float16).view(np.uint8).reshape(-1, 2)
+    return blocks.reshape(n_rows, -1)
+
+
+def _more_bits(i: int, n: int) -> bool:
+    """llama.cpp's use_more_bits: the layers Q4_K_M gives Q6_K attn_v and ffn_down."""
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+def write_moe(path: Path, tokenizer_src: Path | None, shape: MoeShape, n_layers: int, seed: int = 0) -> Path:
+    """A mixture-of-experts file with the real per-layer shapes and Q4_K_M's type choices (Q4_K, with
+    Q6_K for the output and, on llama.cpp's use_more_bits layers, attn_v and ffn_down_exps; the router
+    F32), random blocks; n_layers of them."""
+    rng = np.random.default_rng(seed)
+    s = shape
+    w = GGUFWriter(str(path), s.arch)
+    w.add_name(f"{s.name}-random")
+    w.add_block_count(n_layers)
+    w.add_context_length(4096)
+    w.add_embedding_length(s.n_embd)
+    w.add_feed_forward_length(s.n_ff)
+    w.add_head_count(s.n_heads)
+    w.add_head_count_kv(s.n_kv)
+    w.add_key_length(s.head_dim)
+    w.add_value_length(s.head_dim)
+    w.add_rope_freq_base(1e6)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_expert_count(s.n_expert)
+    w.add_expert_used_count(s.n_expert_used)
+    w.add_expert_feed_forward_length(s.n_ff_exp)
+    w.add_file_type(15)                                   # LLAMA_FTYPE_MOSTLY_Q4_K_M
+    n_vocab = _copy_tokenizer(w, tokenizer_src) if tokenizer_src is not None else s.n_vocab
+
+    def tensor(name: str, n_rows: int, n_cols: int, qtype: Q = Q.Q4_K, n_mats: int = 0) -> None:
+        data = _random_k(qtype, max(n_mats, 1) * n_rows, n_cols, rng)
+        if n_mats:
+            data = data.reshape(n_mats, n_rows, -1)
+        w.add_tensor(name, data, raw_shape=data.shape, raw_dtype=qtype)
+
+    def vector(name: str, n: int) -> None:
+        w.add_tensor(name, (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32))
+
+    q_dim, kv_dim = s.n_heads * s.head_dim, s.n_kv * s.head_dim
+    tensor("token_embd.weight", n_vocab, s.n_embd)
+    tensor("output.weight", n_vocab, s.n_embd, Q.Q6_K)
+    vector("output_norm.weight", s.n_embd)
+    for i in range(n_layers):
+        p, more = f"blk.{i}.", _more_bits(i, n_layers)
+        vector(p + "attn_norm.weight", s.n_embd)
+        tensor(p + "attn_q.weight", q_dim, s.n_embd)
+        tensor(p + "attn_k.weight", kv_dim, s.n_embd)
+        tensor(p + "attn_v.weight", kv_dim, s.n_embd, Q.Q6_K if more else Q.Q4_K)
+        vector(p + "attn_q_norm.weight", s.head_dim)
+        vector(p + "attn_k_norm.weight", s.head_dim)
+        tensor(p + "attn_output.weight", s.n_embd, q_dim)
+        vector(p + "ffn_norm.weight", s.n_embd)
+        w.add_tensor(p + "ffn_gate_inp.weight",
+                     (rng.standard_normal((s.n_expert, s.n_embd)) / s.n_embd ** 0.5).astype(np.float32))
+        tensor(p + "ffn_gate_exps.weight", s.n_ff_exp, s.n_embd, n_mats=s.n_expert)
+        tensor(p + "ffn_up_exps.weight", s.n_ff_exp, s.n_embd, n_mats=s.n_expert)
+        tensor(p + "ffn_down_exps.weight", s.n_embd, s.n_ff_exp, Q.Q6_K if more else Q.Q4_K, n_mats=s.n_expert)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file(progress=False)
+    w.close()
+    return path
 
 
 def write(path: Path, tokenizer_src: Path | None, dense_f16: bool, seed: int = 0,
@@ -162,14 +263,25 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=None, help="folder (default: the tensorsplit model cache)")
     ap.add_argument("--llama-py", default=os.environ.get("LLAMA_PY"),
                     help="a Python with llama-cpp-python, for the Q4_K_M file (default: $LLAMA_PY)")
-    ap.add_argument("--shape", choices=sorted(SHAPES), default="tinyllama-1.1b")
+    ap.add_argument("--shape", choices=sorted(SHAPES) + sorted(MOE_SHAPES), default="tinyllama-1.1b")
+    ap.add_argument("--layers", type=int, default=None,
+                    help="mixture-of-experts shapes: write this many layers of the real shape (default 6)")
     ap.add_argument("--no-tokenizer", action="store_true",
                     help="write no tokenizer (and fetch no SmolLM2 file); bench needs none")
     a = ap.parse_args()
     out = a.out or models.cache_dir()
     out.mkdir(parents=True, exist_ok=True)
-    shape = SHAPES[a.shape]
     tok = None if a.no_tokenizer else models.fetch("smollm2")
+    if a.shape in MOE_SHAPES:
+        n_layers = a.layers or 6
+        path = out / f"{a.shape}-{n_layers}l-random.Q4_K_M.gguf"
+        if not path.exists():
+            print(f"writing {path}", file=sys.stderr)
+            write_moe(path.with_suffix(".partial"), tok, MOE_SHAPES[a.shape], n_layers)
+            os.replace(path.with_suffix(".partial"), path)
+        print(path)
+        return 0
+    shape = SHAPES[a.shape]
     q4_0 = out / f"{shape.name}-random.Q4_0.gguf"
     if not q4_0.exists():
         print(f"writing {q4_0}", file=sys.stderr)

@@ -52,6 +52,16 @@ class MatmulInput:
     def of(x: "torch.Tensor | MatmulInput") -> "MatmulInput":
         return x if isinstance(x, MatmulInput) else MatmulInput(x)
 
+    def rows(self, idx: torch.Tensor) -> "MatmulInput":
+        """The input of rows idx (t,), with the rows of every form already made (forms are per row):
+        a mixture-of-experts layer quantizes each token once for all the experts it is routed to."""
+        sub = MatmulInput.__new__(MatmulInput)
+        sub.lead, sub.n_cols = (idx.numel(),), self.n_cols
+        sub.x2 = self.x2.index_select(0, idx)
+        sub.forms = {key: (tuple(t.index_select(0, idx) for t in form) if isinstance(form, tuple)
+                           else form.index_select(0, idx)) for key, form in self.forms.items()}
+        return sub
+
     def check(self, w: QWeight) -> None:
         if self.n_cols != w.n_cols:
             raise ValueError(f"{w.name}: input has {self.n_cols} features, weight expects {w.n_cols}")

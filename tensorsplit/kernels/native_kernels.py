@@ -57,23 +57,40 @@ class NativeKernels(TorchKernels):
             y = self._block_matmul(inp, w, wide)
         return inp.shaped(y)
 
-    def _integer_matmul(self, inp: MatmulInput, w: QWeight, wide: bool) -> torch.Tensor:
+    def prepare(self, inp: MatmulInput, w: QWeight) -> None:
         k = w.kernel
+        if k is None or k.act is None:
+            super().prepare(inp, w)
+        elif self._block_matmul == self._integer_matmul:
+            self._q8(inp, k)
+        else:
+            self._sums(inp, k)
+
+    def _q8(self, inp: MatmulInput, k):
+        """(q int8 (M, K), d, s, isum (M, K / group)): llama.cpp's Q8_0 / Q8_1 / Q8_K of x, kept on inp."""
         key = (k.act, k.group)
         q8 = inp.forms.get(key)
-        if q8 is None:          # (q int8 (M, K), d, s, isum (M, K / group)): llama.cpp's Q8_0 / Q8_1 / Q8_K of x
+        if q8 is None:
             q8 = inp.forms[key] = self._quantize_act(inp.x2, k.act, k.group)
-        return self._matmul_q8(w.data, k.type_id, w.n_rows, w.n_cols, *q8, wide)
+        return q8
+
+    def _sums(self, inp: MatmulInput, k):
+        """Per-group sums of x (M, K / group), for the min term; None for a format without one."""
+        if not k.has_min:
+            return None
+        key = ("sums", k.group)
+        sums = inp.forms.get(key)
+        if sums is None:
+            sums = inp.forms[key] = self._group_sums(inp.x2, k.group)
+        return sums
+
+    def _integer_matmul(self, inp: MatmulInput, w: QWeight, wide: bool) -> torch.Tensor:
+        k = w.kernel
+        return self._matmul_q8(w.data, k.type_id, w.n_rows, w.n_cols, *self._q8(inp, k), wide)
 
     def _float_matmul(self, inp: MatmulInput, w: QWeight, wide: bool) -> torch.Tensor:
         k = w.kernel
-        sums = None
-        if k.has_min:           # per-group sums of x (M, K / group), for the min term
-            key = ("sums", k.group)
-            sums = inp.forms.get(key)
-            if sums is None:
-                sums = inp.forms[key] = self._group_sums(inp.x2, k.group)
-        return self._matmul_f32(w.data, k.type_id, w.n_rows, w.n_cols, inp.x2, sums, wide)
+        return self._matmul_f32(w.data, k.type_id, w.n_rows, w.n_cols, inp.x2, self._sums(inp, k), wide)
 
     def get_rows(self, w: QWeight, ids: torch.Tensor) -> torch.Tensor:
         if w.layout != "tiles":

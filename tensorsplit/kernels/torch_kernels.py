@@ -55,6 +55,10 @@ class TorchKernels:
         """Dense F32 weights are multiplied as they are (ggml does too): not counted."""
         return None if w.data.dtype == torch.float32 else self.label
 
+    def prepare(self, inp: MatmulInput, w: QWeight) -> None:
+        """Make the forms of inp that a matmul over w reads (experts() then shares them)."""
+        self.rounded(inp, w.qtype)
+
     def rounded(self, inp: MatmulInput, qtype) -> torch.Tensor:
         """x as a llamacpp-numerics matmul against qtype sees it (F32 weights: as it is), kept on inp."""
         if self._round_inputs is None or qtype == QType.F32:
@@ -94,10 +98,17 @@ class TorchKernels:
         is not read. Each row's input is rounded as in a dense matmul (per row, so the same in a group
         as alone)."""
         inp = MatmulInput.of(x)
+        self.prepare(inp, gate[0])                  # each token's input forms made once, for every expert
+        self.prepare(inp, up[0])
         out = torch.zeros(inp.x2.shape[0], down[0].n_rows, dtype=torch.float64, device=inp.x2.device)
+        if inp.x2.shape[0] == 1:                                    # a decode step: no grouping to do
+            for w, e in sorted(zip(weights[0].tolist(), selected[0].tolist()), key=lambda we: we[1]):
+                h = act(self.matmul(inp, gate[e])) * self.matmul(inp, up[e])
+                out += self.matmul(h, down[e], wide=True) * w      # the same arithmetic as below, in expert order
+            return out
         for e in torch.unique(selected).tolist():
             tok, slot = (selected == e).nonzero(as_tuple=True)            # tokens routed to e, in order
-            xe = MatmulInput(inp.x2.index_select(0, tok))
+            xe = inp.rows(tok)
             h = act(self.matmul(xe, gate[e])) * self.matmul(xe, up[e])     # (t, local_ff) float32
             y = self.matmul(h, down[e], wide=True)                          # (t, n_out) float64
             out.index_add_(0, tok, y * weights[tok, slot].to(torch.float64)[:, None])

@@ -22,8 +22,9 @@ Split roles (ggml shapes: ne0 is the input dim, ne1 the output dim of a weight):
   shexp_rows   output rows of the shared expert's gate/up, cut on the shared-expert FFN plan
   shexp_cols   input columns of the shared expert's down
   vocab_rows   rows of token_embd / output, cut by vocabulary
-  mirror       every rank holds all of it (norms, rope factors, biases of input-split weights, the
-               expert router: every rank routes alike, with no broadcast)
+  mirror       every rank holds all of it (norms, rope factors, biases of input-split weights)
+  router       a mixture of experts' router, mirrored: every rank routes alike, with no broadcast;
+               an F32 router is held in float64 (loader.py), so that every rank's logits round alike
 For a 1-D bias the role's axis is its only axis.
 """
 from __future__ import annotations
@@ -37,7 +38,7 @@ from typing import Callable
 from ..errors import UnsupportedError
 
 SPLIT_ROLES = ("q_rows", "kv_rows", "qkv_rows", "ffn_rows", "gate_up_rows", "o_cols", "ffn_cols",
-               "exp_rows", "exp_cols", "shexp_rows", "shexp_cols", "vocab_rows", "mirror")
+               "exp_rows", "exp_cols", "shexp_rows", "shexp_cols", "vocab_rows", "mirror", "router")
 ACTIVATIONS = ("silu", "gelu_tanh")
 
 
@@ -134,7 +135,7 @@ def _layer(*, qkv_bias: str = "optional", fused_qkv: bool = False, qk_norm: bool
         roles.append(_t("post_attention_norm.weight", lambda c: (c.n_embd,), "mirror"))
     roles.append(_t("ffn_norm.weight", lambda c: (c.n_embd,), "mirror"))
     if moe:
-        roles += [_t("ffn_gate_inp.weight", lambda c: (c.n_embd, c.n_expert), "mirror"),
+        roles += [_t("ffn_gate_inp.weight", lambda c: (c.n_embd, c.n_expert), "router"),
                   _t("ffn_gate_exps.weight", lambda c: (c.n_embd, c.n_ff_exp, c.n_expert), "exp_rows"),
                   _t("ffn_up_exps.weight", lambda c: (c.n_embd, c.n_ff_exp, c.n_expert), "exp_rows"),
                   _t("ffn_down_exps.weight", lambda c: (c.n_ff_exp, c.n_embd, c.n_expert), "exp_cols")]

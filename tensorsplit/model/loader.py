@@ -16,7 +16,7 @@ import torch
 
 from ..kernels.base import Kernels
 from ..kernels.layout import FORMATS, tiled_bytes
-from ..kernels.quants import QWeight, dequantize, row_bytes
+from ..kernels.quants import QType, QWeight, dequantize, row_bytes
 from .shard_plan import TensorSlice
 
 
@@ -29,6 +29,16 @@ def load_weight(gf, ts: TensorSlice, kernels: Kernels) -> QWeight:
     w = _part(rows, info.qtype, n_cols, ts, ts.name)
     assert w.nbytes == ts.nbytes, (ts.name, w.nbytes, ts.nbytes)
     return kernels.load(w)
+
+
+def load_router(gf, ts: TensorSlice, kernels: Kernels) -> QWeight | torch.Tensor:
+    """A mixture of experts' router: an F32 one as a float64 (n_expert, n_embd) tensor on the kernels'
+    device (its logits are then summed wide whatever the batch, thread count or device, and every rank
+    rounds them alike: the ranks must choose the same experts); any other type as a weight."""
+    w = load_weight(gf, ts, kernels)
+    if w.qtype == QType.F32:
+        return w.data.to(torch.float64)
+    return w
 
 
 def load_experts(gf, ts: TensorSlice, kernels: Kernels) -> list[QWeight]:
@@ -72,7 +82,7 @@ def load_vector(gf, ts: TensorSlice, device="cpu") -> torch.Tensor:
 
 def resident_bytes(gf, slices, tiled: bool) -> int:
     """Bytes a rank holds after loading these slices: 2-D weights as loaded (the native kernels' tiled
-    layout where `tiled` and the type has one), 1-D tensors as float32. `tensorsplit info` reports it before loading."""
+    layout where `tiled` and the type has one; an F32 router in float64), 1-D tensors as float32. `tensorsplit info` reports it before loading."""
     total = 0
     for ts in slices:
         info = gf.tensors[ts.name]
@@ -84,6 +94,9 @@ def resident_bytes(gf, slices, tiled: bool) -> int:
             n_rows = ts.length
         elif ts.axis == 0:
             n_cols = ts.length
+        if ts.split == "router" and info.qtype == QType.F32:
+            total += 2 * ts.nbytes                            # held in float64 (load_router)
+            continue
         total += (n_mats * tiled_bytes(info.qtype, n_rows, n_cols) if tiled and int(info.qtype) in FORMATS
                   else ts.nbytes)
     return total

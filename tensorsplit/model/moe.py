@@ -33,10 +33,11 @@ class SharedExpert:
 
 
 class MoE:
-    def __init__(self, router: QWeight, gate: list[QWeight], up: list[QWeight], down: list[QWeight],
+    def __init__(self, router: QWeight | torch.Tensor, gate: list[QWeight], up: list[QWeight], down: list[QWeight],
                  n_used: int, spec: MoeSpec, act, reduce: Reduce, kernels: Kernels,
                  shared: SharedExpert | None = None):
-        assert len(gate) == len(up) == len(down) == router.n_rows, (len(gate), router.n_rows)
+        """router: float64 (n_expert, n_embd) for an F32 router (loader.load_router), else a weight."""
+        assert len(gate) == len(up) == len(down) == router.shape[0], (len(gate), router.shape)
         self.router, self.gate, self.up, self.down = router, gate, up, down
         self.n_used, self.norm_weights = n_used, spec.norm_weights
         self.act, self.reduce, self.kernels, self.shared = act, reduce, kernels, shared
@@ -44,8 +45,11 @@ class MoE:
     def route(self, inp: MatmulInput) -> tuple[torch.Tensor, torch.Tensor]:
         """-> selected (n, n_used) long, weights (n, n_used) float32."""
         # the logits summed wide and rounded once: the same bits whatever the batch (a float32 BLAS sums a
-        # gemm and a gemv in different orders) and on every rank
-        logits = self.kernels.matmul(inp, self.router, wide=True).float()            # (n, n_expert)
+        # gemm and a gemv in different orders), the thread count or the device, so every rank routes alike
+        if isinstance(self.router, torch.Tensor):
+            logits = (inp.x2.double() @ self.router.T).float()                           # (n, n_expert)
+        else:
+            logits = self.kernels.matmul(inp, self.router, wide=True).float()
         probs = torch.softmax(logits, dim=-1)
         ranked = torch.sort(probs, dim=-1, descending=True, stable=True)
         weights, selected = ranked.values[:, :self.n_used], ranked.indices[:, :self.n_used]

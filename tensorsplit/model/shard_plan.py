@@ -272,7 +272,7 @@ def _shift(r: tuple[int, int], by: int) -> tuple[int, int]:
 
 def _slice(name: str, role: str, info, extents) -> TensorSlice:
     shape = tuple(int(d) for d in info.shape)
-    if role == "mirror":
+    if role in ("mirror", "router"):
         return TensorSlice(name, role, None, ((0, shape[-1]),), int(info.nbytes))
     ranges = extents[role]
     n = sum(b - a for a, b in ranges)

@@ -26,8 +26,9 @@ from .attention import Attention, KVCache
 from .config import ModelConfig
 from .decode_graphs import DecodeGraphs
 from ..kernels.base import Kernels, MatmulInput
+from ..kernels.quants import QWeight
 from .layers import ColumnParallelLinear, Reduce, RowParallelLinear, VocabParallelEmbedding, VocabParallelHead
-from .loader import LoadProgress, load_experts, load_vector, load_weight
+from .loader import LoadProgress, load_experts, load_router, load_vector, load_weight
 from .moe import MoE, SharedExpert
 from .rope import Rope
 from .shard_plan import RankShard
@@ -97,6 +98,12 @@ class RankModel:
             self.resident_bytes += sum(w.nbytes for w in ws)
             return ws
 
+        def router(name):
+            r = load_router(gf, slices[name], kernels)
+            progress.step(slices[name])
+            self.resident_bytes += r.nbytes if isinstance(r, QWeight) else r.numel() * r.element_size()
+            return r
+
         def moe(p):
             if spec.moe is None:
                 return None
@@ -104,7 +111,7 @@ class RankModel:
             if spec.moe.shared_expert:
                 shared = SharedExpert(vector(p + "ffn_gate_inp_shexp.weight"), weight(p + "ffn_gate_shexp.weight"),
                                       weight(p + "ffn_up_shexp.weight"), weight(p + "ffn_down_shexp.weight"))
-            return MoE(weight(p + "ffn_gate_inp.weight"), experts(p + "ffn_gate_exps.weight"),
+            return MoE(router(p + "ffn_gate_inp.weight"), experts(p + "ffn_gate_exps.weight"),
                        experts(p + "ffn_up_exps.weight"), experts(p + "ffn_down_exps.weight"), cfg.n_expert_used,
                        spec.moe, self.act, reduce, kernels, shared)
 
