@@ -45,6 +45,7 @@ REF_ATOL = {                  # one rank vs the float64 reference (exact numeric
     "qwen3moe": 1e-5,         # seen: 2.5e-6
     "qwen2moe": 4e-6,         # seen: 8.1e-7
     "llama-moe": 7e-6,        # seen: 1.6e-6
+    "qwen3moe-3-blocks": 1e-5,   # seen: 1.8e-6
 }
 # Sharded vs one rank: the same logits bit for bit (row-parallel partials are float64 to the all-reduce
 # and rounded once; README), asserted as equality.
@@ -81,6 +82,11 @@ SYNTHETIC = {
                      types={"ffn_gate_exps": Q.Q4_0, "ffn_down_exps": Q.Q4_1, "ffn_down_shexp": Q.Q5_0}),
     "llama-moe": dict(n_embd=256, n_heads=4, n_kv=2, n_ff=256, vocab=300, seed=7, n_expert=8, n_expert_used=2,
                       types={"ffn_gate_exps": Q.Q6_K, "ffn_up_exps": Q.IQ4_NL, "ffn_down_exps": Q.Q8_0}),
+    # Qwen3-30B-A3B's expert width in K-quants: 768 = 3 blocks of 256, shared out per expert in a rotated
+    # order (2 ranks: 2 + 1 and 1 + 2 blocks; 4 ranks: each expert on 3 of them)
+    "qwen3moe-3-blocks": dict(n_embd=256, n_heads=4, n_kv=2, head_dim=64, n_ff=512, vocab=300, seed=8, n_expert=8,
+                              n_expert_used=4, n_ff_exp=768,
+                              types={"ffn_gate_exps": Q.Q4_K, "ffn_up_exps": Q.Q4_K, "ffn_down_exps": Q.Q6_K}),
 }
 
 

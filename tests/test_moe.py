@@ -185,3 +185,29 @@ def test_a_batch_of_16_gives_each_token_its_bits_alone(numerics):
     batch = moe(h)
     alone = torch.cat([moe(h[i:i + 1]) for i in range(16)])
     assert torch.equal(batch, alone)
+
+
+def test_experts_of_few_blocks_are_shared_out_in_rotation(tmp_path):
+    """768 = 3 blocks of 256 (Qwen3-30B-A3B's experts in K-quants): 2 ranks hold 2 + 1 blocks of the even
+    experts and 1 + 2 of the odd ones, so both hold half of all; 4 ranks hold each expert on 3 of them,
+    in turn; every block of every expert is held exactly once; 3,1 shares by ratio over the experts."""
+    from synthetic import write_model
+    from tensorsplit.model import make_plan, open_model
+    path = write_model(tmp_path / "m.gguf", "qwen3moe", n_embd=256, n_heads=4, n_kv=2, head_dim=64, n_ff=512,
+                       vocab=300, n_expert=8, n_expert_used=2, n_ff_exp=768,
+                       types={"ffn_gate_exps": Q.Q4_K, "ffn_up_exps": Q.Q4_K, "ffn_down_exps": Q.Q6_K})
+    gf, cfg = open_model(path)
+    blocks = lambda rs: [(b - a) // 256 for a, b in rs.ffn_exp]     # noqa: E731
+    two = make_plan(cfg, gf.tensors, 2).ranks
+    assert blocks(two[0]) == [2, 1] * 4 and blocks(two[1]) == [1, 2] * 4
+    four = make_plan(cfg, gf.tensors, 4).ranks
+    assert [blocks(r)[:4] for r in four] == [[1, 0, 1, 1], [1, 1, 0, 1], [1, 1, 1, 0], [0, 1, 1, 1]]
+    for world, ratios in [(2, None), (3, None), (4, None), (2, (0.75, 0.25))]:
+        ranks = make_plan(cfg, gf.tensors, world, ratios).ranks
+        for e in range(8):
+            runs = sorted(r.ffn_exp[e] for r in ranks if r.ffn_exp[e][1] > r.ffn_exp[e][0])
+            assert runs[0][0] == 0 and runs[-1][1] == 768 and all(a[1] == b[0] for a, b in zip(runs, runs[1:]))
+        assert sum(r.expert_nbytes for r in ranks) == sum(make_plan(cfg, gf.tensors, 1).ranks[0].expert_nbytes
+                                                          for _ in [0])
+    three_one = make_plan(cfg, gf.tensors, 2, (0.75, 0.25)).ranks
+    assert sum(blocks(three_one[0])) == 18 and sum(blocks(three_one[1])) == 6, blocks(three_one[0])

@@ -91,22 +91,30 @@ class TorchKernels:
         """A mixture-of-experts FFN's partial sum on this rank, before the all-reduce:
         out[t] = sum_j weights[t, j] * down_e(act(gate_e(x[t])) * up_e(x[t])), e = selected[t, j].
 
-        x (n, n_embd) or MatmulInput; gate, up, down: per expert, this rank's rows / columns of it;
-        selected (n, k) long, weights (n, k) float32 -> (n, n_out) float64 (the partials are summed
+        x (n, n_embd) or MatmulInput; gate, up, down: per expert, this rank's rows / columns of it (None
+        where the rank holds none of that expert: it adds nothing here);
+        selected (n, k) long, weights (n, k) float32 -> (n, n_embd) float64 (the partials are summed
         wide, as a row-parallel layer's are). The tokens are grouped by expert and each expert runs
         once over its tokens (a gemm in a prompt, a gemv in a decode step); an expert no token chose
         is not read. Each row's input is rounded as in a dense matmul (per row, so the same in a group
         as alone)."""
         inp = MatmulInput.of(x)
-        self.prepare(inp, gate[0])                  # each token's input forms made once, for every expert
-        self.prepare(inp, up[0])
-        out = torch.zeros(inp.x2.shape[0], down[0].n_rows, dtype=torch.float64, device=inp.x2.device)
+        held = [e for e, g in enumerate(gate) if g is not None]
+        out = torch.zeros(inp.x2.shape[0], inp.n_cols, dtype=torch.float64, device=inp.x2.device)
+        if not held:
+            return out
+        self.prepare(inp, gate[held[0]])            # each token's input forms made once, for every expert
+        self.prepare(inp, up[held[0]])
         if inp.x2.shape[0] == 1:                                    # a decode step: no grouping to do
             for w, e in sorted(zip(weights[0].tolist(), selected[0].tolist()), key=lambda we: we[1]):
+                if gate[e] is None:
+                    continue
                 h = act(self.matmul(inp, gate[e])) * self.matmul(inp, up[e])
                 out += self.matmul(h, down[e], wide=True) * w      # the same arithmetic as below, in expert order
             return out
         for e in torch.unique(selected).tolist():
+            if gate[e] is None:
+                continue
             tok, slot = (selected == e).nonzero(as_tuple=True)            # tokens routed to e, in order
             xe = inp.rows(tok)
             h = act(self.matmul(xe, gate[e])) * self.matmul(xe, up[e])     # (t, local_ff) float32

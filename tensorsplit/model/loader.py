@@ -8,6 +8,7 @@ rank's kernels multiply (GGUF blocks; for the native CPU kernels the same blocks
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Callable
 
@@ -41,18 +42,22 @@ def load_router(gf, ts: TensorSlice, kernels: Kernels) -> QWeight | torch.Tensor
     return w
 
 
-def load_experts(gf, ts: TensorSlice, kernels: Kernels) -> list[QWeight]:
-    """The rank's part of a 3-D expert tensor [n_cols, n_rows, n_expert]: one QWeight per expert, each
-    cut as the slice says, in the kernels' layout. Each expert is copied out and converted in turn, so
-    the rank never holds more than one expert's GGUF copy besides its result."""
+def load_experts(gf, ts: TensorSlice, kernels: Kernels) -> list[QWeight | None]:
+    """The rank's part of a 3-D expert tensor [n_cols, n_rows, n_expert]: per expert a QWeight cut as
+    the slice says (None where the rank holds none of it), in the kernels' layout. Each expert is
+    copied out and converted in turn: never more than one expert's GGUF copy besides the result."""
     info = gf.tensors[ts.name]
     n_cols, n_rows, n_expert = (int(d) for d in info.shape)
     mats = gf.tensor_bytes(ts.name).reshape(n_expert, n_rows, row_bytes(info.qtype, n_cols))
-    out = []
-    for e in range(n_expert):
-        part = _part(mats[e], info.qtype, n_cols, ts, f"{ts.name}[{e}]")
-        assert part.nbytes * n_expert == ts.nbytes, (ts.name, part.nbytes, ts.nbytes)
+    out, copied = [], 0
+    for e, (a, b) in enumerate(ts.expert_ranges):
+        if a == b:
+            out.append(None)
+            continue
+        part = _part(mats[e], info.qtype, n_cols, dataclasses.replace(ts, ranges=((a, b),)), f"{ts.name}[{e}]")
+        copied += part.nbytes
         out.append(kernels.load(part))
+    assert copied == ts.nbytes and len(out) == n_expert, (ts.name, copied, ts.nbytes)
     return out
 
 
@@ -90,6 +95,13 @@ def resident_bytes(gf, slices, tiled: bool) -> int:
             total += 4 * (ts.length if ts.axis is not None else int(info.shape[0]))
             continue
         n_cols, n_rows, n_mats = int(info.shape[0]), int(info.shape[1]), math.prod(int(d) for d in info.shape[2:])
+        if ts.expert_ranges:                                  # per expert, as load_experts holds them
+            tiled_type = tiled and int(info.qtype) in FORMATS
+            for a, b in ts.expert_ranges:
+                rows, cols = (b - a, n_cols) if ts.axis == 1 else (n_rows, b - a)
+                if a < b:
+                    total += tiled_bytes(info.qtype, rows, cols) if tiled_type else rows * row_bytes(info.qtype, cols)
+            continue
         if ts.axis == 1:
             n_rows = ts.length
         elif ts.axis == 0:

@@ -14,9 +14,12 @@ Rules (Megatron-style, as llama.cpp's tensor split mode and vLLM):
 - Fused weights (phi3's attn_qkv = [q; k; v], ffn_up = [gate; up]) are split per segment: a
   rank's slice is several row runs, its own q heads, KV heads, gate and up rows, concatenated.
 - Mixture-of-experts layers: every expert is split as a dense FFN is (gate/up by output rows, down by
-  input columns, on the experts' own FFN plan), so each rank holds the same rows of every expert and
-  one all-reduce completes the layer; the shared expert likewise, on its own plan. The router is
-  mirrored: every rank routes alike, with no broadcast.
+  input columns, cut on down's blocks), and one all-reduce completes the layer; the shared expert
+  likewise, on its own plan. Experts have few blocks (Qwen3-30B-A3B's 768 is 3 K-quant blocks), so
+  each expert is shared out by largest remainder with the leftover blocks going to the ranks in an
+  order rotated by the expert's index: 2 ranks hold 2 + 1 blocks of the even experts and 1 + 2 of
+  the odd ones, balanced over the experts a token picks, and 4 ranks can share 3 blocks (a rank may
+  hold nothing of an expert). The router is mirrored: every rank routes alike, with no broadcast.
 - token_embd and the output layer are split by vocabulary rows (a tied output shares the
   embedding's slice). Norms and the biases of input-split weights are mirrored.
 - Uneven ratios are shared out by largest remainder, in whole units, at least one unit each.
@@ -40,8 +43,10 @@ class TensorSlice:
     axis: int | None  # ggml axis cut: 1 = rows (output), 0 = columns (input), None = mirrored
     ranges: tuple[tuple[int, int], ...]  # [start, end) runs along `axis`, concatenated in this order:
                       # one run, except for fused tensors (q, k, v rows; gate, up rows); the whole
-                      # extent when mirrored
+                      # extent when mirrored; none for a 3-D expert tensor (see expert_ranges)
     nbytes: int       # bytes this rank holds of the tensor
+    expert_ranges: tuple[tuple[int, int], ...] = ()   # 3-D expert tensors: [start, end) along `axis`
+                      # per expert (empty where this rank holds none of that expert)
 
     @property
     def start(self) -> int:
@@ -67,7 +72,7 @@ class RankShard:
     ffn: tuple[int, int]       # [start, end) of the FFN hidden dim
     vocab: tuple[int, int]     # [start, end) of vocabulary rows
     tensors: tuple[TensorSlice, ...]
-    ffn_exp: tuple[int, int] = (0, 0)     # [start, end) of every expert's FFN hidden dim (MoE)
+    ffn_exp: tuple[tuple[int, int], ...] = ()   # per expert: [start, end) of its FFN hidden dim (MoE)
     ffn_shexp: tuple[int, int] = (0, 0)   # [start, end) of the shared expert's FFN hidden dim
 
     @property
@@ -206,10 +211,10 @@ def make_plan(cfg: ModelConfig, tensors: Mapping[str, object], world: int,
     # the shared expert's likewise, on their own down weights.
     none = [(0, 0)] * world
     ffn_unit, ffn_ranges = (1, none) if cfg.n_expert else _ffn_plan(tensors, down_names, cfg.n_ff, ratios, "the FFN")
-    exp_ranges = shexp_ranges = none
+    exp_ranges, shexp_ranges = [()] * world, none
     if cfg.n_expert:
-        _, exp_ranges = _ffn_plan(tensors, [f"blk.{i}.ffn_down_exps.weight" for i in range(cfg.n_layers)],
-                                  cfg.n_ff_exp, ratios, "every expert's FFN")
+        exp_ranges = _expert_plan(tensors, [f"blk.{i}.ffn_down_exps.weight" for i in range(cfg.n_layers)],
+                                  cfg.n_ff_exp, cfg.n_expert, ratios)
     if cfg.n_ff_shexp:
         _, shexp_ranges = _ffn_plan(tensors, [f"blk.{i}.ffn_down_shexp.weight" for i in range(cfg.n_layers)],
                                     cfg.n_ff_shexp, ratios, "the shared expert's FFN")
@@ -228,8 +233,8 @@ def make_plan(cfg: ModelConfig, tensors: Mapping[str, object], world: int,
             "gate_up_rows": ((f0, f1), (cfg.n_ff + f0, cfg.n_ff + f1)),
             "o_cols": (q_rows,),
             "ffn_cols": (ffn_ranges[r],),
-            "exp_rows": (exp_ranges[r],),
-            "exp_cols": (exp_ranges[r],),
+            "exp_rows": exp_ranges[r],
+            "exp_cols": exp_ranges[r],
             "shexp_rows": (shexp_ranges[r],),
             "shexp_cols": (shexp_ranges[r],),
             "vocab_rows": (vocab_ranges[r],),
@@ -248,6 +253,32 @@ def _ffn_plan(tensors, down_names, n_ff: int, ratios, what: str) -> tuple[int, l
         raise ShardPlanError(f"{what}: width {n_ff} is not a multiple of its down weight's block size {unit}")
     return unit, [(a * unit, b * unit) for a, b in
                   apportion(n_ff // unit, ratios, f"{what} ({n_ff} = {n_ff // unit} blocks of {unit})")]
+
+
+def _expert_plan(tensors, down_names, n_ff: int, n_expert: int, ratios) -> list[tuple[tuple[int, int], ...]]:
+    """Per rank, per expert: [start, end) of the expert's hidden dim, cut on its down weights' largest
+    block. The experts are shared out in turn by largest remainder of each rank's share plus what it is
+    owed from the experts before (so that over the experts every rank holds its ratio), ties going to
+    the ranks in an order rotated by the expert's index."""
+    unit = _lcm_blocks(tensors, down_names)
+    if n_ff % unit:
+        raise ShardPlanError(f"every expert's FFN: width {n_ff} is not a multiple of its down weight's block size {unit}")
+    n_units, world = n_ff // unit, len(ratios)
+    per_rank: list[list[tuple[int, int]]] = [[] for _ in range(world)]
+    owed = [0.0] * world
+    for e in range(n_expert):
+        ideal = [max(0.0, r * n_units + o) for r, o in zip(ratios, owed)]
+        ideal = [x * n_units / sum(ideal) for x in ideal]
+        counts = [math.floor(x + 1e-9) for x in ideal]
+        order = sorted(range(world), key=lambda k: (-round(ideal[k] - counts[k], 9), (k - e) % world))
+        for k in order[:n_units - sum(counts)]:
+            counts[k] += 1
+        owed = [o + r * n_units - c for o, r, c in zip(owed, ratios, counts)]
+        start = 0
+        for r, c in enumerate(counts):
+            per_rank[r].append((start * unit, (start + c) * unit))
+            start += c
+    return [tuple(p) for p in per_rank]
 
 
 def _roles(cfg: ModelConfig, tensors: Mapping[str, object]):
@@ -279,7 +310,15 @@ def _slice(name: str, role: str, info, extents) -> TensorSlice:
     if len(shape) == 1:          # a bias: its one axis is the output axis
         return TensorSlice(name, role, 0, ranges, _row_bytes(info, n))
     n_cols, n_rows = shape[0], shape[1]
-    n_mats = math.prod(shape[2:])          # 3-D expert tensors: the cut applies to each expert alike
+    if role in ("exp_rows", "exp_cols"):   # 3-D [n_cols, n_rows, n_expert]: each expert cut on its own
+        if role == "exp_cols":
+            block = GGML_QUANT_SIZES[info.qtype][0]
+            assert all(a % block == 0 and b % block == 0 for a, b in ranges), (name, block)
+            nbytes = sum(n_rows * _row_bytes(info, b - a) for a, b in ranges)
+        else:
+            nbytes = sum((b - a) * _row_bytes(info, n_cols) for a, b in ranges)
+        return TensorSlice(name, role, 0 if role == "exp_cols" else 1, (), nbytes, tuple(ranges))
+    n_mats = math.prod(shape[2:])
     if role.endswith("_cols"):
         block = GGML_QUANT_SIZES[info.qtype][0]
         assert len(ranges) == 1 and all(x % block == 0 for x in ranges[0]), (name, ranges, block)
@@ -297,16 +336,24 @@ def format_plan(plan: ShardPlan, cfg: ModelConfig, verbose: bool = False) -> str
                  + (f"  {'experts':>10}" if moe else ""))
     for rs in plan.ranks:
         lines.append(f"{rs.rank:>4}  {_rng(rs.q_heads):>9}  {_rng(rs.kv_heads):>9}  "
-                     f"{_rng(rs.ffn_exp if moe else rs.ffn):>13}  {_rng(rs.vocab):>15}  {_mib(rs.nbytes):>10}"
+                     f"{_share(rs.ffn_exp, cfg.n_ff_exp) if moe else _rng(rs.ffn):>13}  {_rng(rs.vocab):>15}  "
+                     f"{_mib(rs.nbytes):>10}"
                      + (f"  {_mib(rs.expert_nbytes):>10}" if moe else ""))
     if verbose:
         for rs in plan.ranks:
             lines.append(f"rank {rs.rank}:")
             for t in rs.tensors:
-                runs = " + ".join(_rng(r) for r in t.ranges)
+                runs = (" + ".join(_rng(r) for r in t.ranges) or
+                        f"{sum(b - a for a, b in t.expert_ranges)} in all experts")
                 where = "mirrored" if t.axis is None else f"{'rows' if t.axis == 1 else 'cols'} {runs}"
                 lines.append(f"  {t.name:<28} {where:<34} {t.nbytes:>12,d} B")
     return "\n".join(lines)
+
+
+def _share(per_expert, width: int) -> str:
+    """A rank's part of all experts' hidden dims, as a fraction ("0.500 of all")."""
+    held = sum(b - a for a, b in per_expert)
+    return f"{held / max(1, width * len(per_expert)):.3f} of all"
 
 
 def _rng(r: tuple[int, int]) -> str:

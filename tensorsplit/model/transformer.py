@@ -95,7 +95,7 @@ class RankModel:
         def experts(name):
             ws = load_experts(gf, slices[name], kernels)
             progress.step(slices[name])
-            self.resident_bytes += sum(w.nbytes for w in ws)
+            self.resident_bytes += sum(w.nbytes for w in ws if w is not None)
             return ws
 
         def router(name):
