@@ -220,7 +220,8 @@ def test_commands_run_a_mixture_of_experts_across_workers(smollm2_path, tmp_path
     """The commands, unchanged, on the Qwen2-MoE golden file (shared expert, SmolLM2's tokenizer) with 2
     worker processes: `perplexity`'s first two chunks against llama.cpp's (the golden's; within the
     0.05 nats per token test_arch_goldens allows, seen 0.003), `generate`'s greedy tokens equal at 1
-    and 2 workers, `info --json` shows each rank's expert bytes, half of the file's each."""
+    and 2 workers, `batch` gives the same text with 3 sequences at once, `info --json` shows each
+    rank's expert bytes, half of the file's each."""
     import json
     from cli_helpers import ROOT, run_cli
     from golden_models import write_arch_model
@@ -241,6 +242,16 @@ def test_commands_run_a_mixture_of_experts_across_workers(smollm2_path, tmp_path
         assert r.returncode == 0, r.stderr
         tokens[world] = json.loads(r.stdout.strip().splitlines()[-1])["text"]
     assert tokens[1] == tokens[2] and tokens[1]
+    # `batch`, 3 sequences decoded together (each step's tokens grouped by expert), greedy: the prompt
+    # generate ran gets generate's text
+    prompts, out = tmp_path / "p.jsonl", tmp_path / "o.jsonl"
+    texts = ["The capital of France is", "2 + 2 =", "Once upon a time"]
+    prompts.write_text("".join(json.dumps({"id": i, "prompt": t, "max_tokens": 8, "temperature": 0}) + "\n"
+                               for i, t in enumerate(texts)))
+    r = run_cli("batch", str(path), str(prompts), "-o", str(out), "-np", "3", "--nproc-per-node", "2")
+    assert r.returncode == 0, r.stderr
+    rows = {row["id"]: row for row in map(json.loads, out.read_text().splitlines())}
+    assert sorted(rows) == [0, 1, 2] and rows[0]["text"] == tokens[1], (rows[0], tokens[1])
     r = run_cli("info", str(path), "--nproc-per-node", "2", "--json")
     assert r.returncode == 0, r.stderr
     ranks = json.loads(r.stdout)["shard_plan"]["ranks"]
