@@ -20,17 +20,20 @@ from tensorsplit.kernels.quants import SUPPORTED, QWeight, block_info, dequantiz
 from tensorsplit.kernels.torch_kernels import TorchKernels
 
 ALL = [QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1,
-       QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.IQ4_NL, QT.IQ4_XS]
+       QT.Q2_K, QT.Q3_K, QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.IQ4_NL, QT.IQ4_XS, QT.MXFP4]
 FLOATS = [QT.F32, QT.F16, QT.BF16]
 # formats gguf-py can quantize (the others only have dequantize_blocks)
-QUANTIZABLE = FLOATS + [QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1]
+QUANTIZABLE = FLOATS + [QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0, QT.Q5_1, QT.MXFP4]
 # byte offsets of the fp16 scale fields inside one block (from gguf-py's dequantize_blocks);
 # random bytes there could be NaN/inf, so the tests overwrite them with finite values
 F16_FIELDS = {
     QT.Q4_0: (0,), QT.Q4_1: (0, 2), QT.Q5_0: (0,), QT.Q5_1: (0, 2), QT.Q8_0: (0,),
     QT.Q2_K: (80, 82), QT.Q3_K: (108,), QT.Q4_K: (0, 2), QT.Q5_K: (0, 2), QT.Q6_K: (208,),
-    QT.IQ4_NL: (0,), QT.IQ4_XS: (0,),
+    QT.IQ4_NL: (0,), QT.IQ4_XS: (0,), QT.MXFP4: (),
 }
+# MXFP4's E8M0 scale byte: random exponents over all 256 would overflow float32 (2^127 * 6); keep them
+# within 2^-40 .. 2^8 in the random blocks, 0 and 1 (subnormal scales) included
+E8M0_FIELDS = {QT.MXFP4: 0}
 
 
 def make_raw(qtype, n_rows: int, n_cols: int, how: str, seed: int = 0) -> np.ndarray:
@@ -41,6 +44,10 @@ def make_raw(qtype, n_rows: int, n_cols: int, how: str, seed: int = 0) -> np.nda
         return np.ascontiguousarray(gq.quantize(data, qtype)).view(np.uint8).reshape(n_rows, -1)
     bs, ts = GGML_QUANT_SIZES[qtype]
     blocks = rng.integers(0, 256, size=(n_rows * n_cols // bs, ts), dtype=np.uint8)
+    if qtype in E8M0_FIELDS:
+        e = rng.integers(88, 136, len(blocks), dtype=np.uint8)
+        e[:2] = (0, 1)
+        blocks[:, E8M0_FIELDS[qtype]] = e
     for off in F16_FIELDS[qtype]:
         # finite fp16 scales over many magnitudes (subnormals included), both signs
         vals = rng.standard_normal(len(blocks)) * 10.0 ** rng.uniform(-7, 1, len(blocks))
@@ -76,6 +83,7 @@ BLOCKS = {
     QT.Q6_K: (256, 128 + 64 + 16 + 2),        # ql[128] | qh[64] | scales[16] | d
     QT.IQ4_NL: (32, 2 + 16),                  # d | qs[16]
     QT.IQ4_XS: (256, 2 + 2 + 4 + 128),        # d | scales_h | scales_l[4] | qs[128]
+    QT.MXFP4: (32, 1 + 16),                   # e | qs[16]
 }
 
 

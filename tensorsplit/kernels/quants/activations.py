@@ -4,7 +4,7 @@ kernels quantize the same way in C++ (kernels/csrc/kernel_body.h, quantize_rows)
 
 ggml never multiplies a quantized weight by float32 activations: it first quantizes the
 activation row to the weight type's "vec_dot type" and takes integer dot products:
-  - Q4_0, Q5_0, Q8_0, IQ4_NL -> Q8_0: blocks of 32, q = round(x * 127 / amax), d = amax / 127 as f16;
+  - Q4_0, Q5_0, Q8_0, IQ4_NL, MXFP4 -> Q8_0: blocks of 32, q = round(x * 127 / amax), d = amax / 127 as f16;
   - Q4_1, Q5_1             -> Q8_1: the same 8-bit values (its extra field is a sum, not a rounding);
   - K-quants, IQ4_XS       -> Q8_K: blocks of 256, iscale = -127 / (the signed value of largest
                               magnitude), q = min(127, round(x * iscale)), d = 1 / iscale in f32;
@@ -20,7 +20,7 @@ import torch
 
 from .qtypes import QType
 
-Q8_0_INPUT = frozenset({QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1, QType.Q8_0, QType.IQ4_NL})
+Q8_0_INPUT = frozenset({QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1, QType.Q8_0, QType.IQ4_NL, QType.MXFP4})
 Q8_K_INPUT = frozenset({QType.Q2_K, QType.Q3_K, QType.Q4_K, QType.Q5_K, QType.Q6_K, QType.IQ4_XS})
 # weight type -> the rounding its input gets (types sharing one share a rounded copy of the input)
 ROUNDING_KIND = {**{t: "q8_0" for t in Q8_0_INPUT}, **{t: "q8_k" for t in Q8_K_INPUT},

@@ -13,6 +13,7 @@ from . import formats_float as ff
 from . import formats_iq as fi
 from . import formats_k as fk
 from . import formats_legacy as fl
+from . import formats_mx as fm
 from .qtypes import FLOAT_TYPES, QType, block_info, check_supported, type_name
 
 BlockDecoder = Callable[[torch.Tensor], torch.Tensor]
@@ -33,6 +34,7 @@ DEQUANTIZERS: dict[QType, BlockDecoder] = {
     QType.Q6_K: fk.dequant_q6_k,
     QType.IQ4_NL: fi.dequant_iq4_nl,
     QType.IQ4_XS: fi.dequant_iq4_xs,
+    QType.MXFP4: fm.dequant_mxfp4,
 }
 
 

@@ -15,7 +15,7 @@ SUPPORTED: frozenset[QType] = frozenset({
     QType.F32, QType.F16, QType.BF16,
     QType.Q8_0, QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1,
     QType.Q2_K, QType.Q3_K, QType.Q4_K, QType.Q5_K, QType.Q6_K,
-    QType.IQ4_NL, QType.IQ4_XS,
+    QType.IQ4_NL, QType.IQ4_XS, QType.MXFP4,
 })
 
 # float types: stored as dense (n_rows, n_cols) tensors of this dtype
