@@ -23,6 +23,7 @@ from gguf.quants import dequantize
 
 from synthetic import random_quantized
 from tensorsplit import kernels
+from tensorsplit.kernels.base import MatmulInput
 from tensorsplit.kernels.numerics import EXACT, LLAMACPP
 from tensorsplit.kernels.quants import QWeight
 from tensorsplit.kernels.torch_kernels import TorchKernels
@@ -143,16 +144,11 @@ def test_router_ties_go_to_the_lower_expert(norm):
     router[1] = router[4] = router[5] = 2 / 64
     h = rng.integers(0, 4, (5, N_EMBD)).astype(np.float32)              # >= 0: the shared row wins
     moe = _moe(k, ex, router, norm)
-    selected, weights = moe.route(MatmulInputOf(h))
+    selected, weights = moe.route(MatmulInput(torch.from_numpy(h)))
     assert selected.tolist() == [[1, 4]] * 5
     top, w = _route_reference(h, router, norm)
     assert (selected.numpy() == top).all()
     np.testing.assert_allclose(weights.numpy(), w, rtol=1e-5)
-
-
-def MatmulInputOf(h):
-    from tensorsplit.kernels.base import MatmulInput
-    return MatmulInput(torch.from_numpy(h))
 
 
 def test_unchosen_experts_are_not_read_and_one_expert_can_take_every_token():
@@ -204,13 +200,13 @@ def test_experts_of_few_blocks_are_shared_out_in_rotation(tmp_path):
     assert blocks(two[0]) == [2, 1] * 4 and blocks(two[1]) == [1, 2] * 4
     four = make_plan(cfg, gf.tensors, 4).ranks
     assert [blocks(r)[:4] for r in four] == [[1, 0, 1, 1], [1, 1, 0, 1], [1, 1, 1, 0], [0, 1, 1, 1]]
+    whole = make_plan(cfg, gf.tensors, 1).ranks[0].expert_nbytes
     for world, ratios in [(2, None), (3, None), (4, None), (2, (0.75, 0.25))]:
         ranks = make_plan(cfg, gf.tensors, world, ratios).ranks
         for e in range(8):
             runs = sorted(r.ffn_exp[e] for r in ranks if r.ffn_exp[e][1] > r.ffn_exp[e][0])
             assert runs[0][0] == 0 and runs[-1][1] == 768 and all(a[1] == b[0] for a, b in zip(runs, runs[1:]))
-        assert sum(r.expert_nbytes for r in ranks) == sum(make_plan(cfg, gf.tensors, 1).ranks[0].expert_nbytes
-                                                          for _ in [0])
+        assert sum(r.expert_nbytes for r in ranks) == whole
     three_one = make_plan(cfg, gf.tensors, 2, (0.75, 0.25)).ranks
     assert sum(blocks(three_one[0])) == 18 and sum(blocks(three_one[1])) == 6, blocks(three_one[0])
 

@@ -35,6 +35,7 @@ class NativeKernels(TorchKernels):
         self._unpack_rows, self._rms_norm, self._rope = ops.unpack_rows.default, ops.rms_norm.default, ops.rope.default
         self._attention = ops.attention.default
         llamacpp = numerics.llamacpp
+        self._integer = llamacpp           # block weights: integer dots on 8-bit inputs, else float inputs
         self._block_matmul = self._integer_matmul if llamacpp else self._float_matmul
         self._round16 = llamacpp           # the attention op rounds q and the probabilities to f16
 
@@ -61,7 +62,7 @@ class NativeKernels(TorchKernels):
         k = w.kernel
         if k is None or k.act is None:
             super().prepare(inp, w)
-        elif self._block_matmul == self._integer_matmul:
+        elif self._integer:
             self._q8(inp, k)
         else:
             self._sums(inp, k)
