@@ -113,8 +113,9 @@ class Recording:
         self.read.add(w.name)
         return self.inner.matmul(x, w, wide)
 
-    def experts(self, *args):
-        return TorchKernels.experts(self, *args)
+    # the reference's experts and per-expert FFN, run with this object's matmul
+    experts = TorchKernels.experts
+    _ffn = TorchKernels._ffn
 
 
 def _moe(k, ex: Experts, router: np.ndarray, norm: bool) -> MoE:

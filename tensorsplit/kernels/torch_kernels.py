@@ -109,18 +109,20 @@ class TorchKernels:
             for w, e in sorted(zip(weights[0].tolist(), selected[0].tolist()), key=lambda we: we[1]):
                 if gate[e] is None:
                     continue
-                h = act(self.matmul(inp, gate[e])) * self.matmul(inp, up[e])
-                out += self.matmul(h, down[e], wide=True) * w      # the same arithmetic as below, in expert order
+                out += self._ffn(inp, gate[e], up[e], down[e], act) * w   # the same arithmetic as below, in expert order
             return out
         for e in torch.unique(selected).tolist():
             if gate[e] is None:
                 continue
             tok, slot = (selected == e).nonzero(as_tuple=True)            # tokens routed to e, in order
             xe = inp.rows(tok)
-            h = act(self.matmul(xe, gate[e])) * self.matmul(xe, up[e])     # (t, local_ff) float32
-            y = self.matmul(h, down[e], wide=True)                          # (t, n_out) float64
+            y = self._ffn(xe, gate[e], up[e], down[e], act)                 # (t, n_out) float64
             out.index_add_(0, tok, y * weights[tok, slot].to(torch.float64)[:, None])
         return out
+
+    def _ffn(self, x, gate: QWeight, up: QWeight, down: QWeight, act) -> torch.Tensor:
+        """One expert over x: down(act(gate(x)) * up(x)), the down partial summed wide: (t, n_out) float64."""
+        return self.matmul(act(self.matmul(x, gate)) * self.matmul(x, up), down, wide=True)
 
     # --- the rest of a layer
 
