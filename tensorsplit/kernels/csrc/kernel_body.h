@@ -45,20 +45,21 @@ static inline void add_mask_bits(const uint8_t* p, typename S::VB* w, uint8_t v)
 }
 
 // Each format: GS (group size), NG (groups per block), OFFSET (integer code offset), MIN (has a float
-// min term), SIGNED (codes are signed bytes, dotted with dot_s), TB; Blk = per-block values hoisted
+// min term), SIGNED (codes are signed bytes, dotted with dot_s), CODE_MAX (largest |code| the dot
+// sees), TB; Blk = per-block values hoisted
 // out of the group loop; blk(), group() give the group's scale s and min o (16 lanes), codes() the chunks.
 struct NoBlk {};
 
 template <class S> struct FQ4_0 {
   using VF = typename S::VF; using VB = typename S::VB; using Blk = NoBlk;
-  static constexpr int GS = 32, NG = 1, OFFSET = 8, TB = Q4_0::TB; static constexpr bool MIN = false, SIGNED = false, SB = false;
+  static constexpr int GS = 32, NG = 1, OFFSET = 8, TB = Q4_0::TB; static constexpr bool MIN = false, SIGNED = false, SB = false; static constexpr int CODE_MAX = 15;
   static inline Blk blk(const uint8_t*, int) { return {}; }
   static inline void group(const Blk&, const uint8_t* tb, int h, int, VF& s, VF&) { s = S::f16(tb + Q4_0::D + Off<S>::F16 * h); }
   static inline void codes(const uint8_t* tb, int h, int, VB* w) { q4_codes<S, 4>(tb + Q4_0::QS + Off<S>::LOAD * h, w); }
 };
 template <class S> struct FQ4_1 {
   using VF = typename S::VF; using VB = typename S::VB; using Blk = NoBlk;
-  static constexpr int GS = 32, NG = 1, OFFSET = 0, TB = Q4_1::TB; static constexpr bool MIN = true, SIGNED = false, SB = false;
+  static constexpr int GS = 32, NG = 1, OFFSET = 0, TB = Q4_1::TB; static constexpr bool MIN = true, SIGNED = false, SB = false; static constexpr int CODE_MAX = 15;
   static inline Blk blk(const uint8_t*, int) { return {}; }
   static inline void group(const Blk&, const uint8_t* tb, int h, int, VF& s, VF& o) {
     s = S::f16(tb + Q4_1::D + Off<S>::F16 * h);
@@ -68,7 +69,7 @@ template <class S> struct FQ4_1 {
 };
 template <class S> struct FQ5_0 {
   using VF = typename S::VF; using VB = typename S::VB; using Blk = NoBlk;
-  static constexpr int GS = 32, NG = 1, OFFSET = 16, TB = Q5_0::TB; static constexpr bool MIN = false, SIGNED = false, SB = false;
+  static constexpr int GS = 32, NG = 1, OFFSET = 16, TB = Q5_0::TB; static constexpr bool MIN = false, SIGNED = false, SB = false; static constexpr int CODE_MAX = 31;
   static inline Blk blk(const uint8_t*, int) { return {}; }
   static inline void group(const Blk&, const uint8_t* tb, int h, int, VF& s, VF&) { s = S::f16(tb + Q5_0::D + Off<S>::F16 * h); }
   static inline void codes(const uint8_t* tb, int h, int, VB* w) {
@@ -78,7 +79,7 @@ template <class S> struct FQ5_0 {
 };
 template <class S> struct FQ5_1 {
   using VF = typename S::VF; using VB = typename S::VB; using Blk = NoBlk;
-  static constexpr int GS = 32, NG = 1, OFFSET = 0, TB = Q5_1::TB; static constexpr bool MIN = true, SIGNED = false, SB = false;
+  static constexpr int GS = 32, NG = 1, OFFSET = 0, TB = Q5_1::TB; static constexpr bool MIN = true, SIGNED = false, SB = false; static constexpr int CODE_MAX = 31;
   static inline Blk blk(const uint8_t*, int) { return {}; }
   static inline void group(const Blk&, const uint8_t* tb, int h, int, VF& s, VF& o) {
     s = S::f16(tb + Q5_1::D + Off<S>::F16 * h);
@@ -91,7 +92,7 @@ template <class S> struct FQ5_1 {
 };
 template <class S> struct FQ8_0 {
   using VF = typename S::VF; using VB = typename S::VB; using Blk = NoBlk;
-  static constexpr int GS = 32, NG = 1, OFFSET = 0, TB = Q8_0::TB; static constexpr bool MIN = false, SIGNED = true, SB = false;
+  static constexpr int GS = 32, NG = 1, OFFSET = 0, TB = Q8_0::TB; static constexpr bool MIN = false, SIGNED = true, SB = false; static constexpr int CODE_MAX = 127;
   static inline Blk blk(const uint8_t*, int) { return {}; }
   static inline void group(const Blk&, const uint8_t* tb, int h, int, VF& s, VF&) { s = S::f16(tb + Q8_0::D + Off<S>::F16 * h); }
   static inline void codes(const uint8_t* tb, int h, int, VB* w) {
@@ -100,7 +101,7 @@ template <class S> struct FQ8_0 {
 };
 template <class S> struct FIQ4_NL {
   using VF = typename S::VF; using VB = typename S::VB; using Blk = NoBlk;
-  static constexpr int GS = 32, NG = 1, OFFSET = 0, TB = IQ4_NL::TB; static constexpr bool MIN = false, SIGNED = true, SB = false;
+  static constexpr int GS = 32, NG = 1, OFFSET = 0, TB = IQ4_NL::TB; static constexpr bool MIN = false, SIGNED = true, SB = false; static constexpr int CODE_MAX = 127;
   static inline Blk blk(const uint8_t*, int) { return {}; }
   static inline void group(const Blk&, const uint8_t* tb, int h, int, VF& s, VF&) { s = S::f16(tb + IQ4_NL::D + Off<S>::F16 * h); }
   static inline void codes(const uint8_t* tb, int h, int, VB* w) {
@@ -114,7 +115,7 @@ template <class S> struct BlkDM { typename S::VF d, dm; };
 
 template <class S> struct FQ2_K {
   using VF = typename S::VF; using VB = typename S::VB; using Blk = BlkDM<S>;
-  static constexpr int GS = 16, NG = 16, OFFSET = 0, TB = Q2_K::TB; static constexpr bool MIN = true, SIGNED = false, SB = true;
+  static constexpr int GS = 16, NG = 16, OFFSET = 0, TB = Q2_K::TB; static constexpr bool MIN = true, SIGNED = false, SB = true; static constexpr int CODE_MAX = 3;
   static inline Blk blk(const uint8_t* tb, int h) { return {S::f16(tb + Q2_K::D + Off<S>::F16 * h), S::f16(tb + Q2_K::DM + Off<S>::F16 * h)}; }
   static inline void group(const Blk& b, const uint8_t* tb, int h, int g, VF& s, VF& o) {
     const uint8_t* sc = tb + Q2_K::SC + 16 * g + Off<S>::BYTE * h;
@@ -131,7 +132,7 @@ template <class S> struct FQ2_K {
 };
 template <class S> struct FQ3_K {
   using VF = typename S::VF; using VB = typename S::VB; using Blk = BlkD<S>;
-  static constexpr int GS = 16, NG = 16, OFFSET = 4, TB = Q3_K::TB; static constexpr bool MIN = false, SIGNED = false, SB = true;
+  static constexpr int GS = 16, NG = 16, OFFSET = 4, TB = Q3_K::TB; static constexpr bool MIN = false, SIGNED = false, SB = true; static constexpr int CODE_MAX = 7;
   static inline Blk blk(const uint8_t* tb, int h) { return {S::f16(tb + Q3_K::D + Off<S>::F16 * h)}; }
   static inline void group(const Blk& b, const uint8_t* tb, int h, int g, VF& s, VF&) {
     s = S::mul(b.d, S::i8f(tb + Q3_K::SC + 16 * g + Off<S>::BYTE * h));
@@ -147,7 +148,7 @@ template <class S> struct FQ3_K {
 };
 template <class S> struct FQ4_K {
   using VF = typename S::VF; using VB = typename S::VB; using Blk = BlkDM<S>;
-  static constexpr int GS = 32, NG = 8, OFFSET = 0, TB = Q4_K::TB; static constexpr bool MIN = true, SIGNED = false, SB = true;
+  static constexpr int GS = 32, NG = 8, OFFSET = 0, TB = Q4_K::TB; static constexpr bool MIN = true, SIGNED = false, SB = true; static constexpr int CODE_MAX = 15;
   static inline Blk blk(const uint8_t* tb, int h) { return {S::f16(tb + Q4_K::D + Off<S>::F16 * h), S::f16(tb + Q4_K::DM + Off<S>::F16 * h)}; }
   static inline void group(const Blk& b, const uint8_t* tb, int h, int g, VF& s, VF& o) {
     s = S::mul(b.d, S::u8f(tb + Q4_K::SC + 16 * g + Off<S>::BYTE * h));
@@ -159,7 +160,7 @@ template <class S> struct FQ4_K {
 };
 template <class S> struct FQ5_K {
   using VF = typename S::VF; using VB = typename S::VB; using Blk = BlkDM<S>;
-  static constexpr int GS = 32, NG = 8, OFFSET = 0, TB = Q5_K::TB; static constexpr bool MIN = true, SIGNED = false, SB = true;
+  static constexpr int GS = 32, NG = 8, OFFSET = 0, TB = Q5_K::TB; static constexpr bool MIN = true, SIGNED = false, SB = true; static constexpr int CODE_MAX = 31;
   static inline Blk blk(const uint8_t* tb, int h) { return {S::f16(tb + Q5_K::D + Off<S>::F16 * h), S::f16(tb + Q5_K::DM + Off<S>::F16 * h)}; }
   static inline void group(const Blk& b, const uint8_t* tb, int h, int g, VF& s, VF& o) {
     s = S::mul(b.d, S::u8f(tb + Q5_K::SC + 16 * g + Off<S>::BYTE * h));
@@ -174,7 +175,7 @@ template <class S> struct FQ5_K {
 };
 template <class S> struct FQ6_K {
   using VF = typename S::VF; using VB = typename S::VB; using Blk = BlkD<S>;
-  static constexpr int GS = 16, NG = 16, OFFSET = 32, TB = Q6_K::TB; static constexpr bool MIN = false, SIGNED = false, SB = true;
+  static constexpr int GS = 16, NG = 16, OFFSET = 32, TB = Q6_K::TB; static constexpr bool MIN = false, SIGNED = false, SB = true; static constexpr int CODE_MAX = 63;
   static inline Blk blk(const uint8_t* tb, int h) { return {S::f16(tb + Q6_K::D + Off<S>::F16 * h)}; }
   static inline void group(const Blk& b, const uint8_t* tb, int h, int g, VF& s, VF&) {
     s = S::mul(b.d, S::i8f(tb + Q6_K::SC + 16 * g + Off<S>::BYTE * h));
@@ -193,7 +194,7 @@ template <class S> struct FQ6_K {
 };
 template <class S> struct FIQ4_XS {
   using VF = typename S::VF; using VB = typename S::VB; using Blk = BlkD<S>;
-  static constexpr int GS = 32, NG = 8, OFFSET = 0, TB = IQ4_XS::TB; static constexpr bool MIN = false, SIGNED = true, SB = true;
+  static constexpr int GS = 32, NG = 8, OFFSET = 0, TB = IQ4_XS::TB; static constexpr bool MIN = false, SIGNED = true, SB = true; static constexpr int CODE_MAX = 127;
   static inline Blk blk(const uint8_t* tb, int h) { return {S::f16(tb + IQ4_XS::D + Off<S>::F16 * h)}; }
   static inline void group(const Blk& b, const uint8_t* tb, int h, int g, VF& s, VF&) {
     s = S::mul(b.d, S::i8f(tb + IQ4_XS::SC + 16 * g + Off<S>::BYTE * h));
@@ -205,6 +206,27 @@ template <class S> struct FIQ4_XS {
     for (int j = 0; j < 8; ++j) w[j] = S::lookup(w[j], IQ4_VALUES);
   }
 };
+
+// The integer dot of one group's C = GS / 4 chunks with its activations, added to acc. vpdpbusd
+// (AVX-512 VNNI) sums into int32 as it goes. AVX2's vpmaddubsw gives int16 sums of pairs, which K
+// chunks share before one vpmaddwd widens them to int32: K = 32767 / (2 * 127 * CODE_MAX), so no int16
+// sum can overflow (|q_x| <= 127). Q4 codes take one widening per 8 chunks instead of one per chunk.
+template <class S, class F>
+static inline typename S::VI group_dot(typename S::VI acc, const typename S::VB* w, const int8_t* xq) {
+  constexpr int C = F::GS / 4;
+  if constexpr (S::PAIRS16 && !F::SIGNED) {
+    constexpr int K = 32767 / (254 * F::CODE_MAX);
+    static_assert(K >= 1, "a code too wide for int16 pair sums");
+    for (int j0 = 0; j0 < C; j0 += K) {
+      typename S::VB p = S::pairs(w[j0], xq + 4 * j0);
+      for (int j = j0 + 1; j < j0 + K && j < C; ++j) p = S::add16(p, S::pairs(w[j], xq + 4 * j));
+      acc = S::widen(acc, p);
+    }
+  } else {
+    for (int j = 0; j < C; ++j) acc = F::SIGNED ? S::dot_s(acc, w[j], xq + 4 * j) : S::dot_u(acc, w[j], xq + 4 * j);
+  }
+  return acc;
+}
 
 // ---- accumulators --------------------------------------------------------------------------------
 // Narrow: float accumulators, float32 output. Wide: double accumulators and output, for the row-
@@ -238,9 +260,16 @@ template <class S> struct Wide {
 };
 
 // ---- the tile kernels ----------------------------------------------------------------------------
-// A tile-block's planes are read out of order (scales, then each group's codes, here and there in the
-// block), which the hardware prefetchers follow badly: measured on a Q6_K GEMV out of cache, 15 GB/s
-// per thread without this and 40 with it. Each group fetches its share of a block at least PF_BYTES (and two blocks) ahead.
+// A tile is read once, block after block, in address order. Where a vector holds fewer than 16 lanes
+// (AVX2: 8), each tile-block serves its H = 16 / LANES lane ranges ("halves") in turn before the next
+// block is touched. Running the halves as separate passes over the tile would leave the memory bus
+// idle for the passes after the first (they re-read the tile from cache): measured on a Zen 3 Q4_0
+// GEMV out of DRAM, 9.3 GB/s per thread that way against 19 GB/s from L3.
+//
+// A tile-block's planes are also read out of order (scales, then each group's codes, here and there
+// in the block), which the hardware prefetchers follow badly: measured on a Q6_K GEMV out of cache,
+// 15 GB/s per thread without this and 40 with it. Each group fetches its share of a block at least
+// PF_BYTES (and two blocks) ahead.
 constexpr int PF_BYTES = 2048;
 template <class F>
 static inline void prefetch_ahead(const uint8_t* tb, int g) {
@@ -248,14 +277,17 @@ static inline void prefetch_ahead(const uint8_t* tb, int g) {
   for (int l = 0; l < share; l += 64) __builtin_prefetch(tb + ahead + g * share + l);
 }
 
+// Lane ranges of a tile holding valid rows (n_valid of its 16), and the rows valid in range h.
+template <class S> static inline int halves(int n_valid) { return (n_valid + S::LANES - 1) / S::LANES; }
+template <class S> static inline int valid_in(int n_valid, int h) { return n_valid - h * S::LANES; }
+
 // One group of a tile-block, for lanes [h * LANES, (h + 1) * LANES): its scale and min (as the
-// accumulator takes them) and its codes, unpacked; prefetching the block ahead as it goes.
+// accumulator takes them) and its codes, unpacked.
 template <class S, class F, class A>
 struct GroupData {
   typename A::Scale s, o;
   typename S::VB w[F::GS / 4];
   inline GroupData(const typename F::Blk& bv, const uint8_t* tb, int h, int g) {
-    prefetch_ahead<F>(tb, g);
     typename S::VF sf, of;
     F::group(bv, tb, h, g, sf, of);
     s = A::scale(sf);
@@ -264,36 +296,36 @@ struct GroupData {
   }
 };
 
-// One tile (16 rows, n_blocks block columns), token rows [m0, m0 + RN).
+// One tile (16 rows, n_blocks block columns), token rows [m0, m0 + RN). Each group serves the H lane
+// ranges in turn, with one range's codes unpacked at a time (16 ymm registers hold no more). All the
+// ranges are computed (a tile's rows past n_rows are zero blocks), and the n_valid rows stored.
 template <class S, class F, class A, int RN>
 static void tile_q8(const uint8_t* tile, int64_t n_blocks, const ActQ& a, int64_t m0, typename A::Out* out, int64_t ldo,
                     int n_valid) {
   using VI = typename S::VI;
-  constexpr int C = F::GS / 4;
+  constexpr int H = 16 / S::LANES;
   constexpr int OFF = F::SIGNED ? S::DOT_S_BIAS : F::OFFSET;   // dot = sum((code + bias) x): remove bias * sum(q)
-  for (int h = 0; h < 16 / S::LANES; ++h) {
-    const int valid = n_valid - h * S::LANES;
-    if (valid <= 0) break;
-    typename A::T acc[RN];
-    for (int n = 0; n < RN; ++n) acc[n] = A::zero();
-    for (int64_t b = 0; b < n_blocks; ++b) {
-      const uint8_t* tb = tile + b * F::TB;
-      const typename F::Blk bv = F::blk(tb, h);
-      for (int g = 0; g < F::NG; ++g) {
-        const GroupData<S, F, A> gd(bv, tb, h, g);
-        const int64_t G = b * F::NG + g;                        // group index along the row
+  typename A::T acc[H][RN];
+  for (int h = 0; h < H; ++h)
+    for (int n = 0; n < RN; ++n) acc[h][n] = A::zero();
+  for (int64_t b = 0; b < n_blocks; ++b) {
+    const uint8_t* tb = tile + b * F::TB;
+    for (int g = 0; g < F::NG; ++g) {
+      prefetch_ahead<F>(tb, g);
+      const int64_t G = b * F::NG + g;                          // group index along the row
+      for (int h = 0; h < H; ++h) {
+        const GroupData<S, F, A> gd(F::blk(tb, h), tb, h, g);
         for (int n = 0; n < RN; ++n) {
           const int64_t m = m0 + n;
-          const int8_t* xq = a.q + m * a.ldq + G * F::GS;
-          VI ia = S::seti(OFF ? -OFF * a.isum[m * a.ldg + G] : 0);
-          for (int j = 0; j < C; ++j) ia = F::SIGNED ? S::dot_s(ia, gd.w[j], xq + 4 * j) : S::dot_u(ia, gd.w[j], xq + 4 * j);
-          acc[n] = A::add_int(acc[n], ia, gd.s, a.d[m * a.ldg + G]);
-          if (F::MIN) acc[n] = A::add_min(acc[n], gd.o, a.s[m * a.ldg + G]);
+          const VI ia = group_dot<S, F>(S::seti(OFF ? -OFF * a.isum[m * a.ldg + G] : 0), gd.w, a.q + m * a.ldq + G * F::GS);
+          acc[h][n] = A::add_int(acc[h][n], ia, gd.s, a.d[m * a.ldg + G]);
+          if (F::MIN) acc[h][n] = A::add_min(acc[h][n], gd.o, a.s[m * a.ldg + G]);
         }
       }
     }
-    for (int n = 0; n < RN; ++n) A::store(out + (m0 + n) * ldo + h * S::LANES, acc[n], valid);
   }
+  for (int h = 0; h < halves<S>(n_valid); ++h)
+    for (int n = 0; n < RN; ++n) A::store(out + (m0 + n) * ldo + h * S::LANES, acc[h][n], valid_in<S>(n_valid, h));
 }
 
 // Super-block formats (K-quants, IQ4_XS) in integers, as llama.cpp sums them: per group the exact
@@ -304,61 +336,62 @@ template <class S, class F, class A, int RN>
 static void tile_q8_sb(const uint8_t* tile, int64_t n_blocks, const ActQ& a, int64_t m0, typename A::Out* out,
                        int64_t ldo, int n_valid) {
   using VB = typename S::VB; using VI = typename S::VI;
-  constexpr int C = F::GS / 4;
+  constexpr int C = F::GS / 4, H = 16 / S::LANES;
   constexpr int OFF = F::SIGNED ? S::DOT_S_BIAS : F::OFFSET;
-  for (int h = 0; h < 16 / S::LANES; ++h) {
-    const int valid = n_valid - h * S::LANES;
-    if (valid <= 0) break;
-    typename A::T acc[RN];
-    for (int n = 0; n < RN; ++n) acc[n] = A::zero();
-    for (int64_t b = 0; b < n_blocks; ++b) {
-      const uint8_t* tb = tile + b * F::TB;
-      VI isb[RN], imb[RN];
-      for (int n = 0; n < RN; ++n) { isb[n] = S::zeroi(); if (F::MIN) imb[n] = S::zeroi(); }
-      for (int g = 0; g < F::NG; ++g) {
-        prefetch_ahead<F>(tb, g);
-        const VI sc = F::isc(tb, h, g);
-        VI mn;
-        if (F::MIN) mn = F::imn(tb, h, g);
+  typename A::T acc[H][RN];
+  for (int h = 0; h < H; ++h)
+    for (int n = 0; n < RN; ++n) acc[h][n] = A::zero();
+  for (int64_t b = 0; b < n_blocks; ++b) {
+    const uint8_t* tb = tile + b * F::TB;
+    VI isb[H][RN], imb[H][RN];
+    for (int h = 0; h < H; ++h)
+      for (int n = 0; n < RN; ++n) { isb[h][n] = S::zeroi(); if (F::MIN) imb[h][n] = S::zeroi(); }
+    for (int g = 0; g < F::NG; ++g) {
+      prefetch_ahead<F>(tb, g);
+      const int64_t G = b * F::NG + g;
+      for (int h = 0; h < H; ++h) {
         VB w[C];
         F::codes(tb, h, g, w);
-        const int64_t G = b * F::NG + g;
+        const VI sc = F::isc(tb, h, g);
         for (int n = 0; n < RN; ++n) {
           const int64_t m = m0 + n;
-          const int8_t* xq = a.q + m * a.ldq + G * F::GS;
           const int32_t isum = a.isum[m * a.ldg + G];
-          VI ia = S::seti(OFF ? -OFF * isum : 0);
-          for (int j = 0; j < C; ++j) ia = F::SIGNED ? S::dot_s(ia, w[j], xq + 4 * j) : S::dot_u(ia, w[j], xq + 4 * j);
-          isb[n] = S::addi(isb[n], S::mullo(ia, sc));
-          if (F::MIN) imb[n] = S::addi(imb[n], S::mullo(S::seti(isum), mn));
+          const VI ia = group_dot<S, F>(S::seti(OFF ? -OFF * isum : 0), w, a.q + m * a.ldq + G * F::GS);
+          isb[h][n] = S::addi(isb[h][n], S::mullo(ia, sc));
+          if (F::MIN) imb[h][n] = S::addi(imb[h][n], S::mullo(S::seti(isum), F::imn(tb, h, g)));
         }
       }
+    }
+    for (int h = 0; h < H; ++h) {
       const typename F::Blk bv = F::blk(tb, h);
       const typename A::Scale d = A::scale(bv.d);
       typename A::Scale ndm;
       if constexpr (F::MIN) ndm = A::scale(S::mul(bv.dm, S::setf(-1.0f)));
       for (int n = 0; n < RN; ++n) {
         const float dx = a.d[(m0 + n) * a.ldg + b * F::NG];          // Q8_K: one scale per super-block
-        acc[n] = A::add_int(acc[n], isb[n], d, dx);
-        if (F::MIN) acc[n] = A::add_int(acc[n], imb[n], ndm, dx);
+        acc[h][n] = A::add_int(acc[h][n], isb[h][n], d, dx);
+        if (F::MIN) acc[h][n] = A::add_int(acc[h][n], imb[h][n], ndm, dx);
       }
     }
-    for (int n = 0; n < RN; ++n) A::store(out + (m0 + n) * ldo + h * S::LANES, acc[n], valid);
   }
+  for (int h = 0; h < halves<S>(n_valid); ++h)
+    for (int n = 0; n < RN; ++n) A::store(out + (m0 + n) * ldo + h * S::LANES, acc[h][n], valid_in<S>(n_valid, h));
 }
 
 template <class S, class F, class A, int RN>
 static void tile_f32(const uint8_t* tile, int64_t n_blocks, const ActF& a, int64_t m0, typename A::Out* out, int64_t ldo,
                      int n_valid) {
   using VF = typename S::VF; using VB = typename S::VB;
-  constexpr int C = F::GS / 4;
-  for (int h = 0; h < 16 / S::LANES; ++h) {
-    const int valid = n_valid - h * S::LANES;
-    if (valid <= 0) break;
-    typename A::T acc[RN];
-    for (int n = 0; n < RN; ++n) acc[n] = A::zero();
-    for (int64_t b = 0; b < n_blocks; ++b) {
-      const uint8_t* tb = tile + b * F::TB;
+  constexpr int C = F::GS / 4, H = 16 / S::LANES;
+  const int nh = halves<S>(n_valid);
+  typename A::T acc[H][RN];
+  for (int h = 0; h < H; ++h)
+    for (int n = 0; n < RN; ++n) acc[h][n] = A::zero();
+  for (int64_t b = 0; b < n_blocks; ++b) {
+    const uint8_t* tb = tile + b * F::TB;
+    for (int g = 0; g < F::NG; ++g) prefetch_ahead<F>(tb, g);
+    for (int h = 0; h < H; ++h) {
+      if (H > 1 && h >= nh) break;
       const typename F::Blk bv = F::blk(tb, h);
       for (int g = 0; g < F::NG; ++g) {
         GroupData<S, F, A> gd(bv, tb, h, g);
@@ -380,13 +413,14 @@ static void tile_f32(const uint8_t* tile, int64_t n_blocks, const ActF& a, int64
           }
         }
         for (int n = 0; n < RN; ++n) {
-          acc[n] = A::add_f(acc[n], part[n], gd.s);
-          if (F::MIN) acc[n] = A::add_min(acc[n], gd.o, a.xsum[(m0 + n) * a.ldg + G]);
+          acc[h][n] = A::add_f(acc[h][n], part[n], gd.s);
+          if (F::MIN) acc[h][n] = A::add_min(acc[h][n], gd.o, a.xsum[(m0 + n) * a.ldg + G]);
         }
       }
     }
-    for (int n = 0; n < RN; ++n) A::store(out + (m0 + n) * ldo + h * S::LANES, acc[n], valid);
   }
+  for (int h = 0; h < nh; ++h)
+    for (int n = 0; n < RN; ++n) A::store(out + (m0 + n) * ldo + h * S::LANES, acc[h][n], valid_in<S>(n_valid, h));
 }
 
 // F16 / BF16 weights: a tile-block is one column of 16 rows (2 bytes each); float arithmetic.
@@ -394,18 +428,21 @@ template <class S, bool BF, class A, int RN>
 static void tile_half(const uint8_t* tile, int64_t n_cols, const ActF& a, int64_t m0, typename A::Out* out, int64_t ldo,
                       int n_valid) {
   using VF = typename S::VF;
-  for (int h = 0; h < 16 / S::LANES; ++h) {
-    const int valid = n_valid - h * S::LANES;
-    if (valid <= 0) break;
-    typename A::T acc[RN];
-    for (int n = 0; n < RN; ++n) acc[n] = A::zero();
-    for (int64_t c = 0; c < n_cols; ++c) {
+  constexpr int H = 16 / S::LANES;
+  const int nh = halves<S>(n_valid);
+  typename A::T acc[H][RN];
+  for (int h = 0; h < H; ++h)
+    for (int n = 0; n < RN; ++n) acc[h][n] = A::zero();
+  for (int64_t c = 0; c < n_cols; ++c) {
+    for (int h = 0; h < H; ++h) {
+      if (H > 1 && h >= nh) break;
       const uint8_t* p = tile + 32 * c + 2 * S::LANES * h;
       const VF w = BF ? S::bf16(p) : S::f16(p);
-      for (int n = 0; n < RN; ++n) acc[n] = A::add_f(acc[n], w, A::scale(S::setf(a.x[(m0 + n) * a.ldx + c])));
+      for (int n = 0; n < RN; ++n) acc[h][n] = A::add_f(acc[h][n], w, A::scale(S::setf(a.x[(m0 + n) * a.ldx + c])));
     }
-    for (int n = 0; n < RN; ++n) A::store(out + (m0 + n) * ldo + h * S::LANES, acc[n], valid);
   }
+  for (int h = 0; h < nh; ++h)
+    for (int n = 0; n < RN; ++n) A::store(out + (m0 + n) * ldo + h * S::LANES, acc[h][n], valid_in<S>(n_valid, h));
 }
 
 // ---- drivers: a range of tiles, all token rows ---------------------------------------------------
@@ -445,8 +482,8 @@ static inline void drive(const MatArgs& m, const Act& a, int64_t t0, int64_t t1,
 template <class S, class F, class A>
 static void mat_q8(const MatArgs& m, const ActQ& a, int64_t t0, int64_t t1) {
   if constexpr (F::SB) {
-    // two integer sums per token row live across a super-block: at most 4 token rows per pass
-    constexpr int RN_SB = S::MAX_RN < 4 ? S::MAX_RN : 4;
+    // two integer sums per token row and lane range live across a super-block: at most 8 per pass
+    constexpr int RN_SB = S::MAX_RN < 4 * S::LANES / 16 ? S::MAX_RN : 4 * S::LANES / 16;
     drive<typename A::Out>(m, a, t0, t1, m.n_blocks * F::TB, RN_SB,
                            [&](const uint8_t* tile, int64_t m0, int rn, typename A::Out* out, int valid) {
 #define TS_CALL(k) tile_q8_sb<S, F, A, k>(tile, m.n_blocks, a, m0, out, m.ldo, valid)

@@ -51,6 +51,11 @@ struct Avx2 {
     const __m256i p16 = _mm256_maddubs_epi16(w, _mm256_set1_epi32(ld32(x)));
     return _mm256_add_epi32(acc, _mm256_madd_epi16(p16, _mm256_set1_epi16(1)));
   }
+  // int16 pair sums of w (unsigned) times 4 bytes of x broadcast, and their widening (kernel_body's group_dot)
+  static constexpr bool PAIRS16 = true;
+  static inline VB pairs(VB w, const int8_t* x) { return _mm256_maddubs_epi16(w, _mm256_set1_epi32(ld32(x))); }
+  static inline VB add16(VB a, VB b) { return _mm256_add_epi16(a, b); }
+  static inline VI widen(VI acc, VB p) { return _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(1))); }
   static inline VI dot_s(VI acc, VB w, const int8_t* x) {
     const __m256i xv = _mm256_set1_epi32(ld32(x));
     const __m256i p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(xv, w));

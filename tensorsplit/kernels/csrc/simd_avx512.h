@@ -10,6 +10,7 @@ namespace {
 struct Avx512 {
   static constexpr int LANES = 16;
   static constexpr int DOT_S_BIAS = 128;   // dot_s computes sum((w + 128) * x): vpdpbusd wants unsigned w
+  static constexpr bool PAIRS16 = false;   // dot_u sums into int32 directly (kernel_body's group_dot)
   static constexpr int MAX_RN = 8;         // token rows per pass (8 float accumulators)
   using VB = __m512i;                      // 16 lanes x 4 bytes
   using VI = __m512i;

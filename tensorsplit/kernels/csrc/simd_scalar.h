@@ -13,6 +13,7 @@ namespace {
 struct Scalar {
   static constexpr int LANES = 16;
   static constexpr int DOT_S_BIAS = 0;
+  static constexpr bool PAIRS16 = false;   // dot_u sums into int32 directly (kernel_body's group_dot)
   static constexpr int MAX_RN = 4;
   struct VB { uint8_t b[64]; };
   struct VI { int32_t v[16]; };
