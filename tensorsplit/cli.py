@@ -66,21 +66,22 @@ def _single_nproc(nproc: str | None) -> int:
     return n
 
 
-def _specs(p: dict, *, n_ctx: int, n_slots: int = 1, nproc: int | None = None, quiet: bool = False):
+def _specs(p: dict, *, n_ctx: int, n_slots: int = 1, nproc: int | None = None, quiet: bool = False,
+           profile: bool = False):
     """The WorldSpec and NodeSpec of a command's parsed options."""
     from .spec import specs_from_options, world_options
     values = {o.keyword: p[o.keyword] for o in world_options()}
     values["nproc_per_node"] = nproc or _single_nproc(values["nproc_per_node"])
     return specs_from_options(_model_path(p["model"]).resolve(), n_ctx=n_ctx, n_slots=n_slots, quiet=quiet,
-                              **values)
+                              profile=profile, **values)
 
 
-def _run_world(p: dict, job, *, n_ctx: int, n_slots: int = 1, nproc: int | None = None) -> int:
+def _run_world(p: dict, job, *, n_ctx: int, n_slots: int = 1, nproc: int | None = None, profile: bool = False) -> int:
     """Run `job` on rank 0 of a world: planned and started here by the launcher, or, under torchrun, with
     this process as one of its ranks (each rank plans the same world from the same inputs)."""
     from .plan import check_world, plan_world
     from .worker.process import in_worker
-    spec, node = _specs(p, n_ctx=n_ctx, n_slots=n_slots, nproc=nproc)
+    spec, node = _specs(p, n_ctx=n_ctx, n_slots=n_slots, nproc=nproc, profile=profile)
     if in_worker():
         from .worker.main import run_worker
         return run_worker(_torchrun_plan(spec, node.threads), job)
@@ -200,12 +201,16 @@ def perplexity(ctx, model_arg, model, text_file, ctx_size, chunks, as_json, **_)
 @click.option("-r", "--repetitions", default=3, show_default=True, type=int, help="Timed runs per test.")
 @click.option("-o", "--output", "json_out", default=None, type=click.Path(dir_okay=False),
               help="Also write the JSON to this file.")
+@click.option("--profile", is_flag=True,
+              help="Also show where a decode step's time goes, per rank: the matmuls, attention, norms and rope, "
+                   "the embedding lookup, the all-reduce's work and its wait for the other ranks, the logits "
+                   "gather, the step message, sampling, and host time between them (in the JSON too).")
 @click.option("--comm", is_flag=True,
               help="Time the all-reduce instead: the sizes a layer sends (n_embd values per token row, up to 1 MiB), "
                    "the world's own path (shared memory between the CPU ranks of a node) against plain Gloo.")
 @_world_options
 @click.pass_context
-def bench(ctx, model_arg, model, n_prompt, n_gen, repetitions, comm, json_out, nproc_per_node, **_):
+def bench(ctx, model_arg, model, n_prompt, n_gen, repetitions, profile, comm, json_out, nproc_per_node, **_):
     """Prompt-processing and generation speed per world size (--nproc-per-node 1,2), as llama-bench;
     with --comm, all-reduce latency per message size."""
     from .worker.process import in_worker
@@ -227,7 +232,7 @@ def bench(ctx, model_arg, model, n_prompt, n_gen, repetitions, comm, json_out, n
             job = CommBenchJob(200 * repetitions, out) if comm else BenchJob(n_prompt, n_gen, repetitions, out)
             if n is not None:
                 say(f"{'all-reduce bench' if comm else 'bench'} with {n} worker(s)...")
-            code = _run_world(ctx.params, job, n_ctx=n_ctx, nproc=n)
+            code = _run_world(ctx.params, job, n_ctx=n_ctx, nproc=n, profile=profile and not comm)
             if code != 0:
                 return code
             if not out.exists():          # a rank other than 0 under torchrun: rank 0 reports

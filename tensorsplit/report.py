@@ -109,6 +109,26 @@ def bench_table(doc: dict) -> str:
         for r in w["results"]:
             lines.append(f"| {doc['model']} | {w['world']} | {w['backend']} | {w['threads']} | {r['test']} | "
                          f"{r['tokens_per_s']:.2f} ± {r['stddev']:.2f} |")
+    for w in doc["worlds"]:
+        if "profile" in w:
+            lines += ["", profile_table(w)]
+    return "\n".join(lines)
+
+
+def profile_table(w: dict) -> str:
+    """`bench --profile`: where a decode step's time goes, microseconds per step (and its share) per rank."""
+    from .worker.profile import PARTS
+    p = w["profile"]
+    ranks = p["ranks"]
+    head = " | ".join(f"rank {i}" for i in range(len(ranks)))
+    lines = [f"decode step of world {w['world']} x {w['threads']} thread(s): {p['measured_step_us']:.0f} us measured",
+             "", f"| part | {head} |", "| --- |" + " ---: |" * len(ranks)]
+    for part in PARTS + ("step",):
+        cells = []
+        for r in ranks:
+            us = r["step_us"] if part == "step" else r["parts_us"][part]
+            cells.append(f"{us:.0f} ({100 * us / max(r['step_us'], 1e-9):.1f}%)")
+        lines.append(f"| {part} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

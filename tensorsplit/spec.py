@@ -47,6 +47,7 @@ class WorldSpec:
     timeout_s: float = option(120.0, "--timeout", keyword="timeout",
                               help="Seconds before a collective or the rendezvous gives up (a dead or stuck rank).")
     quiet: bool = False        # no load progress
+    profile: bool = False      # time each step's parts (bench --profile; worker/profile.py)
     numerics: str = option(DEFAULT_NUMERICS, "--numerics", choices=("llamacpp", "exact"),
                            help="llamacpp: llama.cpp's arithmetic (8-bit matmul inputs multiplied in integers, an "
                                 "f16 KV cache): fast, and reproduces its logits. exact: float32 activations "
@@ -107,7 +108,7 @@ def world_options() -> list[Option]:
             for cls in (WorldSpec, NodeSpec) for f in fields(cls) if "flags" in f.metadata]
 
 
-def specs_from_options(model: Path, *, n_ctx: int, n_slots: int = 1, quiet: bool = False,
+def specs_from_options(model: Path, *, n_ctx: int, n_slots: int = 1, quiet: bool = False, profile: bool = False,
                        **values) -> tuple[WorldSpec, NodeSpec]:
     """The WorldSpec and NodeSpec of world options given by keyword (unknown keywords: TypeError)."""
     options = {o.keyword: o for o in world_options()}
@@ -116,5 +117,5 @@ def specs_from_options(model: Path, *, n_ctx: int, n_slots: int = 1, quiet: bool
         raise TypeError(f"unknown world option(s) {', '.join(unknown)}; the options are {', '.join(options)}")
     chosen = {o.keyword: values.get(o.keyword, o.default) for o in options.values()}
     of = {cls: {o.field: chosen[o.keyword] for o in options.values() if o.spec is cls} for cls in (WorldSpec, NodeSpec)}
-    return (WorldSpec(model=model, n_ctx=n_ctx, n_slots=n_slots, quiet=quiet, **of[WorldSpec]),
+    return (WorldSpec(model=model, n_ctx=n_ctx, n_slots=n_slots, quiet=quiet, profile=profile, **of[WorldSpec]),
             NodeSpec(**of[NodeSpec]))

@@ -87,6 +87,23 @@ class CommGroup:
             return None
         return torch.cat([p[:, :n].cpu() for p, n in zip(parts, vocab_sizes)], dim=1)
 
+    def all_reduce_wait_ns(self):
+        """() -> nanoseconds this rank's all-reduces have waited for the node's other ranks so far, where
+        the path reports it (shared memory); None elsewhere."""
+        return self.host.wait_ns if self.host is not None else None
+
+    def gather_stats(self, v: torch.Tensor) -> torch.Tensor | None:
+        """v (k,) float64 on the CPU, from every rank -> (world, k) on rank 0; None elsewhere."""
+        if self.world == 1:
+            return v[None]
+        if self.host is not None and self.single_node:
+            parts = self.host.gather(v, 0)
+            return parts if self.rank == 0 else None
+        parts = [torch.empty_like(v) for _ in range(self.world)] if self.rank == 0 else None
+        with self.watchdog.watch("a profile gather"):
+            dist.gather(v, parts, dst=0, group=self.control_group)
+        return torch.stack(parts) if self.rank == 0 else None
+
     def path_name(self) -> str:
         """How all_reduce travels, for reports."""
         if self.world == 1:

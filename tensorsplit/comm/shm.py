@@ -101,6 +101,10 @@ class HostSegment:
         """Copy local rank `root`'s x into every rank's x (same shape and dtype everywhere)."""
         return self._run(self.ops.shm_broadcast.default, x, self.handle, root, self.timeout_s, idle)
 
+    def wait_ns(self) -> int:
+        """Nanoseconds this rank's all-reduces have spent waiting for the node's other ranks, so far."""
+        return int(self.ops.shm_wait_ns.default(self.handle))
+
     def gather(self, x: torch.Tensor, root: int = 0) -> torch.Tensor:
         """(local_world, *x.shape) on local rank `root`; an empty tensor elsewhere."""
         return self._run(self.ops.shm_gather.default, x.contiguous(), self.handle, root, self.timeout_s)

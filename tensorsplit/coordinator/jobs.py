@@ -121,30 +121,55 @@ class BenchJob:
 
     def __call__(self, engine, gf, cfg) -> int:
         gen = torch.Generator().manual_seed(1234)
-        rows = []
+        rows, profile = [], None
         for test, n in (("pp", self.n_prompt), ("tg", self.n_gen)):
             if n <= 0:
                 continue
             times = []
             for rep in range(self.repetitions + 1):    # the first run warms up and is not counted
                 ids = torch.randint(0, cfg.vocab_size, (n,), generator=gen).tolist()
+                if rep == 1 and test == "tg" and engine.profiled:
+                    engine.profile(reset=True)          # the timed decode steps only
                 t0 = time.perf_counter()
                 if test == "pp":   # the whole prompt in one step, only its last logits gathered
                     engine.forward(torch.tensor(ids), torch.arange(n), torch.zeros(n, dtype=torch.int64),
                                    torch.tensor([n - 1]))
+                elif engine.profiled:
+                    self._profiled_decode(engine, ids)
                 else:
                     for pos, t in enumerate(ids):
                         engine.forward(torch.tensor([t]), torch.tensor([pos]), torch.tensor([0]), torch.tensor([0]))
                 if rep:
                     times.append(time.perf_counter() - t0)
+            if test == "tg" and engine.profiled:
+                profile = profile_rows(engine.profile(reset=True), sum(times) / (n * len(times)))
             speeds = torch.tensor([n / t for t in times], dtype=torch.float64)
             rows.append({"test": f"{test}{n}", "tokens_per_s": float(speeds.mean()),
                          "stddev": float(speeds.std()) if len(times) > 1 else 0.0, "seconds": times})
         Path(self.result_file).write_text(json.dumps({
             "world": engine.world, "backend": engine.backend_name, "device": engine.device,
             "threads": torch.get_num_threads(), "weight_bytes_rank0": engine.weight_bytes,
-            "results": rows}))
+            "results": rows} | ({"profile": profile} if profile is not None else {})))
         return 0
+
+    @staticmethod
+    def _profiled_decode(engine, ids: list[int]) -> None:
+        """The tg steps, each followed by what generate does with its logits: the default sampler picks a
+        token (timed as rank 0's sampling; the step's token stays the random one, as llama-bench's)."""
+        from .sampling import Sampler, SamplingParams
+        sampler, history = Sampler(SamplingParams()), []
+        for pos, t in enumerate(ids):
+            logits = engine.forward([t], [pos], [0], [0])       # lists: their tensors are made inside the step
+            t0 = time.perf_counter_ns()
+            history.append(sampler.sample(logits[0], history))
+            engine.add_to_step("sampling", time.perf_counter_ns() - t0)
+
+
+def profile_rows(per_rank: torch.Tensor, measured_s: float) -> dict:
+    """The bench's profile: per rank, microseconds per decode step by part (worker/profile.py), and the
+    step time the bench measured on its own clock, to check them against."""
+    from ..worker.profile import per_step_us
+    return {"measured_step_us": measured_s * 1e6, "ranks": [per_step_us(v) for v in per_rank]}
 
 
 @dataclass(frozen=True)

@@ -45,7 +45,10 @@ class MatmulInput:
 
     def __init__(self, x: torch.Tensor):
         self.lead, self.n_cols = x.shape[:-1], x.shape[-1]
-        self.x2 = x.reshape(-1, x.shape[-1]).to(torch.float32).contiguous()     # (M, K)
+        x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])                 # (M, K); each call skipped
+        if x2.dtype != torch.float32:                                         # where it has nothing to do
+            x2 = x2.float()                                                   # (a few us each, every matmul)
+        self.x2 = x2 if x2.is_contiguous() else x2.contiguous()
         self.forms: dict = {}
 
     @staticmethod

@@ -8,28 +8,44 @@ CPU; it knows nothing of devices.
 """
 from __future__ import annotations
 
+import time
+
 import torch
 
 from ..comm import CommGroup
 from ..model.transformer import RankModel
 from .faults import FaultPlan
-from .protocol import (COMM_PATHS, OP_COMM_BENCH, OP_FORWARD, OP_SHUTDOWN, Step, comm_bench_header, empty_header,
-                       payload_len, shutdown_header)
+from .profile import StepProfile
+from .protocol import (COMM_PATHS, OP_COMM_BENCH, OP_FORWARD, OP_PROFILE, OP_SHUTDOWN, Step, comm_bench_header,
+                       empty_header, payload_len, profile_header, shutdown_header)
 
 
 class LoadedRank:
     """One rank's loaded model (its shard of the weights) with its comm group: runs a step and takes part in the gather."""
 
-    def __init__(self, model: RankModel, comm: CommGroup, vocab_sizes: list[int], faults: FaultPlan | None = None):
+    def __init__(self, model: RankModel, comm: CommGroup, vocab_sizes: list[int], faults: FaultPlan | None = None,
+                 profile: StepProfile | None = None):
         self.model, self.comm, self.vocab_sizes = model, comm, vocab_sizes
         self.faults = faults or FaultPlan(comm.rank, "")
+        self.profile = profile          # set when the world is profiled (bench --profile)
 
     def run(self, step: Step) -> torch.Tensor | None:
         self.faults.at("step")
         local = self.model.forward(step.ids, step.positions, step.slots, step.logit_rows)
-        logits = self.comm.gather_logits(local, self.vocab_sizes)
+        if self.profile is None:
+            logits = self.comm.gather_logits(local, self.vocab_sizes)
+        else:
+            logits = self.profile.timed("logits_gather", self.comm.gather_logits, local, self.vocab_sizes)
         self.faults.step_done()
         return logits
+
+    def send_profile(self, reset: bool) -> torch.Tensor | None:
+        """Every rank's step profile to rank 0: (world, profile.LENGTH) there, None elsewhere."""
+        assert self.profile is not None, "the world was not started with profile=True"
+        gathered = self.comm.gather_stats(self.profile.vector())
+        if reset:
+            self.profile.reset()
+        return gathered
 
 
 class StepGuard:
@@ -78,13 +94,20 @@ class Engine:
         return self.loaded.model.weight_bytes
 
     def forward(self, ids, positions, slots, logit_rows) -> torch.Tensor:
+        t0 = time.perf_counter_ns()
         step = Step(*(torch.as_tensor(t, dtype=torch.int64).reshape(-1) for t in (ids, positions, slots, logit_rows)))
-        comm = self.loaded.comm
+        comm, profile = self.loaded.comm, self.loaded.profile
         StepGuard.in_step = True
         try:
-            comm.broadcast_control(step.header())
-            comm.broadcast_control(step.payload())
+            if profile is None:
+                comm.broadcast_control(step.header())
+                comm.broadcast_control(step.payload())
+            else:
+                profile.timed("step_message", comm.broadcast_control, step.header())
+                profile.timed("step_message", comm.broadcast_control, step.payload())
             logits = self.loaded.run(step)
+            if profile is not None:
+                profile.step(time.perf_counter_ns() - t0)
         finally:
             StepGuard.in_step = False
         if StepGuard.pending:
@@ -92,6 +115,21 @@ class Engine:
             raise KeyboardInterrupt
         assert logits is not None and logits.shape == (step.logit_rows.numel(), self.vocab_size), logits.shape
         return logits
+
+    def profile(self, reset: bool = True) -> torch.Tensor:
+        """(world, profile.LENGTH) float64: each rank's step profile since the last reset (worker/profile.py);
+        reset: start new ones. Only in a world started with profile=True."""
+        self.loaded.comm.broadcast_control(profile_header(reset))
+        return self.loaded.send_profile(reset)
+
+    @property
+    def profiled(self) -> bool:
+        return self.loaded.profile is not None
+
+    def add_to_step(self, part: str, ns: int) -> None:
+        """Rank 0's work on a step after forward returned (sampling), counted in the profile and its step."""
+        if self.loaded.profile is not None:
+            self.loaded.profile.extend(part, ns)
 
     def time_all_reduce(self, n_elems: int, iters: int, path: str) -> float:
         """Seconds per all-reduce of n_elems float64 values on every rank (`bench --comm`)."""
@@ -121,6 +159,16 @@ def serve(loaded: LoadedRank) -> None:
         if op == OP_COMM_BENCH:
             comm.time_all_reduce(int(header[1]), int(header[2]), COMM_PATHS[int(header[3])])
             continue
+        if op == OP_PROFILE:
+            loaded.send_profile(bool(header[1]))
+            continue
         assert op == OP_FORWARD, f"unknown op {op}"
-        payload = comm.broadcast_control(torch.empty(payload_len(header), dtype=torch.int64))
+        profile = loaded.profile
+        if profile is None:
+            payload = comm.broadcast_control(torch.empty(payload_len(header), dtype=torch.int64))
+            loaded.run(Step.from_payload(header, payload))
+            continue
+        t0 = time.perf_counter_ns()        # a worker's step starts when the header is in
+        payload = profile.timed("step_message", comm.broadcast_control, torch.empty(payload_len(header), dtype=torch.int64))
         loaded.run(Step.from_payload(header, payload))
+        profile.step(time.perf_counter_ns() - t0)

@@ -27,6 +27,7 @@ from ..plan import WorldPlan
 from ..spec import JOB_ENV, WORLD_ENV
 from .engine import Engine, LoadedRank, StepGuard, serve
 from .faults import FaultPlan
+from .profile import Profiling, StepProfile
 from .process import RankEnv, die_with_parent, report_failure, resolve_device
 from ..messages import say
 
@@ -88,10 +89,13 @@ def _run(env: RankEnv, plan: WorldPlan, job: Job | None) -> int:
         _write_kernel_paths(env.rank, loaded.model.kernels)
 
 
-def _rank_kernels(device, plan: WorldPlan):
-    """The rank's kernels (kernels/choice.py); counted (kernels/counting.py) when a test asks for the
-    counts through TENSORSPLIT_KERNEL_PATHS, which normal use leaves unset."""
+def _rank_kernels(device, plan: WorldPlan, profile: StepProfile | None):
+    """The rank's kernels (kernels/choice.py); timed (worker/profile.py) in a profiled world; counted
+    (kernels/counting.py) when a test asks for the counts through TENSORSPLIT_KERNEL_PATHS, which normal
+    use leaves unset."""
     kernels = choose_kernels(device, Numerics(plan.spec.numerics), plan.native)
+    if profile is not None:
+        kernels = Profiling(kernels, profile)
     return Counting(kernels) if os.environ.get("TENSORSPLIT_KERNEL_PATHS") else kernels
 
 
@@ -127,8 +131,12 @@ def join_and_load(env: RankEnv, plan: WorldPlan) -> tuple[LoadedRank, object, ob
             faults.at("load")
             if bar:
                 bar(done, total, name)
-        model = RankModel(cfg, shard_plan.ranks[env.rank], env.world, comm.all_reduce, gf,
-                          _rank_kernels(device, plan), on_progress=progress)
+        profile = StepProfile(comm.all_reduce_wait_ns()) if spec.profile else None
+        reduce = comm.all_reduce                             # (a world of one has none to time)
+        if profile is not None and env.world > 1:
+            reduce = lambda x: profile.timed("all_reduce_work", comm.all_reduce, x)    # noqa: E731
+        model = RankModel(cfg, shard_plan.ranks[env.rank], env.world, reduce, gf,
+                          _rank_kernels(device, plan, profile), on_progress=progress)
         model.allocate_cache(spec.n_slots, spec.n_ctx, dtype=getattr(torch, plan.kv_dtype),
                              decode_graphs="cuda" if plan.cuda_graphs else None)
         check_allocation(mine, model)
@@ -142,7 +150,7 @@ def join_and_load(env: RankEnv, plan: WorldPlan) -> tuple[LoadedRank, object, ob
     except BaseException:
         comm.close()
         raise
-    return LoadedRank(model, comm, [r.local_vocab for r in shard_plan.ranks], faults), gf, cfg
+    return LoadedRank(model, comm, [r.local_vocab for r in shard_plan.ranks], faults, profile), gf, cfg
 
 
 CHECK_PLAN_ENV = "TENSORSPLIT_CHECK_PLAN"   # set (the test suite sets it): a rank holding other bytes than

@@ -3,7 +3,9 @@
 A message is a header of HEADER_LEN int64 followed, for FORWARD, by a payload of
 3 * n_tokens + n_rows int64: token ids, positions, slot ids, then the indices of the tokens
 whose logits the coordinator wants. COMM_BENCH (`bench --comm`) has no payload: its header is
-[op, elements, iterations, path] and every rank times that many all-reduces.
+[op, elements, iterations, path] and every rank times that many all-reduces. PROFILE (`bench
+--profile`) has none either: [op, reset, 0, 0], and every rank sends rank 0 its step profile
+(worker/profile.py) as a float64 vector, then starts a new one if reset is 1.
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 HEADER_LEN = 4
-OP_FORWARD, OP_SHUTDOWN, OP_COMM_BENCH = 1, 2, 3
+OP_FORWARD, OP_SHUTDOWN, OP_COMM_BENCH, OP_PROFILE = 1, 2, 3, 4
 COMM_PATHS = ("auto", "gloo")     # the world's own all-reduce, or plain Gloo over the device group
 
 
@@ -42,6 +44,10 @@ def shutdown_header() -> torch.Tensor:
 
 def comm_bench_header(n_elems: int, iters: int, path: str) -> torch.Tensor:
     return torch.tensor([OP_COMM_BENCH, n_elems, iters, COMM_PATHS.index(path)], dtype=torch.int64)
+
+
+def profile_header(reset: bool) -> torch.Tensor:
+    return torch.tensor([OP_PROFILE, int(reset), 0, 0], dtype=torch.int64)
 
 
 def empty_header() -> torch.Tensor:

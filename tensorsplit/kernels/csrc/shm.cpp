@@ -20,6 +20,8 @@
 //   shm_all_reduce(x!, handle, timeout_s) -> x          float32 or float64, summed in place
 //   shm_broadcast(x!, handle, root, timeout_s, idle) -> x
 //   shm_gather(x, handle, root, timeout_s) -> (n_ranks, *x.shape) on the root, empty elsewhere
+//   shm_wait_ns(handle) -> int                          nanoseconds this rank's all-reduces spent waiting
+//                                                       for the other ranks to post (bench --profile)
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -62,6 +64,7 @@ struct Segment {
   size_t size = 0;
   int64_t n = 0, slot = 0, rank = 0;
   uint64_t seq = 0;                       // rounds this rank has taken part in
+  int64_t all_reduce_wait_ns = 0;         // time spent in the all-reduces' waits, since attach
   Control* ctl() const { return (Control*)(base + 64); }
   uint8_t* slot_ptr(uint64_t round, int64_t r) const {
     return base + 64 + 64 * n + ((round & 1) * n + r) * slot;
@@ -73,11 +76,12 @@ std::vector<Segment*> registry;
 
 size_t segment_bytes(int64_t n, int64_t slot) { return (size_t)(64 + 64 * n + 2 * n * slot); }
 
-double now_s() {
+int64_t now_ns() {
   timespec t;
   clock_gettime(CLOCK_MONOTONIC, &t);
-  return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
+  return (int64_t)t.tv_sec * 1000000000 + (int64_t)t.tv_nsec;
 }
+double now_s() { return 1e-9 * (double)now_ns(); }
 
 inline void cpu_relax() {
 #if defined(__x86_64__) || defined(__i386__)
@@ -201,7 +205,9 @@ void all_reduce_typed(Segment& s, T* data, int64_t n, double timeout_s) {
     const int64_t len = std::min<int64_t>(per, n - off);
     const uint64_t round = ++s.seq;
     if (len > 0) std::memcpy(s.slot_ptr(round, s.rank), data + off, (size_t)len * sizeof(T));
+    const int64_t t0 = now_ns();
     post_and_wait(s, round, timeout_s, false, "an all-reduce");
+    s.all_reduce_wait_ns += now_ns() - t0;
     if (len <= 0) break;
     // the sum in rank order, the same on every rank (the rank's own slot too, not its input)
     T* out = data + off;
@@ -262,6 +268,8 @@ at::Tensor shm_gather(const at::Tensor& x, int64_t handle, int64_t root, double 
   return out;
 }
 
+int64_t shm_wait_ns(int64_t handle) { return get(handle).all_reduce_wait_ns; }
+
 }  // namespace
 }  // namespace ts
 
@@ -271,6 +279,7 @@ TORCH_LIBRARY_FRAGMENT(tensorsplit, m) {
   m.def("shm_all_reduce(Tensor(a!) x, int handle, float timeout_s) -> Tensor(a!)");
   m.def("shm_broadcast(Tensor(a!) x, int handle, int root, float timeout_s, bool idle) -> Tensor(a!)");
   m.def("shm_gather(Tensor x, int handle, int root, float timeout_s) -> Tensor");
+  m.def("shm_wait_ns(int handle) -> int", &ts::shm_wait_ns);
 }
 
 TORCH_LIBRARY_IMPL(tensorsplit, CPU, m) {
