@@ -54,8 +54,8 @@ def default_nproc() -> int:
 
 
 def default_threads(local_world: int) -> int:
-    """CPU ranks share the cores: cores // ranks on this node."""
-    return max(1, (os.cpu_count() or 1) // local_world)
+    """CPU ranks share the cores: cores // ranks on this node (worker/pinning.py gives each its own)."""
+    return max(1, len(os.sched_getaffinity(0)) // local_world)      # the cores this process may use
 
 
 def device_count(kind: str, given: Mapping[str, int] | None) -> int:

@@ -52,6 +52,10 @@ class WorldSpec:
                            help="llamacpp: llama.cpp's arithmetic (8-bit matmul inputs multiplied in integers, an "
                                 "f16 KV cache): fast, and reproduces its logits. exact: float32 activations "
                                 "throughout (slower; closer to the unquantized model on some models).")
+    pin_cores: bool = option(True, "--pin-cores/--no-pin-cores",
+                             help="Give each worker its own cores on its node (its --threads of them, disjoint from the "
+                                  "other workers'), one thread per core. Off by itself when the workers want more "
+                                  "threads than the node has cores.")
     cuda_graphs: bool = option(True, "--cuda-graphs/--no-cuda-graphs",
                                help="On GPUs with NCCL: replay decode steps (up to 16 sequences) as CUDA graphs, one "
                                     "per batch-size and context bucket, instead of launching every kernel from "

@@ -27,6 +27,7 @@ from ..plan import WorldPlan
 from ..spec import JOB_ENV, WORLD_ENV
 from .engine import Engine, LoadedRank, StepGuard, serve
 from .faults import FaultPlan
+from .pinning import pin, rank_cores, usable_cores
 from .profile import Profiling, StepProfile
 from .process import RankEnv, die_with_parent, report_failure, resolve_device
 from ..messages import say
@@ -112,6 +113,8 @@ def join_and_load(env: RankEnv, plan: WorldPlan) -> tuple[LoadedRank, object, ob
     spec, mine = plan.spec, plan.ranks[env.rank]
     assert plan.world == env.world, (plan.world, env.world)
     torch.set_num_threads(mine.threads)
+    if spec.pin_cores:
+        _pin_cores(env, mine.threads)
     device = resolve_device(mine.kind, env.local_rank)
     gf, cfg = open_model(spec.model)
     shard_plan = make_plan(cfg, gf.tensors, env.world, plan.ratios)
@@ -151,6 +154,17 @@ def join_and_load(env: RankEnv, plan: WorldPlan) -> tuple[LoadedRank, object, ob
         comm.close()
         raise
     return LoadedRank(model, comm, [r.local_vocab for r in shard_plan.ranks], faults, profile), gf, cfg
+
+
+def _pin_cores(env: RankEnv, threads: int) -> None:
+    """This rank's threads on cores of their own (worker/pinning.py), unless the node has too few."""
+    cores = rank_cores(env.local_rank, env.local_world, threads)
+    if cores is None:
+        if env.local_rank == 0:
+            say(f"{env.local_world} worker(s) x {threads} thread(s) is more than the {len(usable_cores())} cores "
+                f"here: threads are not pinned")
+        return
+    pin(cores)
 
 
 CHECK_PLAN_ENV = "TENSORSPLIT_CHECK_PLAN"   # set (the test suite sets it): a rank holding other bytes than

@@ -4,6 +4,8 @@
 //   isa() -> str                                      the kernels in use: avx512-vnni, avx2 or scalar
 //   use_isa(name) -> str                              switch to scalar / avx2 / avx512 / auto (tests)
 //   matmul_threads() -> int                           threads that ran the last matmul_q8 / matmul_f32 (tests)
+//   pin_threads(cores) -> cpus                        pin torch's pool thread i to cores[i] (worker/pinning.py);
+//                                                     the CPU each thread then runs on
 //   repack(rows, type, n_cols) -> tiles               GGUF rows (n_rows, row_bytes) uint8 -> tiles
 //   unpack_rows(tiles, type, n_rows, n_cols, ids)     tiles -> the GGUF bytes of rows `ids`
 //   quantize_act(x, kind, group) -> (q, d, s, isum)   float activations -> llama.cpp's Q8_0/Q8_1/Q8_K
@@ -18,6 +20,8 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#include <sched.h>
 
 #include <atomic>
 #include <cmath>
@@ -128,6 +132,29 @@ void parallel_tiles(int64_t n_tiles, int64_t grain, const Body& body) {
 }
 
 int64_t matmul_threads() { return __builtin_popcountll(last_matmul_threads.load(std::memory_order_relaxed)); }
+
+// One index per thread of torch's pool (at::parallel_for gives thread t the t-th of n == threads
+// indices; the pool keeps its threads from one region to the next), each pinned to its core.
+std::vector<int64_t> pin_threads(at::IntArrayRef cores) {
+  const int64_t n = std::min<int64_t>((int64_t)cores.size(), at::get_num_threads());
+  TORCH_CHECK(n >= 1, "pin_threads: no cores");
+  std::vector<int64_t> got(n, -1);
+  std::atomic<int> failed{0};
+  at::parallel_for(0, n, 1, [&](int64_t b, int64_t e) {
+    const int t = at::get_thread_num();
+    if (t >= n) return;
+#if defined(__linux__)
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    CPU_SET((int)cores[t], &set);
+    if (sched_setaffinity(0, sizeof set, &set) != 0) failed.fetch_add(1);
+    got[t] = sched_getcpu();
+#endif
+    (void)b; (void)e;
+  });
+  TORCH_CHECK(failed.load() == 0, "pin_threads: sched_setaffinity failed on ", failed.load(), " thread(s)");
+  return got;
+}
 
 at::Tensor repack(const at::Tensor& rows, int64_t type, int64_t n_cols) {
   const FormatInfo f = checked_format(type, n_cols);
@@ -451,6 +478,7 @@ TORCH_LIBRARY(tensorsplit, m) {
   m.def("isa() -> str", &ts::isa);
   m.def("use_isa(str name) -> str", &ts::use_isa);
   m.def("matmul_threads() -> int", &ts::matmul_threads);
+  m.def("pin_threads(int[] cores) -> int[]", &ts::pin_threads);
   m.def("repack(Tensor rows, int type, int n_cols) -> Tensor");
   m.def("unpack_rows(Tensor tiles, int type, int n_rows, int n_cols, Tensor ids) -> Tensor");
   m.def("quantize_act(Tensor x, int kind, int group) -> (Tensor, Tensor, Tensor, Tensor)");
