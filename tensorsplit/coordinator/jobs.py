@@ -165,11 +165,10 @@ class BenchJob:
             engine.add_to_step("sampling", time.perf_counter_ns() - t0)
 
 
-def profile_rows(per_rank: torch.Tensor, measured_s: float) -> dict:
-    """The bench's profile: per rank, microseconds per decode step by part (worker/profile.py), and the
+def profile_rows(per_rank: list[dict], measured_s: float) -> dict:
+    """The bench's profile: per rank, microseconds per decode step by part (engine.profile), and the
     step time the bench measured on its own clock, to check them against."""
-    from ..worker.profile import per_step_us
-    return {"measured_step_us": measured_s * 1e6, "ranks": [per_step_us(v) for v in per_rank]}
+    return {"measured_step_us": measured_s * 1e6, "ranks": per_rank}
 
 
 @dataclass(frozen=True)

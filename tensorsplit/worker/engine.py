@@ -15,7 +15,7 @@ import torch
 from ..comm import CommGroup
 from ..model.transformer import RankModel
 from .faults import FaultPlan
-from .profile import StepProfile
+from .profile import StepProfile, per_step_us
 from .protocol import (COMM_PATHS, OP_COMM_BENCH, OP_FORWARD, OP_PROFILE, OP_SHUTDOWN, Step, comm_bench_header,
                        empty_header, payload_len, profile_header, shutdown_header)
 
@@ -116,11 +116,11 @@ class Engine:
         assert logits is not None and logits.shape == (step.logit_rows.numel(), self.vocab_size), logits.shape
         return logits
 
-    def profile(self, reset: bool = True) -> torch.Tensor:
-        """(world, profile.LENGTH) float64: each rank's step profile since the last reset (worker/profile.py);
-        reset: start new ones. Only in a world started with profile=True."""
+    def profile(self, reset: bool = True) -> list[dict]:
+        """Each rank's step profile since the last reset, in microseconds per step (worker/profile.py
+        per_step_us); reset: start new ones. Only in a world started with profile=True."""
         self.loaded.comm.broadcast_control(profile_header(reset))
-        return self.loaded.send_profile(reset)
+        return [per_step_us(v) for v in self.loaded.send_profile(reset)]
 
     @property
     def profiled(self) -> bool:
