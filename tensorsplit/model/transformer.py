@@ -18,6 +18,7 @@ rank's kernels (kernels/base.py), which load the weights into their layout and d
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +33,8 @@ from .loader import LoadProgress, load_experts, load_router, load_vector, load_w
 from .moe import MoE, SharedExpert
 from .rope import Rope
 from .shard_plan import RankShard
+from .step_program import MAX_TOKENS, record, replay_enabled
+from ..messages import say
 
 
 @dataclass
@@ -156,6 +159,8 @@ class RankModel:
         _return_freed_memory()   # nor the GGUF-layout copies that the repacking freed
         self.cache: KVCache | None = None
         self.graphs: DecodeGraphs | None = None
+        self.programs: dict | None = None     # recorded decode steps by (tokens, logit rows) (step_program.py)
+        self.time_replays = False             # a profiled rank times each replayed call
         self.ropes = self._ropes(n_ctx=0)
 
     @property
@@ -194,6 +199,8 @@ class RankModel:
                              self.cfg.head_dim, self.device, dtype, self.cfg.layer_windows,
                              static=decode_graphs is not None)
         self.ropes = self._ropes(n_ctx)
+        # recorded steps hold the old cache and rope tables: none survives a new cache
+        self.programs = {} if self._replayable() else None
         self.graphs = None if decode_graphs is None else DecodeGraphs(
             self._static_step, self.device, n_ctx, self.cache.scratch_slot, decode_graphs)
         return self.cache
@@ -230,6 +237,42 @@ class RankModel:
         if self.graphs is not None and self.graphs.fits(slots):       # a decode step: one token per slot
             logits = self.graphs.run(ids, positions, slots)
             return logits if logit_rows is None else logits[logit_rows.to(self.device)]
+        if self.programs is not None and logit_rows is not None and ids.numel() <= MAX_TOKENS:
+            return self._replayed(ids, positions, slots, logit_rows)
+        return self._step(ids, positions, slots, logit_rows)
+
+    def _replayable(self) -> bool:
+        """Decode steps recorded and replayed from C++: on a CPU rank with the native kernels, for a dense
+        model (a mixture of experts routes on its own data, which a replay cannot redo)."""
+        return (self.device.type == "cpu" and getattr(self.kernels, "name", "") == "native" and
+                self.cfg.n_expert == 0 and replay_enabled())
+
+    def _replayed(self, ids, positions, slots, logit_rows) -> torch.Tensor:
+        """_step, recorded once per (tokens, logit rows) and replayed from C++ after (step_program.py)."""
+        key = (ids.numel(), logit_rows.numel())
+        inputs = [t.to(self.device, torch.int64) for t in (ids, positions, slots, logit_rows)]
+        if key in self.programs:
+            program = self.programs[key]
+            if program is not None:
+                return program.run(inputs, self.time_replays)
+            return self._step(*inputs)
+        out, self.programs[key], why = record(self._step, inputs, self)
+        if why is not None and os.environ.get("TENSORSPLIT_DEBUG"):
+            say(f"decode steps of {key[0]} token(s) stay eager: {why}")
+        return out
+
+    def replayed_ns(self) -> dict[str, float]:
+        """ns per operator in the timed replays since the last call (profiles: time_replays)."""
+        out: dict[str, float] = {}
+        for program in (self.programs or {}).values():
+            if program is not None:
+                for name, ns in program.times().items():
+                    out[name] = out.get(name, 0.0) + ns
+        return out
+
+    def _step(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+              logit_rows: torch.Tensor | None) -> torch.Tensor:
+        """The step after the bounds checks: everything here may be recorded (step_program.py)."""
         ids, positions, slots = (t.to(self.device) for t in (ids, positions, slots))
 
         def attend(q, k, v, layer):

@@ -142,6 +142,9 @@ def join_and_load(env: RankEnv, plan: WorldPlan) -> tuple[LoadedRank, object, ob
                           _rank_kernels(device, plan, profile), on_progress=progress)
         model.allocate_cache(spec.n_slots, spec.n_ctx, dtype=getattr(torch, plan.kv_dtype),
                              decode_graphs="cuda" if plan.cuda_graphs else None)
+        if profile is not None:
+            model.time_replays = True
+            profile.count_replays(model.replayed_ns)
         check_allocation(mine, model)
         # ranks load at different speeds: start stepping only when all have loaded, so that the first
         # step's collectives are not charged with another rank's loading time

@@ -18,7 +18,10 @@ adds, reshapes, the router's top-k), and the calls between them. The parts:
   host              the step's time that none of the above holds
 
 Timing costs about half a microsecond per wrapped call, which lands in `host`: a profile shows a
-little more host time than an unprofiled run has.
+little more host time than an unprofiled run has. A decode step replayed from C++
+(model/step_program.py) calls no Python kernels: its calls are timed in C++ and shared out by
+operator (REPLAYED_PARTS); its other calls (residual adds, reshapes) and the dispatch between them
+are host time.
 """
 from __future__ import annotations
 
@@ -29,6 +32,12 @@ import torch
 PARTS = ("matmul", "attention", "elementwise", "get_rows", "all_reduce_work", "all_reduce_wait", "logits_gather",
          "step_message", "sampling", "host")
 _INDEX = {p: i for i, p in enumerate(PARTS)}
+# the operators of a replayed step that belong to a part
+REPLAYED_PARTS = {"tensorsplit::matmul_q8": "matmul", "tensorsplit::matmul_f32": "matmul",
+                  "tensorsplit::quantize_act": "matmul", "tensorsplit::group_sums": "matmul",
+                  "tensorsplit::attention": "attention", "tensorsplit::rms_norm": "elementwise",
+                  "tensorsplit::rope": "elementwise", "aten::silu": "elementwise", "aten::gelu": "elementwise",
+                  "tensorsplit::unpack_rows": "get_rows", "tensorsplit::shm_all_reduce": "all_reduce_work"}
 STEP = len(PARTS)            # the vector's last two entries: the steps' total time and their count
 COUNT = STEP + 1
 LENGTH = COUNT + 1
@@ -41,8 +50,12 @@ class StepProfile:
     def __init__(self, wait_ns=None):
         """wait_ns: () -> the nanoseconds the rank's all-reduces have waited so far, where its path
         reports them (shared memory); that much of all_reduce_work is all_reduce_wait."""
-        self._wait_ns = wait_ns
+        self._wait_ns, self._replayed_ns = wait_ns, None
         self.reset()
+
+    def count_replays(self, replayed_ns) -> None:
+        """replayed_ns: () -> {operator: ns} of the replayed steps since its last call (RankModel.replayed_ns)."""
+        self._replayed_ns = replayed_ns
 
     def add(self, part: str, ns: int) -> None:
         self._acc[_INDEX[part]] += ns
@@ -65,6 +78,10 @@ class StepProfile:
 
     def vector(self) -> torch.Tensor:
         """(LENGTH,) float64: parts, step total, step count; host = total - the other parts."""
+        if self._replayed_ns is not None:
+            for op, ns in self._replayed_ns().items():
+                if op in REPLAYED_PARTS:
+                    self._acc[_INDEX[REPLAYED_PARTS[op]]] += int(ns)
         v = torch.tensor(self._acc, dtype=torch.float64)
         if self._wait_ns is not None:
             waited = self._wait_ns() - self._wait_base
@@ -76,6 +93,8 @@ class StepProfile:
     def reset(self) -> None:
         self._acc = [0] * LENGTH        # Python ints while steps run: no tensor op per timed call
         self._wait_base = self._wait_ns() if self._wait_ns is not None else 0
+        if self._replayed_ns is not None:
+            self._replayed_ns()         # drained: what was replayed before the reset is not counted
 
 
 def per_step_us(v: torch.Tensor) -> dict:
