@@ -105,7 +105,7 @@ def test_top_logits_match_llamacpp(arch, world):
     assert rms < TOP_RMS and worst < TOP_MAX
 
 
-@pytest.mark.parametrize("world", [1, 2])
+@pytest.mark.parametrize("world", [2])     # one rank's logits equal two ranks' bit for bit (test_archs.py)
 def test_perplexity_matches_llamacpp(arch, world):
     name, g, gf, cfg = arch
     tok = Tokenizer.from_gguf_kv(gf.kv)
