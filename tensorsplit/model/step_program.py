@@ -109,7 +109,7 @@ class _Recorder(TorchDispatchMode):
             elif isinstance(v, float):
                 kinds.append(FLOAT)
                 floats.append(v)
-            elif isinstance(v, torch.dtype):
+            elif isinstance(v, torch.dtype) and v in _DTYPES:
                 kinds.append(INT)
                 ints.append(_DTYPES[v])
             elif isinstance(v, torch.layout) and v in _LAYOUTS:

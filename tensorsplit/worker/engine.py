@@ -15,7 +15,7 @@ import torch
 from ..comm import CommGroup
 from ..model.transformer import RankModel
 from .faults import FaultPlan
-from .profile import StepProfile, per_step_us
+from .profile import StepProfile, per_step_us, timed
 from .protocol import (COMM_PATHS, OP_COMM_BENCH, OP_FORWARD, OP_PROFILE, OP_SHUTDOWN, Step, comm_bench_header,
                        empty_header, payload_len, profile_header, shutdown_header)
 
@@ -32,10 +32,7 @@ class LoadedRank:
     def run(self, step: Step) -> torch.Tensor | None:
         self.faults.at("step")
         local = self.model.forward(step.ids, step.positions, step.slots, step.logit_rows)
-        if self.profile is None:
-            logits = self.comm.gather_logits(local, self.vocab_sizes)
-        else:
-            logits = self.profile.timed("logits_gather", self.comm.gather_logits, local, self.vocab_sizes)
+        logits = timed(self.profile, "logits_gather", self.comm.gather_logits, local, self.vocab_sizes)
         self.faults.step_done()
         return logits
 
@@ -99,12 +96,8 @@ class Engine:
         comm, profile = self.loaded.comm, self.loaded.profile
         StepGuard.in_step = True
         try:
-            if profile is None:
-                comm.broadcast_control(step.header())
-                comm.broadcast_control(step.payload())
-            else:
-                profile.timed("step_message", comm.broadcast_control, step.header())
-                profile.timed("step_message", comm.broadcast_control, step.payload())
+            timed(profile, "step_message", comm.broadcast_control, step.header())
+            timed(profile, "step_message", comm.broadcast_control, step.payload())
             logits = self.loaded.run(step)
             if profile is not None:
                 profile.step(time.perf_counter_ns() - t0)
@@ -163,12 +156,9 @@ def serve(loaded: LoadedRank) -> None:
             loaded.send_profile(bool(header[1]))
             continue
         assert op == OP_FORWARD, f"unknown op {op}"
-        profile = loaded.profile
-        if profile is None:
-            payload = comm.broadcast_control(torch.empty(payload_len(header), dtype=torch.int64))
-            loaded.run(Step.from_payload(header, payload))
-            continue
         t0 = time.perf_counter_ns()        # a worker's step starts when the header is in
-        payload = profile.timed("step_message", comm.broadcast_control, torch.empty(payload_len(header), dtype=torch.int64))
+        payload = timed(loaded.profile, "step_message", comm.broadcast_control,
+                        torch.empty(payload_len(header), dtype=torch.int64))
         loaded.run(Step.from_payload(header, payload))
-        profile.step(time.perf_counter_ns() - t0)
+        if loaded.profile is not None:
+            loaded.profile.step(time.perf_counter_ns() - t0)

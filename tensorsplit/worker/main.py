@@ -6,6 +6,7 @@ process to host it, and it saves one copy of the logits per step.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -137,7 +138,7 @@ def join_and_load(env: RankEnv, plan: WorldPlan) -> tuple[LoadedRank, object, ob
         profile = StepProfile(comm.all_reduce_wait_ns()) if spec.profile else None
         reduce = comm.all_reduce                             # (a world of one has none to time)
         if profile is not None and env.world > 1:
-            reduce = lambda x: profile.timed("all_reduce_work", comm.all_reduce, x)    # noqa: E731
+            reduce = functools.partial(profile.timed, "all_reduce_work", comm.all_reduce)
         model = RankModel(cfg, shard_plan.ranks[env.rank], env.world, reduce, gf,
                           _rank_kernels(device, plan, profile), on_progress=progress)
         model.allocate_cache(spec.n_slots, spec.n_ctx, dtype=getattr(torch, plan.kv_dtype),

@@ -60,9 +60,10 @@ class StepProfile:
     def add(self, part: str, ns: int) -> None:
         self._acc[_INDEX[part]] += ns
 
-    def timed(self, part: str, fn, *args):
+    def timed(self, part: str, fn, *args, **kw):
+        """fn(*args, **kw), its time added to `part`."""
         t = time.perf_counter_ns()
-        out = fn(*args)
+        out = fn(*args, **kw)
         self._acc[_INDEX[part]] += time.perf_counter_ns() - t
         return out
 
@@ -97,6 +98,11 @@ class StepProfile:
             self._replayed_ns()         # drained: what was replayed before the reset is not counted
 
 
+def timed(profile: StepProfile | None, part: str, fn, *args):
+    """fn(*args), timed into `part` when there is a profile (a profiled world), else just called."""
+    return fn(*args) if profile is None else profile.timed(part, fn, *args)
+
+
 def per_step_us(v: torch.Tensor) -> dict:
     """A rank's vector as microseconds per step: {"step_us", "parts_us": {part: us}}."""
     n = max(float(v[COUNT]), 1.0)
@@ -114,10 +120,7 @@ class Profiling:
         return getattr(self.inner, name)
 
     def _timed(self, part: str, fn, *args, **kw):
-        t = time.perf_counter_ns()
-        out = fn(*args, **kw)
-        self.profile.add(part, time.perf_counter_ns() - t)
-        return out
+        return self.profile.timed(part, fn, *args, **kw)
 
     def matmul(self, x, w, wide: bool = False):
         return self._timed("matmul", self.inner.matmul, x, w, wide)
