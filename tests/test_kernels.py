@@ -325,18 +325,28 @@ def test_ops_have_consistent_fake_implementations():
     raw = torch.from_numpy(random_quantized(Q.Q4_K, 20, 256, rng))
     tiles = ops.repack(raw, int(Q.Q4_K), 256)
     x = torch.randn(3, 256)
-    q, d, s, isum = ops.quantize_act(x, 2, 32)
+    xq = ops.quantize_act(x, 2, 32)
     checks = [
         (ops.repack.default, (raw, int(Q.Q4_K), 256)),
         (ops.quantize_act.default, (x, 2, 32)),
         (ops.group_sums.default, (x, 32)),
-        (ops.matmul_q8.default, (tiles, int(Q.Q4_K), 20, 256, q, d, s, isum, False)),
-        (ops.matmul_q8.default, (tiles, int(Q.Q4_K), 20, 256, q, d, s, isum, True)),
+        (ops.matmul_q8.default, (tiles, int(Q.Q4_K), 20, 256, xq, False)),
+        (ops.matmul_q8.default, (tiles, int(Q.Q4_K), 20, 256, xq, True)),
+        (ops.quantize_matmul_q8.default, (tiles, int(Q.Q4_K), 20, 256, x, 2, 32, True)),
         (ops.matmul_f32.default, (tiles, int(Q.Q4_K), 20, 256, x, ops.group_sums(x, 32), False)),
         (ops.rms_norm.default, (x, torch.randn(256), 1e-5)),
         (ops.rope.default, (torch.randn(3, 4, 64), torch.tensor([0, 5, 9]), torch.randn(16, 32), torch.randn(16, 32),
                             True, 64)),
         (ops.unpack_rows.default, (tiles, int(Q.Q4_K), 20, 256, torch.tensor([3, 19]))),
+        (ops.add_rms_norm.default, (x, x.double(), None, torch.randn(256), 1e-5)),
+        (ops.add_rms_norm.default, (x, x, torch.randn(256), torch.randn(256), 1e-5)),
+        (ops.qkv_heads.default, (torch.randn(3, 256), torch.randn(3, 128), torch.randn(3, 128), torch.tensor([0, 5, 9]),
+                                 torch.randn(16, 32), torch.randn(16, 32), True, 64, torch.randn(64), torch.randn(64),
+                                 1e-6, 4, 2)),
+        (ops.qkv_heads.default, (torch.randn(3, 512), None, None, torch.tensor([0, 5, 9]), torch.randn(16, 32),
+                                 torch.randn(16, 32), False, 64, None, None, 1e-6, 4, 2)),
+        (ops.glu.default, (x, torch.randn(3, 256), 0, None)),
+        (ops.glu.default, (torch.randn(3, 512), None, 1, torch.randn(1 << 16))),
     ]
     for op, args in checks:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))

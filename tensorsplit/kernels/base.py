@@ -3,12 +3,22 @@ device and the world's numerics, and handed to the model when it is built. The m
 which kernels run or which arithmetic they use; it calls these.
 
     load(w)                       a QWeight in the layout these kernels multiply (CPU: 16-row tiles)
+    fuse_rows(ws)                 ws' rows stacked into one weight that one matmul reads (q | k | v,
+                                  gate | up), or None where these kernels keep them apart
     matmul(x, w, wide=False)      x (..., n_cols) @ W.T -> (..., n_rows) float32 (wide: float64)
     get_rows(w, ids)              rows `ids` of w, dequantized (the embedding lookup)
     experts(x, gate, up, down, selected, weights, act)
                                   a mixture-of-experts FFN's weighted sum over each token's experts
     rms_norm(x, weight, eps)      x * rsqrt(mean(x^2) + eps) * weight, over the last dim
+    add_rms_norm(x, a, weight, eps, a_weight=None)
+                                  the residual add and the next norm: (s, rms_norm(s, weight)),
+                                  s = x + a as float32 (or + rms_norm(a, a_weight): Gemma's post-norms)
     rope(x, positions, cos, sin, neox, rope_dim)          the rotary embedding, tables given
+    qkv_heads(q, k, v, heads, positions, rope, q_norm, k_norm, eps)
+                                  a step's projections (n, H * hd) ... as heads (n, H, hd): q and k
+                                  normed per head (q_norm) and rotated (model/rope.py Rope); k and v
+                                  None: q is the fused projection q | k | v
+    glu(gate, up, name)           act(gate) * up, the gated FFN's activation; up None: gate is gate | up
     attend(q, k, v, k_cache, v_cache, window, positions, slots, heads)
                                   write the step's keys and values, and attend: any step
     attend_static(..., kv_len)    the same for a fixed-shape decode step with no host sync (the
@@ -98,6 +108,8 @@ class Kernels(Protocol):
 
     def load(self, w: QWeight) -> QWeight: ...
 
+    def fuse_rows(self, ws: list[QWeight]) -> QWeight | None: ...
+
     def matmul(self, x: "torch.Tensor | MatmulInput", w: QWeight, wide: bool = False) -> torch.Tensor: ...
 
     def get_rows(self, w: QWeight, ids: torch.Tensor) -> torch.Tensor: ...
@@ -107,8 +119,17 @@ class Kernels(Protocol):
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor: ...
 
+    def add_rms_norm(self, x: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, eps: float,
+                     a_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]: ...
+
     def rope(self, x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
              neox: bool, rope_dim: int) -> torch.Tensor: ...
+
+    def qkv_heads(self, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None, heads: tuple[int, int],
+                  positions: torch.Tensor, rope, q_norm: torch.Tensor | None, k_norm: torch.Tensor | None,
+                  eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
+
+    def glu(self, gate: torch.Tensor, up: torch.Tensor | None, name: str) -> torch.Tensor: ...
 
     def attend(self, q, k, v, k_cache, v_cache, window: int, positions, slots, heads: Heads) -> torch.Tensor: ...
 

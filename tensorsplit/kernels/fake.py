@@ -22,8 +22,7 @@ def _unpack_rows(tiles, type, n_rows, n_cols, ids):
 @torch.library.register_fake("tensorsplit::quantize_act")
 def _quantize_act(x, kind, group):
     m, k = x.shape
-    return (x.new_empty((m, k), dtype=torch.int8), x.new_empty((m, k // group)), x.new_empty((m, k // group)),
-            x.new_empty((m, k // group), dtype=torch.int32))
+    return x.new_empty((m, k + 12 * (k // group)), dtype=torch.uint8)     # csrc/kernels.h q8_rows
 
 
 @torch.library.register_fake("tensorsplit::group_sums")
@@ -32,8 +31,15 @@ def _group_sums(x, group):
 
 
 @torch.library.register_fake("tensorsplit::matmul_q8")
-def _matmul_q8(w, type, n_rows, n_cols, q, d, s, isum, wide=False):
-    return d.new_empty((q.shape[0], n_rows), dtype=torch.float64 if wide else torch.float32)
+def _matmul_q8(w, type, n_rows, n_cols, xq, wide=False):
+    return xq.new_empty((xq.shape[0], n_rows), dtype=torch.float64 if wide else torch.float32)
+
+
+@torch.library.register_fake("tensorsplit::quantize_matmul_q8")
+def _quantize_matmul_q8(w, type, n_rows, n_cols, x, kind, group, wide=False):
+    m, k = x.shape
+    return (x.new_empty((m, n_rows), dtype=torch.float64 if wide else torch.float32),
+            x.new_empty((m, k + 12 * (k // group)), dtype=torch.uint8))
 
 
 @torch.library.register_fake("tensorsplit::matmul_f32")
@@ -55,3 +61,19 @@ def _rms_norm(x, weight, eps):
 def _rope(x, positions, cos, sin, neox, rope_dim):
     return torch.empty_like(x)
 
+
+
+@torch.library.register_fake("tensorsplit::add_rms_norm")
+def _add_rms_norm(x, a, a_weight, weight, eps):
+    return torch.empty_like(x), torch.empty_like(x)
+
+
+@torch.library.register_fake("tensorsplit::qkv_heads")
+def _qkv_heads(q, k, v, positions, cos, sin, neox, rope_dim, q_norm, k_norm, eps, n_heads, n_kv_heads):
+    n, hd = q.shape[0], q.shape[1] // (n_heads if k is not None else n_heads + 2 * n_kv_heads)
+    return q.new_empty((n, n_heads, hd)), q.new_empty((n, n_kv_heads, hd)), q.new_empty((n, n_kv_heads, hd))
+
+
+@torch.library.register_fake("tensorsplit::glu")
+def _glu(gate, up, kind, table):
+    return gate.new_empty((gate.shape[0], gate.shape[1] if up is not None else gate.shape[1] // 2))

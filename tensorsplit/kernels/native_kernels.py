@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from .base import Heads, MatmulInput
-from .layout import FORMATS
+from .layout import FORMATS, TILE_ROWS
 from .numerics import Numerics
 from .quants.dequant import dequantize
 from .quants.qweight import QWeight
@@ -32,8 +32,16 @@ class NativeKernels(TorchKernels):
         # which skips the per-call overload resolution (about a microsecond, some twenty calls per layer)
         self._matmul_q8, self._matmul_f32 = ops.matmul_q8.default, ops.matmul_f32.default
         self._quantize_act, self._group_sums = ops.quantize_act.default, ops.group_sums.default
+        self._quantize_matmul_q8 = ops.quantize_matmul_q8.default
         self._unpack_rows, self._rms_norm, self._rope = ops.unpack_rows.default, ops.rms_norm.default, ops.rope.default
-        self._attention = ops.attention.default
+        self._attention, self._add_rms_norm = ops.attention.default, ops.add_rms_norm.default
+        self._qkv_heads, self._glu = ops.qkv_heads.default, ops.glu.default
+        # GELU as ggml takes it under llama.cpp's numerics: a table over the f16 inputs, made by the
+        # reference's function, so that the op's values are the reference's bit for bit
+        self._gelu_table = None
+        if numerics.llamacpp:
+            halves = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16).view(torch.float16).float()
+            self._gelu_table = self.activation("gelu_tanh")(halves).contiguous()
         llamacpp = numerics.llamacpp
         self._integer = llamacpp           # block weights: integer dots on 8-bit inputs, else float inputs
         self._block_matmul = self._integer_matmul if llamacpp else self._float_matmul
@@ -42,6 +50,16 @@ class NativeKernels(TorchKernels):
     def load(self, w: QWeight) -> QWeight:
         """The tiled layout where the type has one (the GGUF copy is freed: a rank holds one copy)."""
         return w.to_tiles() if int(w.qtype) in FORMATS else w
+
+    def fuse_rows(self, ws: list[QWeight]) -> QWeight | None:
+        """ws stacked into one tiled weight where they share a type and every one but the last fills whole
+        tiles (its rows then start a tile of their own): one matmul call instead of len(ws), with the same
+        rows and so the same results; None where ws cannot be stacked."""
+        if len({w.qtype for w in ws}) != 1 or len({w.n_cols for w in ws}) != 1 or \
+                any(w.layout != "tiles" for w in ws) or any(w.n_rows % TILE_ROWS for w in ws[:-1]):
+            return None
+        return QWeight(torch.cat([w.data for w in ws]), ws[0].qtype, sum(w.n_rows for w in ws), ws[0].n_cols,
+                       " | ".join(w.name for w in ws), "tiles")
 
     def path(self, w: QWeight) -> str | None:
         return self.name if w.layout == "tiles" else super().path(w)
@@ -68,7 +86,8 @@ class NativeKernels(TorchKernels):
             self._sums(inp, k)
 
     def _q8(self, inp: MatmulInput, k):
-        """(q int8 (M, K), d, s, isum (M, K / group)): llama.cpp's Q8_0 / Q8_1 / Q8_K of x, kept on inp."""
+        """llama.cpp's Q8_0 / Q8_1 / Q8_K of x, kept on inp: (M, row bytes) uint8, each row its codes and
+        per-group scales and sums (csrc/kernels.h q8_rows)."""
         key = (k.act, k.group)
         q8 = inp.forms.get(key)
         if q8 is None:
@@ -87,7 +106,15 @@ class NativeKernels(TorchKernels):
 
     def _integer_matmul(self, inp: MatmulInput, w: QWeight, wide: bool) -> torch.Tensor:
         k = w.kernel
-        return self._matmul_q8(w.data, k.type_id, w.n_rows, w.n_cols, *self._q8(inp, k), wide)
+        key = (k.act, k.group)
+        q8 = inp.forms.get(key)
+        if q8 is not None:
+            return self._matmul_q8(w.data, k.type_id, w.n_rows, w.n_cols, q8, wide)
+        # the input's first weight of this kind quantizes it in the same call (one op call fewer per
+        # matmul input in a decode step), and leaves the quantized rows to the others
+        y, inp.forms[key] = self._quantize_matmul_q8(w.data, k.type_id, w.n_rows, w.n_cols, inp.x2, k.act, k.group,
+                                                     wide)
+        return y
 
     def _float_matmul(self, inp: MatmulInput, w: QWeight, wide: bool) -> torch.Tensor:
         k = w.kernel
@@ -103,6 +130,23 @@ class NativeKernels(TorchKernels):
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         """In one op, the sum of squares in double as ggml takes it."""
         return self._rms_norm(x, weight, eps)
+
+    def add_rms_norm(self, x, a, weight, eps: float, a_weight=None):
+        """The residual add, the rounding of a float64 sum and the norms, in one op."""
+        if x.dim() != 2 or not x.is_contiguous() or not a.is_contiguous():
+            return super().add_rms_norm(x, a, weight, eps, a_weight)
+        return self._add_rms_norm(x, a, a_weight, weight, eps)
+
+    def qkv_heads(self, q, k, v, heads: tuple[int, int], positions, rope, q_norm, k_norm, eps: float):
+        return self._qkv_heads(q, k, v, positions, rope.cos, rope.sin, rope.neox, rope.rope_dim, q_norm, k_norm, eps,
+                               *heads)
+
+    def glu(self, gate, up, name: str):
+        if name == "silu":
+            return self._glu(gate, up, 0, None)
+        if name == "gelu_tanh" and self._gelu_table is not None:
+            return self._glu(gate, up, 1, self._gelu_table)
+        return super().glu(gate, up, name)
 
     def rope(self, x, positions, cos, sin, neox: bool, rope_dim: int) -> torch.Tensor:
         return self._rope(x, positions, cos, sin, neox, rope_dim)

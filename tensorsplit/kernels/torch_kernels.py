@@ -51,6 +51,11 @@ class TorchKernels:
     def load(self, w: QWeight) -> QWeight:
         return w.to(self.device)
 
+    def fuse_rows(self, ws: list[QWeight]) -> QWeight | None:
+        """None: the reference multiplies each weight on its own (one matmul call costs it nothing
+        next to its dequantization)."""
+        return None
+
     def path(self, w: QWeight) -> str | None:
         """Dense F32 weights are multiplied as they are (ggml does too): not counted."""
         return None if w.data.dtype == torch.float32 else self.label
@@ -129,6 +134,35 @@ class TorchKernels:
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         """x (..., d) * rsqrt(mean(x^2) + eps) * weight (d,)."""
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+    def add_rms_norm(self, x, a, weight, eps: float, a_weight=None):
+        """(s, rms_norm(s, weight)) for s = x + a (a rounded to float32 first: a row-parallel sum arrives
+        float64), or s = x + rms_norm(a, a_weight) where the architecture norms the branch (Gemma)."""
+        a = a.float()
+        if a_weight is not None:
+            a = self.rms_norm(a, a_weight, eps)
+        s = x + a
+        return s, self.rms_norm(s, weight, eps)
+
+    def qkv_heads(self, q, k, v, heads: tuple[int, int], positions, rope, q_norm, k_norm, eps: float):
+        """q (n, H * hd), k and v (n, KH * hd), heads (H, KH) -> q (n, H, hd), k and v (n, KH, hd): q and
+        k normed per head where q_norm is given, then rotated by `rope` (model/rope.py) at `positions`.
+        k and v None: q is one fused projection (n, (H + 2 KH) * hd), q | k | v."""
+        n, (n_heads, n_kv_heads) = q.shape[0], heads
+        if k is None:
+            hd = q.shape[1] // (n_heads + 2 * n_kv_heads)
+            q, k, v = q.split([n_heads * hd, n_kv_heads * hd, n_kv_heads * hd], -1)
+        q, k, v = q.reshape(n, n_heads, -1), k.reshape(n, n_kv_heads, -1), v.reshape(n, n_kv_heads, -1)
+        if q_norm is not None:
+            q, k = self.rms_norm(q, q_norm, eps), self.rms_norm(k, k_norm, eps)
+        return (self.rope(q, positions, rope.cos, rope.sin, rope.neox, rope.rope_dim),
+                self.rope(k, positions, rope.cos, rope.sin, rope.neox, rope.rope_dim), v)
+
+    def glu(self, gate, up, name: str):
+        """act(gate) * up, (n, ff); up None: gate is (n, 2 ff), gate | up (a fused projection)."""
+        if up is None:
+            gate, up = gate.chunk(2, dim=-1)
+        return self.activation(name)(gate) * up
 
     def activation(self, name: str):
         """The FFN activation `name` ("silu" or "gelu_tanh") as this arithmetic computes it."""

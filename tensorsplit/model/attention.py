@@ -62,6 +62,10 @@ class KVCache:
         self.v_ring = alloc((n_ring, n_stored, self.ring, *tail), dtype=dtype, device=device)
         self.n_slots, self.n_ctx = n_slots, n_ctx
         self.scratch_slot = n_slots if static else None
+        # per layer, (window, k store, v store): its ring for a sliding layer, else its full store. Made
+        # once: a view per layer and step would be two more operator calls in every layer of a step
+        self.stores = [(w, self.k_ring[i], self.v_ring[i]) if w else (w, self.k[i], self.v[i])
+                       for w, i in zip(self.windows, self.index)]
 
     @property
     def nbytes(self) -> int:
@@ -112,24 +116,18 @@ class Attention:
     def gqa_in_place(self) -> bool:
         return self.heads.gqa_in_place
 
-    @staticmethod
-    def _store(cache: KVCache, layer: int):
-        """(window, k store, v store) of a layer: its ring for a sliding layer, else its full store."""
-        window, li = cache.windows[layer], cache.index[layer]
-        return (window, cache.k_ring[li], cache.v_ring[li]) if window else (window, cache.k[li], cache.v[li])
-
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, layer: int,
                  positions: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """q (n, n_local_heads, hd); k, v (n, n_local_kv_heads, hd) -> (n, n_local_heads * hd): writes
         the step's keys and values into the cache, and attends. Tokens may belong to several slots (a
         batch of sequences); each attends within its own slot, and a slot's tokens in one step have
         consecutive positions."""
-        window, kc, vc = self._store(cache, layer)
+        window, kc, vc = cache.stores[layer]
         return self.kernels.attend(q, k, v, kc, vc, window, positions, slots, self.heads)
 
     def decode_static(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, layer: int,
                       positions: torch.Tensor, slots: torch.Tensor, kv_len: int) -> torch.Tensor:
         """One token per row, each of its own slot, with shapes that depend only on (rows, kv_len) and no
         host synchronisation: what a CUDA graph can hold (decode_graphs.py)."""
-        window, kc, vc = self._store(cache, layer)
+        window, kc, vc = cache.stores[layer]
         return self.kernels.attend_static(q, k, v, kc, vc, window, positions, slots, self.heads, kv_len)

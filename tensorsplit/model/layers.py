@@ -53,8 +53,13 @@ class RowParallelLinear:
         self.weight, self.bias, self.reduce, self.kernels = weight, bias, reduce, kernels
 
     def __call__(self, x: Input) -> torch.Tensor:
-        y = self.reduce(self.kernels.matmul(x, self.weight, wide=True)).float()   # (n, out), summed over ranks
-        return y + self.bias if self.bias is not None else y
+        return self.summed(x).float()                                       # (n, out) float32
+
+    def summed(self, x: Input) -> torch.Tensor:
+        """The sum over ranks as it arrives, (n, out): float64 (the caller rounds it, kernels.add_rms_norm
+        fused with the residual add), or float32 where a bias was added."""
+        y = self.reduce(self.kernels.matmul(x, self.weight, wide=True))
+        return y.float() + self.bias if self.bias is not None else y
 
 
 class VocabParallelEmbedding:

@@ -39,7 +39,3 @@ class Rope:
         self.sin = (angles.sin() * self.attn_factor).to(kernels.device, torch.float32).contiguous()
         self.kernels = kernels
         return self
-
-    def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """x (n, heads, head_dim), positions (n,) -> rotated copy."""
-        return self.kernels.rope(x, positions, self.cos, self.sin, self.neox, self.rope_dim)

@@ -1,12 +1,15 @@
 """Decode steps replayed from C++ on a CPU rank: the CPU counterpart of CUDA graph replay.
 
-A small model's decode step is mostly host time: some 850 operator calls for SmolLM2, each a few
-microseconds of Python and dispatch around a kernel that may take less. So the first step of each
+A small model's decode step is mostly host time: some 290 operator calls for SmolLM2 (850 before the
+model fused its calls), each a few microseconds of Python and dispatch around a kernel that may take
+less. So the first step of each
 shape (tokens, logit rows) runs under a recorder (a TorchDispatchMode) that writes down every
 operator call the Python model makes, as the dispatcher sees it: aten ops, the native kernels, the
 all-reduce. Later steps of that shape replay the list from C++ (kernels/csrc/replay.cpp) through
 the same dispatcher, with the step's ids, positions, slots and logit rows as its inputs, and no
-Python between the calls. The Python model stays the one definition: what runs is what it called.
+Python between the calls; each tensor is dropped after its last reader. A call that returns its own
+argument (a `.to()` that had nothing to do) is not recorded. The Python model stays the one
+definition: what runs is what it called.
 
 What makes a step unfit to replay, checked while recording (the step then stays eager, and so do
 later steps of its shape):
@@ -74,6 +77,9 @@ class _Recorder(TorchDispatchMode):
 
     def _append(self, func, args, kwargs, out) -> None:
         schema = func._schema
+        if isinstance(out, torch.Tensor) and not schema.is_mutable and \
+                any(out is a for a in (*args, *kwargs.values())):
+            return       # a call that returned its own argument (`.to()` of what x already is): nothing to replay
         kinds, ints, floats, strs, consts = [], [], [], [], []
 
         def tensor(t: torch.Tensor):

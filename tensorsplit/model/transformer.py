@@ -10,10 +10,14 @@ Data path of `forward`, per step (n tokens from possibly several sequences):
     a = row-parallel o-proj (all-reduce #1) [rms_norm(a): gemma];  x += a
     h = rms_norm(x);  f = row-parallel down(act(gate(h)) * up(h)) (all-reduce #2) [rms_norm(f): gemma]
     x += f
-  rms_norm(x[logit_rows]) -> vocab-parallel head -> (m, local_vocab): this rank's logit slice
+  rms_norm(x)[logit_rows] -> vocab-parallel head -> (m, local_vocab): this rank's logit slice
 The bracketed steps are switched by the architecture's flags in arch.py.
 The module knows nothing of processes or of which kernels run: `reduce` is handed in, and so are the
 rank's kernels (kernels/base.py), which load the weights into their layout and do the arithmetic.
+Calls are fused where a decode step would otherwise pay an operator dispatch each (step_program.py):
+q | k | v and gate | up are one weight each where the kernels can stack them (fuse_rows); each residual
+add is one call with the norm after it (add_rms_norm); per-head norm and rope are one (qkv_heads), and
+so are the activation and its gate (glu).
 """
 from __future__ import annotations
 
@@ -154,6 +158,7 @@ class RankModel:
                 post_ffn_norm=vector(p + "post_ffw_norm.weight"),
                 local=cfg.is_swa(i),
             ))
+            self._fuse_projections(self.blocks[-1])
         assert progress.done == shard.nbytes, (progress.done, shard.nbytes)
         gf.release_data()        # the shard is copied out: the mapped file pages need not stay resident
         _return_freed_memory()   # nor the GGUF-layout copies that the repacking freed
@@ -162,6 +167,25 @@ class RankModel:
         self.programs: dict | None = None     # recorded decode steps by (tokens, logit rows) (step_program.py)
         self.time_replays = False             # a profiled rank times each replayed call
         self.ropes = self._ropes(n_ctx=0)
+
+    def _fuse_projections(self, b: Block) -> None:
+        """q, k and v into one weight, and gate and up into one, where the kernels can stack their rows
+        (fuse_rows): one matmul call each, the layout a fused file (attn_qkv, Phi-3's ffn_up) has."""
+        def fused(parts):
+            biases = [p.bias for p in parts]
+            if any(bi is None for bi in biases) and any(bi is not None for bi in biases):
+                return None
+            w = self.kernels.fuse_rows([p.weight for p in parts])
+            return None if w is None else ColumnParallelLinear(
+                w, None if biases[0] is None else torch.cat(biases), self.kernels)
+        if b.wq is not None:
+            qkv = fused([b.wq, b.wk, b.wv])
+            if qkv is not None:
+                b.wqkv, b.wq, b.wk, b.wv = qkv, None, None, None
+        if b.w_gate is not None:
+            gate_up = fused([b.w_gate, b.w_up])
+            if gate_up is not None:
+                b.w_up, b.w_gate = gate_up, None
 
     @property
     def weight_bytes(self) -> int:
@@ -205,27 +229,29 @@ class RankModel:
             self._static_step, self.device, n_ctx, self.cache.scratch_slot, decode_graphs)
         return self.cache
 
-    def _qkv(self, b: Block, h: torch.Tensor):
-        """h (n, n_embd) -> q (n, n_local_heads, hd), k and v (n, n_local_kv_heads, hd)."""
-        n, hd, sh = h.shape[0], self.cfg.head_dim, self.shard
+    def _qkv(self, b: Block, h: torch.Tensor, positions: torch.Tensor):
+        """h (n, n_embd) -> q (n, n_local_heads, hd), k and v (n, n_local_kv_heads, hd): q and k normed per
+        head (qk-norm archs) and rotated."""
+        sh = self.shard
         h = MatmulInput(h)                            # quantized once for q, k and v
         if b.wqkv is not None:   # fused rows: this rank's q heads, then its k heads, then its v heads
-            q, k, v = b.wqkv(h).split([sh.n_local_heads * hd, sh.n_local_kv_heads * hd, sh.n_local_kv_heads * hd], -1)
+            q, k, v = b.wqkv(h), None, None
         else:
             q, k, v = b.wq(h), b.wk(h), b.wv(h)
-        return (q.reshape(n, sh.n_local_heads, hd), k.reshape(n, sh.n_local_kv_heads, hd),
-                v.reshape(n, sh.n_local_kv_heads, hd))
+        return self.kernels.qkv_heads(q, k, v, (sh.n_local_heads, sh.n_local_kv_heads), positions,
+                                      self.ropes[b.local], b.q_norm, b.k_norm, self.cfg.rms_eps)
 
     def _ffn(self, b: Block, h: torch.Tensor) -> torch.Tensor:
-        """Gated FFN: down(act(gate(h)) * up(h)), summed over ranks (or the experts' weighted sum)."""
+        """Gated FFN: down(act(gate(h)) * up(h)), summed over ranks (or the experts' weighted sum), as
+        the sum arrives (layers.py RowParallelLinear.summed)."""
         if b.moe is not None:
             return b.moe(h)
         h = MatmulInput(h)                            # quantized once for gate and up
         if b.w_gate is None:     # fused rows: this rank's gate range, then its up range
-            gate, up = b.w_up(h).chunk(2, dim=-1)
+            a = self.kernels.glu(b.w_up(h), None, self.cfg.spec.activation)
         else:
-            gate, up = b.w_gate(h), b.w_up(h)
-        return b.w_down(self.act(gate) * up)
+            a = self.kernels.glu(b.w_gate(h), b.w_up(h), self.cfg.spec.activation)
+        return b.w_down.summed(a)
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
@@ -277,10 +303,10 @@ class RankModel:
 
         def attend(q, k, v, layer):
             return self.attention(q, k, v, self.cache, layer, positions, slots)
-        x = self._layers(self._embed(ids), positions, attend)
+        h = self._layers(self._embed(ids), positions, attend)                # output-normed, (n, n_embd)
         if logit_rows is not None:
-            x = x[logit_rows.to(self.device)]
-        return self.head(self.norm(x, self.output_norm, self.cfg.rms_eps))   # (m, local_vocab)
+            h = h[logit_rows.to(self.device)]
+        return self.head(h)                                                  # (m, local_vocab)
 
     def _static_step(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
                      kv_len: int) -> torch.Tensor:
@@ -289,25 +315,21 @@ class RankModel:
         with torch.inference_mode():
             def attend(q, k, v, layer):
                 return self.attention.decode_static(q, k, v, self.cache, layer, positions, slots, kv_len)
-            x = self._layers(self._embed(ids), positions, attend)
-            return self.head(self.norm(x, self.output_norm, self.cfg.rms_eps))
+            return self.head(self._layers(self._embed(ids), positions, attend))
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         x = self.embed(ids)                                                   # (n, n_embd)
         return x * self.embed_scale if self.embed_scale is not None else x
 
     def _layers(self, x: torch.Tensor, positions: torch.Tensor, attend) -> torch.Tensor:
-        """Every layer over x (n, n_embd); attend(q, k, v, layer) -> (n, n_local_heads * head_dim)."""
-        cfg = self.cfg
+        """Every layer over x (n, n_embd), and the output norm: -> rms_norm(x_out) (n, n_embd).
+        attend(q, k, v, layer) -> (n, n_local_heads * head_dim). Each residual add is fused with the
+        norm after it (kernels.add_rms_norm): h is always the next norm's output."""
+        cfg, norm, eps = self.cfg, self.kernels.add_rms_norm, self.cfg.rms_eps
+        h = self.norm(x, self.blocks[0].attn_norm, eps)
         for i, b in enumerate(self.blocks):
-            h = self.norm(x, b.attn_norm, cfg.rms_eps)
-            q, k, v = self._qkv(b, h)
-            if b.q_norm is not None:                                          # per head, over head_dim
-                q, k = self.norm(q, b.q_norm, cfg.rms_eps), self.norm(k, b.k_norm, cfg.rms_eps)
-            rope = self.ropes[b.local]
-            q, k = rope.rotate(q, positions), rope.rotate(k, positions)
-            a = b.wo(attend(q, k, v, i))
-            x = x + (self.norm(a, b.post_attn_norm, cfg.rms_eps) if b.post_attn_norm is not None else a)
-            f = self._ffn(b, self.norm(x, b.ffn_norm, cfg.rms_eps))
-            x = x + (self.norm(f, b.post_ffn_norm, cfg.rms_eps) if b.post_ffn_norm is not None else f)
-        return x
+            q, k, v = self._qkv(b, h, positions)
+            x, h = norm(x, b.wo.summed(attend(q, k, v, i)), b.ffn_norm, eps, b.post_attn_norm)
+            next_norm = self.blocks[i + 1].attn_norm if i + 1 < len(self.blocks) else self.output_norm
+            x, h = norm(x, self._ffn(b, h), next_norm, eps, b.post_ffn_norm)
+        return h

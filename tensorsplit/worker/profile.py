@@ -1,12 +1,12 @@
 """Where a rank's decode step goes (`tensorsplit bench --profile`): time per part, summed over steps.
 
 A profiled world wraps each rank's kernels in `Profiling` and times its all-reduces, its logits
-gather and its step messages; the rest of a step is host time: Python, torch's eager ops (residual
-adds, reshapes, the router's top-k), and the calls between them. The parts:
+gather and its step messages; the rest of a step is host time: Python, torch's eager ops (reshapes,
+the embedding's dequantization, the router's top-k), and the calls between them. The parts:
 
   matmul            the quantized matmuls, the activations' 8-bit quantization and the experts
   attention         the attention op (it also writes the step's keys and values to the cache)
-  elementwise       rms_norm, rope and the FFN's activation
+  elementwise       rms_norm (with the residual add), rope and the FFN's activation
   get_rows          the embedding lookup
   all_reduce_work   the all-reduce's copies and sums, and its call (all of it for a Gloo path, which
                     does not report its waits)
@@ -34,9 +34,12 @@ PARTS = ("matmul", "attention", "elementwise", "get_rows", "all_reduce_work", "a
 _INDEX = {p: i for i, p in enumerate(PARTS)}
 # the operators of a replayed step that belong to a part
 REPLAYED_PARTS = {"tensorsplit::matmul_q8": "matmul", "tensorsplit::matmul_f32": "matmul",
+                  "tensorsplit::quantize_matmul_q8": "matmul",
                   "tensorsplit::quantize_act": "matmul", "tensorsplit::group_sums": "matmul",
                   "tensorsplit::attention": "attention", "tensorsplit::rms_norm": "elementwise",
-                  "tensorsplit::rope": "elementwise", "aten::silu": "elementwise", "aten::gelu": "elementwise",
+                  "tensorsplit::rope": "elementwise", "tensorsplit::add_rms_norm": "elementwise",
+                  "tensorsplit::qkv_heads": "elementwise", "tensorsplit::glu": "elementwise",
+                  "aten::silu": "elementwise", "aten::gelu": "elementwise",
                   "tensorsplit::unpack_rows": "get_rows", "tensorsplit::shm_all_reduce": "all_reduce_work"}
 STEP = len(PARTS)            # the vector's last two entries: the steps' total time and their count
 COUNT = STEP + 1
@@ -142,6 +145,15 @@ class Profiling:
 
     def rope(self, *args, **kw):
         return self._timed("elementwise", self.inner.rope, *args, **kw)
+
+    def add_rms_norm(self, *args, **kw):
+        return self._timed("elementwise", self.inner.add_rms_norm, *args, **kw)
+
+    def qkv_heads(self, *args, **kw):
+        return self._timed("elementwise", self.inner.qkv_heads, *args, **kw)
+
+    def glu(self, *args, **kw):
+        return self._timed("elementwise", self.inner.glu, *args, **kw)
 
     def activation(self, name: str):
         fn = self.inner.activation(name)

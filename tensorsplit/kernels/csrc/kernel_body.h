@@ -530,14 +530,14 @@ static inline int round_even(float v) {
 }
 
 static void quantize_rows(const float* x, int64_t ldx, int64_t K, int kind, int group, int8_t* q, float* d, float* s,
-                          int32_t* isum, int64_t r0, int64_t r1) {
+                          int32_t* isum, int64_t ldq, int64_t ldg, int64_t r0, int64_t r1) {
   const int64_t ng = K / group;
   for (int64_t m = r0; m < r1; ++m) {
     const float* xr = x + m * ldx;
-    int8_t* qr = q + m * K;
-    float* dr = d + m * ng;
-    float* sr = s + m * ng;
-    int32_t* ir = isum + m * ng;
+    int8_t* qr = q + m * ldq;
+    float* dr = d + m * ldg;
+    float* sr = s + m * ldg;
+    int32_t* ir = isum + m * ldg;
     const int block = kind == A_Q8_K ? 256 : 32;
     for (int64_t b0 = 0; b0 < K; b0 += block) {
       float dq, dstore;                  // the quantization step, and the scale the dot uses

@@ -20,6 +20,17 @@ struct ActQ {
   int64_t ldq, ldg;      // row strides of q and of the per-group arrays
 };
 
+// The four arrays packed into one buffer, row by row (one allocation per quantized input, and rows
+// that index_select keeps whole): row m is q[K] int8, then d[ng], s[ng] float32, isum[ng] int32, with
+// ng = K / group. Rows are K + 12 ng bytes, a multiple of 4 since K is a multiple of 32.
+inline int64_t q8_row_bytes(int64_t K, int64_t group) { return K + 12 * (K / group); }
+
+inline ActQ q8_rows(uint8_t* base, int64_t K, int64_t group) {
+  const int64_t ng = K / group, row = q8_row_bytes(K, group);
+  return ActQ{(const int8_t*)base, (const float*)(base + K), (const float*)(base + K + 4 * ng),
+              (const int32_t*)(base + K + 8 * ng), row, row / 4};
+}
+
 // Float activations (exact numerics): x and, per group, the sum of x (for the min term).
 struct ActF {
   const float* x;        // (M, K)
@@ -36,9 +47,10 @@ struct MatArgs {
 
 using MatQ8Fn = void (*)(const MatArgs&, const ActQ&, int64_t tile_begin, int64_t tile_end);
 using MatF32Fn = void (*)(const MatArgs&, const ActF&, int64_t tile_begin, int64_t tile_end);
-// rows [r0, r1) of x (M, K) -> q, d, s, isum (see ActQ) for activation kind `kind` (layout.h ActKind)
+// rows [r0, r1) of x (M, K) -> q, d, s, isum (see ActQ; row strides ldq and ldg) for activation kind
+// `kind` (layout.h ActKind)
 using QuantFn = void (*)(const float* x, int64_t ldx, int64_t K, int kind, int group, int8_t* q, float* d,
-                         float* s, int32_t* isum, int64_t r0, int64_t r1);
+                         float* s, int32_t* isum, int64_t ldq, int64_t ldg, int64_t r0, int64_t r1);
 
 // Attention of a step's tokens over one layer's KV cache (see attention_body.h).
 struct AttnArgs {

@@ -8,15 +8,16 @@
 //                                                     the CPU each thread then runs on
 //   repack(rows, type, n_cols) -> tiles               GGUF rows (n_rows, row_bytes) uint8 -> tiles
 //   unpack_rows(tiles, type, n_rows, n_cols, ids)     tiles -> the GGUF bytes of rows `ids`
-//   quantize_act(x, kind, group) -> (q, d, s, isum)   float activations -> llama.cpp's Q8_0/Q8_1/Q8_K
+//   quantize_act(x, kind, group) -> xq               float activations -> llama.cpp's Q8_0/Q8_1/Q8_K, one
+//                                                     uint8 row each (kernels.h q8_rows: codes and scales)
 //   group_sums(x, group) -> sums                      per-group sums of x (the exact path's min term)
-//   matmul_q8(tiles, type, n_rows, n_cols, q, d, s, isum, wide) -> (M, n_rows)    integer numerics
+//   matmul_q8(tiles, type, n_rows, n_cols, xq, wide) -> (M, n_rows)    integer numerics
+//   quantize_matmul_q8(tiles, type, n_rows, n_cols, x, kind, group, wide) -> (y, xq)   the two above in one call
 //   matmul_f32(tiles, type, n_rows, n_cols, x, xsum?, wide) -> (M, n_rows)       float activations
 //     (wide: accumulated in and returned as float64, for row-parallel partial sums)
 //   attention(q, k, v, k_cache!, v_cache!, positions, slots, kv_of_q, window, scale, round16, scale_scores)
 //     -> (n, H * hd)
-//   rms_norm(x, weight, eps) -> x * rsqrt(mean(x^2) + eps) * weight          (sum of squares in double, as ggml)
-//   rope(x, positions, cos, sin, neox, rope_dim) -> x rotated (cos/sin: (n_positions, rope_dim / 2) tables)
+// (norms, rope and the gated activation: elementwise.cpp; the all-reduce: shm.cpp; step replay: replay.cpp)
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -192,23 +193,21 @@ void check_x(const at::Tensor& x, const char* what) {
               ": x must be a 2-D float32 CPU tensor with unit column stride");
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_act(const at::Tensor& x, int64_t kind, int64_t group) {
+at::Tensor quantize_act(const at::Tensor& x, int64_t kind, int64_t group) {
   check_x(x, "quantize_act");
   const int64_t M = x.size(0), K = x.size(1), block = kind == A_Q8_K ? 256 : 32;
   TORCH_CHECK(kind == A_Q8_0 || kind == A_Q8_1 || kind == A_Q8_K, "quantize_act: kind ", kind);
   TORCH_CHECK((group == 16 || group == 32) && K % block == 0 && block % group == 0, "quantize_act: K ", K,
               " and group ", group, " do not fit blocks of ", block);
-  at::Tensor q = at::empty({M, K}, x.options().dtype(at::kChar));
-  at::Tensor d = at::empty({M, K / group}, x.options());
-  at::Tensor s = at::empty({M, K / group}, x.options());
-  at::Tensor isum = at::empty({M, K / group}, x.options().dtype(at::kInt));
+  at::Tensor out = at::empty({M, q8_row_bytes(K, group)}, x.options().dtype(at::kByte));     // kernels.h q8_rows
+  const ActQ a = q8_rows(out.data_ptr<uint8_t>(), K, group);
   const float* xp = x.data_ptr<float>();
   const int64_t ldx = x.stride(0);
   at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, K)), [&](int64_t b, int64_t e) {
-    table().quantize(xp, ldx, K, (int)kind, (int)group, q.data_ptr<int8_t>(), d.data_ptr<float>(), s.data_ptr<float>(),
-                     isum.data_ptr<int32_t>(), b, e);
+    table().quantize(xp, ldx, K, (int)kind, (int)group, (int8_t*)a.q, (float*)a.d, (float*)a.s, (int32_t*)a.isum,
+                     a.ldq, a.ldg, b, e);
   });
-  return {q, d, s, isum};
+  return out;
 }
 
 at::Tensor group_sums(const at::Tensor& x, int64_t group) {
@@ -242,22 +241,27 @@ MatArgs mat_args(const at::Tensor& w, const FormatInfo& f, int64_t n_rows, int64
   return a;
 }
 
-at::Tensor matmul_q8(const at::Tensor& w, int64_t type, int64_t n_rows, int64_t n_cols, const at::Tensor& q,
-                     const at::Tensor& d, const at::Tensor& s, const at::Tensor& isum, bool wide) {
+at::Tensor matmul_q8(const at::Tensor& w, int64_t type, int64_t n_rows, int64_t n_cols, const at::Tensor& xq,
+                     bool wide) {
   const FormatInfo f = checked_format(type, n_cols);
   const MatQ8Fn fn = wide ? table().q8_wide[type] : table().q8[type];
   TORCH_CHECK(fn != nullptr, "matmul_q8: no integer kernel for type ", type);
-  TORCH_CHECK(q.dtype() == at::kChar && q.dim() == 2 && q.is_contiguous() && q.size(1) == n_cols,
-              "matmul_q8: q must be contiguous int8 (M, ", n_cols, ")");
-  const int64_t M = q.size(0), ng = n_cols / f.group;
-  for (const at::Tensor* t : {&d, &s, &isum})
-    TORCH_CHECK(t->is_contiguous() && t->dim() == 2 && t->size(0) == M && t->size(1) == ng,
-                "matmul_q8: per-group activation arrays must be contiguous (", M, ", ", ng, ")");
-  at::Tensor out = at::empty({M, n_rows}, d.options().dtype(wide ? at::kDouble : at::kFloat));
+  TORCH_CHECK(xq.dtype() == at::kByte && xq.dim() == 2 && xq.is_contiguous() && xq.size(1) == q8_row_bytes(n_cols, f.group),
+              "matmul_q8: xq must be quantize_act's contiguous uint8 (M, ", q8_row_bytes(n_cols, f.group), ") for groups of ",
+              f.group);
+  const int64_t M = xq.size(0);
+  at::Tensor out = at::empty({M, n_rows}, xq.options().dtype(wide ? at::kDouble : at::kFloat));
   const MatArgs a = mat_args(w, f, n_rows, n_cols, M, out);
-  const ActQ act{q.data_ptr<int8_t>(), d.data_ptr<float>(), s.data_ptr<float>(), isum.data_ptr<int32_t>(), n_cols, ng};
+  const ActQ act = q8_rows(xq.data_ptr<uint8_t>(), n_cols, f.group);
   parallel_tiles(n_tiles_of(n_rows), grain_for(a.n_blocks * f.tile_block), [&](int64_t b, int64_t e) { fn(a, act, b, e); });
   return out;
+}
+
+// quantize_act then matmul_q8, in one call: -> (y, xq), xq kept by the caller for other weights of x
+std::tuple<at::Tensor, at::Tensor> quantize_matmul_q8(const at::Tensor& w, int64_t type, int64_t n_rows, int64_t n_cols,
+                                                      const at::Tensor& x, int64_t kind, int64_t group, bool wide) {
+  at::Tensor xq = quantize_act(x, kind, group);
+  return {matmul_q8(w, type, n_rows, n_cols, xq, wide), xq};
 }
 
 at::Tensor matmul_f32(const at::Tensor& w, int64_t type, int64_t n_rows, int64_t n_cols, const at::Tensor& x,
@@ -418,59 +422,6 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   return out;
 }
 
-at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
-  TORCH_CHECK(x.dtype() == at::kFloat && w.dtype() == at::kFloat && x.size(-1) == w.numel() && w.is_contiguous(),
-              "rms_norm: float32 x (..., d) and weight (d,)");
-  const at::Tensor xc = x.contiguous();
-  const int64_t d = w.numel(), rows = xc.numel() / d;
-  at::Tensor out = at::empty_like(xc);
-  const float* xp = xc.data_ptr<float>();
-  const float* wp = w.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  at::parallel_for(0, rows, std::max<int64_t>(1, 65536 / d), [&](int64_t b, int64_t e) {
-    for (int64_t r = b; r < e; ++r) {
-      const float* xr = xp + r * d;
-      double ss = 0.0;
-      for (int64_t i = 0; i < d; ++i) ss += (double)(xr[i] * xr[i]);
-      const float scale = 1.0f / std::sqrt((float)(ss / (double)d) + (float)eps);
-      for (int64_t i = 0; i < d; ++i) op[r * d + i] = (xr[i] * scale) * wp[i];
-    }
-  });
-  return out;
-}
-
-at::Tensor rope(const at::Tensor& x, const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& sin, bool neox,
-                int64_t rope_dim) {
-  TORCH_CHECK(x.dim() == 3 && x.dtype() == at::kFloat, "rope: x (n, heads, head_dim) float32");
-  TORCH_CHECK(cos.dim() == 2 && cos.sizes() == sin.sizes() && cos.size(1) * 2 == rope_dim && cos.is_contiguous() &&
-                  sin.is_contiguous() && cos.dtype() == at::kFloat,
-              "rope: cos and sin tables (n_positions, rope_dim / 2) float32");
-  const at::Tensor xc = x.contiguous(), pos = positions.to(at::kLong).contiguous();
-  const int64_t n = xc.size(0), heads = xc.size(1), hd = xc.size(2), half = rope_dim / 2;
-  TORCH_CHECK(rope_dim % 2 == 0 && rope_dim <= hd && pos.numel() == n, "rope: rope_dim ", rope_dim, " of head_dim ", hd);
-  at::Tensor out = at::empty_like(xc);
-  const float* xp = xc.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  const int64_t* pp = pos.data_ptr<int64_t>();
-  for (int64_t t = 0; t < n; ++t) {
-    TORCH_CHECK(pp[t] >= 0 && pp[t] < cos.size(0), "rope: position ", pp[t], " past the table of ", cos.size(0));
-    const float* c = cos.data_ptr<float>() + pp[t] * half;
-    const float* s = sin.data_ptr<float>() + pp[t] * half;
-    for (int64_t h = 0; h < heads; ++h) {
-      const float* xr = xp + (t * heads + h) * hd;
-      float* orow = op + (t * heads + h) * hd;
-      for (int64_t i = 0; i < half; ++i) {
-        // neox rotates (x[i], x[i + d/2]); normal rotates adjacent pairs (x[2i], x[2i + 1])
-        const int64_t a = neox ? i : 2 * i, b = neox ? i + half : 2 * i + 1;
-        orow[a] = xr[a] * c[i] - xr[b] * s[i];
-        orow[b] = xr[a] * s[i] + xr[b] * c[i];
-      }
-      for (int64_t i = rope_dim; i < hd; ++i) orow[i] = xr[i];
-    }
-  }
-  return out;
-}
-
 }  // namespace
 }  // namespace ts
 
@@ -481,15 +432,14 @@ TORCH_LIBRARY(tensorsplit, m) {
   m.def("pin_threads(int[] cores) -> int[]", &ts::pin_threads);
   m.def("repack(Tensor rows, int type, int n_cols) -> Tensor");
   m.def("unpack_rows(Tensor tiles, int type, int n_rows, int n_cols, Tensor ids) -> Tensor");
-  m.def("quantize_act(Tensor x, int kind, int group) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("quantize_act(Tensor x, int kind, int group) -> Tensor");
   m.def("group_sums(Tensor x, int group) -> Tensor");
-  m.def("matmul_q8(Tensor w, int type, int n_rows, int n_cols, Tensor q, Tensor d, Tensor s, Tensor isum, "
-        "bool wide=False) -> Tensor");
+  m.def("matmul_q8(Tensor w, int type, int n_rows, int n_cols, Tensor xq, bool wide=False) -> Tensor");
+  m.def("quantize_matmul_q8(Tensor w, int type, int n_rows, int n_cols, Tensor x, int kind, int group, "
+        "bool wide=False) -> (Tensor, Tensor)");
   m.def("matmul_f32(Tensor w, int type, int n_rows, int n_cols, Tensor x, Tensor? xsum, bool wide=False) -> Tensor");
   m.def("attention(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor positions, "
         "Tensor slots, Tensor kv_of_q, int window, float scale, bool round16, bool scale_scores) -> Tensor");
-  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
-  m.def("rope(Tensor x, Tensor positions, Tensor cos, Tensor sin, bool neox, int rope_dim) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(tensorsplit, CPU, m) {
@@ -498,8 +448,7 @@ TORCH_LIBRARY_IMPL(tensorsplit, CPU, m) {
   m.impl("quantize_act", &ts::quantize_act);
   m.impl("group_sums", &ts::group_sums);
   m.impl("matmul_q8", &ts::matmul_q8);
+  m.impl("quantize_matmul_q8", &ts::quantize_matmul_q8);
   m.impl("matmul_f32", &ts::matmul_f32);
   m.impl("attention", &ts::attention);
-  m.impl("rms_norm", &ts::rms_norm);
-  m.impl("rope", &ts::rope);
 }

@@ -55,7 +55,28 @@ struct Program {
   int64_t n_inputs = 0, n_slots = 0;
   std::vector<Call> calls;
   std::vector<double> ns;                    // per call, summed over timed runs
+  std::vector<int64_t> last_use;             // per slot, the last call that reads it
+  std::vector<std::vector<int64_t>> dead;    // per call, the slots no later call reads (made at the first run)
+  int64_t dead_for = -1;                     // the output slot `dead` was made for
 };
+
+// Which slots each call is the last reader of: they are dropped right after it, so a step holds only its
+// live tensors and the allocator hands the freed (cache-warm) blocks to the next calls. The output slot
+// lives to the end.
+void plan_frees(Program& p, int64_t out_slot) {
+  p.dead.assign(p.calls.size(), {});
+  for (int64_t s = p.n_inputs; s < p.n_slots; ++s) {
+    if (s == out_slot) continue;
+    int64_t last = p.last_use[s];
+    if (last < 0) {                          // made and never read: drop it after the call that made it
+      for (size_t ci = 0; ci < p.calls.size() && last < 0; ++ci)
+        for (const auto& slots : p.calls[ci].outs)
+          for (int64_t o : slots) if (o == s) last = (int64_t)ci;
+    }
+    if (last >= 0) p.dead[last].push_back(s);
+  }
+  p.dead_for = out_slot;
+}
 
 std::mutex registry_mutex;
 std::vector<std::unique_ptr<Program>> registry;
@@ -154,6 +175,11 @@ void replay_op(int64_t h, const std::string& name, const std::string& overload, 
     c.outs.push_back(slots);
     c.is_list.push_back(n >= 0);
   }
+  p.last_use.resize(p.n_slots, -1);
+  for (const Arg& a : c.args) {
+    if (a.kind == SLOT) p.last_use[a.slot] = (int64_t)p.calls.size();
+    for (int64_t e : a.list) if (e >= 0) p.last_use[e] = (int64_t)p.calls.size();
+  }
   TORCH_CHECK(c.outs.size() == schema.returns().size(), "replay_op: ", name, " returns ", schema.returns().size(),
               " values, ", c.outs.size(), " given");
   p.calls.push_back(std::move(c));
@@ -171,6 +197,7 @@ at::Tensor replay_run(int64_t h, const std::vector<at::Tensor>& inputs, int64_t 
   TORCH_CHECK((int64_t)inputs.size() == p.n_inputs, "replay_run: ", p.n_inputs, " inputs, ", inputs.size(), " given");
   TORCH_CHECK(out_slot >= 0 && out_slot < p.n_slots, "replay_run: no slot ", out_slot);
   c10::InferenceMode guard;
+  if (p.dead_for != out_slot) plan_frees(p, out_slot);
   std::vector<at::Tensor> env(p.n_slots);
   for (size_t i = 0; i < inputs.size(); ++i) env[i] = inputs[i];
   torch::jit::Stack stack;
@@ -203,6 +230,7 @@ at::Tensor replay_run(int64_t h, const std::vector<at::Tensor>& inputs, int64_t 
         env[c.outs[r][0]] = stack[r].toTensor();
       }
     }
+    for (int64_t s : p.dead[ci]) env[s].reset();
     if (timed) p.ns[ci] += (double)(now_ns() - t0);
   }
   return env[out_slot];
