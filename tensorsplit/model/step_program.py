@@ -50,6 +50,13 @@ def replay_enabled() -> bool:
 class _Recorder(TorchDispatchMode):
     """Runs each call and appends it to the program `handle`, its tensors mapped to slots or constants."""
 
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        # torch wraps a mode's __torch_dispatch__ in dynamo's disable unless told not to, and that imports
+        # torch._dynamo (and sympy) at the first call: ~2.5 s of every worker's first step. No step is
+        # compiled, so there is nothing for dynamo to skip
+        return False
+
     def __init__(self, handle: int, inputs: list[torch.Tensor], held: set[int]):
         super().__init__()
         self.handle, self.ops, self.held = handle, torch.ops.tensorsplit, held
