@@ -135,11 +135,16 @@ def test_python_api_batches_in_input_order(smollm2_path):
     import os
 
     from cli_helpers import assert_pids_gone, workers_of
+    from tensorsplit.worker.pinning import threads_affinity
+    cores = os.sched_getaffinity(0)
     with LLM(smollm2_path, nproc_per_node=2, parallel=3, n_ctx=128) as llm:
         res = llm.generate(PROMPTS[:4], max_tokens=5, temperature=0)
         alone = llm.generate(PROMPTS[2], max_tokens=5, temperature=0)
         workers = list(workers_of(os.getpid()).values())
     assert len(workers) == 1
+    # rank 0 ran on this process's threads, pinned to its own core: closing gives every thread its cores
+    # back (a later world and the processes it starts inherit the mask)
+    assert all(mask == cores for mask in threads_affinity(os.getpid()).values())
     assert_pids_gone(workers)                # README: the worker processes end with the LLM
     assert len(res) == 4 and all(r.completion_tokens == 5 for r in res)
     assert res[2].token_ids == alone[0].token_ids

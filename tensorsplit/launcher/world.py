@@ -10,6 +10,7 @@ raises WorkerFailed naming it, and `on_failure` hears the launcher's line once.
 """
 from __future__ import annotations
 
+import os
 import time
 from typing import Callable
 
@@ -18,6 +19,7 @@ from ..plan import WorldPlan, check_world, plan_world
 from ..spec import NodeSpec, WorldSpec
 from ..worker.engine import Engine
 from ..worker.main import join_and_load
+from ..worker.pinning import restore_affinity
 from ..worker.process import RankEnv
 from .spawn import Launch
 
@@ -32,6 +34,7 @@ class World:
         self.failure: str | None = None
         self.gf = self.config = None
         self._on_failure = on_failure
+        self._affinity = os.sched_getaffinity(0)     # the caller's cores, which rank 0 may pin (restored by close)
         self._launch = Launch(plan, node, rank0_here=True)
         self._launch.watch_from_thread(self._failed)
 
@@ -91,11 +94,14 @@ class World:
         return WorkerFailed(self.failure) if self.failure else e
 
     def close(self) -> None:
-        if self.engine is not None:
-            engine, self.engine = self.engine, None
-            try:
-                if self.failure is None:
-                    engine.shutdown()
-            finally:
-                engine.close()
-        self._launch.close()
+        try:
+            if self.engine is not None:
+                engine, self.engine = self.engine, None
+                try:
+                    if self.failure is None:
+                        engine.shutdown()
+                finally:
+                    engine.close()
+            self._launch.close()
+        finally:
+            restore_affinity(self._affinity)

@@ -53,6 +53,17 @@ def pin(cores: list[int]) -> list[int]:
     return list(torch.ops.tensorsplit.pin_threads.default(cores))
 
 
+def restore_affinity(cpus: set[int]) -> None:
+    """Every thread of this process back on `cpus`: a world whose rank 0 ran in a caller's process (LLM,
+    serve) gives the caller its cores back on close, or its next world (and every process it starts,
+    which inherits the mask) would run on rank 0's cores only."""
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            os.sched_setaffinity(int(task.name), cpus)
+        except OSError:          # a thread that ended meanwhile
+            pass
+
+
 def threads_affinity(pid: int) -> dict[int, set[int]]:
     """thread id -> the CPUs it may run on, from /proc (for tests and reports)."""
     out = {}
