@@ -15,7 +15,8 @@ Files written into DIR (default: the tensorsplit model cache, $TENSORSPLIT_CACHE
                                       quantizer leaves it), random blocks written by gguf-py
   tinyllama-1.1b-random.Q4_K_M.gguf   the same shape quantized by llama.cpp's own quantizer
                                       (llama_model_quantize, type Q4_K_M) from an F16 file; only when
-                                      a Python with llama-cpp-python is given (--llama-py)
+                                      a Python with llama-cpp-python is given (--llama-py), or
+                                      with llama-quantize (--llama-quantize PATH)
 
 Shape: 22 layers, n_embd 2048, 32 heads, 4 KV heads, n_ff 5632 (TinyLlama 1.1B). The tokenizer is
 SmolLM2's (so the vocabulary has 49152 entries instead of TinyLlama's 32000); the weights are random
@@ -263,6 +264,9 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=None, help="folder (default: the tensorsplit model cache)")
     ap.add_argument("--llama-py", default=os.environ.get("LLAMA_PY"),
                     help="a Python with llama-cpp-python, for the Q4_K_M file (default: $LLAMA_PY)")
+    ap.add_argument("--llama-quantize", default=os.environ.get("LLAMA_QUANTIZE"),
+                    help="llama.cpp's llama-quantize, for the Q4_K_M file instead of --llama-py "
+                         "(default: $LLAMA_QUANTIZE)")
     ap.add_argument("--shape", choices=sorted(SHAPES) + sorted(MOE_SHAPES), default="tinyllama-1.1b")
     ap.add_argument("--layers", type=int, default=None,
                     help="mixture-of-experts shapes: write this many layers of the real shape (default 6)")
@@ -288,18 +292,20 @@ def main() -> int:
         write(q4_0.with_suffix(".partial"), tok, dense_f16=False, shape=shape)
         os.replace(q4_0.with_suffix(".partial"), q4_0)
     print(q4_0)
-    if a.llama_py and shape.name == "tinyllama-1.1b" and tok is not None:
+    if (a.llama_py or a.llama_quantize) and shape.name == "tinyllama-1.1b" and tok is not None:
         q4_k_m = out / "tinyllama-1.1b-random.Q4_K_M.gguf"
         if not q4_k_m.exists():
             f16 = out / "tinyllama-1.1b-random.F16.gguf.tmp"
             print(f"writing {f16} and quantizing it to {q4_k_m} with llama.cpp", file=sys.stderr)
             write(f16, tok, dense_f16=True, shape=shape)
             try:
-                subprocess.run([a.llama_py, "-c", QUANTIZE, str(f16), str(q4_k_m)], check=True)
+                cmd = ([a.llama_quantize, str(f16), str(q4_k_m), "Q4_K_M"] if a.llama_quantize else
+                       [a.llama_py, "-c", QUANTIZE, str(f16), str(q4_k_m)])
+                subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
             finally:
                 f16.unlink(missing_ok=True)
     else:
-        print("no --llama-py: the Q4_K_M file is not written", file=sys.stderr)
+        print("no --llama-py or --llama-quantize: the Q4_K_M file is not written", file=sys.stderr)
     return 0
 
 

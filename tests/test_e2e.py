@@ -32,9 +32,11 @@ def test_greedy_tokens_and_logits_agree_across_world_sizes(smollm2_path, tmp_pat
     kernels, and nothing else (a fallback to the torch path would give the same logits). In both
     numerics, greedy tokens are the same at every world size and split, and the logits are one rank's,
     bit for bit."""
-    for numerics in ("llamacpp", "exact"):
+    worlds = [("1", 1, []), ("2", 2, []), ("3", 3, []), ("2 split 3,1", 2, ["--split", "3,1"])]
+    # exact numerics at 1 and 3 ranks only (its sharded equality on every split: test_model_parity, in process)
+    for numerics, names in (("llamacpp", {"1", "2", "3", "2 split 3,1"}), ("exact", {"1", "3"})):
         runs = {}
-        for name, world, args in [("1", 1, []), ("2", 2, []), ("3", 3, []), ("2 split 3,1", 2, ["--split", "3,1"])]:
+        for name, world, args in [w for w in worlds if w[0] in names]:
             tag = f"{numerics}_{name.replace(' ', '_')}"
             logits = tmp_path / f"{tag}.npy"
             counts = tmp_path / f"{tag}.paths"
