@@ -15,6 +15,13 @@ unpermuted (they use the NeoX layout), so nothing is undone. Fused weights are s
 numpy: Phi-3's qkv_proj rows are [q; k; v] and gate_up_proj rows [gate; up] (HF: chunk(2)).
 One GGUF convention is taken as given: for Gemma the converter stores every RMSNorm weight
 as 1 + w, so HF's x * (1 + w) is x * stored here.
+gpt-oss (HF GptOssAttention, GptOssMLP): biased q/k/v/o; a learned sink logit per head joins each
+softmax row and is dropped after; even layers sliding; YaRN rope (HF _compute_yarn_parameters with
+the correction range truncated to whole dims, as the GGUF carries no `truncate` flag and llama.cpp
+always truncates); the router's top-k logits (biased) softmaxed as weights; experts with biased
+gate/up (the converter de-interleaves HF's gate_up_proj), clamped gate (max 7) and up (+-7),
+glu = gate * sigmoid(1.702 gate), out = (up + 1) * glu, biased down. The FFN's norm is the file's
+post_attention_norm (HF post_attention_layernorm).
 To keep memory sane on a 262k vocabulary, embedding rows are dequantized only where looked up,
 and the output layer in blocks of rows.
 """
@@ -26,7 +33,7 @@ import numpy as np
 from gguf import GGUFReader
 from gguf.quants import dequantize
 
-FAMILIES = ("qwen2", "qwen3", "phi3", "gemma3", "qwen3moe", "qwen2moe", "llama")
+FAMILIES = ("qwen2", "qwen3", "phi3", "gemma3", "qwen3moe", "qwen2moe", "llama", "gpt-oss")
 NORM_TOPK = {"qwen3moe": True, "qwen2moe": False, "llama": True}
 
 
@@ -48,12 +55,15 @@ class DenseModel:
         self.eps = kv("attention.layer_norm_rms_epsilon")
         # Gemma 3 (HF Gemma3TextConfig): layer i is sliding unless (i + 1) % 6 == 0; sliding layers use
         # rope_local_base_freq 10000; scores scaled by query_pre_attn_scalar ** -0.5 (= head_dim here)
-        self.window = kv("attention.sliding_window", 0) if arch == "gemma3" else 0
+        self.window = kv("attention.sliding_window", 0) if arch in ("gemma3", "gpt-oss") else 0
         self.local_base = 10000.0
         # Phi-3 LongRoPE: factors chosen by context length, cos/sin times the attention factor
         self.attn_factor = kv("rope.scaling.attn_factor", 1.0)
         self.orig_ctx = kv("rope.scaling.original_context_length", kv("context_length"))
         self.n_used = kv("expert_used_count", 0)
+        self.yarn = None
+        if kv("rope.scaling.type") == "yarn":
+            self.yarn = (kv("rope.scaling.factor"), kv("rope.scaling.original_context_length"))
 
     def w(self, name) -> np.ndarray:
         t = self.t[name]
@@ -75,6 +85,13 @@ class DenseModel:
         inv = 1.0 / (base ** (np.arange(0, d, 2, dtype=np.float64) / d))
         if factors is not None:
             inv = inv / factors
+        if self.yarn is not None:             # HF's YaRN: interpolated slow dims, extrapolated fast ones
+            factor, orig = self.yarn
+            dim_of = lambda rot: d * math.log(orig / (rot * 2 * math.pi)) / (2 * math.log(base))  # noqa: E731
+            low, high = max(math.floor(dim_of(32.0)), 0), min(math.ceil(dim_of(1.0)), d - 1)
+            extrap = 1 - np.clip((np.arange(half) - low) / (high - low), 0, 1)
+            inv = inv / factor * (1 - extrap) + inv * extrap
+            scale = scale * (0.1 * math.log(factor) + 1.0)
         ang = pos[:, None] * inv[None, :]
         cos = np.concatenate([np.cos(ang)] * 2, -1)[:, None, :] * scale
         sin = np.concatenate([np.sin(ang)] * 2, -1)[:, None, :] * scale
@@ -92,8 +109,25 @@ class DenseModel:
         gate, up = h @ gate_w.T, h @ up_w.T
         return (gate / (1 + np.exp(-gate)) * up) @ down_w.T
 
+    def moe_gpt_oss(self, h, p) -> np.ndarray:
+        logits = h @ self.w(p + "ffn_gate_inp.weight").T + self.w(p + "ffn_gate_inp.bias")     # (n, E)
+        top = np.argsort(-logits, axis=-1, kind="stable")[:, :self.n_used]
+        weights = np.exp(np.take_along_axis(logits, top, -1) - np.take_along_axis(logits, top[:, :1], -1))
+        weights /= weights.sum(-1, keepdims=True)
+        (gate, up, down), (gb, ub, db) = ([self.w(p + f"ffn_{t}_exps.{kind}") for t in ("gate", "up", "down")]
+                                          for kind in ("weight", "bias"))
+        out = np.zeros_like(h)
+        for t in range(h.shape[0]):
+            for j, e in enumerate(top[t]):
+                g = np.minimum(h[t] @ gate[e].T + gb[e], 7.0)
+                u = np.clip(h[t] @ up[e].T + ub[e], -7.0, 7.0)
+                out[t] += weights[t, j] * (((u + 1) * g / (1 + np.exp(-1.702 * g))) @ down[e].T + db[e])
+        return out
+
     def moe(self, h, p) -> np.ndarray:
         """h (n, n_embd) -> the experts' weighted sum (n, n_embd)."""
+        if self.arch == "gpt-oss":
+            return self.moe_gpt_oss(h, p)
         logits = h @ self.w(p + "ffn_gate_inp.weight").T                    # (n, E)
         probs = np.exp(logits - logits.max(-1, keepdims=True))
         probs /= probs.sum(-1, keepdims=True)
@@ -112,7 +146,7 @@ class DenseModel:
         return out
 
     def is_sliding(self, i) -> bool:
-        return self.arch == "gemma3" and (i + 1) % 6 != 0
+        return (self.arch == "gemma3" and (i + 1) % 6 != 0) or (self.arch == "gpt-oss" and i % 2 == 0)
 
     def logits(self, ids, n_ctx: int = 64) -> np.ndarray:
         """ids (n,) one sequence from position 0 -> (n, vocab) float64. n_ctx: the context size
@@ -136,12 +170,12 @@ class DenseModel:
                 q, k, v = np.split(qkv, [H * hd, H * hd + K * hd], axis=-1)
             else:
                 q, k, v = (h @ self.w(p + f"attn_{t}.weight").T for t in "qkv")
-            if self.arch in ("qwen2", "qwen2moe"):
+            if self.arch in ("qwen2", "qwen2moe", "gpt-oss"):
                 q, k, v = (y + self.w(p + f"attn_{t}.bias") for y, t in zip((q, k, v), "qkv"))
             q, k, v = q.reshape(n, H, hd), k.reshape(n, K, hd), v.reshape(n, K, hd)
             if self.arch in ("qwen3", "gemma3", "qwen3moe"):
                 q, k = self.rms(q, self.w(p + "attn_q_norm.weight")), self.rms(k, self.w(p + "attn_k_norm.weight"))
-            base = self.local_base if self.is_sliding(i) else self.base
+            base = self.local_base if self.is_sliding(i) and self.arch == "gemma3" else self.base
             q, k = self.rope(q, pos, base, factors, scale), self.rope(k, pos, base, factors, scale)
             k, v = np.repeat(k, H // K, axis=1), np.repeat(v, H // K, axis=1)      # (n, H, hd)
             mask = kpos <= qpos
@@ -149,13 +183,19 @@ class DenseModel:
                 mask &= qpos - kpos < self.window
             s = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(hd)
             s = np.where(mask[None], s, -np.inf)
+            if p + "attn_sinks.weight" in self.t:       # one more column per head, dropped after the softmax
+                sink = np.broadcast_to(self.w(p + "attn_sinks.weight")[:, None, None], (H, n, 1))
+                s = np.concatenate([s, sink], -1)
             s = np.exp(s - s.max(-1, keepdims=True))
             s /= s.sum(-1, keepdims=True)
+            s = s[..., :n]
             a = np.einsum("hqk,khd->qhd", s, v).reshape(n, -1) @ self.w(p + "attn_output.weight").T
+            if p + "attn_output.bias" in self.t:
+                a = a + self.w(p + "attn_output.bias")
             if self.arch == "gemma3":
                 a = self.rms(a, self.w(p + "post_attention_norm.weight"))
             x = x + a
-            h = self.rms(x, self.w(p + "ffn_norm.weight"))
+            h = self.rms(x, self.w(p + ("post_attention_norm.weight" if self.arch == "gpt-oss" else "ffn_norm.weight")))
             if p + "ffn_gate_inp.weight" in self.t:
                 x = x + self.moe(h, p)
                 continue

@@ -68,6 +68,9 @@ def write_model(path: Path, arch: str = "llama", *, n_layers=2, n_embd=256, n_he
     qwen2moe  qwen2's attention (biases); experts as qwen3moe, and a shared expert of n_ff_shexp
             (ffn_*_shexp) with its gate vector ffn_gate_inp_shexp
     llama with n_expert > 0: Mixtral (experts of width n_ff, expert_feed_forward_length not written)
+    gpt-oss   q/k/v/o biases, attn_sinks (one logit per head, N(0, 1)), post_attention_norm as the FFN
+            norm, sliding window `window` on even layers; experts as qwen3moe with a router bias and
+            gate/up/down expert biases (bias_scale std); YaRN metadata through extra_kv
 
     `types` maps a tensor suffix ("attn_q", "attn_qkv", "ffn_down", "token_embd", "output", ...) to
     its quant type; default Q8_0. Norm weights are 1 + 0.1 N(0, 1) (gemma's stored +1 included).
@@ -95,7 +98,7 @@ def write_model(path: Path, arch: str = "llama", *, n_layers=2, n_embd=256, n_he
     w.add_rope_dimension_count(rope_dim or hd)
     w.add_rope_freq_base(rope_base)
     w.add_layer_norm_rms_eps(1e-5 if arch != "gemma3" else 1e-6)
-    if arch == "gemma3":
+    if arch in ("gemma3", "gpt-oss"):
         w.add_sliding_window(window)
     moe = n_expert > 0
     if moe:
@@ -159,16 +162,20 @@ def write_model(path: Path, arch: str = "llama", *, n_layers=2, n_embd=256, n_he
             tensor(p + "attn_q.weight", "attn_q", q_dim, n_embd)
             tensor(p + "attn_k.weight", "attn_k", kv_dim, n_embd)
             tensor(p + "attn_v.weight", "attn_v", kv_dim, n_embd)
-        if arch in ("qwen2", "qwen2moe"):
+        if arch in ("qwen2", "qwen2moe", "gpt-oss"):
             for t, n in (("q", q_dim), ("k", kv_dim), ("v", kv_dim)):
                 vector(p + f"attn_{t}.bias", n, mean=0.0, std=bias_scale)
         if arch in ("qwen3", "gemma3", "qwen3moe"):
             vector(p + "attn_q_norm.weight", hd)
             vector(p + "attn_k_norm.weight", hd)
         tensor(p + "attn_output.weight", "attn_output", n_embd, q_dim)
-        if arch == "gemma3":
+        if arch == "gpt-oss":
+            vector(p + "attn_output.bias", n_embd, mean=0.0, std=bias_scale)
+            vector(p + "attn_sinks.weight", n_heads, mean=0.0, std=1.0)
+        if arch in ("gemma3", "gpt-oss"):
             vector(p + "post_attention_norm.weight", n_embd)
-        vector(p + "ffn_norm.weight", n_embd)
+        if arch != "gpt-oss":
+            vector(p + "ffn_norm.weight", n_embd)
         if moe:
             ff = n_ff_exp or n_ff
             w.add_tensor(p + "ffn_gate_inp.weight",      # the router: F32, as llama.cpp's quantize keeps it
@@ -176,6 +183,11 @@ def write_model(path: Path, arch: str = "llama", *, n_layers=2, n_embd=256, n_he
             experts(p + "ffn_gate_exps.weight", "ffn_gate_exps", ff, n_embd)
             experts(p + "ffn_up_exps.weight", "ffn_up_exps", ff, n_embd)
             experts(p + "ffn_down_exps.weight", "ffn_down_exps", n_embd, ff)
+            if arch == "gpt-oss":
+                vector(p + "ffn_gate_inp.bias", n_expert, mean=0.0, std=bias_scale)
+                for name, width in (("ffn_gate_exps", ff), ("ffn_up_exps", ff), ("ffn_down_exps", n_embd)):
+                    w.add_tensor(p + name + ".bias",       # ggml [width, n_expert]
+                                 (bias_scale * rng.standard_normal((n_expert, width))).astype(np.float32))
             if arch == "qwen2moe":
                 sh = n_ff_shexp or n_ff
                 vector(p + "ffn_gate_inp_shexp.weight", n_embd, mean=0.0, std=std_of("ffn_gate_inp_shexp", n_embd))

@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from gguf import GGMLQuantizationType as Q
+from gguf import GGMLQuantizationType as Q, GGUFValueType as V
 
 from reference_archs import DenseModel
 from synthetic import write_model
@@ -46,6 +46,7 @@ REF_ATOL = {                  # one rank vs the float64 reference (exact numeric
     "qwen2moe": 4e-6,         # seen: 8.1e-7
     "llama-moe": 7e-6,        # seen: 1.6e-6
     "qwen3moe-3-blocks": 1e-5,   # seen: 1.8e-6
+    "gpt-oss": 4e-6,          # seen: 8.3e-7 (without YaRN the reference itself moves by 0.70)
 }
 # Sharded vs one rank: the same logits bit for bit (row-parallel partials are float64 to the all-reduce
 # and rounded once; README), asserted as equality.
@@ -87,6 +88,13 @@ SYNTHETIC = {
     "qwen3moe-3-blocks": dict(n_embd=256, n_heads=4, n_kv=2, head_dim=64, n_ff=512, vocab=300, seed=8, n_expert=8,
                               n_expert_used=4, n_ff_exp=768,
                               types={"ffn_gate_exps": Q.Q4_K, "ffn_up_exps": Q.Q4_K, "ffn_down_exps": Q.Q6_K}),
+    # gpt-oss: sinks, biases, layer 0 sliding (window 4 < 12 tokens), YaRN, 16 MXFP4 experts top 4 by logit
+    "gpt-oss": dict(n_embd=256, n_heads=8, n_kv=2, head_dim=64, n_ff=256, vocab=300, seed=9, n_expert=16,
+                    n_expert_used=4, n_ff_exp=256, window=4, bias_scale=0.3, rope_base=150000.0,
+                    extra_kv={"gpt-oss.rope.scaling.type": ("yarn", V.STRING),
+                              "gpt-oss.rope.scaling.factor": (32.0, V.FLOAT32),
+                              "gpt-oss.rope.scaling.original_context_length": (4096, V.UINT32)},
+                    types={"ffn_gate_exps": Q.MXFP4, "ffn_up_exps": Q.MXFP4, "ffn_down_exps": Q.MXFP4}),
 }
 
 
@@ -114,7 +122,7 @@ def assert_matches_reference(ours, ref, atol):
 
 @pytest.fixture(scope="module", params=list(SYNTHETIC))
 def synthetic(request, tmp_path_factory):
-    arch = request.param.split("-")[0]     # "phi3-separate-qkv" is a phi3 file
+    arch = request.param if request.param in ARCHS else request.param.split("-")[0]   # "phi3-separate-qkv": phi3
     path = write_model(tmp_path_factory.mktemp("arch") / f"{request.param}.gguf", arch, **SYNTHETIC[request.param])
     return path, open_model(path)
 
@@ -192,7 +200,7 @@ def test_unknown_architecture_lists_supported(tmp_path):
     with pytest.raises(UnsupportedError, match="architecture 'mamba'") as e:
         open_model(path)
     assert f"supported: {', '.join(sorted(ARCHS))}" in str(e.value)
-    assert set(ARCHS) == {"llama", "qwen2", "qwen3", "phi3", "gemma3", "qwen3moe", "qwen2moe"}
+    assert set(ARCHS) == {"llama", "qwen2", "qwen3", "phi3", "gemma3", "qwen3moe", "qwen2moe", "gpt-oss"}
 
 
 def test_unknown_tensor_is_named_with_the_supported_ones(tmp_path):

@@ -7,7 +7,7 @@ which kernels run or which arithmetic they use; it calls these.
                                   gate | up), or None where these kernels keep them apart
     matmul(x, w, wide=False)      x (..., n_cols) @ W.T -> (..., n_rows) float32 (wide: float64)
     get_rows(w, ids)              rows `ids` of w, dequantized (the embedding lookup)
-    experts(x, gate, up, down, selected, weights, act)
+    experts(x, gate, up, down, selected, weights, glu, biases=None)
                                   a mixture-of-experts FFN's weighted sum over each token's experts
     rms_norm(x, weight, eps)      x * rsqrt(mean(x^2) + eps) * weight, over the last dim
     add_rms_norm(x, a, weight, eps, a_weight=None)
@@ -19,8 +19,9 @@ which kernels run or which arithmetic they use; it calls these.
                                   normed per head (q_norm) and rotated (model/rope.py Rope); k and v
                                   None: q is the fused projection q | k | v
     glu(gate, up, name)           act(gate) * up, the gated FFN's activation; up None: gate is gate | up
-    attend(q, k, v, k_cache, v_cache, window, positions, slots, heads)
-                                  write the step's keys and values, and attend: any step
+    attend(q, k, v, k_cache, v_cache, window, positions, slots, heads, sinks=None)
+                                  write the step's keys and values, and attend: any step (sinks:
+                                  gpt-oss's per-head logits that join the softmax's sum)
     attend_static(..., kv_len)    the same for a fixed-shape decode step with no host sync (the
                                   buckets decode_graphs.py captures as CUDA graphs)
     activation(name), rope_angles(rope, positions), kv_dtype
@@ -115,7 +116,7 @@ class Kernels(Protocol):
     def get_rows(self, w: QWeight, ids: torch.Tensor) -> torch.Tensor: ...
 
     def experts(self, x, gate: list[QWeight], up: list[QWeight], down: list[QWeight], selected: torch.Tensor,
-                weights: torch.Tensor, act) -> torch.Tensor: ...
+                weights: torch.Tensor, glu, biases=None) -> torch.Tensor: ...
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor: ...
 
@@ -131,10 +132,11 @@ class Kernels(Protocol):
 
     def glu(self, gate: torch.Tensor, up: torch.Tensor | None, name: str) -> torch.Tensor: ...
 
-    def attend(self, q, k, v, k_cache, v_cache, window: int, positions, slots, heads: Heads) -> torch.Tensor: ...
+    def attend(self, q, k, v, k_cache, v_cache, window: int, positions, slots, heads: Heads,
+               sinks: torch.Tensor | None = None) -> torch.Tensor: ...
 
     def attend_static(self, q, k, v, k_cache, v_cache, window: int, positions, slots, heads: Heads,
-                      kv_len: int) -> torch.Tensor: ...
+                      kv_len: int, sinks: torch.Tensor | None = None) -> torch.Tensor: ...
 
     def activation(self, name: str): ...
 

@@ -151,7 +151,8 @@ class NativeKernels(TorchKernels):
     def rope(self, x, positions, cos, sin, neox: bool, rope_dim: int) -> torch.Tensor:
         return self._rope(x, positions, cos, sin, neox, rope_dim)
 
-    def attend(self, q, k, v, k_cache, v_cache, window: int, positions, slots, heads: Heads) -> torch.Tensor:
+    def attend(self, q, k, v, k_cache, v_cache, window: int, positions, slots, heads: Heads,
+               sinks: torch.Tensor | None = None) -> torch.Tensor:
         return self._attention(q.contiguous(), k.contiguous(), v.contiguous(), k_cache, v_cache, positions, slots,
                                heads.kv_of_q, window, heads.scale, self._round16,
-                               self._round16 and not heads.q_prescaled)
+                               self._round16 and not heads.q_prescaled, sinks)

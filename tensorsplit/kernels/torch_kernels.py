@@ -92,9 +92,11 @@ class TorchKernels:
         return rows.reshape(*ids.shape, w.n_cols)
 
     def experts(self, x, gate: list, up: list, down: list, selected: torch.Tensor, weights: torch.Tensor,
-                act) -> torch.Tensor:
+                glu, biases=None) -> torch.Tensor:
         """A mixture-of-experts FFN's partial sum on this rank, before the all-reduce:
-        out[t] = sum_j weights[t, j] * down_e(act(gate_e(x[t])) * up_e(x[t])), e = selected[t, j].
+        out[t] = sum_j weights[t, j] * down_e(glu(gate_e(x[t]), up_e(x[t]))), e = selected[t, j]
+        (glu(g, u): act(g) * u, or gpt-oss's SwiGLU-OAI); biases: None, or per expert this rank's gate
+        and up bias rows (two lists), added to gate_e(x) and up_e(x).
 
         x (n, n_embd) or MatmulInput; gate, up, down: per expert, this rank's rows / columns of it (None
         where the rank holds none of that expert: it adds nothing here);
@@ -114,20 +116,24 @@ class TorchKernels:
             for w, e in sorted(zip(weights[0].tolist(), selected[0].tolist()), key=lambda we: we[1]):
                 if gate[e] is None:
                     continue
-                out += self._ffn(inp, gate[e], up[e], down[e], act) * w   # the same arithmetic as below, in expert order
+                out += self._ffn(inp, gate[e], up[e], down[e], glu, _bias(biases, e)) * w   # as below, in expert order
             return out
         for e in torch.unique(selected).tolist():
             if gate[e] is None:
                 continue
             tok, slot = (selected == e).nonzero(as_tuple=True)            # tokens routed to e, in order
             xe = inp.rows(tok)
-            y = self._ffn(xe, gate[e], up[e], down[e], act)                 # (t, n_out) float64
+            y = self._ffn(xe, gate[e], up[e], down[e], glu, _bias(biases, e))     # (t, n_out) float64
             out.index_add_(0, tok, y * weights[tok, slot].to(torch.float64)[:, None])
         return out
 
-    def _ffn(self, x, gate: QWeight, up: QWeight, down: QWeight, act) -> torch.Tensor:
-        """One expert over x: down(act(gate(x)) * up(x)), the down partial summed wide: (t, n_out) float64."""
-        return self.matmul(act(self.matmul(x, gate)) * self.matmul(x, up), down, wide=True)
+    def _ffn(self, x, gate: QWeight, up: QWeight, down: QWeight, glu, bias=None) -> torch.Tensor:
+        """One expert over x: down(glu(gate(x), up(x))), the down partial summed wide: (t, n_out) float64.
+        bias: (gate bias, up bias) of the expert's rows, or None."""
+        g, u = self.matmul(x, gate), self.matmul(x, up)
+        if bias is not None:
+            g, u = g + bias[0], u + bias[1]
+        return self.matmul(glu(g, u), down, wide=True)
 
     # --- the rest of a layer
 
@@ -189,8 +195,11 @@ class TorchKernels:
 
     # --- attention
 
-    def attend(self, q, k, v, k_cache, v_cache, window: int, positions, slots, heads: Heads) -> torch.Tensor:
+    def attend(self, q, k, v, k_cache, v_cache, window: int, positions, slots, heads: Heads,
+               sinks: torch.Tensor | None = None) -> torch.Tensor:
         """q (n, n_local_heads, hd); k, v (n, n_local_kv_heads, hd) -> (n, n_local_heads * hd).
+        sinks (n_local_heads,) float32 or None: per head a logit that joins the softmax and reads no value
+        (gpt-oss's attention sinks).
 
         k_cache, v_cache: this layer's store, (n_stored_slots, n_ctx, n_kv, hd), or for a sliding layer
         its ring (n_stored_slots, window, n_kv, hd) where position p lives at p % window. Tokens may
@@ -201,7 +210,8 @@ class TorchKernels:
             k_cache[slots, positions] = k.to(k_cache.dtype)
             v_cache[slots, positions] = v.to(v_cache.dtype)
         out = torch.empty(q.shape[0], heads.n_local_heads, heads.head_dim, dtype=q.dtype, device=q.device)
-        in_place = heads.gqa_in_place and self._gqa_in_place
+        in_place = heads.gqa_in_place and self._gqa_in_place and sinks is None
+        attend_math = self._attend_math if sinks is None else partial(self._attend_math, sinks=sinks)
         for slot, idx in _group_by_slot(slots):
             qpos = positions[idx]                                     # (t,) consecutive
             if window:
@@ -215,11 +225,11 @@ class TorchKernels:
                 keys, vals = keys.index_select(1, heads.kv_of_q), vals.index_select(1, heads.kv_of_q)  # (L, H, hd)
             qh, kh, vh = q[idx].transpose(0, 1), keys.transpose(0, 1), vals.transpose(0, 1)
             mask = allowed_mask(kpos, qpos, window)                   # (t, L)
-            out[idx] = self._attend_math(qh, kh, vh, mask, heads, in_place).transpose(0, 1)
+            out[idx] = attend_math(qh, kh, vh, mask, heads, in_place).transpose(0, 1)
         return out.reshape(q.shape[0], -1)
 
     def attend_static(self, q, k, v, k_cache, v_cache, window: int, positions, slots, heads: Heads,
-                      kv_len: int) -> torch.Tensor:
+                      kv_len: int, sinks: torch.Tensor | None = None) -> torch.Tensor:
         """One token per row, each of its own slot, with shapes that depend only on (rows, kv_len) and no
         host synchronisation: what a CUDA graph can hold (model/decode_graphs.py).
 
@@ -244,7 +254,13 @@ class TorchKernels:
         vh = vals.index_select(2, heads.kv_of_q).transpose(1, 2).to(q.dtype)
         qh = q[:, :, None, :]                                             # (n, H, 1, hd)
         mask = allowed[:, None, None, :]                                  # (n, 1, 1, L)
-        return self._attend_math(qh, kh, vh, mask, heads, False).reshape(n, -1)
+        extra = {} if sinks is None else {"sinks": sinks}
+        return self._attend_math(qh, kh, vh, mask, heads, False, **extra).reshape(n, -1)
+
+
+def _bias(biases, e: int):
+    """Expert e's (gate bias, up bias), or None."""
+    return None if biases is None else (biases[0][e], biases[1][e])
 
 
 def _tiled(x2: torch.Tensor, w: QWeight, wide: bool = False) -> torch.Tensor:
@@ -285,18 +301,39 @@ def angles_like_ggml(rope, positions: torch.Tensor) -> torch.Tensor:
     cols = []
     for i in range(rope.rope_dim // 2):
         ff = 1.0 if rope.freq_factors is None else rope.freq_factors[i]
-        cols.append(theta / ff * scale)
+        extrap = theta / ff
+        interp = extrap * scale
+        if rope.yarn_mix is None:
+            cols.append(interp)
+        else:                                          # rope_yarn: interp * (1 - mix) + extrap * mix, in float32
+            mix = torch.tensor(rope.yarn_mix[i], dtype=torch.float32)
+            cols.append(interp * (1 - mix) + extrap * mix)
         theta = theta * step
     return torch.stack(cols, dim=-1)
 
 
-def attend_sdpa(q, k, v, attn_mask, heads: Heads, in_place: bool):
-    """q (..., H, t, hd), k and v (..., H or n_kv, L, hd) -> (..., H, t, hd), in float32 (torch's SDPA)."""
+def attend_sdpa(q, k, v, attn_mask, heads: Heads, in_place: bool, sinks: torch.Tensor | None = None):
+    """q (..., H, t, hd), k and v (..., H or n_kv, L, hd) -> (..., H, t, hd), in float32 (torch's SDPA;
+    with sinks (H,), the same arithmetic written out, as SDPA has no sinks)."""
+    if sinks is not None:
+        assert not in_place
+        scores = ((q @ k.transpose(-1, -2)) * heads.scale).masked_fill(~attn_mask, float("-inf"))
+        return softmax_with_sinks(scores, sinks) @ v
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=heads.scale,
                                           **({"enable_gqa": True} if in_place else {}))
 
 
-def attend_like_llamacpp(q, k, v, attn_mask, heads: Heads, in_place: bool = False):
+def softmax_with_sinks(scores: torch.Tensor, sinks: torch.Tensor | None) -> torch.Tensor:
+    """softmax over the last dim of scores (..., H, t, L), where each head h's sink logit sinks[h] joins
+    the max and the sum as one more column that no value is read for (ggml_soft_max_add_sinks)."""
+    if sinks is None:
+        return torch.softmax(scores, dim=-1)
+    col = sinks.to(scores.dtype)[:, None, None].expand(*scores.shape[:-1], 1)
+    return torch.softmax(torch.cat([scores, col], dim=-1), dim=-1)[..., :-1]
+
+
+def attend_like_llamacpp(q, k, v, attn_mask, heads: Heads, in_place: bool = False,
+                         sinks: torch.Tensor | None = None):
     """q (..., H, t, hd), k and v (..., H, L, hd) f16-valued -> (..., H, t, hd), rounding as llama.cpp's CPU
     path does without flash attention: q to f16 for q @ k.T, the probabilities to f16 for p @ v. The
     scale multiplies q before that rounding where llama.cpp's graph scales q (heads.q_prescaled), else
@@ -307,7 +344,7 @@ def attend_like_llamacpp(q, k, v, attn_mask, heads: Heads, in_place: bool = Fals
     else:
         scores = (round_f16(q) @ k.transpose(-1, -2)) * heads.scale
     scores = scores.masked_fill(~attn_mask, float("-inf"))
-    return round_f16(torch.softmax(scores, dim=-1)) @ v
+    return round_f16(softmax_with_sinks(scores, sinks)) @ v
 
 
 def allowed_mask(kpos: torch.Tensor, qpos: torch.Tensor, window: int) -> torch.Tensor:

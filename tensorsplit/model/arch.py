@@ -22,6 +22,8 @@ Split roles (ggml shapes: ne0 is the input dim, ne1 the output dim of a weight):
   shexp_rows   output rows of the shared expert's gate/up, cut on the shared-expert FFN plan
   shexp_cols   input columns of the shared expert's down
   vocab_rows   rows of token_embd / output, cut by vocabulary
+  q_heads      one value per query head (gpt-oss's attention sinks), cut at the rank's query heads
+  exp_bias     per expert a bias of its gate/up rows (2-D [n_ff_exp, n_expert]), cut as exp_rows
   mirror       every rank holds all of it (norms, rope factors, biases of input-split weights)
   router       a mixture of experts' router, mirrored: every rank routes alike, with no broadcast;
                an F32 router is held in float64 (loader.py), so that every rank's logits round alike
@@ -38,7 +40,8 @@ from typing import Callable
 from ..errors import UnsupportedError
 
 SPLIT_ROLES = ("q_rows", "kv_rows", "qkv_rows", "ffn_rows", "gate_up_rows", "o_cols", "ffn_cols",
-               "exp_rows", "exp_cols", "shexp_rows", "shexp_cols", "vocab_rows", "mirror", "router")
+               "exp_rows", "exp_cols", "shexp_rows", "shexp_cols", "vocab_rows", "mirror", "router",
+               "q_heads", "exp_bias")
 ACTIVATIONS = ("silu", "gelu_tanh")
 
 
@@ -57,10 +60,13 @@ def _head_dim_scale(cfg) -> float:
 @dataclass(frozen=True)
 class MoeSpec:
     """How a mixture-of-experts layer routes, as llama.cpp's graph for the arch calls build_moe_ffn
-    (src/models/*.cpp): softmax over the router's logits, the top expert_used_count experts by
-    probability, their probabilities as weights, divided by their sum where `norm_weights`."""
+    (src/models/*.cpp). gating "softmax": softmax over the router's logits, the top expert_used_count
+    experts by probability, their probabilities as weights, divided by their sum where `norm_weights`.
+    gating "softmax_weight" (gpt-oss): the top experts by logit, a softmax over their logits as weights."""
     norm_weights: bool
     shared_expert: bool = False   # qwen2moe: a shared expert, scaled by sigmoid(ffn_gate_inp_shexp . x)
+    gating: str = "softmax"       # "softmax" | "softmax_weight"
+    activation: str | None = None  # the experts' own activation where it is not the arch's: "swiglu_oai"
 
 
 @dataclass(frozen=True)
@@ -79,6 +85,8 @@ class ArchSpec:
     q_prescaled: bool = False     # llama.cpp scales q itself before attention (kq_scale 1), not q.k in its
                                   # softmax: it matters only where --numerics llamacpp rounds q to f16
     moe: MoeSpec | None = None    # every layer's FFN is a mixture of experts
+    ffn_norm: str = "ffn_norm.weight"   # the norm before the FFN (gpt-oss: post_attention_norm.weight)
+    swa_rope_scaled: bool = False       # local layers take the global rope scaling too (gpt-oss), else none
 
     def __post_init__(self):
         assert self.activation in ACTIVATIONS, self.activation
@@ -162,9 +170,36 @@ def _gemma3_attn_scale(cfg) -> float:
     return 1.0 / math.sqrt(cfg.n_embd // cfg.n_heads if cfg.n_layers == 62 else cfg.head_dim)
 
 
+def _gpt_oss_layer() -> tuple[TensorRole, ...]:
+    """gpt-oss (llama.cpp's openai-moe.cpp): biased q/k/v/o, a sink per query head, post_attention_norm
+    as the FFN's norm, a biased router and biased experts (3-D weights, 2-D biases)."""
+    return (
+        _t("attn_norm.weight", lambda c: (c.n_embd,), "mirror"),
+        _t("attn_q.weight", lambda c: (c.n_embd, c.q_dim), "q_rows"),
+        _t("attn_k.weight", lambda c: (c.n_embd, c.kv_dim), "kv_rows"),
+        _t("attn_v.weight", lambda c: (c.n_embd, c.kv_dim), "kv_rows"),
+        _t("attn_q.bias", lambda c: (c.q_dim,), "q_rows", optional=True),
+        _t("attn_k.bias", lambda c: (c.kv_dim,), "kv_rows", optional=True),
+        _t("attn_v.bias", lambda c: (c.kv_dim,), "kv_rows", optional=True),
+        _t("attn_output.weight", lambda c: (c.q_dim, c.n_embd), "o_cols"),
+        _t("attn_output.bias", lambda c: (c.n_embd,), "mirror"),
+        _t("attn_sinks.weight", lambda c: (c.n_heads,), "q_heads"),
+        _t("post_attention_norm.weight", lambda c: (c.n_embd,), "mirror"),
+        _t("ffn_gate_inp.weight", lambda c: (c.n_embd, c.n_expert), "router"),
+        _t("ffn_gate_inp.bias", lambda c: (c.n_expert,), "mirror"),
+        _t("ffn_gate_exps.weight", lambda c: (c.n_embd, c.n_ff_exp, c.n_expert), "exp_rows"),
+        _t("ffn_up_exps.weight", lambda c: (c.n_embd, c.n_ff_exp, c.n_expert), "exp_rows"),
+        _t("ffn_down_exps.weight", lambda c: (c.n_ff_exp, c.n_embd, c.n_expert), "exp_cols"),
+        _t("ffn_gate_exps.bias", lambda c: (c.n_ff_exp, c.n_expert), "exp_bias"),
+        _t("ffn_up_exps.bias", lambda c: (c.n_ff_exp, c.n_expert), "exp_bias"),
+        _t("ffn_down_exps.bias", lambda c: (c.n_embd, c.n_expert), "mirror"),
+    )
+
+
 _QWEN3_MOE = MoeSpec(norm_weights=True)
 _QWEN2_MOE = MoeSpec(norm_weights=False, shared_expert=True)
 _MIXTRAL_MOE = MoeSpec(norm_weights=True)
+_GPT_OSS_MOE = MoeSpec(norm_weights=False, gating="softmax_weight", activation="swiglu_oai")
 
 _ROPE_FACTORS = tuple(_t(f"rope_factors_{kind}.weight", lambda c: (c.rope_dim // 2,), "mirror", optional=True)
                       for kind in ("long", "short"))
@@ -198,6 +233,11 @@ ARCHS: dict[str, ArchSpec] = {
     # (norm_w false); a shared expert added, scaled by sigmoid of its own gate.
     "qwen2moe": ArchSpec("qwen2moe", rope_neox=True, moe=_QWEN2_MOE,
                          layer_tensors=_layer(qkv_bias="required", moe=_QWEN2_MOE)),
+    # gpt-oss (openai-moe.cpp): NeoX rope with YaRN on every layer; even layers sliding-window
+    # (load_swa_pattern(2)), same base unless rope.freq_base_swa; attention sinks; MoE with top-k by
+    # logit and a softmax over the chosen (SOFTMAX_WEIGHT), SwiGLU-OAI experts (alpha 1.702, limit 7).
+    "gpt-oss": ArchSpec("gpt-oss", rope_neox=True, layer_tensors=_gpt_oss_layer(), moe=_GPT_OSS_MOE,
+                        swa_pattern=2, ffn_norm="post_attention_norm.weight", swa_rope_scaled=True),
 }
 
 # Mixtral: the llama architecture with expert_count > 0 (llama.cpp's llama graph calls build_moe_ffn

@@ -117,17 +117,22 @@ class Attention:
         return self.heads.gqa_in_place
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, layer: int,
-                 positions: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+                 positions: torch.Tensor, slots: torch.Tensor, sinks: torch.Tensor | None = None) -> torch.Tensor:
         """q (n, n_local_heads, hd); k, v (n, n_local_kv_heads, hd) -> (n, n_local_heads * hd): writes
         the step's keys and values into the cache, and attends. Tokens may belong to several slots (a
         batch of sequences); each attends within its own slot, and a slot's tokens in one step have
-        consecutive positions."""
+        consecutive positions. sinks (n_local_heads,): the layer's attention sinks (gpt-oss), or None."""
         window, kc, vc = cache.stores[layer]
-        return self.kernels.attend(q, k, v, kc, vc, window, positions, slots, self.heads)
+        if sinks is None:
+            return self.kernels.attend(q, k, v, kc, vc, window, positions, slots, self.heads)
+        return self.kernels.attend(q, k, v, kc, vc, window, positions, slots, self.heads, sinks)
 
     def decode_static(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, layer: int,
-                      positions: torch.Tensor, slots: torch.Tensor, kv_len: int) -> torch.Tensor:
+                      positions: torch.Tensor, slots: torch.Tensor, kv_len: int,
+                      sinks: torch.Tensor | None = None) -> torch.Tensor:
         """One token per row, each of its own slot, with shapes that depend only on (rows, kv_len) and no
         host synchronisation: what a CUDA graph can hold (decode_graphs.py)."""
         window, kc, vc = cache.stores[layer]
-        return self.kernels.attend_static(q, k, v, kc, vc, window, positions, slots, self.heads, kv_len)
+        if sinks is None:
+            return self.kernels.attend_static(q, k, v, kc, vc, window, positions, slots, self.heads, kv_len)
+        return self.kernels.attend_static(q, k, v, kc, vc, window, positions, slots, self.heads, kv_len, sinks)

@@ -16,10 +16,18 @@ from .arch import ArchSpec, arch_spec
 
 @dataclass(frozen=True)
 class RopeScaling:
-    kind: str = "none"          # "none" | "linear"; llama3-style scaling arrives as the rope_freqs tensor
-    factor: float = 1.0         # positions are divided by this for "linear"
-    original_context: int = 0   # training context before scaling; LongRoPE picks its factors by it
+    kind: str = "none"          # "none" | "linear" | "yarn"; llama3-style scaling arrives as the rope_freqs tensor
+    factor: float = 1.0         # positions are divided by this for "linear" (and interpolated dims of "yarn")
+    original_context: int = 0   # training context before scaling; LongRoPE picks its factors by it, YaRN
+                                # its ramp between interpolated and extrapolated dims
     attn_factor: float = 1.0    # {arch}.rope.scaling.attn_factor: cos and sin are multiplied by it (LongRoPE)
+    beta_fast: float = 32.0     # YaRN's ramp ends (llama.cpp's defaults; the converters write no key)
+    beta_slow: float = 1.0
+
+    @property
+    def freq_scale(self) -> float:
+        """What the rotation angles are multiplied by (llama.cpp's rope_freq_scale)."""
+        return 1.0 / self.factor if self.kind in ("linear", "yarn") and self.factor else 1.0
 
 
 @dataclass(frozen=True)
@@ -102,13 +110,16 @@ def config_from_gguf(kv: Mapping[str, object], tensors: Mapping[str, object]) ->
     if v_dim != head_dim:
         raise ConfigError(f"'{a}attention.value_length' {v_dim} differs from key_length {head_dim}; not supported")
     scaling_kind = str(_get(kv, a + "rope.scaling.type", "none"))
-    if scaling_kind not in ("none", "linear"):
-        raise UnsupportedError(f"'{a}rope.scaling.type' = {scaling_kind!r} is not supported; supported: none, linear "
-                               "(llama3-style scaling is read from the rope_freqs tensor)")
+    if scaling_kind not in ("none", "linear", "yarn"):
+        raise UnsupportedError(f"'{a}rope.scaling.type' = {scaling_kind!r} is not supported; supported: none, linear, "
+                               "yarn (llama3-style scaling is read from the rope_freqs tensor)")
+    if float(_get(kv, a + "rope.scaling.yarn_log_multiplier", 0.0)):
+        raise UnsupportedError(f"'{a}rope.scaling.yarn_log_multiplier' (DeepSeek's YaRN variant) is not supported")
     scaling = RopeScaling(
         kind=scaling_kind,
         factor=float(_get(kv, a + "rope.scaling.factor", 1.0)),
-        original_context=int(_get(kv, a + "rope.scaling.original_context_length", 0)),
+        original_context=int(_get(kv, a + "rope.scaling.original_context_length",
+                                   _get(kv, a + "context_length", 2048) if scaling_kind == "yarn" else 0)),
         attn_factor=float(_get(kv, a + "rope.scaling.attn_factor", 1.0)),
     )
     if "token_embd.weight" not in tensors:

@@ -61,6 +61,16 @@ def load_experts(gf, ts: TensorSlice, kernels: Kernels) -> list[QWeight | None]:
     return out
 
 
+def load_expert_biases(gf, ts: TensorSlice, device="cpu") -> list[torch.Tensor | None]:
+    """The rank's part of a 2-D expert bias [n_ff_exp, n_expert] (gpt-oss's gate/up biases): per expert
+    its range of the hidden dim as float32 (None where the rank holds none of that expert)."""
+    info = gf.tensors[ts.name]
+    n, n_expert = (int(d) for d in info.shape)
+    raw = np.array(gf.tensor_bytes(ts.name), copy=True).reshape(n_expert, -1)
+    full = dequantize(torch.from_numpy(raw), info.qtype, n)                  # (n_expert, n_ff_exp) float32
+    return [None if a == b else full[e, a:b].contiguous().to(device) for e, (a, b) in enumerate(ts.expert_ranges)]
+
+
 def _part(rows: np.ndarray, qtype, n_cols: int, ts: TensorSlice, name: str) -> QWeight:
     """The slice's part of a (n_rows, row_bytes) matrix of file bytes, copied into a QWeight."""
     n_rows = rows.shape[0]
@@ -91,6 +101,9 @@ def resident_bytes(gf, slices, tiled: bool) -> int:
     total = 0
     for ts in slices:
         info = gf.tensors[ts.name]
+        if ts.split == "exp_bias":                           # float32 per expert (load_expert_biases)
+            total += 4 * sum(b - a for a, b in ts.expert_ranges)
+            continue
         if len(info.shape) < 2 or int(info.shape[1]) == 1:
             total += 4 * (ts.length if ts.axis is not None else int(info.shape[0]))
             continue

@@ -9,6 +9,11 @@ expert's output, weights and sums them in float64, and one all-reduce completes 
 a dense FFN. Every rank routes alike from the same mirrored input and weights: no broadcast.
 
 qwen2moe adds a shared expert, split the same way, scaled by sigmoid(ffn_gate_inp_shexp . x).
+
+gpt-oss (MoeSpec gating "softmax_weight"): the router has a bias; the top experts are picked by logit
+and weighted by a softmax over their logits; each expert's gate and up rows have biases (split with
+the rows), its down output a bias, added once after the all-reduce as sum_j w_j b_down[e_j]; the
+activation is SwiGLU-OAI: min(g, 7) * sigmoid(1.702 min(g, 7)) * (clamp(u, -7, 7) + 1) (ggml_swiglu_oai).
 """
 from __future__ import annotations
 
@@ -22,6 +27,22 @@ from .arch import MoeSpec
 from .layers import Reduce
 
 WEIGHT_SUM_MIN = 6.103515625e-5     # ggml_clamp of the weights' sum in build_moe_ffn (norm_w)
+OAI_ALPHA, OAI_LIMIT = 1.702, 7.0    # build_moe_ffn's LLM_FFN_SWIGLU_OAI_MOE constants
+
+
+def swiglu_oai(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """gpt-oss's gated activation, in float32 as ggml_swiglu_oai computes it."""
+    x = gate.clamp(max=OAI_LIMIT)
+    return x / (1.0 + torch.exp(-OAI_ALPHA * x)) * (up.clamp(-OAI_LIMIT, OAI_LIMIT) + 1.0)
+
+
+@dataclass
+class ExpertBiases:
+    """gpt-oss: per expert this rank's rows of the gate and up biases (None where it holds none of
+    the expert), and every expert's down bias, (n_expert, n_embd) float32 (mirrored)."""
+    gate: list
+    up: list
+    down: torch.Tensor
 
 
 @dataclass
@@ -35,11 +56,15 @@ class SharedExpert:
 class MoE:
     def __init__(self, router: QWeight | torch.Tensor, gate: list[QWeight], up: list[QWeight], down: list[QWeight],
                  n_used: int, spec: MoeSpec, act, reduce: Reduce, kernels: Kernels,
-                 shared: SharedExpert | None = None):
-        """router: float64 (n_expert, n_embd) for an F32 router (loader.load_router), else a weight."""
+                 shared: SharedExpert | None = None, router_bias: torch.Tensor | None = None,
+                 biases: ExpertBiases | None = None):
+        """router: float64 (n_expert, n_embd) for an F32 router (loader.load_router), else a weight.
+        act: the arch's activation, for act(gate) * up, unless the spec names the experts' own."""
         assert len(gate) == len(up) == len(down) == router.shape[0], (len(gate), router.shape)
         self.router, self.gate, self.up, self.down = router, gate, up, down
-        self.n_used, self.norm_weights = n_used, spec.norm_weights
+        self.n_used, self.norm_weights, self.gating = n_used, spec.norm_weights, spec.gating
+        self.router_bias, self.biases = router_bias, biases
+        self.glu = swiglu_oai if spec.activation == "swiglu_oai" else (lambda g, u: act(g) * u)
         self.act, self.reduce, self.kernels, self.shared = act, reduce, kernels, shared
 
     def route(self, inp: MatmulInput) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,9 +75,16 @@ class MoE:
             logits = (inp.x2.double() @ self.router.T).float()                           # (n, n_expert)
         else:
             logits = self.kernels.matmul(inp, self.router, wide=True).float()
-        probs = torch.softmax(logits, dim=-1)
-        ranked = torch.sort(probs, dim=-1, descending=True, stable=True)
-        weights, selected = ranked.values[:, :self.n_used], ranked.indices[:, :self.n_used]
+        if self.router_bias is not None:
+            logits = logits + self.router_bias
+        if self.gating == "softmax_weight":            # the top logits, weighted by their own softmax
+            ranked = torch.sort(logits, dim=-1, descending=True, stable=True)
+            selected = ranked.indices[:, :self.n_used]
+            weights = torch.softmax(ranked.values[:, :self.n_used], dim=-1)
+        else:
+            probs = torch.softmax(logits, dim=-1)
+            ranked = torch.sort(probs, dim=-1, descending=True, stable=True)
+            weights, selected = ranked.values[:, :self.n_used], ranked.indices[:, :self.n_used]
         if self.norm_weights:
             weights = weights / weights.sum(-1, keepdim=True).clamp(min=WEIGHT_SUM_MIN)
         return selected, weights
@@ -61,11 +93,15 @@ class MoE:
         """h (n, n_embd), the same on every rank -> (n, n_embd) float32, summed over ranks."""
         inp = MatmulInput(h)                      # quantized once for the router and the shared expert
         selected, weights = self.route(inp)
-        y = self.kernels.experts(inp, self.gate, self.up, self.down, selected, weights, self.act)
+        bias = None if self.biases is None else (self.biases.gate, self.biases.up)
+        y = self.kernels.experts(inp, self.gate, self.up, self.down, selected, weights, self.glu, bias)
         if self.shared is not None:
             sh = self.shared
             part = self.kernels.matmul(self.act(self.kernels.matmul(inp, sh.gate)) * self.kernels.matmul(inp, sh.up),
                                        sh.down, wide=True)                     # (n, n_embd) float64
             gate = torch.sigmoid((inp.x2.double() @ sh.gate_inp.double()).float())     # (n,), batch-independent
             y = y + part * gate.to(torch.float64)[:, None]
-        return self.reduce(y).float()
+        y = self.reduce(y)
+        if self.biases is not None:                   # sum_j w_j b_down[e_j], once, after the sum over ranks
+            y = y + (weights.double()[:, :, None] * self.biases.down.double()[selected]).sum(1)
+        return y.float()

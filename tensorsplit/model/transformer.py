@@ -33,8 +33,8 @@ from .decode_graphs import DecodeGraphs
 from ..kernels.base import Kernels, MatmulInput
 from ..kernels.quants import QWeight
 from .layers import ColumnParallelLinear, Reduce, RowParallelLinear, VocabParallelEmbedding, VocabParallelHead
-from .loader import LoadProgress, load_experts, load_router, load_vector, load_weight
-from .moe import MoE, SharedExpert
+from .loader import LoadProgress, load_expert_biases, load_experts, load_router, load_vector, load_weight
+from .moe import ExpertBiases, MoE, SharedExpert
 from .rope import Rope
 from .shard_plan import RankShard
 from .step_program import MAX_TOKENS, record, replay_enabled
@@ -59,6 +59,7 @@ class Block:
     post_ffn_norm: torch.Tensor | None
     local: bool                              # sliding-window layer
     moe: MoE | None = None                   # a mixture-of-experts FFN instead of gate/up/down
+    sinks: torch.Tensor | None = None        # (n_local_heads,) attention sinks (gpt-oss)
 
 
 def _return_freed_memory() -> None:
@@ -111,16 +112,27 @@ class RankModel:
             self.resident_bytes += r.nbytes if isinstance(r, QWeight) else r.numel() * r.element_size()
             return r
 
+        def expert_biases(name):
+            bs = load_expert_biases(gf, slices[name], self.device)
+            progress.step(slices[name])
+            self.resident_bytes += sum(4 * b.numel() for b in bs if b is not None)
+            return bs
+
         def moe(p):
             if spec.moe is None:
                 return None
+            biases = None
+            if p + "ffn_gate_exps.bias" in slices:      # gpt-oss
+                down_bias = weight(p + "ffn_down_exps.bias").data.to(self.device)      # (n_expert, n_embd) float32
+                biases = ExpertBiases(expert_biases(p + "ffn_gate_exps.bias"), expert_biases(p + "ffn_up_exps.bias"),
+                                      down_bias)
             shared = None
             if spec.moe.shared_expert:
                 shared = SharedExpert(vector(p + "ffn_gate_inp_shexp.weight"), weight(p + "ffn_gate_shexp.weight"),
                                       weight(p + "ffn_up_shexp.weight"), weight(p + "ffn_down_shexp.weight"))
             return MoE(router(p + "ffn_gate_inp.weight"), experts(p + "ffn_gate_exps.weight"),
                        experts(p + "ffn_up_exps.weight"), experts(p + "ffn_down_exps.weight"), cfg.n_expert_used,
-                       spec.moe, self.act, reduce, kernels, shared)
+                       spec.moe, self.act, reduce, kernels, shared, vector(p + "ffn_gate_inp.bias"), biases)
 
         def column(name, bias=None):
             return ColumnParallelLinear(weight(name), vector(bias), kernels) if name in slices else None
@@ -148,8 +160,9 @@ class RankModel:
                 k_norm=vector(p + "attn_k_norm.weight"),
                 wo=RowParallelLinear(weight(p + "attn_output.weight"), vector(p + "attn_output.bias"), reduce,
                                      kernels),
-                post_attn_norm=vector(p + "post_attention_norm.weight"),
-                ffn_norm=vector(p + "ffn_norm.weight"),
+                post_attn_norm=vector(p + "post_attention_norm.weight") if spec.post_norms else None,
+                ffn_norm=vector(p + spec.ffn_norm),
+                sinks=vector(p + "attn_sinks.weight"),
                 moe=moe(p),
                 w_gate=column(p + "ffn_gate.weight"),
                 w_up=column(p + "ffn_up.weight"),
@@ -206,10 +219,14 @@ class RankModel:
         if cfg.rope_long_short:
             original = cfg.rope_scaling.original_context or cfg.n_ctx_train
             factors = self.rope_factors["rope_factors_long" if n_ctx > original else "rope_factors_short"]
-        freq_scale = 1.0 / cfg.rope_scaling.factor if cfg.rope_scaling.kind == "linear" else 1.0
-        ropes = {False: Rope(cfg.head_dim, cfg.rope_dim, cfg.rope_base, cfg.spec.rope_neox, freq_scale, factors,
-                             cfg.rope_scaling.attn_factor)}
-        if cfg.swa_layers:
+        sc = cfg.rope_scaling
+        yarn = (sc.original_context, sc.beta_fast, sc.beta_slow) if sc.kind == "yarn" else None
+        ropes = {False: Rope(cfg.head_dim, cfg.rope_dim, cfg.rope_base, cfg.spec.rope_neox, sc.freq_scale, factors,
+                             sc.attn_factor, yarn)}
+        if cfg.swa_layers and cfg.spec.swa_rope_scaled:    # gpt-oss: local layers scaled as the global ones
+            ropes[True] = Rope(cfg.head_dim, cfg.rope_dim, cfg.rope_base_swa, cfg.spec.rope_neox, sc.freq_scale,
+                               None, sc.attn_factor, yarn)
+        elif cfg.swa_layers:
             ropes[True] = Rope(cfg.head_dim, cfg.rope_dim, cfg.rope_base_swa, cfg.spec.rope_neox)
         return {local: rope.build(max(n_ctx, 1), self.kernels) for local, rope in ropes.items()}
 
@@ -302,7 +319,7 @@ class RankModel:
         ids, positions, slots = (t.to(self.device) for t in (ids, positions, slots))
 
         def attend(q, k, v, layer):
-            return self.attention(q, k, v, self.cache, layer, positions, slots)
+            return self.attention(q, k, v, self.cache, layer, positions, slots, self.blocks[layer].sinks)
         h = self._layers(self._embed(ids), positions, attend)                # output-normed, (n, n_embd)
         if logit_rows is not None:
             h = h[logit_rows.to(self.device)]
@@ -314,7 +331,8 @@ class RankModel:
         in, every row's logits out): what decode_graphs.py captures."""
         with torch.inference_mode():
             def attend(q, k, v, layer):
-                return self.attention.decode_static(q, k, v, self.cache, layer, positions, slots, kv_len)
+                return self.attention.decode_static(q, k, v, self.cache, layer, positions, slots, kv_len,
+                                                    self.blocks[layer].sinks)
             return self.head(self._layers(self._embed(ids), positions, attend))
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:

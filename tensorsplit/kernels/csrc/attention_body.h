@@ -101,7 +101,9 @@ static void attend_items(const ts::AttnArgs& a, int64_t i0, int64_t i1, int thre
       scores[j] = s;
       mx = s > mx ? s : mx;
     }
-    // softmax: exp(s - max), summed in double as ggml does
+    // softmax: exp(s - max), summed in double as ggml does; a sink counts in the max and the sum only
+    const float sink = a.sinks ? a.sinks[h] : -INFINITY;
+    if (a.sinks) mx = sink > mx ? sink : mx;
     double sum = 0.0;
     int64_t j = 0;
     for (; j + L <= nk; j += L) {
@@ -110,6 +112,7 @@ static void attend_items(const ts::AttnArgs& a, int64_t i0, int64_t i1, int thre
     }
     for (; j < nk; ++j) scores[j] = expf(scores[j] - mx);
     for (j = 0; j < nk; ++j) sum += scores[j];
+    if (a.sinks) sum += (double)expf(sink - mx);
     scale_round<S>(scores, scores, (float)(1.0 / sum), a.round16, nk);   // the probabilities
     // output
     float* o = a.out + (t * a.H + h) * hd;

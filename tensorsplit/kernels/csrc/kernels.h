@@ -70,6 +70,8 @@ struct AttnArgs {
   float scale;
   int round16;             // llama.cpp numerics: q and the probabilities rounded to f16
   int scale_scores;        // round q unscaled and scale the scores (llama.cpp's softmax scale), else q * scale
+  const float* sinks;      // (H,) or null: per q head a logit that joins the softmax's sum and reads no value
+                           // (gpt-oss's attention sinks; ggml_soft_max_add_sinks)
   float* out;              // (n, H, hd)
   float* scratch;          // per thread: max_keys + hd floats
   int64_t scratch_stride;

@@ -15,7 +15,7 @@
 //   quantize_matmul_q8(tiles, type, n_rows, n_cols, x, kind, group, wide) -> (y, xq)   the two above in one call
 //   matmul_f32(tiles, type, n_rows, n_cols, x, xsum?, wide) -> (M, n_rows)       float activations
 //     (wide: accumulated in and returned as float64, for row-parallel partial sums)
-//   attention(q, k, v, k_cache!, v_cache!, positions, slots, kv_of_q, window, scale, round16, scale_scores)
+//   attention(q, k, v, k_cache!, v_cache!, positions, slots, kv_of_q, window, scale, round16, scale_scores, sinks?)
 //     -> (n, H * hd)
 // (norms, rope and the gated activation: elementwise.cpp; the all-reduce: shm.cpp; step replay: replay.cpp)
 #include <ATen/ATen.h>
@@ -312,7 +312,7 @@ constexpr int64_t GEMM_MIN_TOKENS = 8;
 void attend_chunk(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,
                   const at::Tensor& v_cache, const at::Tensor& pos, int64_t slot, const std::vector<int64_t>& tokens,
                   const at::Tensor& kv_of_q, int64_t window, double scale, bool round16, bool scale_scores,
-                  at::Tensor& out) {
+                  const float* sinks, at::Tensor& out) {
   const int64_t H = q.size(1), hd = q.size(2), KH = k.size(1), cap = k_cache.size(1);
   const bool f16 = k_cache.scalar_type() == at::kHalf;
   const at::Tensor idx = at::tensor(tokens, pos.options());
@@ -351,7 +351,15 @@ void attend_chunk(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     at::Tensor sc = at::mm(qg, keys.select(1, kh).t()).view({g, t, -1});          // (g, t, L)
     if (scale_scores) sc.mul_(scale);
     sc.masked_fill_(allowed.logical_not().unsqueeze(0), -INFINITY);
-    at::Tensor p = at::softmax(sc, -1);
+    at::Tensor p;
+    if (sinks) {              // the sink's logit joins each row's softmax as one more column, then leaves
+      std::vector<float> sk;
+      for (int64_t h : hs) sk.push_back(sinks[h]);
+      const at::Tensor col = at::tensor(sk, sc.options()).view({g, 1, 1}).expand({g, t, 1});
+      p = at::softmax(at::cat({sc, col}, -1), -1).narrow(-1, 0, sc.size(-1));
+    } else {
+      p = at::softmax(sc, -1);
+    }
     if (round16) p = p.to(at::kHalf).to(at::kFloat);
     const at::Tensor o = at::mm(p.view({g * t, -1}), vals.select(1, kh)).view({g, t, hd}).permute({1, 0, 2});
     out3.index_put_({idx.unsqueeze(1), heads.unsqueeze(0)}, o);
@@ -360,7 +368,8 @@ void attend_chunk(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 
 at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache,
                      at::Tensor& v_cache, const at::Tensor& positions, const at::Tensor& slots, const at::Tensor& kv_of_q,
-                     int64_t window, double scale, bool round16, bool scale_scores) {
+                     int64_t window, double scale, bool round16, bool scale_scores,
+                     const c10::optional<at::Tensor>& sinks) {
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.sizes() == k.sizes() && q.size(0) == k.size(0) && q.size(2) == k.size(2),
               "attention: q (n, H, hd), k and v (n, KH, hd)");
   for (const at::Tensor* t : {&q, &k, &v})
@@ -387,6 +396,12 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
     by_slot[sp[t]].push_back(t);
   }
   for (int64_t h = 0; h < H; ++h) TORCH_CHECK(kvq.data_ptr<int64_t>()[h] >= 0 && kvq.data_ptr<int64_t>()[h] < KH, "attention: kv_of_q");
+  const float* sink = nullptr;
+  if (sinks.has_value()) {
+    TORCH_CHECK(sinks->dtype() == at::kFloat && sinks->is_contiguous() && sinks->numel() == H,
+                "attention: sinks must be contiguous float32 (H,)");
+    sink = sinks->data_ptr<float>();
+  }
   if (!window) {
     write_cache(k, k_cache, pp, sp, cap, 0);
     write_cache(v, v_cache, pp, sp, cap, 0);
@@ -395,7 +410,8 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   std::vector<int64_t> single;                 // tokens attended one by one (decode steps)
   for (int64_t s = 0; s < n_slots; ++s) {
     if ((int64_t)by_slot[s].size() >= GEMM_MIN_TOKENS)
-      attend_chunk(q, k, v, k_cache, v_cache, pos, s, by_slot[s], kvq, window, scale, round16, scale_scores, out);
+      attend_chunk(q, k, v, k_cache, v_cache, pos, s, by_slot[s], kvq, window, scale, round16, scale_scores, sink,
+                   out);
     else
       single.insert(single.end(), by_slot[s].begin(), by_slot[s].end());
   }
@@ -409,6 +425,7 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
     a.n = n; a.H = H; a.KH = KH; a.hd = hd; a.cap = cap;
     a.pos = pp; a.slot = sp; a.first = first.data(); a.kv_of_q = kvq.data_ptr<int64_t>(); a.tokens = single.data();
     a.window = window; a.scale = (float)scale; a.round16 = round16; a.scale_scores = scale_scores;
+    a.sinks = sink;
     a.out = out.data_ptr<float>(); a.scratch = scratch.data_ptr<float>(); a.scratch_stride = stride;
     // an item is one (token, head); a task gets enough keys to be worth a thread
     const int64_t keys = pp[n - 1] + 1, items = (int64_t)single.size() * H;
@@ -439,7 +456,8 @@ TORCH_LIBRARY(tensorsplit, m) {
         "bool wide=False) -> (Tensor, Tensor)");
   m.def("matmul_f32(Tensor w, int type, int n_rows, int n_cols, Tensor x, Tensor? xsum, bool wide=False) -> Tensor");
   m.def("attention(Tensor q, Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor positions, "
-        "Tensor slots, Tensor kv_of_q, int window, float scale, bool round16, bool scale_scores) -> Tensor");
+        "Tensor slots, Tensor kv_of_q, int window, float scale, bool round16, bool scale_scores, "
+        "Tensor? sinks=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(tensorsplit, CPU, m) {
