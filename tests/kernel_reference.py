@@ -7,7 +7,8 @@ integer sum of code * q_x, then floats. In float64 every such product is exact, 
 dequantized_weights @ dequantized_activations (float64) is the exact value of llama.cpp's formula;
 the kernels may differ from it only by their float32 roundings. One term is not a product of the
 two dequantized tensors: Q4_1 / Q5_1 weights take their min times Q8_1's block sum s, which ggml
-stores rounded to f16; `q8_1_sum_f16` adds that rounding.
+stores rounded to f16; `q8_1_sum_f16` adds that rounding. And MXFP4's block scale d_x * 2^(e - 128) is
+a float32 product that is exact only while it is a normal float32: `matmul_llamacpp_mxfp4` keeps its rounding.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import numpy as np
 from gguf import GGMLQuantizationType as Q
 from gguf.quants import dequantize
 
-Q8_0_INPUT = (Q.Q4_0, Q.Q5_0, Q.Q8_0, Q.IQ4_NL)
+Q8_0_INPUT = (Q.Q4_0, Q.Q5_0, Q.Q8_0, Q.IQ4_NL, Q.MXFP4)
 Q8_1_INPUT = (Q.Q4_1, Q.Q5_1)
 Q8_K_INPUT = (Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_XS)
 EPS32 = 2.0 ** -24
@@ -82,6 +83,27 @@ def matmul_llamacpp(raw: np.ndarray, qtype, x: np.ndarray, q8_1_sum_f16: bool = 
         mins = raw.reshape(raw.shape[0], -1, bs)[:, :, 2:4].copy().view(np.float16)[..., 0].astype(np.float64)
         y = y + (s16 - exact) @ mins.T
     return y, np.abs(xs) @ np.abs(w).T
+
+
+# ggml's kvalues_mxfp4: the E2M1 values doubled (the halving is in the scale, 2^(e - 128))
+KVALUES_MXFP4 = np.array([0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12], dtype=np.int64)
+
+
+def matmul_llamacpp_mxfp4(raw: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """ggml_vec_dot_mxfp4_q8_0 (quants.c) in float64 but for its block scale: per block the float32
+    product d_x * 2^(e - 128), times the exact integer sum(kvalues[q] * q_x), summed. Where that product
+    is a float32 subnormal (e - 128 + log2(d_x) < -126) it has fewer than 24 bits, and llama.cpp's
+    result is not the exact product of the dequantized operands. raw: (n_rows, n_blocks * 17) uint8."""
+    blocks = raw.reshape(raw.shape[0], -1, 17)
+    e = blocks[:, :, 0].astype(np.int32)
+    s = np.ldexp(np.float32(1), e - 128).astype(np.float32)                  # (n_rows, nb) 2^(e - 128)
+    codes = np.concatenate([blocks[:, :, 1:] & 15, blocks[:, :, 1:] >> 4], -1)  # element j, then j + 16
+    kv = KVALUES_MXFP4[codes]                                                 # (n_rows, nb, 32)
+    q, d, _ = quantize_q8_0(x)
+    q = q.reshape(x.shape[0], -1, 32)
+    sumi = np.einsum("mbj,rbj->mrb", q, kv)                                   # (M, n_rows, nb), exact
+    scale = d.astype(np.float32)[:, None, :] * s[None, :, :]                 # float32 products, as ggml's
+    return (scale.astype(np.float64) * sumi).sum(-1)
 
 
 def matmul_exact(raw: np.ndarray, qtype, x: np.ndarray):

@@ -28,11 +28,13 @@ from tensorsplit.kernels.numerics import EXACT, LLAMACPP
 from tensorsplit.kernels.quants import QWeight
 from tensorsplit.kernels.torch_kernels import TorchKernels
 
-QUANTS = [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.IQ4_NL, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_XS]
+QUANTS = [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.IQ4_NL, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.IQ4_XS,
+          Q.MXFP4]
 FLOATS = [Q.F16, Q.BF16]
 ROWS_M = (1, 2, 3, 4, 7, 16, 128)
 MIN_TASK_BYTES = 64 * 1024     # weight bytes per thread at least (csrc/ops.cpp grain_for)
-# byte offsets of each format's f16 scale fields inside a block (d, and dmin / m where there is one)
+# byte offsets of each format's f16 scale fields inside a block (d, and dmin / m where there is one);
+# MXFP4's scale is an E8M0 byte instead (test_mxfp4_extreme_exponents)
 F16_FIELDS = {Q.Q4_0: (0,), Q.Q4_1: (0, 2), Q.Q5_0: (0,), Q.Q5_1: (0, 2), Q.Q8_0: (0,), Q.IQ4_NL: (0,),
               Q.Q2_K: (80, 82), Q.Q3_K: (108,), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,), Q.IQ4_XS: (0,)}
 
@@ -155,7 +157,7 @@ def test_wide_kernels_match_a_float64_reference(qtype, numerics):
 
 
 @pytest.mark.parametrize("numerics", [LLAMACPP, EXACT], ids=["llamacpp", "exact"])
-@pytest.mark.parametrize("qtype", QUANTS, ids=lambda q: q.name)
+@pytest.mark.parametrize("qtype", [q for q in QUANTS if q in F16_FIELDS], ids=lambda q: q.name)
 def test_edge_scales(qtype, numerics, backend):
     """Blocks whose f16 scales are zero, negative zero, the smallest and largest subnormals and the
     largest finite f16, next to ordinary blocks."""
@@ -176,6 +178,65 @@ def test_edge_scales(qtype, numerics, backend):
     assert np.isfinite(ref).all()
     _check(qmatmul(torch.from_numpy(x), w, numerics), ref, scale, _factor(qtype, n_cols, numerics, backend),
            f"{qtype.name} edge scales {numerics.mode}")
+
+
+@pytest.mark.parametrize("numerics", [LLAMACPP, EXACT], ids=["llamacpp", "exact"])
+def test_mxfp4_extreme_exponents(numerics, backend):
+    """MXFP4 blocks of random codes whose E8M0 exponents sit at the ends of the range: rows of scales
+    2^-128 .. 2^-123 (e = 0, 1: subnormal float32 scales), rows of 2^67 .. 2^77 (e near 200), rows
+    mixing those with e = 120 .. 135 and 230, at token rows 1-16 and 128.
+
+    The bound is _check's plus an absolute (8 + K) * 2^-149: where weights times inputs are float32
+    subnormals, each product or sum is exact only to 2^-150 (the torch path's K products, the native
+    path's few operations per block). Under llama.cpp's numerics the reference is ggml's formula with
+    its float32 block scale d_x * 2^(e - 128), which is itself subnormal for small e and then not the
+    exact product (kernel_reference.matmul_llamacpp_mxfp4); the native kernels compute that product
+    as ggml does, the torch path the exact one (to within its bound of the dequantized operands)."""
+    from kernel_reference import matmul_llamacpp_mxfp4
+    rng = np.random.default_rng(39 + (numerics is LLAMACPP))
+    n_rows, n_cols = 37, 5 * 32
+    blocks = rng.integers(0, 256, (n_rows, n_cols // 32, 17), dtype=np.uint8)
+    small = np.arange(0, 6)
+    large = np.arange(195, 206)
+    mixed = np.concatenate([small, np.arange(120, 136), [200, 230]])
+    for r in range(n_rows):
+        blocks[r, :, 0] = rng.choice((small, large, mixed)[r % 3], n_cols // 32)
+    blocks[0, :, 0] = (0, 1, 2, 0, 1)                   # the two subnormal scales, several times
+    blocks[1, :, 0] = 200
+    raw = blocks.reshape(n_rows, -1)
+    w = _weight(raw, Q.MXFP4, n_cols, backend)
+    # token rows of 10^-3 .. 10: against the small scales, d_x * 2^(e - 128) then needs more bits than a
+    # subnormal has, and ggml's rounding of it shows (the exact product as the reference fails the bound several times over)
+    x_all = (rng.standard_normal((128, n_cols)) * 10.0 ** rng.uniform(-3, 1, (128, 1))).astype(np.float32)
+    x_all[0, :32] = 0.0
+    x_all[1] *= 1e-3 / np.abs(x_all[1]).max()
+    for m in list(range(1, 17)) + [128]:
+        x = x_all[:m]
+        if numerics is LLAMACPP:
+            ref, scale = matmul_llamacpp(raw, Q.MXFP4, x)
+            if backend == "native":
+                ref = matmul_llamacpp_mxfp4(raw, x)
+        else:
+            ref, scale = matmul_exact(raw, Q.MXFP4, x)
+        assert np.isfinite(ref).all() and np.isfinite(scale).all()
+        y = qmatmul(torch.from_numpy(x), w, numerics)
+        err = np.abs(y.numpy().astype(np.float64) - ref)
+        bound = _factor(Q.MXFP4, n_cols, numerics, backend) * EPS32 * scale + (8 + n_cols) * 2.0 ** -149
+        worst = float((err / bound).max())
+        assert worst <= 1.0, f"MXFP4 extreme exponents M={m} {numerics.mode}: error {err.max():.3g} is {worst:.2f} x the bound"
+        if backend == "native":                         # subnormal scales: the same bits on every instruction set
+            ops = torch.ops.tensorsplit
+            for isa in ("avx512", "avx2", "scalar"):
+                try:
+                    before = ops.use_isa(isa)
+                except RuntimeError as e:
+                    assert "does not have those instructions" in str(e)
+                    continue
+                try:
+                    other = qmatmul(torch.from_numpy(x), w, numerics)
+                finally:
+                    ops.use_isa(before)
+                assert torch.equal(other, y), f"MXFP4 extreme exponents M={m} {numerics.mode}: {isa} vs {before}"
 
 
 @pytest.mark.parametrize("qtype", QUANTS + FLOATS, ids=lambda q: q.name)

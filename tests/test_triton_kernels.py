@@ -34,8 +34,9 @@ from tensorsplit.kernels.numerics import EXACT, LLAMACPP
 from tensorsplit.kernels.quants import QWeight
 from tensorsplit.kernels.torch_kernels import TorchKernels
 from tensorsplit.kernels.triton_kernels import TritonKernels
-from test_kernels import F16_FIELDS, QUANTS
+from test_kernels import F16_FIELDS, QUANTS as ALL_QUANTS
 
+QUANTS = [q for q in ALL_QUANTS if FORMATS[int(q)].gpu]      # MXFP4 has no Triton kernel yet
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ROWS_M = (1, 2, 3, 7, 16, 17, 40, 130)     # gemv up to 16, gemm beyond (tiles of 128 rows from 128)
 FP16_UNITS = 2 ** 14

@@ -110,6 +110,22 @@ template <class S> struct FIQ4_NL {
   }
 };
 
+// MXFP4: the doubled E2M1 values looked up shifted by +12 (layout.h MXFP4_VALUES), so the codes are
+// unsigned bytes in [0, 24] with an integer offset of 12, which AVX2 sums in int16 pairs (group_dot)
+// instead of taking the sign trick; the dot is the same exact integer, sum(kvalues[q] * q_x). The
+// scale is the E8M0 byte as 2^(e - 128): llama.cpp's per block d_x * 2^(e - 128), then that times the
+// integer dot added to the sum, is Narrow::add_int's fma(dot, s * d_x, acc).
+template <class S> struct FMXFP4 {
+  using VF = typename S::VF; using VB = typename S::VB; using Blk = NoBlk;
+  static constexpr int GS = 32, NG = 1, OFFSET = MXFP4_OFFSET, TB = MXFP4::TB; static constexpr bool MIN = false, SIGNED = false, SB = false; static constexpr int CODE_MAX = 24;
+  static inline Blk blk(const uint8_t*, int) { return {}; }
+  static inline void group(const Blk&, const uint8_t* tb, int h, int, VF& s, VF&) { s = S::e8m0_half(tb + MXFP4::E + Off<S>::BYTE * h); }
+  static inline void codes(const uint8_t* tb, int h, int, VB* w) {
+    q4_codes<S, 4>(tb + MXFP4::QS + Off<S>::LOAD * h, w);
+    for (int j = 0; j < 8; ++j) w[j] = S::lookup(w[j], MXFP4_VALUES);
+  }
+};
+
 template <class S> struct BlkD { typename S::VF d; };
 template <class S> struct BlkDM { typename S::VF d, dm; };
 
@@ -598,6 +614,7 @@ static void quantize_rows(const float* x, int64_t ldx, int64_t K, int kind, int 
     TS_FORMAT(S, T_Q5_1, FQ5_1) TS_FORMAT(S, T_Q8_0, FQ8_0) TS_FORMAT(S, T_IQ4_NL, FIQ4_NL)                \
     TS_FORMAT(S, T_Q2_K, FQ2_K) TS_FORMAT(S, T_Q3_K, FQ3_K) TS_FORMAT(S, T_Q4_K, FQ4_K)                    \
     TS_FORMAT(S, T_Q5_K, FQ5_K) TS_FORMAT(S, T_Q6_K, FQ6_K) TS_FORMAT(S, T_IQ4_XS, FIQ4_XS)                \
+    TS_FORMAT(S, T_MXFP4, FMXFP4)                                                                 \
     t.f32[T_F16] = mat_half<S, false, Narrow<S>>; t.f32_wide[T_F16] = mat_half<S, false, Wide<S>>;  \
     t.f32[T_BF16] = mat_half<S, true, Narrow<S>>; t.f32_wide[T_BF16] = mat_half<S, true, Wide<S>>;  \
     t.quantize = quantize_rows;                                                                   \

@@ -2,10 +2,11 @@
 //
 // A weight of n_rows x n_cols is stored as ceil(n_rows / 16) row tiles; a tile holds 16 rows
 // (rows past n_rows are zero blocks). Along the columns a tile is a run of tile-blocks, one per
-// GGUF block column (32 elements for the legacy formats and IQ4_NL, 256 for the K-quants and
+// GGUF block column (32 elements for the legacy formats, IQ4_NL and MXFP4, 256 for the K-quants and
 // IQ4_XS). A tile-block holds the 16 rows' copies of that block, rearranged into planes:
 //
-//   scale planes   one field per row: 16 x f16 (d, dmin, m) or 16 x one byte per group
+//   scale planes   one field per row: 16 x f16 (d, dmin, m), 16 x one byte per group, or MXFP4's
+//                  16 x E8M0 exponent bytes
 //   code planes    per group of GS elements (GS = 32, or 16 for Q2_K/Q3_K/Q6_K), in CHUNKS = GS/4
 //                  chunks of 64 bytes; byte 4*i + r of chunk j is element 4*j + r of row i's group.
 //                  Stored packed:
@@ -33,11 +34,27 @@ constexpr int TILE_ROWS = 16;
 enum Type : int {
   T_F32 = 0, T_F16 = 1, T_Q4_0 = 2, T_Q4_1 = 3, T_Q5_0 = 6, T_Q5_1 = 7, T_Q8_0 = 8,
   T_Q2_K = 10, T_Q3_K = 11, T_Q4_K = 12, T_Q5_K = 13, T_Q6_K = 14, T_IQ4_NL = 20, T_IQ4_XS = 23,
-  T_BF16 = 30, T_COUNT = 40,
+  T_BF16 = 30, T_MXFP4 = 39, T_COUNT = 40,
 };
 
 // IQ4_NL / IQ4_XS non-linear code values (ggml's kvalues_iq4nl)
 static const int8_t IQ4_VALUES[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
+
+// MXFP4: the E2M1 code values doubled (ggml's kvalues_mxfp4: 0, 1, 2, 3, 4, 6, 8, 12 and their negatives),
+// plus 12, so that every code is a byte in [0, 24]: the kernels dot them as unsigned codes with
+// offset 12 (kernel_body.h FMXFP4), which AVX2 sums in int16 pairs without the sign trick.
+constexpr int MXFP4_OFFSET = 12;
+static const int8_t MXFP4_VALUES[16] = {12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0};
+
+// An E8M0 exponent byte e as the float 2^(e - 128): MXFP4's scale 2^(e - 127) halved for the doubled
+// codes (ggml's GGML_E8M0_TO_FP32_HALF). e = 0 and 1 give the subnormals 2^-128 and 2^-127; e = 255
+// (E8M0's NaN) gives 2^127, as ggml's does.
+static inline float e8m0_half(uint8_t e) {
+  const uint32_t bits = e < 2 ? 0x00200000u << e : (uint32_t)(e - 1) << 23;
+  float f;
+  memcpy(&f, &bits, 4);
+  return f;
+}
 
 static inline float f16_to_f32(uint16_t h) {
   const uint32_t sign = (uint32_t)(h & 0x8000) << 16;
@@ -129,6 +146,11 @@ struct Q5_0 { static constexpr int BLOCK = 32, BB = 22, GS = 32, TB = 352, D = 0
 struct Q5_1 { static constexpr int BLOCK = 32, BB = 24, GS = 32, TB = 384, D = 0, M = 32, QH = 64, QS = 128; };
 struct Q8_0 { static constexpr int BLOCK = 32, BB = 34, GS = 32, TB = 544, D = 0, QS = 32; };
 struct IQ4_NL { static constexpr int BLOCK = 32, BB = 18, GS = 32, TB = 288, D = 0, QS = 32; };
+// MXFP4: the scale plane keeps each row's E8M0 exponent byte as it is (E). Its value, 2^(e - 128), can
+// be as small as 2^-128 or as large as 2^127: no f16 holds that range, and a float32 per row would make
+// a tile-block 320 bytes instead of 272 (18% more to stream in a memory-bound GEMV). The kernels turn the
+// 16 bytes into floats in registers (S::e8m0_half).
+struct MXFP4 { static constexpr int BLOCK = 32, BB = 17, GS = 32, TB = 272, E = 0, QS = 16; };
 // K-quants: per group g, SC + 16g (and MN + 16g) hold one byte per row; code planes per group follow
 struct Q2_K { static constexpr int BLOCK = 256, BB = 84, GS = 16, TB = 1344, D = 0, DM = 32, SC = 64, QS = 320; };
 struct Q3_K { static constexpr int BLOCK = 256, BB = 110, GS = 16, TB = 1824, D = 0, SC = 32, QS = 288, QH = 1312; };
@@ -155,6 +177,7 @@ static inline FormatInfo format_info(int type) {
     case T_Q5_1: return {Q5_1::BLOCK, Q5_1::BB, Q5_1::GS, Q5_1::TB};
     case T_Q8_0: return {Q8_0::BLOCK, Q8_0::BB, Q8_0::GS, Q8_0::TB};
     case T_IQ4_NL: return {IQ4_NL::BLOCK, IQ4_NL::BB, IQ4_NL::GS, IQ4_NL::TB};
+    case T_MXFP4: return {MXFP4::BLOCK, MXFP4::BB, MXFP4::GS, MXFP4::TB};
     case T_Q2_K: return {Q2_K::BLOCK, Q2_K::BB, Q2_K::GS, Q2_K::TB};
     case T_Q3_K: return {Q3_K::BLOCK, Q3_K::BB, Q3_K::GS, Q3_K::TB};
     case T_Q4_K: return {Q4_K::BLOCK, Q4_K::BB, Q4_K::GS, Q4_K::TB};
@@ -174,7 +197,7 @@ enum ActKind : int { A_Q8_0 = 0, A_Q8_1 = 1, A_Q8_K = 2, A_NONE = -1 };
 
 static inline int act_kind(int type) {
   switch (type) {
-    case T_Q4_0: case T_Q5_0: case T_Q8_0: case T_IQ4_NL: return A_Q8_0;
+    case T_Q4_0: case T_Q5_0: case T_Q8_0: case T_IQ4_NL: case T_MXFP4: return A_Q8_0;
     case T_Q4_1: case T_Q5_1: return A_Q8_1;
     case T_Q2_K: case T_Q3_K: case T_Q4_K: case T_Q5_K: case T_Q6_K: case T_IQ4_XS: return A_Q8_K;
     default: return A_NONE;

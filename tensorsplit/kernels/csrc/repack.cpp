@@ -45,7 +45,7 @@ uint8_t iq4xs_scale_get(const uint8_t* blk, int g) {
   return (uint8_t)(lo | (((sh >> (2 * g)) & 3) << 4));
 }
 
-// nibble pair layout of Q4_0/Q4_1/Q5_x/IQ4: element j < 16 is the low nibble of qs[j], j >= 16 the high one
+// nibble pair layout of Q4_0/Q4_1/Q5_x/IQ4/MXFP4: element j < 16 is the low nibble of qs[j], j >= 16 the high one
 inline uint8_t legacy_nib(const uint8_t* qs, int e) { return e < 16 ? (qs[e] & 0x0F) : (qs[e - 16] >> 4); }
 inline void legacy_nib_put(uint8_t* qs, int e, uint8_t v) {
   if (e < 16) qs[e] = (uint8_t)((qs[e] & 0xF0) | (v & 0x0F));
@@ -67,6 +67,10 @@ void pack_block(int type, const uint8_t* blk, uint8_t* tb, int i) {
     case T_Q4_0: case T_IQ4_NL:
       wr16(tb + Q4_0::D + 2 * i, rd16(blk));
       pack_legacy4(blk + 2, tb + Q4_0::QS, i);
+      break;
+    case T_MXFP4:
+      tb[MXFP4::E + i] = blk[0];
+      pack_legacy4(blk + 1, tb + MXFP4::QS, i);
       break;
     case T_Q4_1:
       wr16(tb + Q4_1::D + 2 * i, rd16(blk));
@@ -158,6 +162,10 @@ void unpack_block(int type, const uint8_t* tb, int i, uint8_t* blk) {
     case T_Q4_0: case T_IQ4_NL:
       wr16(blk, rd16(tb + Q4_0::D + 2 * i));
       unpack_legacy4(tb + Q4_0::QS, i, blk + 2);
+      break;
+    case T_MXFP4:
+      blk[0] = tb[MXFP4::E + i];
+      unpack_legacy4(tb + MXFP4::QS, i, blk + 1);
       break;
     case T_Q4_1:
       wr16(blk, rd16(tb + Q4_1::D + 2 * i));

@@ -78,6 +78,13 @@ struct Avx2 {
     return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_cvtepu8_epi32(ld8(p)), _mm256_set1_epi32(15)));
   }
   static inline VF u8f_hi4(const uint8_t* p) { return _mm256_cvtepi32_ps(_mm256_srli_epi32(_mm256_cvtepu8_epi32(ld8(p)), 4)); }
+  // E8M0 exponent bytes -> 2^(e - 128) (layout.h e8m0_half): exponent field e - 1, or the subnormals for e < 2
+  static inline VF e8m0_half(const uint8_t* p) {
+    const __m256i e = _mm256_cvtepu8_epi32(ld8(p));
+    const __m256i normal = _mm256_slli_epi32(_mm256_sub_epi32(e, _mm256_set1_epi32(1)), 23);
+    const __m256i sub = _mm256_sllv_epi32(_mm256_set1_epi32(0x00200000), e);
+    return _mm256_castsi256_ps(_mm256_blendv_epi8(sub, normal, _mm256_cmpgt_epi32(e, _mm256_set1_epi32(1))));
+  }
   template <int R> static inline VF byte_sf(VB w) {
     const VI v = R == 3 ? w : _mm256_slli_epi32(w, 24 - 8 * R);
     return _mm256_cvtepi32_ps(_mm256_srai_epi32(v, 24));

@@ -65,6 +65,13 @@ struct Avx512 {
   static inline VF u8f_hi4(const uint8_t* p) {
     return _mm512_cvtepi32_ps(_mm512_srli_epi32(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p)), 4));
   }
+  // E8M0 exponent bytes -> 2^(e - 128) (layout.h e8m0_half): exponent field e - 1, or the subnormals for e < 2
+  static inline VF e8m0_half(const uint8_t* p) {
+    const __m512i e = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)p));
+    const __m512i normal = _mm512_slli_epi32(_mm512_sub_epi32(e, _mm512_set1_epi32(1)), 23);
+    const __m512i sub = _mm512_sllv_epi32(_mm512_set1_epi32(0x00200000), e);
+    return _mm512_castsi512_ps(_mm512_mask_blend_epi32(_mm512_cmpgt_epi32_mask(e, _mm512_set1_epi32(1)), sub, normal));
+  }
   // byte R of each lane, sign-extended, as float
   template <int R> static inline VF byte_sf(VB w) {
     const VI v = R == 3 ? w : _mm512_slli_epi32(w, 24 - 8 * R);

@@ -62,6 +62,7 @@ struct Scalar {
   static inline VF i8f(const uint8_t* p) { VF r; for (int i = 0; i < 16; ++i) r.v[i] = (float)(int8_t)p[i]; return r; }
   static inline VF u8f_lo4(const uint8_t* p) { VF r; for (int i = 0; i < 16; ++i) r.v[i] = (float)(p[i] & 15); return r; }
   static inline VF u8f_hi4(const uint8_t* p) { VF r; for (int i = 0; i < 16; ++i) r.v[i] = (float)(p[i] >> 4); return r; }
+  static inline VF e8m0_half(const uint8_t* p) { VF r; for (int i = 0; i < 16; ++i) r.v[i] = ts::e8m0_half(p[i]); return r; }
   template <int R> static inline VF byte_sf(VB w) { VF r; for (int i = 0; i < 16; ++i) r.v[i] = (float)(int8_t)w.b[4 * i + R]; return r; }
   static inline void store(float* p, VF v, int n) { for (int i = 0; i < n && i < 16; ++i) p[i] = v.v[i]; }
 
