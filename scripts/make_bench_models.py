@@ -8,6 +8,11 @@ mixtures of experts with real per-layer shapes.
       -> qwen3-30b-a3b-6l-random.Q4_K_M.gguf: Qwen3-30B-A3B's layer (n_embd 2048, 32 heads / 4 KV
          heads of 128, 128 experts of 768, top 8) with Q4_K_M's types, 6 of its 48 layers, SmolLM2's
          vocabulary (49152) unless --no-tokenizer (then its own 151936)
+    .venv/bin/python scripts/make_bench_models.py --shape gpt-oss-20b [--layers 6]
+      -> gpt-oss-20b-6l-random.MXFP4.gguf: gpt-oss-20b's layer (n_embd 2880, 64 heads / 8 KV heads of
+         64, 32 experts of 2880, top 4, sinks, biases, window 128 on even layers, YaRN) with MXFP4
+         experts and Q8_0 for every other matrix, 6 of its 24 layers; SmolLM2's vocabulary unless
+         --no-tokenizer (then its own 201088)
 
 Files written into DIR (default: the tensorsplit model cache, $TENSORSPLIT_CACHE or
 ~/.cache/tensorsplit):
@@ -34,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from gguf import GGMLQuantizationType as Q, GGUFReader, GGUFValueType, GGUFWriter
+from gguf import GGMLQuantizationType as Q, GGUFReader, GGUFValueType, GGUFWriter, RopeScalingType
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -72,10 +77,13 @@ class MoeShape:
     n_expert_used: int
     n_ff_exp: int
     n_vocab: int
+    quant: str = "Q4_K_M"  # the file's type mix, in its name
 
 
 MOE_SHAPES = {s.name: s for s in (MoeShape("qwen3-30b-a3b", "qwen3moe", 48, 2048, 32, 4, 128, 6144, 128, 8, 768,
-                                           151936),)}
+                                           151936),
+                                  MoeShape("gpt-oss-20b", "gpt-oss", 24, 2880, 64, 8, 64, 2880, 32, 4, 2880, 201088,
+                                           "MXFP4"))}
 
 
 def _copy_tokenizer(w: GGUFWriter, src: Path) -> int:
@@ -132,9 +140,91 @@ def _random_k(qtype: Q, n_rows: int, n_cols: int, rng: np.random.Generator) -> n
     return blocks.reshape(n_rows, -1)
 
 
+def _random_q8_0(n_rows: int, n_cols: int, rng: np.random.Generator) -> np.ndarray:
+    """(n_rows, n_cols / 32 * 34) uint8: Q8_0 blocks with random codes and scales near 0.02/127."""
+    nb = n_rows * n_cols // 32
+    blocks = np.frombuffer(rng.bytes(nb * 34), dtype=np.uint8).reshape(nb, 34).copy()
+    blocks[:, 0:2] = (rng.uniform(0.5, 1.5, nb) * 0.00016).astype(np.float16).view(np.uint8).reshape(-1, 2)
+    return blocks.reshape(n_rows, -1)
+
+
+def _random_mxfp4(n_rows: int, n_cols: int, rng: np.random.Generator) -> np.ndarray:
+    """(n_rows, n_cols / 32 * 17) uint8: MXFP4 blocks with random codes and exponents 2^-10..2^-8."""
+    nb = n_rows * n_cols // 32
+    blocks = np.frombuffer(rng.bytes(nb * 17), dtype=np.uint8).reshape(nb, 17).copy()
+    blocks[:, 0] = rng.integers(118, 121, nb, dtype=np.uint8)
+    return blocks.reshape(n_rows, -1)
+
+
 def _more_bits(i: int, n: int) -> bool:
     """llama.cpp's use_more_bits: the layers Q4_K_M gives Q6_K attn_v and ffn_down."""
     return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+def write_gpt_oss(path: Path, tokenizer_src: Path | None, s: MoeShape, n_layers: int, seed: int = 0) -> Path:
+    """gpt-oss's layout (llama.cpp's openai-moe): MXFP4 experts, Q8_0 for every other matrix, F32 biases,
+    sinks and norms, random blocks; n_layers of them."""
+    rng = np.random.default_rng(seed)
+    w = GGUFWriter(str(path), s.arch)
+    w.add_name(f"{s.name}-random")
+    w.add_block_count(n_layers)
+    w.add_context_length(131072)
+    w.add_embedding_length(s.n_embd)
+    w.add_feed_forward_length(s.n_ff)
+    w.add_head_count(s.n_heads)
+    w.add_head_count_kv(s.n_kv)
+    w.add_key_length(s.head_dim)
+    w.add_value_length(s.head_dim)
+    w.add_rope_freq_base(150000.0)
+    w.add_rope_scaling_type(RopeScalingType.YARN)
+    w.add_rope_scaling_factor(32.0)
+    w.add_rope_scaling_orig_ctx_len(4096)
+    w.add_sliding_window(128)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_expert_count(s.n_expert)
+    w.add_expert_used_count(s.n_expert_used)
+    w.add_expert_feed_forward_length(s.n_ff_exp)
+    w.add_file_type(38)                                   # LLAMA_FTYPE_MOSTLY_MXFP4_MOE
+    n_vocab = _copy_tokenizer(w, tokenizer_src) if tokenizer_src is not None else s.n_vocab
+
+    def tensor(name: str, n_rows: int, n_cols: int, qtype: Q = Q.Q8_0, n_mats: int = 0) -> None:
+        make = _random_mxfp4 if qtype == Q.MXFP4 else _random_q8_0
+        data = make(max(n_mats, 1) * n_rows, n_cols, rng)
+        if n_mats:
+            data = data.reshape(n_mats, n_rows, -1)
+        w.add_tensor(name, data, raw_shape=data.shape, raw_dtype=qtype)
+
+    def vector(name: str, *shape: int, mean: float = 0.0) -> None:
+        w.add_tensor(name, (mean + 0.1 * rng.standard_normal(shape[::-1])).astype(np.float32))
+
+    q_dim, kv_dim = s.n_heads * s.head_dim, s.n_kv * s.head_dim
+    tensor("token_embd.weight", n_vocab, s.n_embd)
+    tensor("output.weight", n_vocab, s.n_embd)
+    vector("output_norm.weight", s.n_embd, mean=1.0)
+    for i in range(n_layers):
+        p = f"blk.{i}."
+        vector(p + "attn_norm.weight", s.n_embd, mean=1.0)
+        for name, rows in (("attn_q", q_dim), ("attn_k", kv_dim), ("attn_v", kv_dim)):
+            tensor(p + name + ".weight", rows, s.n_embd)
+            vector(p + name + ".bias", rows)
+        tensor(p + "attn_output.weight", s.n_embd, q_dim)
+        vector(p + "attn_output.bias", s.n_embd)
+        vector(p + "attn_sinks.weight", s.n_heads)
+        vector(p + "post_attention_norm.weight", s.n_embd, mean=1.0)
+        w.add_tensor(p + "ffn_gate_inp.weight",
+                     (rng.standard_normal((s.n_expert, s.n_embd)) / s.n_embd ** 0.5).astype(np.float32))
+        vector(p + "ffn_gate_inp.bias", s.n_expert)
+        tensor(p + "ffn_gate_exps.weight", s.n_ff_exp, s.n_embd, Q.MXFP4, n_mats=s.n_expert)
+        tensor(p + "ffn_up_exps.weight", s.n_ff_exp, s.n_embd, Q.MXFP4, n_mats=s.n_expert)
+        tensor(p + "ffn_down_exps.weight", s.n_embd, s.n_ff_exp, Q.MXFP4, n_mats=s.n_expert)
+        vector(p + "ffn_gate_exps.bias", s.n_ff_exp, s.n_expert)
+        vector(p + "ffn_up_exps.bias", s.n_ff_exp, s.n_expert)
+        vector(p + "ffn_down_exps.bias", s.n_embd, s.n_expert)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file(progress=False)
+    w.close()
+    return path
 
 
 def write_moe(path: Path, tokenizer_src: Path | None, shape: MoeShape, n_layers: int, seed: int = 0) -> Path:
@@ -278,10 +368,12 @@ def main() -> int:
     tok = None if a.no_tokenizer else models.fetch("smollm2")
     if a.shape in MOE_SHAPES:
         n_layers = a.layers or 6
-        path = out / f"{a.shape}-{n_layers}l-random.Q4_K_M.gguf"
+        shape = MOE_SHAPES[a.shape]
+        path = out / f"{a.shape}-{n_layers}l-random.{shape.quant}.gguf"
         if not path.exists():
             print(f"writing {path}", file=sys.stderr)
-            write_moe(path.with_suffix(".partial"), tok, MOE_SHAPES[a.shape], n_layers)
+            writer = write_gpt_oss if shape.arch == "gpt-oss" else write_moe
+            writer(path.with_suffix(".partial"), tok, shape, n_layers)
             os.replace(path.with_suffix(".partial"), path)
         print(path)
         return 0

@@ -210,3 +210,41 @@ def write_model(path: Path, arch: str = "llama", *, n_layers=2, n_embd=256, n_he
     w.write_tensors_to_file()
     w.close()
     return Path(path)
+
+
+def fuse_gate_up_exps(src: Path, dst: Path) -> Path:
+    """A copy of the mixture-of-experts file `src` with every layer's ffn_gate_exps and ffn_up_exps
+    written as one ffn_gate_up_exps [n_embd, 2 n_ff_exp, n_expert], each expert's gate rows first (the
+    layout llama.cpp's create_tensor_gate_up_exps loads); everything else byte for byte."""
+    from gguf import GGUFReader, GGUFValueType
+
+    r = GGUFReader(str(src))
+    arch = r.fields["general.architecture"].contents()
+    w = GGUFWriter(str(dst), arch)
+    for key, field in r.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        vtype = field.types[0]
+        if vtype == GGUFValueType.ARRAY:
+            w.add_key_value(key, field.contents(), vtype, sub_type=field.types[-1])
+        else:
+            w.add_key_value(key, field.contents(), vtype)
+    tensors = {t.name: t for t in r.tensors}
+    for t in r.tensors:
+        if t.name.endswith("ffn_up_exps.weight"):
+            continue
+        data = np.asarray(t.data)
+        if t.name.endswith("ffn_gate_exps.weight"):
+            up = np.asarray(tensors[t.name.replace("gate_exps", "up_exps")].data)
+            data = np.concatenate([data, up], axis=1)              # (n_expert, 2 n_ff_exp, row bytes)
+            w.add_tensor(t.name.replace("gate_exps", "gate_up_exps"), data, raw_shape=data.shape,
+                         raw_dtype=t.tensor_type)
+        elif t.tensor_type in (Q.F32, Q.F16):
+            w.add_tensor(t.name, data)
+        else:
+            w.add_tensor(t.name, data, raw_shape=data.shape, raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return Path(dst)

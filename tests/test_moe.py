@@ -8,6 +8,8 @@ from gguf-py's dequantization, and the router's edge cases.
 - the router: softmax, top-k by probability with ties to the lower expert id, renormalised where
   the arch says; an expert no token chooses is never read; all tokens on one expert; a batch of 16
   gives each token the bits it gets alone.
+- a file whose experts' gate and up come fused (ffn_gate_up_exps) gives the logits of the same file
+  with them apart, bit for bit, at 1 and 2 ranks.
 (Whole models against a float64 reference and bit for bit across world sizes: test_archs.py; against
 llama.cpp: test_arch_goldens.py.)
 """
@@ -255,3 +257,17 @@ def test_commands_run_a_mixture_of_experts_across_workers(smollm2_path, tmp_path
     ranks = json.loads(r.stdout)["shard_plan"]["ranks"]
     expert = [sum(t["nbytes"] for t in rank["tensors"] if t["split"].startswith(("exp_", "shexp_"))) for rank in ranks]
     assert expert[0] == expert[1] > 0
+
+
+def test_fused_gate_up_experts_equal_separate_ones(tmp_path):
+    from synthetic import fuse_gate_up_exps, write_model
+    from test_archs import IDS, SYNTHETIC, world_logits
+    from tensorsplit.model import open_model
+    kw = dict(SYNTHETIC["qwen3moe"], types={"ffn_gate_exps": Q.Q4_K, "ffn_up_exps": Q.Q4_K, "ffn_down_exps": Q.Q5_0})
+    separate = write_model(tmp_path / "separate.gguf", "qwen3moe", **kw)   # one fused tensor: one type
+    fused = fuse_gate_up_exps(separate, tmp_path / "fused.gguf")
+    (gf_a, cfg_a), (gf_b, cfg_b) = open_model(separate), open_model(fused)
+    assert "blk.0.ffn_gate_up_exps.weight" in gf_b.tensors and "blk.0.ffn_up_exps.weight" not in gf_b.tensors
+    for world in (1, 2):
+        a, b = world_logits(gf_a, cfg_a, world, IDS), world_logits(gf_b, cfg_b, world, IDS)
+        assert np.array_equal(a, b), (world, float(np.abs(a - b).max()))

@@ -24,6 +24,8 @@ Split roles (ggml shapes: ne0 is the input dim, ne1 the output dim of a weight):
   vocab_rows   rows of token_embd / output, cut by vocabulary
   q_heads      one value per query head (gpt-oss's attention sinks), cut at the rank's query heads
   exp_bias     per expert a bias of its gate/up rows (2-D [n_ff_exp, n_expert]), cut as exp_rows
+  exp_gate_up_rows  a fused ffn_gate_up_exps [n_embd, 2 n_ff_exp, n_expert]: per expert its gate rows,
+               then its up rows (llama.cpp's create_tensor_gate_up_exps), each cut as exp_rows
   mirror       every rank holds all of it (norms, rope factors, biases of input-split weights)
   router       a mixture of experts' router, mirrored: every rank routes alike, with no broadcast;
                an F32 router is held in float64 (loader.py), so that every rank's logits round alike
@@ -41,7 +43,7 @@ from ..errors import UnsupportedError
 
 SPLIT_ROLES = ("q_rows", "kv_rows", "qkv_rows", "ffn_rows", "gate_up_rows", "o_cols", "ffn_cols",
                "exp_rows", "exp_cols", "shexp_rows", "shexp_cols", "vocab_rows", "mirror", "router",
-               "q_heads", "exp_bias")
+               "q_heads", "exp_bias", "exp_gate_up_rows")
 ACTIVATIONS = ("silu", "gelu_tanh")
 
 
@@ -249,11 +251,34 @@ _LLAMA_MOE = dataclasses.replace(ARCHS["llama"], moe=_MIXTRAL_MOE, layer_tensors
 _PHI3_SEPARATE_QKV = dataclasses.replace(ARCHS["phi3"], layer_tensors=_layer(qkv_bias="none", fused_gate_up=True))
 
 
+def _fused_gate_up_exps(spec: ArchSpec) -> ArchSpec:
+    """spec with every expert's gate and up rows in one ffn_gate_up_exps tensor (gate rows first)."""
+    roles, fused = [], _t("ffn_gate_up_exps.weight", lambda c: (c.n_embd, 2 * c.n_ff_exp, c.n_expert),
+                          "exp_gate_up_rows")
+    for r in spec.layer_tensors:
+        if r.suffix == "ffn_gate_exps.weight":
+            roles.append(fused)
+        elif r.suffix != "ffn_up_exps.weight":
+            roles.append(r)
+    return dataclasses.replace(spec, layer_tensors=tuple(roles))
+
+
 def arch_spec(name: str, tensor_names=()) -> ArchSpec:
     """The spec of architecture `name`; `tensor_names` picks between layouts one architecture allows."""
+    spec = _arch_spec(name, tensor_names)
+    if spec.moe is not None and "blk.0.ffn_gate_up_exps.weight" in tensor_names:
+        if any(r.split == "exp_bias" for r in spec.layer_tensors):
+            raise UnsupportedError(f"ffn_gate_up_exps in a {name} file: its expert biases would need the fused "
+                                   "layout too; convert the model again with separate gate and up experts")
+        return _fused_gate_up_exps(spec)
+    return spec
+
+
+def _arch_spec(name: str, tensor_names=()) -> ArchSpec:
     if name == "phi3" and "blk.0.attn_q.weight" in tensor_names and "blk.0.attn_qkv.weight" not in tensor_names:
         return _PHI3_SEPARATE_QKV
-    if name == "llama" and "blk.0.ffn_gate_exps.weight" in tensor_names:
+    if name == "llama" and ("blk.0.ffn_gate_exps.weight" in tensor_names or
+                            "blk.0.ffn_gate_up_exps.weight" in tensor_names):
         return _LLAMA_MOE
     try:
         return ARCHS[name]

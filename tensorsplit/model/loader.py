@@ -46,6 +46,23 @@ def load_experts(gf, ts: TensorSlice, kernels: Kernels) -> list[QWeight | None]:
     """The rank's part of a 3-D expert tensor [n_cols, n_rows, n_expert]: per expert a QWeight cut as
     the slice says (None where the rank holds none of it), in the kernels' layout. Each expert is
     copied out and converted in turn: never more than one expert's GGUF copy besides the result."""
+    out, copied = _experts(gf, ts, kernels, 0)
+    assert copied == ts.nbytes, (ts.name, copied, ts.nbytes)
+    return out
+
+
+def load_gate_up_experts(gf, ts: TensorSlice, kernels: Kernels) -> tuple[list, list]:
+    """The rank's part of a fused ffn_gate_up_exps [n_cols, 2 n_ff_exp, n_expert]: (gate, up), each per
+    expert a QWeight of the rank's rows of that half, as load_experts gives them from separate tensors."""
+    n_ff_exp = int(gf.tensors[ts.name].shape[1]) // 2
+    gate, copied_gate = _experts(gf, ts, kernels, 0, "gate")
+    up, copied_up = _experts(gf, ts, kernels, n_ff_exp, "up")
+    assert copied_gate + copied_up == ts.nbytes, (ts.name, copied_gate + copied_up, ts.nbytes)
+    return gate, up
+
+
+def _experts(gf, ts: TensorSlice, kernels: Kernels, row_offset: int, half: str = "") -> tuple[list, int]:
+    """Per expert its rows / columns [a, b) of the slice (rows shifted by row_offset) -> (weights, bytes)."""
     info = gf.tensors[ts.name]
     n_cols, n_rows, n_expert = (int(d) for d in info.shape)
     mats = gf.tensor_bytes(ts.name).reshape(n_expert, n_rows, row_bytes(info.qtype, n_cols))
@@ -54,11 +71,13 @@ def load_experts(gf, ts: TensorSlice, kernels: Kernels) -> list[QWeight | None]:
         if a == b:
             out.append(None)
             continue
-        part = _part(mats[e], info.qtype, n_cols, dataclasses.replace(ts, ranges=((a, b),)), f"{ts.name}[{e}]")
+        rng = ((a + row_offset, b + row_offset),)
+        part = _part(mats[e], info.qtype, n_cols, dataclasses.replace(ts, ranges=rng),
+                     f"{ts.name}[{e}]{'.' + half if half else ''}")
         copied += part.nbytes
         out.append(kernels.load(part))
-    assert copied == ts.nbytes and len(out) == n_expert, (ts.name, copied, ts.nbytes)
-    return out
+    assert len(out) == n_expert, (ts.name, len(out), n_expert)
+    return out, copied
 
 
 def load_expert_biases(gf, ts: TensorSlice, device="cpu") -> list[torch.Tensor | None]:
@@ -110,10 +129,12 @@ def resident_bytes(gf, slices, tiled: bool) -> int:
         n_cols, n_rows, n_mats = int(info.shape[0]), int(info.shape[1]), math.prod(int(d) for d in info.shape[2:])
         if ts.expert_ranges:                                  # per expert, as load_experts holds them
             tiled_type = tiled and int(info.qtype) in FORMATS
+            halves = 2 if ts.split == "exp_gate_up_rows" else 1     # gate and up held apart
             for a, b in ts.expert_ranges:
                 rows, cols = (b - a, n_cols) if ts.axis == 1 else (n_rows, b - a)
                 if a < b:
-                    total += tiled_bytes(info.qtype, rows, cols) if tiled_type else rows * row_bytes(info.qtype, cols)
+                    total += halves * (tiled_bytes(info.qtype, rows, cols) if tiled_type
+                                       else rows * row_bytes(info.qtype, cols))
             continue
         if ts.axis == 1:
             n_rows = ts.length

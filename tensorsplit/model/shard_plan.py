@@ -236,6 +236,7 @@ def make_plan(cfg: ModelConfig, tensors: Mapping[str, object], world: int,
             "exp_rows": exp_ranges[r],
             "exp_cols": exp_ranges[r],
             "exp_bias": exp_ranges[r],
+            "exp_gate_up_rows": exp_ranges[r],
             "q_heads": (q_ranges[r],),
             "shexp_rows": (shexp_ranges[r],),
             "shexp_cols": (shexp_ranges[r],),
@@ -314,6 +315,9 @@ def _slice(name: str, role: str, info, extents) -> TensorSlice:
     n_cols, n_rows = shape[0], shape[1]
     if role == "exp_bias":       # 2-D [n_ff_exp, n_expert]: each expert's bias cut as its gate/up rows
         return TensorSlice(name, role, 0, (), sum(_row_bytes(info, b - a) for a, b in ranges), tuple(ranges))
+    if role == "exp_gate_up_rows":   # 3-D [n_cols, 2 n_ff_exp, n_expert]: the expert's range in each half
+        return TensorSlice(name, role, 1, (), 2 * sum((b - a) * _row_bytes(info, shape[0]) for a, b in ranges),
+                           tuple(ranges))
     if role in ("exp_rows", "exp_cols"):   # 3-D [n_cols, n_rows, n_expert]: each expert cut on its own
         if role == "exp_cols":
             block = GGML_QUANT_SIZES[info.qtype][0]

@@ -33,7 +33,8 @@ from .decode_graphs import DecodeGraphs
 from ..kernels.base import Kernels, MatmulInput
 from ..kernels.quants import QWeight
 from .layers import ColumnParallelLinear, Reduce, RowParallelLinear, VocabParallelEmbedding, VocabParallelHead
-from .loader import LoadProgress, load_expert_biases, load_experts, load_router, load_vector, load_weight
+from .loader import (LoadProgress, load_expert_biases, load_experts, load_gate_up_experts, load_router, load_vector,
+                     load_weight)
 from .moe import ExpertBiases, MoE, SharedExpert
 from .rope import Rope
 from .shard_plan import RankShard
@@ -112,6 +113,16 @@ class RankModel:
             self.resident_bytes += r.nbytes if isinstance(r, QWeight) else r.numel() * r.element_size()
             return r
 
+        def gate_up_experts(p):
+            """(gate, up) per expert: from a fused ffn_gate_up_exps, or the two tensors."""
+            name = p + "ffn_gate_up_exps.weight"
+            if name not in slices:
+                return experts(p + "ffn_gate_exps.weight"), experts(p + "ffn_up_exps.weight")
+            gate, up = load_gate_up_experts(gf, slices[name], kernels)
+            progress.step(slices[name])
+            self.resident_bytes += sum(w.nbytes for w in gate + up if w is not None)
+            return gate, up
+
         def expert_biases(name):
             bs = load_expert_biases(gf, slices[name], self.device)
             progress.step(slices[name])
@@ -130,9 +141,9 @@ class RankModel:
             if spec.moe.shared_expert:
                 shared = SharedExpert(vector(p + "ffn_gate_inp_shexp.weight"), weight(p + "ffn_gate_shexp.weight"),
                                       weight(p + "ffn_up_shexp.weight"), weight(p + "ffn_down_shexp.weight"))
-            return MoE(router(p + "ffn_gate_inp.weight"), experts(p + "ffn_gate_exps.weight"),
-                       experts(p + "ffn_up_exps.weight"), experts(p + "ffn_down_exps.weight"), cfg.n_expert_used,
-                       spec.moe, self.act, reduce, kernels, shared, vector(p + "ffn_gate_inp.bias"), biases)
+            return MoE(router(p + "ffn_gate_inp.weight"), *gate_up_experts(p), experts(p + "ffn_down_exps.weight"),
+                       cfg.n_expert_used, spec.moe, self.act, reduce, kernels, shared, vector(p + "ffn_gate_inp.bias"),
+                       biases)
 
         def column(name, bias=None):
             return ColumnParallelLinear(weight(name), vector(bias), kernels) if name in slices else None
