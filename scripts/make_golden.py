@@ -324,6 +324,16 @@ def make_arch(name: str, english: str, command: str, smollm2: Path, tmp: Path) -
 PRE_EXTRA_TEXTS = {
     "multibyte": "𠀋 𝔘 䶵 ᚠ 𐌀 😀 👨‍👩‍👧‍👦 你好，世界 ½ ü",
     "mixed": "Hello world! It's 12345 apples.\n\n  x 12345 I'M they'LL 3.14 ++x -- 'quoted' \r\n\tend",
+    # for gpt-4o's case-split words: upper/lower runs, contractions in any case, non-ASCII letters
+    # (which llama.cpp counts as both cases), combining marks, digit runs, "/" after punctuation
+    "cased": ("CamelCase camelCase XMLHttpRequest iPhone McDonald's HELLO'S DON'T don't Don'T I'LL i'm "
+              "WE'VE they'D x'Re\n"
+              "ÉCOLE école Straße ǅemal ÀBC àBc ΑΘΗΝΑ Αθήνα МОСКВА Москва e\u0301te\u0301 n\u0303o\n"
+              "1 12 123 1234 12345 1234567 x1y22z333 3.14159 1,000,000 ½² ③Ⅻ ٣٤٥\n"
+              "日本語テキスト漢字 한국어 😀👍🏽👨\u200d👩\u200d👧 🇫🇷 a😀b\n"
+              "two  three   tab\t\tx \u00a0nbsp\u3000ideo\u2028ls\u0085nel \n\n\n  \r\n\r\n end  \n"
+              "...!!! ?! a/b/c // path/to/file.txt http://x.y/z {{x}} --flag=1 'q' \"dq\" ;;\n/\n=/\n"
+              "  trailing   "),
 }
 
 

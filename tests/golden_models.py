@@ -182,6 +182,7 @@ PRE_VOCABS: dict[str, tuple[str, tuple[str, ...]]] = {
     "qwen2": ("qwen2", ()),
     "gpt-2": ("gpt-2", ()),
     "default": ("default", ()),
+    "gpt-4o": ("gpt-4o", ()),
 }
 
 

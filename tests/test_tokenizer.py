@@ -2,7 +2,7 @@
 
 The golden files are written by scripts/make_golden.py with llama-cpp-python; CI only reads them.
 A missing fixture fails its tests. Besides the two real models' own tokenizers, the pre-tokenizers
-llama-bpe, qwen2, gpt-2 and default are checked on SmolLM2's vocabulary (pretokenizers_golden.json,
+llama-bpe, qwen2, gpt-2, default and gpt-4o are checked on SmolLM2's vocabulary (pretokenizers_golden.json,
 files rebuilt from tests/golden_models.py).
 """
 from __future__ import annotations
@@ -226,7 +226,7 @@ def test_no_tokenizer(kvs):
         Tokenizer.from_gguf_kv(kv)
 
 
-@pytest.mark.parametrize("pre", ["llama-bpe", "qwen2", "gpt-2", "gpt2", "default"])
+@pytest.mark.parametrize("pre", ["llama-bpe", "qwen2", "gpt-2", "gpt2", "default", "gpt-4o"])
 def test_other_pre_tokenizers_build(kvs, pre):
     # the regexes compile and split as expected; ids are SmolLM2's vocabulary, not those models'
     kv = dict(kvs["smollm2"])
@@ -237,8 +237,53 @@ def test_other_pre_tokenizers_build(kvs, pre):
     words = [w for w, _ in tok._hf.pre_tokenizer.pre_tokenize_str("12345 I'M")]
     expect = {"llama-bpe": ["123", "45", "ĠI", "'M"], "qwen2": ["1", "2", "3", "4", "5", "ĠI", "'M"],
               "gpt-2": ["12345", "ĠI", "'", "M"], "gpt2": ["12345", "ĠI", "'", "M"],
-              "default": ["123", "45", "ĠI", "'", "M"]}[pre]
+              "default": ["123", "45", "ĠI", "'", "M"], "gpt-4o": ["123", "45", "ĠI'M"]}[pre]
     assert words == expect
+
+
+def test_gpt4o_splits_words_at_case_changes(kvs):
+    """gpt-4o (gpt-oss, Llama 4): a word is upper-case letters then lower-case ones, with a contraction
+    of either case; llama.cpp counts a non-ASCII letter as both cases, so "ÉCOLE" splits after "É".
+    The other names llama.cpp maps to the same pre type (and flags) take the same spec."""
+    from tensorsplit.coordinator.pretokenize import PRE_TOKENIZERS
+    kv = dict(kvs["smollm2"])
+    kv["tokenizer.ggml.pre"] = "gpt-4o"
+    tok = Tokenizer.from_gguf_kv(kv)
+    text = "CamelCase XMLParser DON'T don't ÉCOLE 1234567 a//\n"
+    words = [w for w, _ in tok._hf.pre_tokenizer.pre_tokenize_str(text)]
+    assert words == ["Camel", "Case", "ĠXMLParser", "ĠDON'T", "Ġdon't", "ĠÃī", "COLE", "Ġ", "123", "456", "7",
+                     "Ġa", "//Ċ"]
+    for alias in ("llama4", "kanana2", "talkie", "minimax-m2"):
+        assert PRE_TOKENIZERS[alias] is PRE_TOKENIZERS["gpt-4o"]
+
+
+# Where llama.cpp's gpt-4o regex and tokenizer.json's split differently: llama.cpp counts a non-ASCII letter
+# as lower case too, so "xÉ" is one word ("x", "ÉCOLE" in tokenizer.json's), and a combining mark (U+0301)
+# is no letter, so "e" + U+0301 are two. SmolLM2's merges give the same ids either way; these merges cross
+# those splits. llama.cpp's ids: one-off run (not in CI) with llama-cpp-python 0.3.36,
+# Llama(vocab_only=True).tokenize(text, add_bos=False, special=False) on the file write_vocab writes for
+# tokenizer_items(smollm2, "gpt-4o", (), PRE_EXTRA_MERGES + GPT4O_CROSSING_MERGES) (new tokens 49155-49157).
+GPT4O_CROSSING_MERGES = ("Ì ģ", "e Ìģ", "x Ãī")
+GPT4O_CROSSING_IDS = {
+    "xÉCOLE": [49157, 4105, 4796],
+    "e\u0301te\u0301": [85, 49155, 676, 49155],
+    "Two wordsxÉ: re\u0301sume\u0301 and xÉx": [10345, 1924, 49157, 42, 298, 49155, 99, 2522, 49155, 284, 1792,
+                                               39614, 104],
+}
+
+
+def test_gpt4o_splits_as_llamacpp_where_merges_cross(kvs):
+    from golden_models import PRE_EXTRA_MERGES
+    kv = dict(kvs["smollm2"])
+    merges = PRE_EXTRA_MERGES + GPT4O_CROSSING_MERGES
+    kv["tokenizer.ggml.pre"] = "gpt-4o"
+    kv["tokenizer.ggml.merges"] = list(kv["tokenizer.ggml.merges"]) + list(merges)
+    kv["tokenizer.ggml.tokens"] = list(kv["tokenizer.ggml.tokens"]) + [m.replace(" ", "") for m in merges]
+    kv["tokenizer.ggml.token_type"] = list(kv["tokenizer.ggml.token_type"]) + [1] * len(merges)
+    tok = Tokenizer.from_gguf_kv(kv)
+    assert tok.vocab_size == 49152 + len(merges) and tok.encode("x\u00c9", add_special=False) == [49157]
+    for text, ids in GPT4O_CROSSING_IDS.items():
+        assert tok.encode(text, add_special=False) == ids, text
 
 
 # --- other pre-tokenizers on SmolLM2's vocabulary -------------------------------------------------

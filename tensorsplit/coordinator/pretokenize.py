@@ -28,6 +28,18 @@ _QWEN2 = (
     r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"
     r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+# llama.cpp's form of the o200k regex (tokenizer.json's `[\p{Lu}...\p{M}]*[\p{Ll}...\p{M}]+` letter
+# classes and `(?i:'s|...)` contractions, spelled without Unicode case classes or inline flags). Its
+# letter classes are "a letter not a-z" / "a letter not A-Z": a non-ASCII letter of any case counts as
+# both upper and lower case ("xÉCOLE" -> "xÉ", "COLE"), and a combining mark (\p{M}) is no letter, as
+# in llama.cpp's matching on category-collapsed text. tokenizer.json's own regex splits those otherwise.
+_GPT4O = (
+    r"[^\r\n\p{L}\p{N}]?((?=[\p{L}])([^a-z]))*((?=[\p{L}])([^A-Z]))+"
+    r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])?"
+    r"|[^\r\n\p{L}\p{N}]?((?=[\p{L}])([^a-z]))+((?=[\p{L}])([^A-Z]))*"
+    r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])?"
+    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 _DEFAULT = (
     r"[\p{P}\$\+<=>\^~\|]+",
     _GPT2,
@@ -53,6 +65,7 @@ _SPECS = {
     "llama3": PreTokenizerSpec("llama3", (_LLAMA3,), ignore_merges=True, add_bos_default=True),
     "dbrx": PreTokenizerSpec("dbrx", (_LLAMA3,)),
     "qwen2": PreTokenizerSpec("qwen2", (_QWEN2,)),
+    "gpt4o": PreTokenizerSpec("gpt4o", (_GPT4O,)),
 }
 
 # `tokenizer.ggml.pre` value -> spec (the names llama.cpp maps to these pre types)
@@ -71,6 +84,9 @@ PRE_TOKENIZERS: dict[str, PreTokenizerSpec] = {
     # QWEN2
     "qwen2": _SPECS["qwen2"], "deepseek-r1-qwen": _SPECS["qwen2"], "stablelm2": _SPECS["qwen2"],
     "megrez": _SPECS["qwen2"],
+    # GPT4O (gpt-oss, Llama 4, ...); MiniMax-M2's pre type has the same regexes and flags
+    "gpt-4o": _SPECS["gpt4o"], "llama4": _SPECS["gpt4o"], "kanana2": _SPECS["gpt4o"],
+    "talkie": _SPECS["gpt4o"], "minimax-m2": _SPECS["gpt4o"],
 }
 
 
