@@ -102,6 +102,7 @@ class ArchModel:
     ppl_ctx: tuple = (256,)  # llama.cpp contexts for perplexity on english.txt
     note: str = ""
     extra_tensors: dict = field(default_factory=dict)   # name -> float32 array
+    pre: str | None = None  # tokenizer.ggml.pre in place of SmolLM2's
 
 
 # Phi-3 LongRoPE as Phi-3-mini-128k / Phi-4-mini write it: context_length past the original, and
@@ -161,13 +162,25 @@ ARCH_MODELS: dict[str, ArchModel] = {
         types={"token_embd": Q.Q8_0, "output": Q.Q8_0, "attn_q": Q.Q4_K, "attn_k": Q.Q8_0, "attn_v": Q.Q8_0,
                "attn_output": Q.Q8_0, "ffn_gate_exps": Q.Q6_K, "ffn_up_exps": Q.IQ4_NL, "ffn_down_exps": Q.Q8_0}),
         note="Mixtral: the llama architecture with 8 experts, top 2, normal rope layout"),
+    # gpt-oss-20b's per-layer layout at a small width: head_dim 64 with q_dim != n_embd, GQA 8/2, MXFP4
+    # experts, its rope (base 150000, YaRN factor 32 over 4096) and a window that bites within 256
+    "gpt-oss": ArchModel("gpt-oss", dict(
+        n_embd=256, n_heads=8, n_kv=2, head_dim=64, n_ff=256, seed=19, rope_base=150000.0, n_expert=16,
+        n_expert_used=4, n_ff_exp=256, window=48, bias_scale=0.3, context_length=131072,
+        extra_kv={"gpt-oss.rope.scaling.type": ("yarn", V.STRING), "gpt-oss.rope.scaling.factor": (32.0, V.FLOAT32),
+                  "gpt-oss.rope.scaling.original_context_length": (4096, V.UINT32)},
+        types={"token_embd": Q.Q8_0, "output": Q.Q8_0, "attn_q": Q.Q8_0, "attn_k": Q.F16, "attn_v": Q.Q8_0,
+               "attn_output": Q.Q8_0, "ffn_gate_exps": Q.MXFP4, "ffn_up_exps": Q.MXFP4, "ffn_down_exps": Q.MXFP4}),
+        pre="gpt-4o",
+        note="gpt-oss: attention sinks, biases everywhere, even layers sliding (window 48), YaRN, 16 MXFP4 "
+             "experts top 4 by logit with a softmax over the chosen, SwiGLU-OAI"),
 }
 
 
 def write_arch_model(name: str, path: Path, smollm2_path: Path) -> Path:
     m = ARCH_MODELS[name]
     return write_model(Path(path), m.arch, n_layers=2, vocab=49152, tied=False, init="fan_in",
-                       kv_items=tokenizer_items(smollm2_path), extra_tensors=m.extra_tensors, **m.kw)
+                       kv_items=tokenizer_items(smollm2_path, m.pre), extra_tensors=m.extra_tensors, **m.kw)
 
 
 # Pre-tokenizer vocabularies: SmolLM2's vocabulary and merges under another tokenizer.ggml.pre.
