@@ -95,8 +95,7 @@ def test_experts_match_a_float64_reference(qtype, which):
     for n in list(range(1, 17)) + [128]:
         x = rng.standard_normal((n, N_EMBD)).astype(np.float32)
         selected, weights = _routing(n, rng)
-        y = k.experts(torch.from_numpy(x), ex.gate, ex.up, ex.down, selected, weights,
-                      lambda g, u: torch.nn.functional.silu(g) * u)
+        y = k.experts(torch.from_numpy(x), k.pack_experts(ex.gate, ex.up, ex.down), selected, weights, "silu")
         assert y.dtype == torch.float64 and y.shape == (n, N_EMBD)
         ref = ex.reference(x, selected.numpy(), weights.numpy())
         err = np.abs(y.numpy() - ref).max() / np.abs(ref).max()
@@ -123,8 +122,7 @@ class Recording:
 
 def _moe(k, ex: Experts, router: np.ndarray, norm: bool) -> MoE:
     r = torch.from_numpy(router.astype(np.float64))         # an F32 router, as load_router holds it
-    return MoE(r, ex.gate, ex.up, ex.down, N_USED, MoeSpec(norm_weights=norm), torch.nn.functional.silu,
-               no_reduce, k)
+    return MoE(r, ex.gate, ex.up, ex.down, N_USED, MoeSpec(norm_weights=norm), "silu", no_reduce, k)
 
 
 def _route_reference(h, router, norm):
@@ -176,17 +174,29 @@ def test_unchosen_experts_are_not_read_and_one_expert_can_take_every_token():
 
 @pytest.mark.parametrize("numerics", [LLAMACPP, EXACT], ids=["llamacpp", "exact"])
 def test_a_batch_of_16_gives_each_token_its_bits_alone(numerics):
-    """Routing and experts per token do not depend on the batch: 16 tokens at once equal each alone,
-    bit for bit (the native kernels' per-row arithmetic; each expert group is a gemm, alone a gemv)."""
-    rng = np.random.default_rng(5)
-    k = _kernels("native", numerics)
-    ex = Experts(Q.Q4_0, k, rng)
-    router = rng.standard_normal((N_EXPERT, N_EMBD)).astype(np.float32) / 16
-    moe = _moe(k, ex, router, norm=True)
-    h = torch.from_numpy(rng.standard_normal((16, N_EMBD)).astype(np.float32))
-    batch = moe(h)
-    alone = torch.cat([moe(h[i:i + 1]) for i in range(16)])
-    assert torch.equal(batch, alone)
+    """Routing and experts per token do not depend on the batch: 16 tokens at once (a decode step: the
+    experts op) and 40 (a prompt: grouped by expert, each group a gemm) equal each token alone (the op,
+    a gemv per expert), bit for bit, in formats of each activation kind and min term, with gpt-oss's
+    biases and SwiGLU-OAI too."""
+    from tensorsplit.model.moe import ExpertBiases
+    for qtype, glu in ((Q.Q4_0, "silu"), (Q.Q4_K, "silu"), (Q.Q4_1, "swiglu_oai"), (Q.MXFP4, "swiglu_oai")):
+        rng = np.random.default_rng(5)
+        k = _kernels("native", numerics)
+        ex = Experts(qtype, k, rng)
+        router = rng.standard_normal((N_EXPERT, N_EMBD)).astype(np.float32) / 16
+        biases = None
+        if glu == "swiglu_oai":
+            biases = ExpertBiases(*([torch.from_numpy(rng.standard_normal(N_FF).astype(np.float32)) for _ in
+                                     range(N_EXPERT)] for _ in range(2)),
+                                  torch.from_numpy(rng.standard_normal((N_EXPERT, N_EMBD)).astype(np.float32)))
+        moe = MoE(torch.from_numpy(router.astype(np.float64)), ex.gate, ex.up, ex.down, N_USED,
+                  MoeSpec(norm_weights=True, activation=glu if glu != "silu" else None), "silu", no_reduce, k,
+                  biases=biases)
+        assert moe.experts.fused is not None, qtype.name      # the decode steps take the experts op
+        h = torch.from_numpy(rng.standard_normal((40, N_EMBD)).astype(np.float32) * 3)
+        alone = torch.cat([moe(h[i:i + 1]) for i in range(40)])
+        assert torch.equal(moe(h[:16]), alone[:16]), (qtype.name, glu)
+        assert torch.equal(moe(h), alone), (qtype.name, glu)
 
 
 def test_experts_of_few_blocks_are_shared_out_in_rotation(tmp_path):
@@ -271,3 +281,37 @@ def test_fused_gate_up_experts_equal_separate_ones(tmp_path):
     for world in (1, 2):
         a, b = world_logits(gf_a, cfg_a, world, IDS), world_logits(gf_b, cfg_b, world, IDS)
         assert np.array_equal(a, b), (world, float(np.abs(a - b).max()))
+
+
+def test_serve_runs_gpt_oss_across_workers(smollm2_path, tmp_path):
+    """`serve` on the gpt-oss golden file (sinks, sliding layers, MXFP4 experts) with 2 worker processes:
+    a greedy completion equals `generate`'s at 1 worker, and 3 completions streamed at once (decoded
+    together, each step's tokens grouped by expert) each equal that prompt's own run, then the server
+    stops cleanly."""
+    import concurrent.futures
+    import json
+    from cli_helpers import assert_pids_gone, run_cli, workers_of
+    from golden_models import write_arch_model
+    from test_serve import Server
+    path = write_arch_model("gpt-oss", tmp_path / "gpt-oss.gguf", smollm2_path)
+    prompts = ["The capital of France is", "2 + 2 =", "Once upon a time"]
+    r = run_cli("generate", "-m", str(path), "-p", prompts[0], "-n", "8", "--temp", "0", "--json",
+                "--nproc-per-node", "1")
+    assert r.returncode == 0, r.stderr
+    ref = json.loads(r.stdout.strip().splitlines()[-1])["text"]
+    s = Server(path, "--nproc-per-node", "2", "-np", "3", "-c", "256")
+    try:
+        client = s.client()
+
+        def complete(p):
+            c = client.completions.create(model="gpt-oss", prompt=p, max_tokens=8, temperature=0)
+            return c.choices[0].text
+        alone = [complete(p) for p in prompts]
+        assert alone[0] == ref and all(alone), (alone, ref)
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            together = list(pool.map(complete, prompts))
+        assert together == alone
+    finally:
+        workers = list(workers_of(s.proc.pid).values())
+        assert s.stop() == 0, s.err
+        assert_pids_gone(workers)

@@ -1,5 +1,6 @@
 """Decode steps recorded once and replayed from C++ (model/step_program.py) give the eager step's
-logits bit for bit: every dense architecture, both numerics, batches of 1, 3 and 16 sequences, past a
+logits bit for bit: every architecture (the mixtures of experts through the experts op: qwen3moe,
+qwen2moe's shared expert, gpt-oss's biases, sinks and MXFP4), both numerics, batches of 1, 3 and 16 sequences, past a
 sliding window's wrap; a model that allocates a new cache drops its programs; a step that reads data
 the model does not hold stays eager; a 2-worker world replays its all-reduce."""
 from __future__ import annotations
@@ -9,7 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from gguf import GGMLQuantizationType as Q
+from gguf import GGMLQuantizationType as Q, GGUFValueType as V
 
 from cli_helpers import run_cli
 from synthetic import write_model
@@ -28,6 +29,13 @@ ARCHS = {
     "qwen3": dict(head_dim=64),
     "phi3": dict(fused_qkv=True),
     "gemma3": dict(window=4),        # sliding layers: the ring wraps within the steps below
+    "qwen3moe": dict(head_dim=64, n_expert=8, n_expert_used=2, n_ff_exp=128,
+                     types={"ffn_gate_exps": Q.Q4_0, "ffn_up_exps": Q.Q8_0, "ffn_down_exps": Q.Q4_1}),
+    "qwen2moe": dict(n_expert=8, n_expert_used=2, n_ff_exp=128, n_ff_shexp=256),
+    "gpt-oss": dict(n_expert=8, n_expert_used=4, n_ff_exp=128, window=4,
+                    extra_kv={"gpt-oss.rope.scaling.type": ("yarn", V.STRING),
+                              "gpt-oss.rope.scaling.factor": (32.0, V.FLOAT32)},
+                    types={"ffn_gate_exps": Q.MXFP4, "ffn_up_exps": Q.MXFP4, "ffn_down_exps": Q.MXFP4}),
 }
 
 

@@ -7,7 +7,10 @@ which kernels run or which arithmetic they use; it calls these.
                                   gate | up), or None where these kernels keep them apart
     matmul(x, w, wide=False)      x (..., n_cols) @ W.T -> (..., n_rows) float32 (wide: float64)
     get_rows(w, ids)              rows `ids` of w, dequantized (the embedding lookup)
-    experts(x, gate, up, down, selected, weights, glu, biases=None)
+    pack_experts(gate, up, down, gate_bias=None, up_bias=None)
+                                  a mixture-of-experts layer's experts as these kernels hold them
+                                  (ExpertWeights)
+    experts(x, experts, selected, weights, glu)
                                   a mixture-of-experts FFN's weighted sum over each token's experts
     rms_norm(x, weight, eps)      x * rsqrt(mean(x^2) + eps) * weight, over the last dim
     add_rms_norm(x, a, weight, eps, a_weight=None)
@@ -18,7 +21,8 @@ which kernels run or which arithmetic they use; it calls these.
                                   a step's projections (n, H * hd) ... as heads (n, H, hd): q and k
                                   normed per head (q_norm) and rotated (model/rope.py Rope); k and v
                                   None: q is the fused projection q | k | v
-    glu(gate, up, name)           act(gate) * up, the gated FFN's activation; up None: gate is gate | up
+    glu(gate, up, name)           act(gate) * up, the gated FFN's activation; up None: gate is gate | up;
+                                  "swiglu_oai": gpt-oss's clamped SwiGLU
     attend(q, k, v, k_cache, v_cache, window, positions, slots, heads, sinks=None)
                                   write the step's keys and values, and attend: any step (sinks:
                                   gpt-oss's per-head logits that join the softmax's sum)
@@ -85,6 +89,19 @@ class MatmulInput:
         return y if len(self.lead) == 1 else y.reshape(*self.lead, y.shape[-1])
 
 
+@dataclass
+class ExpertWeights:
+    """A mixture-of-experts layer's experts on one rank: per expert its rows of gate and up and columns of
+    down (None where the rank holds none of that expert), and gpt-oss's per-expert gate and up biases of
+    those rows. `fused` is the kernels' own form of them for one call per step (NativeKernels), or None."""
+    gate: list
+    up: list
+    down: list
+    gate_bias: list | None = None
+    up_bias: list | None = None
+    fused: object = None
+
+
 @dataclass(frozen=True)
 class Heads:
     """How a rank's query heads read its KV heads, for attention.
@@ -115,8 +132,11 @@ class Kernels(Protocol):
 
     def get_rows(self, w: QWeight, ids: torch.Tensor) -> torch.Tensor: ...
 
-    def experts(self, x, gate: list[QWeight], up: list[QWeight], down: list[QWeight], selected: torch.Tensor,
-                weights: torch.Tensor, glu, biases=None) -> torch.Tensor: ...
+    def pack_experts(self, gate: list, up: list, down: list, gate_bias: list | None = None,
+                     up_bias: list | None = None) -> ExpertWeights: ...
+
+    def experts(self, x, experts: ExpertWeights, selected: torch.Tensor, weights: torch.Tensor,
+                glu: str) -> torch.Tensor: ...
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor: ...
 

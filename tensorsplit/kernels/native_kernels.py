@@ -6,6 +6,11 @@ kernels.native()). One op per matmul, straight from the weight's blocks in the t
       share it), as llama.cpp quantizes it, and multiplied with the codes in integers;
     numerics exact: float input, the weights decoded in registers, float sums.
 
+A mixture of experts' decode step (up to MAX_EXPERT_TOKENS tokens) is one op per layer (csrc/experts.cpp):
+each token's experts read from the step's tensors, so the step has no Python decision in it and can be
+replayed (model/step_program.py); a prompt groups its tokens by expert (the reference's path), with the
+same per-row arithmetic.
+
 Attention is one op per layer for every slot of the step (csrc/attention_body.h): it writes the
 step's keys and values into the cache and attends. rms_norm and rope are one op each. What the tiled
 layout does not hold (dense F32 weights, a weight a test built in GGUF layout) and the fixed-shape
@@ -15,12 +20,15 @@ from __future__ import annotations
 
 import torch
 
-from .base import Heads, MatmulInput
+from .base import ExpertWeights, Heads, MatmulInput
 from .layout import FORMATS, TILE_ROWS
 from .numerics import Numerics
 from .quants.dequant import dequantize
 from .quants.qweight import QWeight
 from .torch_kernels import TorchKernels
+
+MAX_EXPERT_TOKENS = 16            # decode steps (model/step_program.py MAX_TOKENS); longer: grouped by expert
+_GLU_KINDS = {"silu": 0, "swiglu_oai": 2}    # csrc/glu.h GluKind; gelu by table: 1
 
 
 class NativeKernels(TorchKernels):
@@ -36,6 +44,7 @@ class NativeKernels(TorchKernels):
         self._unpack_rows, self._rms_norm, self._rope = ops.unpack_rows.default, ops.rms_norm.default, ops.rope.default
         self._attention, self._add_rms_norm = ops.attention.default, ops.add_rms_norm.default
         self._qkv_heads, self._glu = ops.qkv_heads.default, ops.glu.default
+        self._experts = ops.experts.default
         # GELU as ggml takes it under llama.cpp's numerics: a table over the f16 inputs, made by the
         # reference's function, so that the op's values are the reference's bit for bit
         self._gelu_table = None
@@ -142,11 +151,44 @@ class NativeKernels(TorchKernels):
                                *heads)
 
     def glu(self, gate, up, name: str):
-        if name == "silu":
-            return self._glu(gate, up, 0, None)
+        if name in _GLU_KINDS:
+            return self._glu(gate, up, _GLU_KINDS[name], None)
         if name == "gelu_tanh" and self._gelu_table is not None:
             return self._glu(gate, up, 1, self._gelu_table)
         return super().glu(gate, up, name)
+
+    def pack_experts(self, gate: list, up: list, down: list, gate_bias: list | None = None,
+                     up_bias: list | None = None) -> ExpertWeights:
+        """The experts, and where every held one is tiled with a kernel for these numerics, their tiles as
+        the experts op takes them: tensor lists with an empty tensor for an expert this rank does not
+        hold, each expert's rows, and the three types."""
+        ew = super().pack_experts(gate, up, down, gate_bias, up_bias)
+        held = [e for e, g in enumerate(gate) if g is not None]
+        if not held:
+            return ew
+        types = [gate[held[0]].qtype, up[held[0]].qtype, down[held[0]].qtype]
+        for ws, t in zip((gate, up, down), types):
+            if any(ws[e].layout != "tiles" or ws[e].qtype != t or ws[e].kernel is None or
+                   (self._integer and ws[e].kernel.act is None) for e in held):
+                return ew
+        empty = torch.empty(0, dtype=torch.uint8)
+        no_bias = torch.empty(0, dtype=torch.float32)
+
+        def tiles(ws):
+            return [empty if w is None else w.data for w in ws]
+        biases = ([], []) if gate_bias is None else tuple([no_bias if b is None else b.contiguous() for b in bs]
+                                                          for bs in (gate_bias, up_bias))
+        rows = [0 if g is None else g.n_rows for g in gate]
+        ew.fused = (tiles(gate), tiles(up), tiles(down), rows, down[held[0]].n_rows, [int(t) for t in types], *biases)
+        return ew
+
+    def experts(self, x, experts: ExpertWeights, selected, weights, glu: str) -> torch.Tensor:
+        inp = MatmulInput.of(x)
+        if experts.fused is None or glu not in _GLU_KINDS or inp.x2.shape[0] > MAX_EXPERT_TOKENS:
+            return super().experts(inp, experts, selected, weights, glu)
+        gate, up, down, rows, n_out, types, gate_bias, up_bias = experts.fused
+        return self._experts(inp.x2, gate, up, down, rows, n_out, types, selected, weights, _GLU_KINDS[glu], None,
+                             gate_bias, up_bias, self._integer)
 
     def rope(self, x, positions, cos, sin, neox: bool, rope_dim: int) -> torch.Tensor:
         return self._rope(x, positions, cos, sin, neox, rope_dim)

@@ -17,7 +17,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from .base import Heads, MatmulInput
+from .base import ExpertWeights, Heads, MatmulInput
 from .numerics import Numerics
 from .quants.activations import ROUNDING_KIND, round_inputs
 from .quants.dequant import dequantize
@@ -91,21 +91,26 @@ class TorchKernels:
         rows = dequantize(w.data.index_select(0, flat), w.qtype, w.n_cols, w.name)
         return rows.reshape(*ids.shape, w.n_cols)
 
-    def experts(self, x, gate: list, up: list, down: list, selected: torch.Tensor, weights: torch.Tensor,
-                glu, biases=None) -> torch.Tensor:
-        """A mixture-of-experts FFN's partial sum on this rank, before the all-reduce:
-        out[t] = sum_j weights[t, j] * down_e(glu(gate_e(x[t]), up_e(x[t]))), e = selected[t, j]
-        (glu(g, u): act(g) * u, or gpt-oss's SwiGLU-OAI); biases: None, or per expert this rank's gate
-        and up bias rows (two lists), added to gate_e(x) and up_e(x).
+    def pack_experts(self, gate: list, up: list, down: list, gate_bias: list | None = None,
+                     up_bias: list | None = None) -> ExpertWeights:
+        return ExpertWeights(gate, up, down, gate_bias, up_bias)
 
-        x (n, n_embd) or MatmulInput; gate, up, down: per expert, this rank's rows / columns of it (None
-        where the rank holds none of that expert: it adds nothing here);
+    def experts(self, x, experts: ExpertWeights, selected: torch.Tensor, weights: torch.Tensor,
+                glu: str) -> torch.Tensor:
+        """A mixture-of-experts FFN's partial sum on this rank, before the all-reduce:
+        out[t] = sum_j weights[t, j] * down_e(glu(gate_e(x[t]) + bg_e, up_e(x[t]) + bu_e)), e = selected[t, j]
+        (self.glu(g, u, glu); the biases bg, bu only where experts has them).
+
+        x (n, n_embd) or MatmulInput; experts: per expert, this rank's rows / columns of it (None where
+        the rank holds none of that expert: it adds nothing here);
         selected (n, k) long, weights (n, k) float32 -> (n, n_embd) float64 (the partials are summed
         wide, as a row-parallel layer's are). The tokens are grouped by expert and each expert runs
         once over its tokens (a gemm in a prompt, a gemv in a decode step); an expert no token chose
         is not read. Each row's input is rounded as in a dense matmul (per row, so the same in a group
         as alone)."""
         inp = MatmulInput.of(x)
+        gate, up, down = experts.gate, experts.up, experts.down
+        biases = None if experts.gate_bias is None else (experts.gate_bias, experts.up_bias)
         held = [e for e, g in enumerate(gate) if g is not None]
         out = torch.zeros(inp.x2.shape[0], inp.n_cols, dtype=torch.float64, device=inp.x2.device)
         if not held:
@@ -127,13 +132,13 @@ class TorchKernels:
             out.index_add_(0, tok, y * weights[tok, slot].to(torch.float64)[:, None])
         return out
 
-    def _ffn(self, x, gate: QWeight, up: QWeight, down: QWeight, glu, bias=None) -> torch.Tensor:
+    def _ffn(self, x, gate: QWeight, up: QWeight, down: QWeight, glu: str, bias=None) -> torch.Tensor:
         """One expert over x: down(glu(gate(x), up(x))), the down partial summed wide: (t, n_out) float64.
         bias: (gate bias, up bias) of the expert's rows, or None."""
         g, u = self.matmul(x, gate), self.matmul(x, up)
         if bias is not None:
             g, u = g + bias[0], u + bias[1]
-        return self.matmul(glu(g, u), down, wide=True)
+        return self.matmul(self.glu(g, u, glu), down, wide=True)
 
     # --- the rest of a layer
 
@@ -165,9 +170,12 @@ class TorchKernels:
                 self.rope(k, positions, rope.cos, rope.sin, rope.neox, rope.rope_dim), v)
 
     def glu(self, gate, up, name: str):
-        """act(gate) * up, (n, ff); up None: gate is (n, 2 ff), gate | up (a fused projection)."""
+        """act(gate) * up, (n, ff); up None: gate is (n, 2 ff), gate | up (a fused projection).
+        "swiglu_oai": gpt-oss's min(g, 7) * sigmoid(1.702 min(g, 7)) * (clamp(u, -7, 7) + 1)."""
         if up is None:
             gate, up = gate.chunk(2, dim=-1)
+        if name == "swiglu_oai":
+            return swiglu_oai(gate, up)
         return self.activation(name)(gate) * up
 
     def activation(self, name: str):
@@ -275,6 +283,15 @@ def _tiled(x2: torch.Tensor, w: QWeight, wide: bool = False) -> torch.Tensor:
         tile = dequantize(w.data[r0:r1], w.qtype, w.n_cols, w.name)  # (r1 - r0, n_cols)
         out[:, r0:r1] = x2 @ tile.to(dtype).T
     return out
+
+
+OAI_ALPHA, OAI_LIMIT = 1.702, 7.0    # llama.cpp's build_moe_ffn constants for LLM_FFN_SWIGLU_OAI_MOE
+
+
+def swiglu_oai(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """gpt-oss's gated activation, in float32 as ggml_swiglu_oai computes it."""
+    x = gate.clamp(max=OAI_LIMIT)
+    return x / (1.0 + torch.exp(-OAI_ALPHA * x)) * (up.clamp(-OAI_LIMIT, OAI_LIMIT) + 1.0)
 
 
 def round_f16(x: torch.Tensor) -> torch.Tensor:

@@ -27,13 +27,6 @@ from .arch import MoeSpec
 from .layers import Reduce
 
 WEIGHT_SUM_MIN = 6.103515625e-5     # ggml_clamp of the weights' sum in build_moe_ffn (norm_w)
-OAI_ALPHA, OAI_LIMIT = 1.702, 7.0    # build_moe_ffn's LLM_FFN_SWIGLU_OAI_MOE constants
-
-
-def swiglu_oai(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """gpt-oss's gated activation, in float32 as ggml_swiglu_oai computes it."""
-    x = gate.clamp(max=OAI_LIMIT)
-    return x / (1.0 + torch.exp(-OAI_ALPHA * x)) * (up.clamp(-OAI_LIMIT, OAI_LIMIT) + 1.0)
 
 
 @dataclass
@@ -55,17 +48,19 @@ class SharedExpert:
 
 class MoE:
     def __init__(self, router: QWeight | torch.Tensor, gate: list[QWeight], up: list[QWeight], down: list[QWeight],
-                 n_used: int, spec: MoeSpec, act, reduce: Reduce, kernels: Kernels,
+                 n_used: int, spec: MoeSpec, activation: str, reduce: Reduce, kernels: Kernels,
                  shared: SharedExpert | None = None, router_bias: torch.Tensor | None = None,
                  biases: ExpertBiases | None = None):
         """router: float64 (n_expert, n_embd) for an F32 router (loader.load_router), else a weight.
-        act: the arch's activation, for act(gate) * up, unless the spec names the experts' own."""
+        activation: the arch's ("silu"), for act(gate) * up (kernels.glu), unless the spec names the
+        experts' own ("swiglu_oai")."""
         assert len(gate) == len(up) == len(down) == router.shape[0], (len(gate), router.shape)
-        self.router, self.gate, self.up, self.down = router, gate, up, down
+        self.router = router
+        self.experts = kernels.pack_experts(gate, up, down, *((biases.gate, biases.up) if biases else ()))
         self.n_used, self.norm_weights, self.gating = n_used, spec.norm_weights, spec.gating
         self.router_bias, self.biases = router_bias, biases
-        self.glu = swiglu_oai if spec.activation == "swiglu_oai" else (lambda g, u: act(g) * u)
-        self.act, self.reduce, self.kernels, self.shared = act, reduce, kernels, shared
+        self.activation, self.glu = activation, spec.activation or activation
+        self.reduce, self.kernels, self.shared = reduce, kernels, shared
 
     def route(self, inp: MatmulInput) -> tuple[torch.Tensor, torch.Tensor]:
         """-> selected (n, n_used) long, weights (n, n_used) float32."""
@@ -93,11 +88,11 @@ class MoE:
         """h (n, n_embd), the same on every rank -> (n, n_embd) float32, summed over ranks."""
         inp = MatmulInput(h)                      # quantized once for the router and the shared expert
         selected, weights = self.route(inp)
-        bias = None if self.biases is None else (self.biases.gate, self.biases.up)
-        y = self.kernels.experts(inp, self.gate, self.up, self.down, selected, weights, self.glu, bias)
+        y = self.kernels.experts(inp, self.experts, selected, weights, self.glu)
         if self.shared is not None:
             sh = self.shared
-            part = self.kernels.matmul(self.act(self.kernels.matmul(inp, sh.gate)) * self.kernels.matmul(inp, sh.up),
+            part = self.kernels.matmul(self.kernels.glu(self.kernels.matmul(inp, sh.gate),
+                                                        self.kernels.matmul(inp, sh.up), self.activation),
                                        sh.down, wide=True)                     # (n, n_embd) float64
             gate = torch.sigmoid((inp.x2.double() @ sh.gate_inp.double()).float())     # (n,), batch-independent
             y = y + part * gate.to(torch.float64)[:, None]

@@ -137,7 +137,8 @@ class _Recorder(TorchDispatchMode):
             elif isinstance(v, str):
                 kinds.append(STR)
                 strs.append(v)
-            elif isinstance(v, (list, tuple)) and all(isinstance(e, torch.Tensor) for e in v) and v:
+            elif isinstance(v, (list, tuple)) and all(isinstance(e, torch.Tensor) for e in v) and \
+                    (v or str(arg.type) == "List[Tensor]"):
                 kinds.append(TENSORS)
                 ints.append(len(v))
                 for e in v:

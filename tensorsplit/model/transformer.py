@@ -142,7 +142,7 @@ class RankModel:
                 shared = SharedExpert(vector(p + "ffn_gate_inp_shexp.weight"), weight(p + "ffn_gate_shexp.weight"),
                                       weight(p + "ffn_up_shexp.weight"), weight(p + "ffn_down_shexp.weight"))
             return MoE(router(p + "ffn_gate_inp.weight"), *gate_up_experts(p), experts(p + "ffn_down_exps.weight"),
-                       cfg.n_expert_used, spec.moe, self.act, reduce, kernels, shared, vector(p + "ffn_gate_inp.bias"),
+                       cfg.n_expert_used, spec.moe, spec.activation, reduce, kernels, shared, vector(p + "ffn_gate_inp.bias"),
                        biases)
 
         def column(name, bias=None):
@@ -296,10 +296,11 @@ class RankModel:
         return self._step(ids, positions, slots, logit_rows)
 
     def _replayable(self) -> bool:
-        """Decode steps recorded and replayed from C++: on a CPU rank with the native kernels, for a dense
-        model (a mixture of experts routes on its own data, which a replay cannot redo)."""
+        """Decode steps recorded and replayed from C++: on a CPU rank with the native kernels. A mixture of
+        experts' step replays where its experts run as one op (kernels/native_kernels.py); where they do
+        not (the per-expert path reads its routing back into Python) the recording refuses the step."""
         return (self.device.type == "cpu" and getattr(self.kernels, "name", "") == "native" and
-                self.cfg.n_expert == 0 and replay_enabled())
+                replay_enabled())
 
     def _replayed(self, ids, positions, slots, logit_rows) -> torch.Tensor:
         """_step, recorded once per (tokens, logit rows) and replayed from C++ after (step_program.py)."""

@@ -11,8 +11,7 @@
 //       rotated, v copied. q, k, v (n, H * hd) ..., rows strided; k and v None: q is one fused projection
 //       (n, (H + 2 KH) hd), q | k | v
 //   glu(gate, up?, kind, table?) -> act(gate) * up, (n, ff) float32; up None: gate holds gate | up
-//       kind 0 silu (exp_poly); kind 1 gelu(tanh) by `table` (65536 float32 values indexed by the f16 bits of
-//       the input, ggml's GGML_GELU_FP16) within (-10, 10), else 0 below and x above
+//       kind: glu.h (silu, gelu by table, gpt-oss's SwiGLU-OAI)
 //
 // Each computes what the separate ops compute, in the same order, so fused and unfused steps agree bit
 // for bit (tests/test_kernels.py).
@@ -20,6 +19,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "glu.h"
 #include "layout.h"
 
 #include <algorithm>
@@ -204,38 +204,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qkv_heads(
   return {qo, ko, vo};
 }
 
-// e^x for SiLU: Cody-Waite reduction by ln 2 and Cephes' degree-6 polynomial (within 2 ulp over the clamped
-// range), in plain float arithmetic with no library call and no branch, so the compiler vectorizes the loop
-// that calls it, and every machine gets the same bits (no FMA contraction: -ffp-contract=off).
-// v where `keep`, else w: a select in bits, which the vectorizer takes where it will not take a branch
-inline float select(bool keep, float v, float w) {
-  uint32_t a, b;
-  std::memcpy(&a, &v, sizeof a);
-  std::memcpy(&b, &w, sizeof b);
-  const uint32_t m = 0u - (uint32_t)keep, r = (a & m) | (b & ~m);
-  float out;
-  std::memcpy(&out, &r, sizeof out);
-  return out;
-}
-
-inline float exp_poly(float x) {
-  x = select(x < -87.0f, -87.0f, x);
-  x = select(x > 88.0f, 88.0f, x);
-  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;    // round(x / ln 2), ties even
-  const float r = (x - n * 0.693145751953125f) - n * 1.428606820309417232e-6f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = ((int32_t)n + 127) << 23;                              // 2^n
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return p * scale;
-}
-
 at::Tensor glu(const at::Tensor& gate, const c10::optional<at::Tensor>& up, int64_t kind,
                const c10::optional<at::Tensor>& table) {
   const bool fused = !(up.has_value() && up->defined());
@@ -245,26 +213,18 @@ at::Tensor glu(const at::Tensor& gate, const c10::optional<at::Tensor>& up, int6
   TORCH_CHECK(!fused || gate.size(1) % 2 == 0, "glu: a fused gate | up of odd width");
   TORCH_CHECK(fused || (up->dtype() == at::kFloat && up->sizes() == gate.sizes() && up->stride(1) == 1),
               "glu: up must be float32 of gate's shape with unit column stride");
-  TORCH_CHECK(kind == 0 || kind == 1, "glu: kind ", kind);
-  TORCH_CHECK(kind == 0 || (table.has_value() && table->dtype() == at::kFloat && table->numel() == 65536 &&
+  TORCH_CHECK(kind == GLU_SILU || kind == GLU_GELU_TABLE || kind == GLU_SWIGLU_OAI, "glu: kind ", kind);
+  TORCH_CHECK(kind != GLU_GELU_TABLE || (table.has_value() && table->dtype() == at::kFloat && table->numel() == 65536 &&
                             table->is_contiguous()),
               "glu: gelu needs its table of 65536 float32");
   at::Tensor out = at::empty({n, ff}, gate.options());
-  const float* tab = kind == 1 ? table->data_ptr<float>() : nullptr;
+  const float* tab = kind == GLU_GELU_TABLE ? table->data_ptr<float>() : nullptr;
   at::parallel_for(0, n, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, ff)), [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) {
       const float* g = gate.data_ptr<float>() + r * gate.stride(0);
       const float* u = fused ? g + ff : up->data_ptr<float>() + r * up->stride(0);
       float* o = out.data_ptr<float>() + r * ff;
-      if (kind == 0) {
-        for (int64_t i = 0; i < ff; ++i) o[i] = g[i] / (1.0f + exp_poly(-g[i])) * u[i];
-      } else {
-        for (int64_t i = 0; i < ff; ++i) {
-          const float x = g[i];
-          const float a = x <= -10.0f ? 0.0f : x >= 10.0f ? x : tab[f32_to_f16(x)];
-          o[i] = a * u[i];
-        }
-      }
+      glu_row((int)kind, g, u, o, ff, tab);
     }
   });
   return out;

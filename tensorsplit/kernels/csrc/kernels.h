@@ -88,6 +88,8 @@ struct KernelTable {
   AttnFn attend;
 };
 
+const KernelTable& kernel_table();   // the chosen instruction set's (ops.cpp; TENSORSPLIT_ISA, use_isa)
+
 const KernelTable* kernels_avx512();
 const KernelTable* kernels_avx2();
 const KernelTable* kernels_scalar();

@@ -440,6 +440,9 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
 }
 
 }  // namespace
+
+const KernelTable& kernel_table() { return table(); }
+
 }  // namespace ts
 
 TORCH_LIBRARY(tensorsplit, m) {
