@@ -11,10 +11,11 @@
 # written by scripts/make_bench_models.py if missing; Gemma 3 270M Q4_K_M; SmolLM2-135M Q4_1).
 # WORLDS (default 1,2): tensorsplit world sizes; the workers share all cores (threads = cores / world).
 # PP (128), TG (32), REPS (3): llama-bench's pp<PP> and tg<TG>, timed REPS times after a warm-up.
+# DEPTH (0): KV-cache depths, a list as llama-bench's -d takes it (DEPTH=0,4096): every test at each.
 # TS_ARGS: more flags for tensorsplit bench. llama.cpp runs with as many threads as there are cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-WORLDS=${WORLDS:-1,2}; PP=${PP:-128}; TG=${TG:-32}; REPS=${REPS:-3}
+WORLDS=${WORLDS:-1,2}; PP=${PP:-128}; TG=${TG:-32}; REPS=${REPS:-3}; DEPTH=${DEPTH:-0}
 LLAMA_PY=${LLAMA_PY:-python3}
 THREADS=$(nproc)
 CACHE=${TENSORSPLIT_CACHE:-$HOME/.cache/tensorsplit}
@@ -33,11 +34,12 @@ for MODEL in "$@"; do
     i=$((i + 1))
     echo "bench_compare: $(basename "$MODEL")" >&2
     if [ -n "${LLAMA_BENCH:-}" ]; then
-        "$LLAMA_BENCH" -m "$MODEL" -p "$PP" -n "$TG" -r "$REPS" -t "$THREADS" -o json > "$OUT/llama$i.json"
+        "$LLAMA_BENCH" -m "$MODEL" -p "$PP" -n "$TG" -r "$REPS" -t "$THREADS" -d "$DEPTH" -o json > "$OUT/llama$i.json"
     else
+        [ "$DEPTH" = 0 ] || { echo "bench_compare: DEPTH needs llama-bench itself (LLAMA_BENCH)" >&2; exit 2; }
         "$LLAMA_PY" scripts/llamacpp_bench.py "$MODEL" -p "$PP" -n "$TG" -r "$REPS" -t "$THREADS" > "$OUT/llama$i.json"
     fi
-    .venv/bin/tensorsplit bench -m "$MODEL" --nproc-per-node "$WORLDS" -p "$PP" -n "$TG" -r "$REPS" ${TS_ARGS:-} \
+    .venv/bin/tensorsplit bench -m "$MODEL" --nproc-per-node "$WORLDS" -p "$PP" -n "$TG" -r "$REPS" -d "$DEPTH" ${TS_ARGS:-} \
         -o "$OUT/ts$i.json" >/dev/null
     echo "$MODEL" > "$OUT/name$i"
 done
@@ -50,7 +52,8 @@ for i in range(1, n + 1):
     ll = json.load(open(f"{out}/llama{i}.json"))
     if isinstance(ll, list):      # llama-bench -o json: one object per test
         ll = {"version": ll[0]["build_commit"], "threads": ll[0]["n_threads"],
-              "results": [{"test": f"pp{r['n_prompt']}" if r["n_prompt"] else f"tg{r['n_gen']}",
+              "results": [{"test": (f"pp{r['n_prompt']}" if r["n_prompt"] else f"tg{r['n_gen']}")
+                                   + (f" @ d{r['n_depth']}" if r.get("n_depth") else ""),
                            "tokens_per_s": r["avg_ts"], "stddev": r["stddev_ts"]} for r in ll]}
     ts = json.load(open(f"{out}/ts{i}.json"))
     ref = {r["test"]: r for r in ll["results"]}

@@ -199,6 +199,10 @@ def perplexity(ctx, model_arg, model, text_file, ctx_size, chunks, as_json, **_)
 @click.option("-p", "--n-prompt", default=512, show_default=True, type=int, help="Prompt tokens (pp test).")
 @click.option("-n", "--n-gen", default=128, show_default=True, type=int, help="Generated tokens (tg test).")
 @click.option("-r", "--repetitions", default=3, show_default=True, type=int, help="Timed runs per test.")
+@click.option("-d", "--n-depth", default="0", show_default=True, metavar="N[,N..]",
+              help="Positions already in the KV cache before each test, as llama-bench's -d: a list runs "
+                   "every test at each depth (-d 0,4096,16384). The cache is filled by prompt chunks of 512, "
+                   "untimed, once per depth.")
 @click.option("-o", "--output", "json_out", default=None, type=click.Path(dir_okay=False),
               help="Also write the JSON to this file.")
 @click.option("--profile", is_flag=True,
@@ -210,12 +214,14 @@ def perplexity(ctx, model_arg, model, text_file, ctx_size, chunks, as_json, **_)
                    "the world's own path (shared memory between the CPU ranks of a node) against plain Gloo.")
 @_world_options
 @click.pass_context
-def bench(ctx, model_arg, model, n_prompt, n_gen, repetitions, profile, comm, json_out, nproc_per_node, **_):
+def bench(ctx, model_arg, model, n_prompt, n_gen, repetitions, n_depth, profile, comm, json_out, nproc_per_node,
+          **_):
     """Prompt-processing and generation speed per world size (--nproc-per-node 1,2), as llama-bench;
-    with --comm, all-reduce latency per message size."""
+    at cache depths (-d 0,4096); with --comm, all-reduce latency per message size."""
     from .worker.process import in_worker
     ctx.params["model"] = model or model_arg
-    n_ctx = 16 if comm else max(n_prompt, n_gen) + 1
+    depths = _depths(n_depth)
+    n_ctx = 16 if comm else max(depths) + max(n_prompt, n_gen) + 1
     if in_worker():        # under torchrun: one world, whose size torchrun chose; rank 0 prints
         worlds = [None]
     else:
@@ -229,7 +235,8 @@ def bench(ctx, model_arg, model, n_prompt, n_gen, repetitions, profile, comm, js
         for n in worlds:
             from .coordinator.jobs import BenchJob, CommBenchJob
             out = Path(tmp) / f"world{n}.json"
-            job = CommBenchJob(200 * repetitions, out) if comm else BenchJob(n_prompt, n_gen, repetitions, out)
+            job = CommBenchJob(200 * repetitions, out) if comm else BenchJob(n_prompt, n_gen, repetitions, out,
+                                                                              tuple(depths))
             if n is not None:
                 say(f"{'all-reduce bench' if comm else 'bench'} with {n} worker(s)...")
             code = _run_world(ctx.params, job, n_ctx=n_ctx, nproc=n, profile=profile and not comm)
@@ -243,8 +250,20 @@ def bench(ctx, model_arg, model, n_prompt, n_gen, repetitions, profile, comm, js
         return _print_report({"worlds": results}, comm_table, json_out)
     from .report import bench_table
     model_name = Path(ctx.params["model"] or models.cache_dir() / models.KNOWN[models.DEFAULT].name).name
-    doc = {"model": model_name, "n_prompt": n_prompt, "n_gen": n_gen, "repetitions": repetitions, "worlds": results}
+    doc = {"model": model_name, "n_prompt": n_prompt, "n_gen": n_gen, "n_depth": depths, "repetitions": repetitions,
+           "worlds": results}
     return _print_report(doc, bench_table, json_out)
+
+
+def _depths(text: str) -> list[int]:
+    """-d's list: "0,4096" -> [0, 4096]; a bad entry is a usage error naming it."""
+    try:
+        depths = [int(x) for x in text.split(",") if x.strip() != ""]
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: expected depths like 0,4096", param_hint="-d/--n-depth") from None
+    if not depths or any(d < 0 for d in depths):
+        raise click.BadParameter(f"{text!r}: expected depths >= 0, like 0,4096", param_hint="-d/--n-depth")
+    return depths
 
 
 def _print_report(doc: dict, table, json_out) -> int:

@@ -148,6 +148,22 @@ def test_bench_prints_both_tables():
     assert all(res["tokens_per_s"] > 0 for w in doc["worlds"] for res in w["results"])
 
 
+def test_bench_at_depths_as_llama_bench():
+    """bench -d 0,40: every test at each cache depth, named as llama-bench names them ("tg2 @ d40"), with
+    the depth in the JSON; a bad depth list is a one-line usage error."""
+    r = run_cli("bench", "--nproc-per-node", "1", "-p", "8", "-n", "2", "-r", "1", "-d", "0,40")
+    assert r.returncode == 0, r.stderr
+    table, _, js = r.stdout.partition("\n\n")
+    doc = json.loads(js)
+    assert doc["n_depth"] == [0, 40]
+    (world,) = doc["worlds"]
+    assert [(x["test"], x["n_depth"]) for x in world["results"]] == [("pp8", 0), ("tg2", 0), ("pp8 @ d40", 40),
+                                                                       ("tg2 @ d40", 40)]
+    assert "| tg2 @ d40 |" in table and all(x["tokens_per_s"] > 0 for x in world["results"])
+    bad = run_cli("bench", "--nproc-per-node", "1", "-d", "0,x")
+    assert bad.returncode == 2 and "-d/--n-depth" in bad.stderr and "Traceback" not in bad.stderr
+
+
 def test_bench_comm_times_both_paths():
     """bench --comm: the shared-memory path and plain Gloo at every message size, as a table and JSON
     (times are reported, never asserted against each other)."""

@@ -113,52 +113,67 @@ class PerplexityJob:
 
 @dataclass(frozen=True)
 class BenchJob:
-    """llama-bench's tests: pp<N> = one prompt of N random tokens; tg<N> = N single-token decode steps."""
+    """llama-bench's tests: pp<N> = one prompt of N random tokens; tg<N> = N single-token decode steps; each
+    at every depth d (-d): after d positions of random tokens are in the cache (filled untimed, once per
+    depth, by prompt chunks of FILL_CHUNK), the test's tokens take positions d, d + 1, ..."""
     n_prompt: int
     n_gen: int
     repetitions: int
     result_file: Path
+    depths: tuple[int, ...] = (0,)
+
+    FILL_CHUNK = 512
 
     def __call__(self, engine, gf, cfg) -> int:
         gen = torch.Generator().manual_seed(1234)
         rows, profile = [], None
-        for test, n in (("pp", self.n_prompt), ("tg", self.n_gen)):
-            if n <= 0:
-                continue
-            times = []
-            for rep in range(self.repetitions + 1):    # the first run warms up and is not counted
-                ids = torch.randint(0, cfg.vocab_size, (n,), generator=gen).tolist()
-                if rep == 1 and test == "tg" and engine.profiled:
-                    engine.profile(reset=True)          # the timed decode steps only
-                t0 = time.perf_counter()
-                if test == "pp":   # the whole prompt in one step, only its last logits gathered
-                    engine.forward(torch.tensor(ids), torch.arange(n), torch.zeros(n, dtype=torch.int64),
-                                   torch.tensor([n - 1]))
-                elif engine.profiled:
-                    self._profiled_decode(engine, ids)
-                else:
-                    for pos, t in enumerate(ids):
-                        engine.forward(torch.tensor([t]), torch.tensor([pos]), torch.tensor([0]), torch.tensor([0]))
-                if rep:
-                    times.append(time.perf_counter() - t0)
-            if test == "tg" and engine.profiled:
-                profile = profile_rows(engine.profile(reset=True), sum(times) / (n * len(times)))
-            speeds = torch.tensor([n / t for t in times], dtype=torch.float64)
-            rows.append({"test": f"{test}{n}", "tokens_per_s": float(speeds.mean()),
-                         "stddev": float(speeds.std()) if len(times) > 1 else 0.0, "seconds": times})
+        for depth in self.depths:
+            self._fill(engine, depth, cfg, gen)
+            for test, n in (("pp", self.n_prompt), ("tg", self.n_gen)):
+                if n <= 0:
+                    continue
+                times = []
+                for rep in range(self.repetitions + 1):    # the first run warms up and is not counted
+                    ids = torch.randint(0, cfg.vocab_size, (n,), generator=gen).tolist()
+                    if rep == 1 and test == "tg" and engine.profiled:
+                        engine.profile(reset=True)          # the timed decode steps only
+                    t0 = time.perf_counter()
+                    if test == "pp":   # the whole prompt in one step, only its last logits gathered
+                        engine.forward(torch.tensor(ids), torch.arange(depth, depth + n),
+                                       torch.zeros(n, dtype=torch.int64), torch.tensor([n - 1]))
+                    elif engine.profiled:
+                        self._profiled_decode(engine, ids, depth)
+                    else:
+                        for pos, t in enumerate(ids, depth):
+                            engine.forward(torch.tensor([t]), torch.tensor([pos]), torch.tensor([0]), torch.tensor([0]))
+                    if rep:
+                        times.append(time.perf_counter() - t0)
+                if test == "tg" and engine.profiled and depth == self.depths[0]:
+                    profile = profile_rows(engine.profile(reset=True), sum(times) / (n * len(times)))
+                speeds = torch.tensor([n / t for t in times], dtype=torch.float64)
+                rows.append({"test": f"{test}{n}" + (f" @ d{depth}" if depth else ""), "n_depth": depth,
+                             "tokens_per_s": float(speeds.mean()),
+                             "stddev": float(speeds.std()) if len(times) > 1 else 0.0, "seconds": times})
         Path(self.result_file).write_text(json.dumps({
             "world": engine.world, "backend": engine.backend_name, "device": engine.device,
             "threads": torch.get_num_threads(), "weight_bytes_rank0": engine.weight_bytes,
             "results": rows} | ({"profile": profile} if profile is not None else {})))
         return 0
 
+    def _fill(self, engine, depth: int, cfg, gen) -> None:
+        """Positions [0, depth) of slot 0 written with random tokens, in prompt chunks (untimed)."""
+        for p0 in range(0, depth, self.FILL_CHUNK):
+            n = min(self.FILL_CHUNK, depth - p0)
+            ids = torch.randint(0, cfg.vocab_size, (n,), generator=gen)
+            engine.forward(ids, torch.arange(p0, p0 + n), torch.zeros(n, dtype=torch.int64), torch.tensor([n - 1]))
+
     @staticmethod
-    def _profiled_decode(engine, ids: list[int]) -> None:
+    def _profiled_decode(engine, ids: list[int], depth: int = 0) -> None:
         """The tg steps, each followed by what generate does with its logits: the default sampler picks a
         token (timed as rank 0's sampling; the step's token stays the random one, as llama-bench's)."""
         from .sampling import Sampler, SamplingParams
         sampler, history = Sampler(SamplingParams()), []
-        for pos, t in enumerate(ids):
+        for pos, t in enumerate(ids, depth):
             logits = engine.forward([t], [pos], [0], [0])       # lists: their tensors are made inside the step
             t0 = time.perf_counter_ns()
             history.append(sampler.sample(logits[0], history))
