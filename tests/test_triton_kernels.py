@@ -34,9 +34,8 @@ from tensorsplit.kernels.numerics import EXACT, LLAMACPP
 from tensorsplit.kernels.quants import QWeight
 from tensorsplit.kernels.torch_kernels import TorchKernels
 from tensorsplit.kernels.triton_kernels import TritonKernels
-from test_kernels import F16_FIELDS, QUANTS as ALL_QUANTS
+from test_kernels import F16_FIELDS, QUANTS
 
-QUANTS = [q for q in ALL_QUANTS if FORMATS[int(q)].gpu]      # MXFP4 has no Triton kernel yet
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ROWS_M = (1, 2, 3, 7, 16, 17, 40, 130)     # gemv up to 16, gemm beyond (tiles of 128 rows from 128)
 FP16_UNITS = 2 ** 14
@@ -93,7 +92,7 @@ def _qmatmul_on_kernels(x, w, numerics, wide=False):
     return y
 
 
-@pytest.mark.parametrize("qtype", QUANTS, ids=lambda q: q.name)
+@pytest.mark.parametrize("qtype", [q for q in QUANTS if q in F16_FIELDS], ids=lambda q: q.name)
 def test_edge_scales(qtype):
     """Zero, negative zero, the smallest and largest subnormal and the largest finite f16 in every f16
     field, next to ordinary blocks: the two-byte assembly of each field, at odd and even offsets."""
@@ -110,6 +109,44 @@ def test_edge_scales(qtype):
     ref, scale = matmul_exact(raw, qtype, x)
     assert np.isfinite(ref).all()
     _check(_run(raw, qtype, x, fp16_gemm=False), ref, scale, 8 + n_cols, f"{qtype.name} edge scales")
+
+
+@pytest.mark.parametrize("numerics", [LLAMACPP, EXACT], ids=["llamacpp", "exact"])
+def test_mxfp4_extreme_exponents(numerics):
+    """MXFP4 (no f16 field; an E8M0 exponent byte) at the ends of its range: rows of blocks with e = 0..5
+    (scales 2^-128 .. 2^-123, the first two float32 subnormals), rows with e = 200..205 (2^72 .. 2^77,
+    weights fp16 cannot hold), rows mixing both, through the gemv (1, 3, 16 x rows) and the gemm (40: fp16
+    operands under llamacpp numerics, float32 under exact), on 5 blocks a row (85 bytes: every other
+    row and block starts at an odd byte).
+
+    The bound is _check's plus an absolute (8 + K) * 2^-149, as for the torch path
+    (tests/test_kernels.py test_mxfp4_extreme_exponents): where products are float32 subnormals, each
+    operation is exact only to 2^-150. The reference is the exact product of the operands (under
+    llamacpp numerics of the q8_0-rounded input), which the Triton path promises, not ggml's rounded
+    float32 block scale d_x * 2^(e - 128) (kernel_reference.matmul_llamacpp_mxfp4)."""
+    rng = np.random.default_rng(139 + (numerics is LLAMACPP))
+    n_rows, n_blocks = 37, 5
+    n_cols = 32 * n_blocks
+    blocks = rng.integers(0, 256, (n_rows, n_blocks, 17), dtype=np.uint8)
+    small, large = np.arange(0, 6), np.arange(200, 206)
+    for r in range(n_rows):
+        blocks[r, :, 0] = rng.choice((small, large, np.concatenate([small, large]))[r % 3], n_blocks)
+    blocks[0, :, 0] = (0, 1, 0, 1, 0)                   # only the two subnormal scales
+    blocks[1, :, 0] = (205, 204, 205, 204, 205)
+    raw = blocks.reshape(n_rows, -1)
+    w = QWeight.from_numpy(raw, Q.MXFP4, n_rows, n_cols, name="w.MXFP4").to(DEVICE)
+    x_all = (rng.standard_normal((40, n_cols)) * 10.0 ** rng.uniform(-3, 1, (40, 1))).astype(np.float32)
+    x_all[0, :32] = 0.0
+    x_all[1] *= 1e-3 / np.abs(x_all[1]).max()
+    for m in (1, 3, 16, 40):
+        x = x_all[:m]
+        ref, scale = _reference(raw, Q.MXFP4, x, numerics)
+        assert np.isfinite(ref).all() and np.isfinite(scale).all()
+        y = _qmatmul_on_kernels(torch.from_numpy(x).to(DEVICE), w, numerics)
+        err = np.abs(y.cpu().numpy().astype(np.float64) - ref)
+        bound = _bound_units(n_cols, m, numerics is LLAMACPP) * EPS32 * scale + (8 + n_cols) * 2.0 ** -149
+        worst = float((err / bound).max())
+        assert worst <= 1.0, f"MXFP4 extreme exponents M={m} {numerics.mode}: error {err.max():.3g} is {worst:.2f} x the bound"
 
 
 @pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q6_K, Q.Q4_K, Q.IQ4_XS, Q.Q2_K, Q.Q3_K], ids=lambda q: q.name)

@@ -17,7 +17,6 @@ class Format:
     tile_block: int    # bytes of 16 rows of one block column in the tiled layout
     act: str | None    # activation quantization of the integer kernel: "q8_0", "q8_1", "q8_k"; None: float
     has_min: bool = False   # a float offset per group (w = s * q + o): the kernel needs sum(x) per group
-    gpu: bool = True        # the Triton kernels (gpu/) have it too; else a GPU rank takes the torch path
 
 
 FORMATS: dict[int, Format] = {
@@ -34,7 +33,7 @@ FORMATS: dict[int, Format] = {
     QType.Q6_K: Format(256, 210, 16, 3360, "q8_k"),
     QType.IQ4_XS: Format(256, 136, 32, 2208, "q8_k"),
     # the E8M0 exponent bytes kept as they are (no f16 holds 2^-128 .. 2^127; csrc/layout.h MXFP4)
-    QType.MXFP4: Format(32, 17, 32, 272, "q8_0", gpu=False),
+    QType.MXFP4: Format(32, 17, 32, 272, "q8_0"),
     QType.F16: Format(1, 2, 1, 32, None),
     QType.BF16: Format(1, 2, 1, 32, None),
 }

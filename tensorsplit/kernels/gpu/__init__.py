@@ -44,7 +44,7 @@ def unavailable() -> bool:
 def handles(w) -> bool:
     """A weight the kernels have a format for: GGUF-layout quantized blocks (float weights go to the BLAS)."""
     f = FORMATS.get(int(w.qtype))
-    return w.layout == "gguf" and f is not None and f.act is not None and f.gpu and w.data.dtype.itemsize == 1
+    return w.layout == "gguf" and f is not None and f.act is not None and w.data.dtype.itemsize == 1
 
 
 def qmatmul(x2, w, fp16_gemm: bool):

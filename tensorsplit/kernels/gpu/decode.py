@@ -1,7 +1,7 @@
 """Triton device functions that decode GGUF blocks in place: one weight element per lane, read
 straight from the block bytes as they are in the file (no repacking, no dequantized copy). The
 gemv and gemm use this for Q2_K and Q3_K, whose 2-bit codes gemv.py and tiles.py do not read in
-words; the byte helpers (_u8, _f16, _k4_scale_min) serve those files too.
+words; the byte helpers (_u8, _f16, _e8m0_half, _k4_scale_min) serve those files too.
 
 `decode(row_base, cols, mask, FMT, QK, TS)` -> float32 (BLOCK_N, KC): the weights of BLOCK_N rows
 at columns `cols` (1, KC). row_base (BLOCK_N, 1) points at each row's first byte; a row is K / QK
@@ -33,6 +33,16 @@ def _f16(p, m):
     lo = tl.load(p, mask=m, other=0).to(tl.uint16)
     hi = tl.load(p + 1, mask=m, other=0).to(tl.uint16)
     return (lo | (hi << 8)).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _e8m0_half(e):
+    """MXFP4's block scale 2^(e - 128) for E8M0 bytes e (int32, 0..255) as float32, exactly, built from
+    its bits as ggml's GGML_E8M0_TO_FP32_HALF builds it: from e = 2 on the exponent field e - 1 (up to
+    2^127 at e = 255); e = 0, 1 are the subnormals 2^-128, 2^-127 (bit 21, bit 22). No exp2: its
+    hardware approximation need not be exact, and may flush subnormals."""
+    bits = tl.where(e < 2, 0x00200000 << (e & 1), (e - 1) << 23)
+    return bits.to(tl.float32, bitcast=True)
 
 
 @triton.jit

@@ -3,14 +3,16 @@ ROCm. `launch_config` picks the kernel by the number of x rows M and the format:
 
   gemv (M <= GEMV_MAX_ROWS, decode steps): a program owns BLOCK_N weight rows and one range of K and
       reads each block once for all M rows, multiplying in float32. gemv.py's kernel loads 16-bit
-      words for every format but Q2_K / Q3_K; those two take _gemv_kernel here, one element per lane
-      (decode.py). When the rows alone make too few programs to keep every multiprocessor reading (a
-      2048-row weight is 16 programs of 128 rows), K is split in ranges, and torch adds the ranges'
-      partial sums (one small op).
+      words (MXFP4: bytes) for every format but Q2_K / Q3_K; those two take _gemv_kernel here, one
+      element per lane (decode.py). When the rows alone make too few programs to keep every
+      multiprocessor reading (a 2048-row weight is 16 programs of 128 rows), K is split in ranges,
+      and torch adds the ranges' partial sums (one small op).
   gemm (more rows, prompt chunks): (BLOCK_M, BLOCK_N) output tiles; each K step decodes a (BLOCK_N, 32)
       weight tile in registers (tiles.py from word loads, decode.py for Q2_K / Q3_K) and feeds tl.dot
       with float32 accumulation: operands in fp16 for numerics "llamacpp" (as llama.cpp's GPU backends
-      multiply prompts), in float32 (ieee) for "exact".
+      multiply prompts), in float32 (ieee) for "exact". MXFP4's tile is its codes' values, and each
+      row's power-of-two block scale multiplies the step's dot (a K step is one MXFP4 block): fp16
+      holds the values exactly, but not weights from 2^-128 to 12 * 2^127.
 
 No dequantized copy of a weight is ever written, not even a tile. The block sizes are chosen from the
 compiled code's registers and instruction counts (offline.py), not yet tuned on a GPU
@@ -24,9 +26,10 @@ import triton.language as tl
 
 from ..layout import FORMATS
 from ..layout import IQ4_LEVELS
+from ..quants.formats_mx import E2M1_DOUBLED
 from .decode import decode
 from .gemv import UNITS, gemv_words_kernel
-from .tiles import WORD_TILE_FORMATS, word_tile
+from .tiles import WORD_TILE_FORMATS, mx_tile, word_tile
 
 GEMV_MAX_ROWS = 16
 # programs the gemv aims for per multiprocessor before it splits K (enough loads in flight to stream)
@@ -40,7 +43,7 @@ GEMM_BLOCKS_F32 = (32, 64, 32)
 GEMM_WARPS = 8               # 4 spilled the K-quant decode on sm_90 (offline.py)
 GEMV_WARPS = 4
 
-_levels: dict = {}        # device -> the IQ4 levels (layout.IQ4_LEVELS) as a float32 tensor
+_tables: dict = {}        # (device, MXFP4 or not) -> the 16 values of a 4-bit code, a float32 tensor
 _sm_count: dict = {}
 
 
@@ -86,24 +89,37 @@ def _gemm_kernel(x_ptr, w_ptr, tab_ptr, y_ptr, M, N, K, row_bytes,
     x_rows = x_ptr + ms.to(tl.int64)[:, None] * K
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for c in range(0, K, KC):
-        if WORDS:
-            w, perm = word_tile(row_base, c, row_ok[:, None], tab_ptr, FMT, QK, TS)       # (BLOCK_N, 32)
+        if FMT == 39:     # MXFP4: the dot on the codes' values, then each row's 2^(e - 128) (exact)
+            v, perm, s = mx_tile(row_base, c, row_ok[:, None], tab_ptr)                  # (BLOCK_N, 32)
             x = tl.load(x_rows + c + perm, mask=m_ok[:, None], other=0.0)               # (BLOCK_M, 32)
+            if FP16:
+                dot = tl.dot(x.to(tl.float16), tl.trans(v.to(tl.float16)))
+            else:
+                dot = tl.dot(x, tl.trans(v), input_precision="ieee")
+            acc += dot * tl.reshape(s, (1, BLOCK_N))
         else:
-            cols = c + kk[None, :]
-            w = decode(row_base, cols, row_ok[:, None], FMT, QK, TS)                    # (BLOCK_N, KC)
-            x = tl.load(x_rows + cols, mask=m_ok[:, None], other=0.0)                   # (BLOCK_M, KC)
-        if FP16:
-            acc += tl.dot(x.to(tl.float16), tl.trans(w.to(tl.float16)))
-        else:
-            acc += tl.dot(x, tl.trans(w), input_precision="ieee")
+            if WORDS:
+                w, perm = word_tile(row_base, c, row_ok[:, None], tab_ptr, FMT, QK, TS)   # (BLOCK_N, 32)
+                x = tl.load(x_rows + c + perm, mask=m_ok[:, None], other=0.0)           # (BLOCK_M, 32)
+            else:
+                cols = c + kk[None, :]
+                w = decode(row_base, cols, row_ok[:, None], FMT, QK, TS)                # (BLOCK_N, KC)
+                x = tl.load(x_rows + cols, mask=m_ok[:, None], other=0.0)               # (BLOCK_M, KC)
+            if FP16:
+                acc += tl.dot(x.to(tl.float16), tl.trans(w.to(tl.float16)))
+            else:
+                acc += tl.dot(x, tl.trans(w), input_precision="ieee")
     tl.store(y_ptr + ms.to(tl.int64)[:, None] * N + rows[None, :], acc, mask=m_ok[:, None] & row_ok[None, :])
 
 
-def _levels_on(device: torch.device) -> torch.Tensor:
-    t = _levels.get(device)
+def _table_on(type_id: int, device: torch.device) -> torch.Tensor:
+    """tab_ptr of the kernels: MXFP4's doubled E2M1 values (quants/formats_mx.py), else the IQ4 levels
+    (layout.IQ4_LEVELS; formats without a table never read it)."""
+    key = (device, type_id == 39)
+    t = _tables.get(key)
     if t is None:
-        t = _levels[device] = torch.tensor(IQ4_LEVELS, dtype=torch.float32, device=device)
+        t = _tables[key] = torch.tensor(E2M1_DOUBLED if type_id == 39 else IQ4_LEVELS, dtype=torch.float32,
+                                        device=device)
     return t
 
 
@@ -159,7 +175,7 @@ def launch_config(type_id: int, m: int, fp16_gemm: bool) -> tuple[str, object, d
         block_m = 2 * block_m if m >= GEMM_TALL else block_m
     else:
         block_m, block_n, kc = GEMM_BLOCKS_F32
-    assert type_id in WORD_TILE_FORMATS or type_id in (10, 11), type_id
+    assert type_id in WORD_TILE_FORMATS or type_id in (10, 11, 39), type_id
     return "gemm", _gemm_kernel, dict(FMT=type_id, QK=f.block, TS=f.block_bytes, FP16=fp16_gemm,
                                       WORDS=type_id in WORD_TILE_FORMATS, BLOCK_M=block_m, BLOCK_N=block_n, KC=kc)
 
@@ -178,7 +194,7 @@ def qmatmul(x2: torch.Tensor, data: torch.Tensor, type_id: int, n_rows: int, n_c
     if name == "gemm":
         y = torch.empty((m, n_rows), dtype=torch.float32, device=x2.device)
         grid = (triton.cdiv(m, const["BLOCK_M"]), triton.cdiv(n_rows, const["BLOCK_N"]))
-        kernel[grid](x2, data, _levels_on(x2.device), y, m, n_rows, n_cols, data.shape[1], **const,
+        kernel[grid](x2, data, _table_on(type_id, x2.device), y, m, n_rows, n_cols, data.shape[1], **const,
                      num_warps=GEMM_WARPS)
         return y
     # a gemv: K in ranges of whole steps (a unit of the word kernel, KC columns of the other; both
@@ -191,7 +207,7 @@ def qmatmul(x2: torch.Tensor, data: torch.Tensor, type_id: int, n_rows: int, n_c
     y = torch.empty((n_split, m, n_rows), dtype=torch.float32, device=x2.device)
     grid = (triton.cdiv(n_rows, const["BLOCK_N"]), n_split)
     if name == "gemv_words":
-        kernel[grid](x2, data, _levels_on(x2.device), y, m, n_rows, n_cols, data.shape[1], per_split, **const,
+        kernel[grid](x2, data, _table_on(type_id, x2.device), y, m, n_rows, n_cols, data.shape[1], per_split, **const,
                      num_warps=GEMV_WARPS)
     else:
         kernel[grid](x2, data, y, m, n_rows, n_cols, data.shape[1], per_split * step, **const,

@@ -123,7 +123,7 @@ def compile_all(targets=("sm_90",), type_ids=None, rows=ROWS, jobs: int | None =
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("offline compilation needs TRITON_INTERPRET unset")
     from .matmul import GEMV_MAX_ROWS
-    type_ids = type_ids or sorted(t for t, f in FORMATS.items() if f.act is not None and f.gpu)
+    type_ids = type_ids or sorted(t for t, f in FORMATS.items() if f.act is not None)
     # prompt-sized rows run the gemm, in fp16 (llamacpp numerics) or float32 (--numerics exact)
     work = [(t, q, m, fp16) for t in targets for q in type_ids for m in rows
             for fp16 in ((True, False) if m > GEMV_MAX_ROWS else (True,))]

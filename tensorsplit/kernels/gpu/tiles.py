@@ -10,17 +10,23 @@ byte gathers of decode.py (offline.py counts both).
 `word_tile(row_base, c, row_ok, tab_ptr, FMT, QK, TS)` -> (w (BLOCK_N, 32) float32, perm (1, 32)
 int32): columns c .. c + 31 (c a multiple of 32) of the rows at row_base; column f of w is element
 c + perm[f] of the row.
+
+`mx_tile(row_base, c, row_ok, tab_ptr)` -> (v, perm, s): MXFP4, from byte loads (its 17-byte blocks
+start at odd bytes every other block). v (BLOCK_N, 32) are the codes' doubled E2M1 values, unscaled
+(small integers, exact in fp16), s (BLOCK_N, 1) each row's block scale 2^(e - 128): the gemm applies
+s after the dot, since the weights range from 2^-128 to 12 * 2^127 and fp16 holds neither end.
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-from .decode import _f16, _k4_scale_min
+from .decode import _e8m0_half, _f16, _k4_scale_min, _u8
 from .gemv import UNITS, _nibble_code, _nibble_words, _w16
 
-# formats word_tile decodes: those gemv.py reads in words (Q2_K, Q3_K go through decode.py)
-WORD_TILE_FORMATS = tuple(UNITS)
+# formats word_tile decodes: those gemv.py reads in words (Q2_K, Q3_K go through decode.py, MXFP4
+# through mx_tile)
+WORD_TILE_FORMATS = tuple(t for t in UNITS if t != 39)
 
 
 @triton.jit
@@ -111,3 +117,16 @@ def word_tile(row_base, c, row_ok, tab_ptr, FMT: tl.constexpr, QK: tl.constexpr,
         else:                                          # Q4_1, Q5_1: d * q + m
             return _nibble_order(d * q0.to(tl.float32) + mn, d * q1.to(tl.float32) + mn,
                                  d * q2.to(tl.float32) + mn, d * q3.to(tl.float32) + mn)
+
+
+@triton.jit
+def mx_tile(row_base, c, row_ok, tab_ptr):
+    """The MXFP4 block of columns c .. c + 31: byte i holds elements i (low nibble) and i + 16 (high),
+    so column f of v is element f // 2 + 16 (f % 2)."""
+    b = row_base + (c // 32) * 17
+    q = _u8(b + 1 + tl.arange(0, 16)[None, :], row_ok)                  # (BLOCK_N, 16)
+    lo = tl.load(tab_ptr + (q & 15))
+    hi = tl.load(tab_ptr + (q >> 4))
+    v = tl.reshape(tl.join(lo, hi), (lo.shape[0], 32))
+    f = tl.arange(0, 32)[None, :]
+    return v, f // 2 + 16 * (f % 2), _e8m0_half(_u8(b, row_ok))
