@@ -130,9 +130,10 @@ def test_kv_cache_follows_the_mode(tmp_path):
         assert cache.k.dtype == cache.v.dtype == dtype, mode
 
 
-def _attention_like_ggml(q, k, v, scale, q_prescaled, window):
+def _attention_like_ggml(q, k, v, scale, q_prescaled, window, sinks=None):
     """float64 numpy attention of one sequence from position 0, rounding where ggml does: q (n, H, hd),
-    k and v (n, KV, hd) float32 -> (n, H, hd)."""
+    k and v (n, KV, hd) float32 -> (n, H, hd). sinks (H,): a logit per head in each softmax row's max
+    and sum (ggml_soft_max_add_sinks)."""
     f16 = lambda a: a.astype(np.float16).astype(np.float64)  # noqa: E731
     n, H, _ = q.shape
     group = H // k.shape[1]
@@ -146,8 +147,10 @@ def _attention_like_ggml(q, k, v, scale, q_prescaled, window):
         else:                                                        # the others: soft_max_ext's scale
             s = (f16(q[:, h]) @ kh.T) * scale
         s = np.where(allowed, s, -np.inf)
-        p = np.exp(s - s.max(-1, keepdims=True))
-        out[:, h] = f16(p / p.sum(-1, keepdims=True)) @ vh
+        m = s.max(-1, keepdims=True) if sinks is None else np.maximum(s.max(-1, keepdims=True), sinks[h])
+        p = np.exp(s - m)
+        total = p.sum(-1, keepdims=True) + (0.0 if sinks is None else np.exp(sinks[h] - m))
+        out[:, h] = f16(p / total) @ vh
     return out
 
 
@@ -196,6 +199,45 @@ def test_attention_rounds_like_ggml(q_prescaled, window, native):
     stored = cache.k_ring[0, 0] if window else cache.k[0, 0, :n]     # the ring holds the last 8 positions
     assert torch.equal(stored, torch.from_numpy(k[n - 8:] if window else k).half())
     assert _rows_off(_attention_like_ggml(q, k, v, scale, not q_prescaled, window), ref) > 48
+
+
+@pytest.mark.parametrize("sinks", [False, True], ids=["plain", "sinks"])
+@pytest.mark.parametrize("window", [0, 600], ids=["global", "ring"])
+def test_decode_attention_at_depth_splits_positions_across_threads(window, sinks):
+    """Decode steps at 700-707 positions: the native op splits each head's positions into chunks of 256
+    that the threads share, merges their softmax in chunk order, and serves every q head of a KV head
+    (4 per group here) from one read of each key. Against the float64 reference (llama.cpp's roundings;
+    with sinks as gpt-oss has them, and a ring of 600 that spans the chunks), and bit for bit the same
+    at 1 and 2 threads."""
+    if not kernels.native():
+        pytest.fail("the native kernels did not build")
+    g = np.random.default_rng(11)
+    n, H, KV, hd, n_prefill = 708, 8, 2, 64, 700
+    q = (g.standard_normal((n, H, hd)) * 2).astype(np.float32)
+    k = (g.standard_normal((n, KV, hd)) * 2).astype(np.float32)
+    v = g.standard_normal((n, KV, hd)).astype(np.float32)
+    sink = (g.standard_normal(H) * 3).astype(np.float32) if sinks else None
+    scale = 1 / np.sqrt(hd)
+    ref = _attention_like_ggml(q, k, v, scale, False, window, None if sink is None else sink.astype(np.float64))
+    runs = []
+    threads = torch.get_num_threads()
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            cpu = choose_kernels("cpu", LLAMACPP)
+            attn = Attention((0, H), (0, KV), H // KV, hd, cpu, scale=scale)
+            cache = KVCache(1, 1, 1024, KV, hd, "cpu", torch.float16, windows=(window,))
+            extra = () if sink is None else (torch.from_numpy(sink),)
+            attn(*(torch.from_numpy(x[:n_prefill]) for x in (q, k, v)), cache, 0, torch.arange(n_prefill),
+                 torch.zeros(n_prefill, dtype=torch.long), *extra)
+            steps = [attn(*(torch.from_numpy(x[p:p + 1]) for x in (q, k, v)), cache, 0, torch.tensor([p]),
+                          torch.zeros(1, dtype=torch.long), *extra) for p in range(n_prefill, n)]
+            runs.append(torch.cat(steps).double().numpy().reshape(n - n_prefill, H, hd))
+    finally:
+        torch.set_num_threads(threads)
+    assert np.array_equal(runs[0], runs[1])
+    # of 64 rows: a probability that rounds to the other f16 neighbour moves a row by one f16 step of it
+    assert _rows_off(runs[0], ref[n_prefill:]) <= 3 and np.abs(runs[0] - ref[n_prefill:]).max() < 1e-3
 
 
 @pytest.mark.parametrize("base,dims,freq_scale,factors", [

@@ -11,6 +11,12 @@
 // rounded to f16, or with scale_scores q rounded unscaled and the score scaled, as llama.cpp's graphs
 // for llama / qwen do it in the softmax), softmax with a double sum as ggml's (exp(s - max) / sum), probabilities
 // rounded to f16 under llama.cpp numerics, then sum_j p_j v_j in float.
+// Decode steps split the positions into chunks of a fixed length (AttnArgs::chunk), so that the threads
+// share one head's positions at depth: phase 1 gives each chunk its max and its sum of exp(s - max), the
+// op merges them in chunk order (the global max m; the sum l = sum_c l_c exp(m_c - m); each chunk's
+// factor exp(m_c - m) / l), phase 2 weights the values, and the chunks' outputs are added in chunk order.
+// The chunks do not depend on the thread count, and neither do the bits. With one chunk (positions <=
+// chunk) this is the single pass exp(s - max) / sum exactly.
 #pragma once
 #include <math.h>
 #include <stdint.h>
@@ -64,69 +70,118 @@ static inline void scale_round(float* dst, const float* src, float mul, int r16,
   for (; i < n; ++i) dst[i] = r16 ? round16(src[i] * mul) : src[i] * mul;
 }
 
+// The keys a token reads, position pj of [lo, p]: from the cache, or this step's own (rounded as the cache
+// stores them, into tmp). Returns a row of f16 (*f16 = 1) or float32 values.
+static inline const uint8_t* key_or_value(const ts::AttnArgs& a, const float* fresh, const uint8_t* base,
+                                          int64_t t, int64_t kh, int64_t pj, int64_t p0, int64_t row_bytes,
+                                          float* tmp, int* f16) {
+  if (pj < p0) {
+    *f16 = a.cache_f16;
+    return base + (a.window ? pj % a.cap : pj) * row_bytes;
+  }
+  const float* src = fresh + ((a.first[t] + (pj - p0)) * a.KH + kh) * a.hd;
+  for (int64_t d = 0; d < a.hd; ++d) tmp[d] = a.cache_f16 ? round16(src[d]) : src[d];
+  *f16 = 0;
+  return (const uint8_t*)tmp;
+}
+
+// Phase 1 of a decode step's attention, per unit (token, KV head, chunk of CHUNK positions): for each q
+// head of the KV head's group, the scores of the chunk's positions, their max, e_j = exp(s_j - max) and
+// their sum in double. Each key row is converted once for the whole group.
 template <class S>
-static void attend_items(const ts::AttnArgs& a, int64_t i0, int64_t i1, int thread) {
+static void attend_scores(const ts::AttnArgs& a, int64_t u0, int64_t u1, int thread) {
   using VF = typename S::VF;
   constexpr int L = S::LANES;
-  const int64_t hd = a.hd, esz = a.cache_f16 ? 2 : 4;
-  const int64_t row_bytes = a.KH * hd * esz;                 // one position of the cache, all KV heads
-  float* scores = a.scratch + (int64_t)thread * a.scratch_stride;
-  float* qs = scores + (a.scratch_stride - 2 * hd);          // the scaled query
-  float* tmp = qs + hd;                                      // a new key / value rounded like the cache
-  for (int64_t it = i0; it < i1; ++it) {
-    const int64_t t = a.tokens[it / a.H], h = it % a.H, kh = a.kv_of_q[h];
+  const int64_t hd = a.hd, esz = a.cache_f16 ? 2 : 4, row_bytes = a.KH * hd * esz;
+  float* qs = a.scratch + (int64_t)thread * a.scratch_stride;      // the group's scaled queries (g, hd)
+  float* krow = qs + a.H * hd;                                      // one key, as float
+  float* tmp = krow + hd;
+  for (int64_t u = u0; u < u1; ++u) {
+    const ts::AttnUnit& un = a.units[u];
+    const int64_t ti = un.ti, t = a.tokens[ti], kh = un.kh;
     const int64_t p = a.pos[t], sl = a.slot[t];
-    const float* qrow = a.q + (t * a.H + h) * hd;
-    scale_round<S>(qs, qrow, a.scale_scores ? 1.0f : a.scale, a.round16, hd);
-    const float score_scale = a.scale_scores ? a.scale : 1.0f;
     const int64_t lo = a.window ? (p - a.window + 1 > 0 ? p - a.window + 1 : 0) : 0;
-    const int64_t p0 = a.window ? a.pos[a.first[t]] : p + 1;  // positions >= p0 come from the step (rings)
+    const int64_t p0 = a.window ? a.pos[a.first[t]] : p + 1;
+    const int64_t j0 = un.c * a.chunk, nk = p - lo + 1, j1 = j0 + a.chunk < nk ? j0 + a.chunk : nk;
+    const int64_t h0 = a.group_start[kh], g = a.group_start[kh + 1] - h0;
+    for (int64_t i = 0; i < g; ++i) {
+      const int64_t h = a.group_heads[h0 + i];
+      scale_round<S>(qs + i * hd, a.q + (t * a.H + h) * hd, a.scale_scores ? 1.0f : a.scale, a.round16, hd);
+    }
+    const float score_scale = a.scale_scores ? a.scale : 1.0f;
     const uint8_t* kbase = (const uint8_t*)a.k_cache + sl * a.cap * row_bytes + kh * hd * esz;
-    const uint8_t* vbase = (const uint8_t*)a.v_cache + sl * a.cap * row_bytes + kh * hd * esz;
-    const int64_t nk = p - lo + 1;
-    // scores
-    float mx = -INFINITY;
-    for (int64_t j = 0; j < nk; ++j) {
-      const int64_t pj = lo + j;
-      float s;
-      if (pj < p0) {
-        const int64_t idx = a.window ? pj % a.cap : pj;
-        s = dot_row<S>(qs, kbase + idx * row_bytes, a.cache_f16, hd);
-      } else {                                                // this step's key, rounded as the cache stores it
-        const float* kn = a.k_new + ((a.first[t] + (pj - p0)) * a.KH + kh) * hd;
-        scale_round<S>(tmp, kn, 1.0f, a.cache_f16, hd);
-        s = dot_row<S>(qs, (const uint8_t*)tmp, 0, hd);
+    for (int64_t j = j0; j < j1; ++j) {
+      int f16;
+      const uint8_t* k = key_or_value(a, a.k_new, kbase, t, kh, lo + j, p0, row_bytes, tmp, &f16);
+      if (f16) {                                                      // converted once for the group
+        int64_t d = 0;
+        for (; d + L <= hd; d += L) S::storef(krow + d, S::f16(k + 2 * d));
+        for (; d < hd; ++d) krow[d] = ts::f16_to_f32(ts::rd16(k + 2 * d));
+        k = (const uint8_t*)krow;
       }
-      s *= score_scale;
-      scores[j] = s;
-      mx = s > mx ? s : mx;
+      for (int64_t i = 0; i < g; ++i) {
+        const int64_t h = a.group_heads[h0 + i];
+        a.sbuf[a.soff[ti * a.H + h] + j] = dot_row<S>(qs + i * hd, k, 0, hd) * score_scale;
+      }
     }
-    // softmax: exp(s - max), summed in double as ggml does; a sink counts in the max and the sum only
-    const float sink = a.sinks ? a.sinks[h] : -INFINITY;
-    if (a.sinks) mx = sink > mx ? sink : mx;
-    double sum = 0.0;
-    int64_t j = 0;
-    for (; j + L <= nk; j += L) {
-      const VF e = S::exp_neg(S::add(S::loadf(scores + j), S::setf(-mx)));
-      S::storef(scores + j, e);
+    for (int64_t i = 0; i < g; ++i) {
+      const int64_t h = a.group_heads[h0 + i];
+      float* sc = a.sbuf + a.soff[ti * a.H + h];
+      float mx = -INFINITY;
+      for (int64_t j = j0; j < j1; ++j) mx = sc[j] > mx ? sc[j] : mx;
+      // exp(s - max) in vectors from the chunk's start (a multiple of L: the same lanes as one pass over
+      // all positions would take), the tail in expf; summed in double as ggml does
+      int64_t j = j0;
+      for (; j + L <= j1; j += L) S::storef(sc + j, S::exp_neg(S::add(S::loadf(sc + j), S::setf(-mx))));
+      for (; j < j1; ++j) sc[j] = expf(sc[j] - mx);
+      double sum = 0.0;
+      for (j = j0; j < j1; ++j) sum += sc[j];
+      const int64_t ci = a.coff[ti] + h * a.n_chunks[ti] + un.c;
+      a.cmax[ci] = mx;
+      a.csum[ci] = sum;
     }
-    for (; j < nk; ++j) scores[j] = expf(scores[j] - mx);
-    for (j = 0; j < nk; ++j) sum += scores[j];
-    if (a.sinks) sum += (double)expf(sink - mx);
-    scale_round<S>(scores, scores, (float)(1.0 / sum), a.round16, nk);   // the probabilities
-    // output
-    float* o = a.out + (t * a.H + h) * hd;
-    for (int64_t d = 0; d < hd; ++d) o[d] = 0.0f;
-    for (j = 0; j < nk; ++j) {
-      const float pr = scores[j];
-      const int64_t pj = lo + j;
-      if (pj < p0) {
-        const int64_t idx = a.window ? pj % a.cap : pj;
-        axpy_row<S>(o, pr, vbase + idx * row_bytes, a.cache_f16, hd);
-      } else {
-        const float* vn = a.v_new + ((a.first[t] + (pj - p0)) * a.KH + kh) * hd;
-        scale_round<S>(tmp, vn, 1.0f, a.cache_f16, hd);
-        axpy_row<S>(o, pr, (const uint8_t*)tmp, 0, hd);
+  }
+}
+
+// Phase 2, per unit: the probabilities p_j = e_j * factor (the chunk's share of the softmax, merged over
+// chunks between the phases), rounded to f16 under llama.cpp numerics, and the chunk's sum_j p_j v_j per q
+// head of the group, in position order. Each value row is converted once for the group.
+template <class S>
+static void attend_values(const ts::AttnArgs& a, int64_t u0, int64_t u1, int thread) {
+  constexpr int L = S::LANES;
+  const int64_t hd = a.hd, esz = a.cache_f16 ? 2 : 4, row_bytes = a.KH * hd * esz;
+  float* vrow = a.scratch + (int64_t)thread * a.scratch_stride + a.H * hd;
+  float* tmp = vrow + hd;
+  for (int64_t u = u0; u < u1; ++u) {
+    const ts::AttnUnit& un = a.units[u];
+    const int64_t ti = un.ti, t = a.tokens[ti], kh = un.kh;
+    const int64_t p = a.pos[t], sl = a.slot[t];
+    const int64_t lo = a.window ? (p - a.window + 1 > 0 ? p - a.window + 1 : 0) : 0;
+    const int64_t p0 = a.window ? a.pos[a.first[t]] : p + 1;
+    const int64_t j0 = un.c * a.chunk, nk = p - lo + 1, j1 = j0 + a.chunk < nk ? j0 + a.chunk : nk;
+    const int64_t h0 = a.group_start[kh], g = a.group_start[kh + 1] - h0;
+    for (int64_t i = 0; i < g; ++i) {
+      const int64_t h = a.group_heads[h0 + i];
+      const int64_t ci = a.coff[ti] + h * a.n_chunks[ti] + un.c;
+      float* sc = a.sbuf + a.soff[ti * a.H + h];
+      scale_round<S>(sc + j0, sc + j0, a.factor[ci], a.round16, j1 - j0);
+      float* o = a.opart + ci * hd;
+      for (int64_t d = 0; d < hd; ++d) o[d] = 0.0f;
+    }
+    const uint8_t* vbase = (const uint8_t*)a.v_cache + sl * a.cap * row_bytes + kh * hd * esz;
+    for (int64_t j = j0; j < j1; ++j) {
+      int f16;
+      const uint8_t* v = key_or_value(a, a.v_new, vbase, t, kh, lo + j, p0, row_bytes, tmp, &f16);
+      if (f16) {
+        int64_t d = 0;
+        for (; d + L <= hd; d += L) S::storef(vrow + d, S::f16(v + 2 * d));
+        for (; d < hd; ++d) vrow[d] = ts::f16_to_f32(ts::rd16(v + 2 * d));
+        v = (const uint8_t*)vrow;
+      }
+      for (int64_t i = 0; i < g; ++i) {
+        const int64_t h = a.group_heads[h0 + i];
+        const int64_t ci = a.coff[ti] + h * a.n_chunks[ti] + un.c;
+        axpy_row<S>(a.opart + ci * hd, a.sbuf[a.soff[ti * a.H + h] + j], v, 0, hd);
       }
     }
   }

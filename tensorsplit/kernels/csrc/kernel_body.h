@@ -618,7 +618,7 @@ static void quantize_rows(const float* x, int64_t ldx, int64_t K, int kind, int 
     t.f32[T_F16] = mat_half<S, false, Narrow<S>>; t.f32_wide[T_F16] = mat_half<S, false, Wide<S>>;  \
     t.f32[T_BF16] = mat_half<S, true, Narrow<S>>; t.f32_wide[T_BF16] = mat_half<S, true, Wide<S>>;  \
     t.quantize = quantize_rows;                                                                   \
-    t.attend = attend_items<S>;                                                                   \
+    t.attend_scores = attend_scores<S>; t.attend_values = attend_values<S>;                       \
     return t;                                                                                     \
   }                                                                                               \
   const KernelTable* FN() {                                                                       \

@@ -52,7 +52,10 @@ using MatF32Fn = void (*)(const MatArgs&, const ActF&, int64_t tile_begin, int64
 using QuantFn = void (*)(const float* x, int64_t ldx, int64_t K, int kind, int group, int8_t* q, float* d,
                          float* s, int32_t* isum, int64_t ldq, int64_t ldg, int64_t r0, int64_t r1);
 
-// Attention of a step's tokens over one layer's KV cache (see attention_body.h).
+// Attention of a decode step's tokens over one layer's KV cache (see attention_body.h), in units of
+// (token, KV head, chunk of positions); each unit serves the q heads of its KV head's group.
+struct AttnUnit { int64_t ti, kh, c; };
+
 struct AttnArgs {
   const float* q;          // (n, H, hd) queries, already roped
   const float* k_new;      // (n, KH, hd) this step's keys and values (already in the cache of a global layer)
@@ -64,19 +67,27 @@ struct AttnArgs {
   const int64_t* pos;      // (n,) token positions
   const int64_t* slot;     // (n,) KV-cache slots
   const int64_t* first;    // (n,) index of the first token of the same slot in this step
-  const int64_t* kv_of_q;  // (H,) local KV head read by each local q head
-  const int64_t* tokens;   // the tokens to attend: item i is (tokens[i / H], head i % H)
+  const int64_t* tokens;   // the tokens attended here, by index ti
   int64_t window;          // 0: global layer, keys read from the cache; w: a ring of cap == w entries
   float scale;
   int round16;             // llama.cpp numerics: q and the probabilities rounded to f16
   int scale_scores;        // round q unscaled and scale the scores (llama.cpp's softmax scale), else q * scale
-  const float* sinks;      // (H,) or null: per q head a logit that joins the softmax's sum and reads no value
-                           // (gpt-oss's attention sinks; ggml_soft_max_add_sinks)
-  float* out;              // (n, H, hd)
-  float* scratch;          // per thread: max_keys + hd floats
+  const AttnUnit* units;
+  int64_t chunk;           // positions per chunk (fixed: the bits do not depend on the thread count)
+  const int64_t* group_start;  // (KH + 1,) the q heads of KV head kh: group_heads[group_start[kh] ..]
+  const int64_t* group_heads;  // (H,)
+  float* sbuf;             // per (ti, h) at soff[ti * H + h]: the scores, then exp(s - chunk max), then p
+  const int64_t* soff;
+  const int64_t* coff;     // per ti: the first (h, c) entry of its chunks; entry coff[ti] + h * n_chunks[ti] + c
+  const int64_t* n_chunks; // per ti
+  float* cmax;             // per entry: the chunk's max score
+  double* csum;            // per entry: its sum of exp(s - max)
+  const float* factor;     // per entry: exp(max_c - max) / sum, merged by the op between the phases
+  float* opart;            // per entry: hd floats, the chunk's sum_j p_j v_j
+  float* scratch;          // per thread: scratch_stride floats
   int64_t scratch_stride;
 };
-using AttnFn = void (*)(const AttnArgs&, int64_t item_begin, int64_t item_end, int thread);   // items: (token, head)
+using AttnFn = void (*)(const AttnArgs&, int64_t unit_begin, int64_t unit_end, int thread);
 
 struct KernelTable {
   const char* name;
@@ -85,7 +96,7 @@ struct KernelTable {
   MatQ8Fn q8_wide[T_COUNT];   // the same, accumulating and writing float64 (row-parallel matmuls)
   MatF32Fn f32_wide[T_COUNT];
   QuantFn quantize;
-  AttnFn attend;
+  AttnFn attend_scores, attend_values;   // a decode step's attention, phase 1 and 2 (attention_body.h)
 };
 
 const KernelTable& kernel_table();   // the chosen instruction set's (ops.cpp; TENSORSPLIT_ISA, use_isa)

@@ -366,6 +366,87 @@ void attend_chunk(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   }
 }
 
+// Positions per chunk of a decode step's attention: the threads share a head's positions in chunks of this
+// many (attention_body.h); fixed, so that the bits do not depend on the thread count.
+constexpr int64_t ATTN_CHUNK = 256;
+
+// Tokens attended one by one (decode steps): phase 1 per (token, KV head, chunk), the chunks' softmax
+// merged here in chunk order (with the sink where the layer has one), phase 2, then the chunks' outputs
+// added in chunk order.
+void attend_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,
+                   const at::Tensor& v_cache, const int64_t* pp, const int64_t* sp, const std::vector<int64_t>& first,
+                   const std::vector<int64_t>& tokens, const at::Tensor& kvq, int64_t window, double scale,
+                   bool round16, bool scale_scores, const float* sinks, at::Tensor& out) {
+  const int64_t H = q.size(1), hd = q.size(2), KH = k.size(1), cap = k_cache.size(1);
+  const int64_t nt = (int64_t)tokens.size();
+  const int64_t* kv_of_q = kvq.data_ptr<int64_t>();
+  std::vector<int64_t> group_start(KH + 1, 0), group_heads;
+  for (int64_t kh = 0; kh < KH; ++kh) {
+    group_start[kh] = (int64_t)group_heads.size();
+    for (int64_t h = 0; h < H; ++h) if (kv_of_q[h] == kh) group_heads.push_back(h);
+  }
+  group_start[KH] = (int64_t)group_heads.size();
+  std::vector<int64_t> soff(nt * H), coff(nt), n_chunks(nt);
+  std::vector<AttnUnit> units;
+  int64_t n_scores = 0, n_entries = 0;
+  for (int64_t ti = 0; ti < nt; ++ti) {
+    const int64_t p = pp[tokens[ti]], lo = window ? std::max<int64_t>(0, p - window + 1) : 0, nk = p - lo + 1;
+    n_chunks[ti] = (nk + ATTN_CHUNK - 1) / ATTN_CHUNK;
+    for (int64_t h = 0; h < H; ++h) soff[ti * H + h] = n_scores + h * nk;
+    n_scores += H * nk;
+    coff[ti] = n_entries;
+    n_entries += H * n_chunks[ti];
+    for (int64_t kh = 0; kh < KH; ++kh)
+      if (group_start[kh + 1] > group_start[kh])
+        for (int64_t c = 0; c < n_chunks[ti]; ++c) units.push_back({ti, kh, c});
+  }
+  const int threads = at::get_num_threads();
+  const int64_t stride = H * hd + 2 * hd;
+  at::Tensor scratch = at::empty({threads, stride}, q.options());
+  at::Tensor sbuf = at::empty({n_scores}, q.options()), cmax = at::empty({n_entries}, q.options());
+  at::Tensor csum = at::empty({n_entries}, q.options().dtype(at::kDouble)), factor = at::empty({n_entries}, q.options());
+  at::Tensor opart = at::empty({n_entries, hd}, q.options());
+  AttnArgs a{};
+  a.q = q.data_ptr<float>(); a.k_new = k.data_ptr<float>(); a.v_new = v.data_ptr<float>();
+  a.k_cache = k_cache.data_ptr(); a.v_cache = v_cache.data_ptr(); a.cache_f16 = k_cache.scalar_type() == at::kHalf;
+  a.n = q.size(0); a.H = H; a.KH = KH; a.hd = hd; a.cap = cap;
+  a.pos = pp; a.slot = sp; a.first = first.data(); a.tokens = tokens.data();
+  a.window = window; a.scale = (float)scale; a.round16 = round16; a.scale_scores = scale_scores;
+  a.units = units.data(); a.chunk = ATTN_CHUNK; a.group_start = group_start.data(); a.group_heads = group_heads.data();
+  a.sbuf = sbuf.data_ptr<float>(); a.soff = soff.data(); a.coff = coff.data(); a.n_chunks = n_chunks.data();
+  a.cmax = cmax.data_ptr<float>(); a.csum = csum.data_ptr<double>(); a.factor = factor.data_ptr<float>();
+  a.opart = opart.data_ptr<float>(); a.scratch = scratch.data_ptr<float>(); a.scratch_stride = stride;
+  const int64_t n_units = (int64_t)units.size();
+  at::parallel_for(0, n_units, 1, [&](int64_t b, int64_t e) { table().attend_scores(a, b, e, at::get_thread_num()); });
+  // the softmax over all chunks: m = max(chunk maxima, sink), l = sum_c l_c exp(m_c - m) (+ exp(sink - m)),
+  // chunk c's factor exp(m_c - m) / l; in chunk order
+  float* fp = factor.data_ptr<float>();
+  const float* mp = cmax.data_ptr<float>();
+  const double* lp = csum.data_ptr<double>();
+  for (int64_t ti = 0; ti < nt; ++ti)
+    for (int64_t h = 0; h < H; ++h) {
+      const int64_t e0 = coff[ti] + h * n_chunks[ti], nc = n_chunks[ti];
+      float m = sinks ? sinks[h] : -INFINITY;
+      for (int64_t c = 0; c < nc; ++c) m = mp[e0 + c] > m ? mp[e0 + c] : m;
+      double l = 0.0;
+      for (int64_t c = 0; c < nc; ++c) l += mp[e0 + c] == m ? lp[e0 + c] : lp[e0 + c] * std::exp((double)mp[e0 + c] - m);
+      if (sinks) l += (double)expf(sinks[h] - m);
+      for (int64_t c = 0; c < nc; ++c)
+        fp[e0 + c] = mp[e0 + c] == m ? (float)(1.0 / l) : (float)(std::exp((double)mp[e0 + c] - m) / l);
+    }
+  at::parallel_for(0, n_units, 1, [&](int64_t b, int64_t e) { table().attend_values(a, b, e, at::get_thread_num()); });
+  float* op = out.data_ptr<float>();
+  const float* pa = opart.data_ptr<float>();
+  for (int64_t ti = 0; ti < nt; ++ti)
+    for (int64_t h = 0; h < H; ++h) {
+      const int64_t e0 = coff[ti] + h * n_chunks[ti];
+      float* o = op + (tokens[ti] * H + h) * hd;
+      for (int64_t d = 0; d < hd; ++d) o[d] = pa[e0 * hd + d];
+      for (int64_t c = 1; c < n_chunks[ti]; ++c)
+        for (int64_t d = 0; d < hd; ++d) o[d] += pa[(e0 + c) * hd + d];
+    }
+}
+
 at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache,
                      at::Tensor& v_cache, const at::Tensor& positions, const at::Tensor& slots, const at::Tensor& kv_of_q,
                      int64_t window, double scale, bool round16, bool scale_scores,
@@ -415,23 +496,8 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
     else
       single.insert(single.end(), by_slot[s].begin(), by_slot[s].end());
   }
-  if (!single.empty()) {
-    const int threads = at::get_num_threads();
-    const int64_t stride = cap + 2 * hd;
-    at::Tensor scratch = at::empty({threads, stride}, q.options());
-    AttnArgs a{};
-    a.q = q.data_ptr<float>(); a.k_new = k.data_ptr<float>(); a.v_new = v.data_ptr<float>();
-    a.k_cache = k_cache.data_ptr(); a.v_cache = v_cache.data_ptr(); a.cache_f16 = k_cache.scalar_type() == at::kHalf;
-    a.n = n; a.H = H; a.KH = KH; a.hd = hd; a.cap = cap;
-    a.pos = pp; a.slot = sp; a.first = first.data(); a.kv_of_q = kvq.data_ptr<int64_t>(); a.tokens = single.data();
-    a.window = window; a.scale = (float)scale; a.round16 = round16; a.scale_scores = scale_scores;
-    a.sinks = sink;
-    a.out = out.data_ptr<float>(); a.scratch = scratch.data_ptr<float>(); a.scratch_stride = stride;
-    // an item is one (token, head); a task gets enough keys to be worth a thread
-    const int64_t keys = pp[n - 1] + 1, items = (int64_t)single.size() * H;
-    const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, keys * hd / 64));
-    at::parallel_for(0, items, grain, [&](int64_t b, int64_t e) { table().attend(a, b, e, at::get_thread_num()); });
-  }
+  if (!single.empty()) attend_decode(q, k, v, k_cache, v_cache, pp, sp, first, single, kvq, window, scale, round16,
+                                     scale_scores, sink, out);
   if (window) {
     write_cache(k, k_cache, pp, sp, cap, window);
     write_cache(v, v_cache, pp, sp, cap, window);
