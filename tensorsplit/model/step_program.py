@@ -43,6 +43,12 @@ class Unreplayable(Exception):
     pass
 
 
+def _constant_tables() -> list[torch.Tensor]:
+    """The block decoders' constant tables (kernels/quants/_common.py const): constants of any step."""
+    from ..kernels.quants._common import constants
+    return constants()
+
+
 def replay_enabled() -> bool:
     return os.environ.get(REPLAY_ENV, "1") != "0"
 
@@ -60,6 +66,7 @@ class _Recorder(TorchDispatchMode):
     def __init__(self, handle: int, inputs: list[torch.Tensor], held: set[int]):
         super().__init__()
         self.handle, self.ops, self.held = handle, torch.ops.tensorsplit, held
+        self.tables = _constant_tables
         self.slots: dict[int, int] = {}
         self.keep: list[torch.Tensor] = []       # every slotted tensor stays alive, so no id() is reused
         for t in inputs:
@@ -93,7 +100,7 @@ class _Recorder(TorchDispatchMode):
             s = self.slots.get(id(t))
             if s is not None:
                 return SLOT, s
-            if id(t) not in self.held:
+            if id(t) not in self.held and not any(t is c for c in self.tables()):
                 raise Unreplayable(f"{func}: a tensor argument ({tuple(t.shape)}, {t.dtype}) that the step did "
                                    "not make and the model does not hold")
             return CONST, t

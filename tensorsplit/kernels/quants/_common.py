@@ -11,10 +11,23 @@ import functools
 import torch
 
 
+_CONSTANTS: list[torch.Tensor] = []     # every table const() made: constants of a recorded step too
+
+
 @functools.lru_cache(maxsize=None)
 def const(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A 1-D constant tensor, created once per device."""
-    return torch.tensor(values, dtype=dtype, device=device)
+    """A 1-D constant tensor, created once per device. Made outside any dispatch mode: a decode step being
+    recorded (model/step_program.py) takes it as a constant, whichever step first asked for it."""
+    from torch.utils._python_dispatch import _disable_current_modes
+    with _disable_current_modes():
+        t = torch.tensor(values, dtype=dtype, device=device)
+    _CONSTANTS.append(t)
+    return t
+
+
+def constants() -> list[torch.Tensor]:
+    """The tables const() has made so far."""
+    return list(_CONSTANTS)
 
 
 def shifts(values: tuple, device: torch.device, shape: tuple) -> torch.Tensor:
