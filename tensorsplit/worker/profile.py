@@ -34,7 +34,7 @@ PARTS = ("matmul", "attention", "elementwise", "get_rows", "all_reduce_work", "a
 _INDEX = {p: i for i, p in enumerate(PARTS)}
 # the operators of a replayed step that belong to a part
 REPLAYED_PARTS = {"tensorsplit::matmul_q8": "matmul", "tensorsplit::matmul_f32": "matmul",
-                  "tensorsplit::quantize_matmul_q8": "matmul",
+                  "tensorsplit::quantize_matmul_q8": "matmul", "tensorsplit::experts": "matmul",
                   "tensorsplit::quantize_act": "matmul", "tensorsplit::group_sums": "matmul",
                   "tensorsplit::attention": "attention", "tensorsplit::rms_norm": "elementwise",
                   "tensorsplit::rope": "elementwise", "tensorsplit::add_rms_norm": "elementwise",
