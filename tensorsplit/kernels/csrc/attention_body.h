@@ -85,17 +85,37 @@ static inline const uint8_t* key_or_value(const ts::AttnArgs& a, const float* fr
   return (const uint8_t*)tmp;
 }
 
-// Phase 1 of a decode step's attention, per unit (token, KV head, chunk of CHUNK positions): for each q
-// head of the KV head's group, the scores of the chunk's positions, their max, e_j = exp(s_j - max) and
-// their sum in double. Each key row is converted once for the whole group.
+// A row of hd values (f16 or float32) as float32 into dst.
+template <class S>
+static inline void row_to_float(float* dst, const uint8_t* src, int f16, int64_t hd) {
+  constexpr int L = S::LANES;
+  if (!f16) {
+    memcpy(dst, src, (size_t)hd * sizeof(float));
+    return;
+  }
+  int64_t d = 0;
+  for (; d + L <= hd; d += L) S::storef(dst + d, S::f16(src + 2 * d));
+  for (; d < hd; ++d) dst[d] = ts::f16_to_f32(ts::rd16(src + 2 * d));
+}
+
+// Phase 1 of a decode step's attention, per unit (token, KV head, chunk of positions): for each q head of
+// the KV head's group, the scores of the chunk's positions, their max, e_j = exp(s_j - max) and their sum
+// in double. The chunk's keys are converted once for the whole group into a transposed float block
+// kt[d][j], so that one vector holds the scores of L positions: s_j = sum of q_d k_jd in 8 partial sums
+// (d mod 8, fused multiply-adds) added as a tree, with no horizontal sum.
 template <class S>
 static void attend_scores(const ts::AttnArgs& a, int64_t u0, int64_t u1, int thread) {
   using VF = typename S::VF;
   constexpr int L = S::LANES;
   const int64_t hd = a.hd, esz = a.cache_f16 ? 2 : 4, row_bytes = a.KH * hd * esz;
+  // positions per row of kt: whole vectors, and one more so that the rows are not a power of two apart
+  // (a 1 KiB stride maps every row to the same few L1 sets)
+  const int64_t stride = (a.chunk + L - 1) / L * L + L;
   float* qs = a.scratch + (int64_t)thread * a.scratch_stride;      // the group's scaled queries (g, hd)
   float* krow = qs + a.H * hd;                                      // one key, as float
   float* tmp = krow + hd;
+  float* kt = tmp + hd;                                             // (hd, stride)
+  float lanes[64];                                                 // one vector of scores (L <= 64)
   for (int64_t u = u0; u < u1; ++u) {
     const ts::AttnUnit& un = a.units[u];
     const int64_t ti = un.ti, t = a.tokens[ti], kh = un.kh;
@@ -103,6 +123,7 @@ static void attend_scores(const ts::AttnArgs& a, int64_t u0, int64_t u1, int thr
     const int64_t lo = a.window ? (p - a.window + 1 > 0 ? p - a.window + 1 : 0) : 0;
     const int64_t p0 = a.window ? a.pos[a.first[t]] : p + 1;
     const int64_t j0 = un.c * a.chunk, nk = p - lo + 1, j1 = j0 + a.chunk < nk ? j0 + a.chunk : nk;
+    const int64_t n = j1 - j0, nv = (n + L - 1) / L * L;
     const int64_t h0 = a.group_start[kh], g = a.group_start[kh + 1] - h0;
     for (int64_t i = 0; i < g; ++i) {
       const int64_t h = a.group_heads[h0 + i];
@@ -110,27 +131,38 @@ static void attend_scores(const ts::AttnArgs& a, int64_t u0, int64_t u1, int thr
     }
     const float score_scale = a.scale_scores ? a.scale : 1.0f;
     const uint8_t* kbase = (const uint8_t*)a.k_cache + sl * a.cap * row_bytes + kh * hd * esz;
-    for (int64_t j = j0; j < j1; ++j) {
-      int f16;
-      const uint8_t* k = key_or_value(a, a.k_new, kbase, t, kh, lo + j, p0, row_bytes, tmp, &f16);
-      if (f16) {                                                      // converted once for the group
-        int64_t d = 0;
-        for (; d + L <= hd; d += L) S::storef(krow + d, S::f16(k + 2 * d));
-        for (; d < hd; ++d) krow[d] = ts::f16_to_f32(ts::rd16(k + 2 * d));
-        k = (const uint8_t*)krow;
-      }
-      for (int64_t i = 0; i < g; ++i) {
-        const int64_t h = a.group_heads[h0 + i];
-        a.sbuf[a.soff[ti * a.H + h] + j] = dot_row<S>(qs + i * hd, k, 0, hd) * score_scale;
+    for (int64_t jj = 0; jj < nv; ++jj) {
+      if (jj < n) {
+        int f16;
+        const uint8_t* k = key_or_value(a, a.k_new, kbase, t, kh, lo + j0 + jj, p0, row_bytes, tmp, &f16);
+        row_to_float<S>(krow, k, f16, hd);
+        for (int64_t d = 0; d < hd; ++d) kt[d * stride + jj] = krow[d];
+      } else {
+        for (int64_t d = 0; d < hd; ++d) kt[d * stride + jj] = 0.0f;   // lanes past the chunk: read, unused
       }
     }
     for (int64_t i = 0; i < g; ++i) {
       const int64_t h = a.group_heads[h0 + i];
       float* sc = a.sbuf + a.soff[ti * a.H + h];
+      const float* qh = qs + i * hd;
+      for (int64_t jb = 0; jb < nv; jb += L) {
+        // 8 partial sums (d mod 8), added as a tree: the rounding of an 8-lane dot and its horizontal sum
+        VF part[8];
+        for (int r = 0; r < 8; ++r) part[r] = S::zerof();
+        for (int64_t d = 0; d < hd; ++d) part[d & 7] = S::fma(S::setf(qh[d]), S::loadf(kt + d * stride + jb), part[d & 7]);
+        VF acc = S::add(S::add(S::add(part[0], part[1]), S::add(part[2], part[3])),
+                        S::add(S::add(part[4], part[5]), S::add(part[6], part[7])));
+        acc = S::mul(acc, S::setf(score_scale));
+        if (jb + L <= n) {
+          S::storef(sc + j0 + jb, acc);
+        } else {                                                    // the chunk's last, partial vector
+          S::storef(lanes, acc);
+          for (int64_t e = 0; e < n - jb; ++e) sc[j0 + jb + e] = lanes[e];
+        }
+      }
       float mx = -INFINITY;
       for (int64_t j = j0; j < j1; ++j) mx = sc[j] > mx ? sc[j] : mx;
-      // exp(s - max) in vectors from the chunk's start (a multiple of L: the same lanes as one pass over
-      // all positions would take), the tail in expf; summed in double as ggml does
+      // exp(s - max) in vectors from the chunk's start, the tail in expf; summed in double as ggml does
       int64_t j = j0;
       for (; j + L <= j1; j += L) S::storef(sc + j, S::exp_neg(S::add(S::loadf(sc + j), S::setf(-mx))));
       for (; j < j1; ++j) sc[j] = expf(sc[j] - mx);
@@ -145,13 +177,15 @@ static void attend_scores(const ts::AttnArgs& a, int64_t u0, int64_t u1, int thr
 
 // Phase 2, per unit: the probabilities p_j = e_j * factor (the chunk's share of the softmax, merged over
 // chunks between the phases), rounded to f16 under llama.cpp numerics, and the chunk's sum_j p_j v_j per q
-// head of the group, in position order. Each value row is converted once for the group.
+// head of the group, in position order (fused multiply-adds, as axpy_row). The chunk's values are
+// converted once for the group; each head's sum stays in registers, a few vectors of it at a time.
 template <class S>
 static void attend_values(const ts::AttnArgs& a, int64_t u0, int64_t u1, int thread) {
-  constexpr int L = S::LANES;
+  using VF = typename S::VF;
+  constexpr int L = S::LANES, ACC = 4;                              // vectors of a head's sum held at once
   const int64_t hd = a.hd, esz = a.cache_f16 ? 2 : 4, row_bytes = a.KH * hd * esz;
-  float* vrow = a.scratch + (int64_t)thread * a.scratch_stride + a.H * hd;
-  float* tmp = vrow + hd;
+  float* tmp = a.scratch + (int64_t)thread * a.scratch_stride + a.H * hd + hd;
+  float* vb = tmp + hd;                                             // (chunk, hd): the chunk's values
   for (int64_t u = u0; u < u1; ++u) {
     const ts::AttnUnit& un = a.units[u];
     const int64_t ti = un.ti, t = a.tokens[ti], kh = un.kh;
@@ -159,29 +193,40 @@ static void attend_values(const ts::AttnArgs& a, int64_t u0, int64_t u1, int thr
     const int64_t lo = a.window ? (p - a.window + 1 > 0 ? p - a.window + 1 : 0) : 0;
     const int64_t p0 = a.window ? a.pos[a.first[t]] : p + 1;
     const int64_t j0 = un.c * a.chunk, nk = p - lo + 1, j1 = j0 + a.chunk < nk ? j0 + a.chunk : nk;
+    const int64_t n = j1 - j0;
     const int64_t h0 = a.group_start[kh], g = a.group_start[kh + 1] - h0;
+    const uint8_t* vbase = (const uint8_t*)a.v_cache + sl * a.cap * row_bytes + kh * hd * esz;
+    for (int64_t jj = 0; jj < n; ++jj) {
+      int f16;
+      const uint8_t* v = key_or_value(a, a.v_new, vbase, t, kh, lo + j0 + jj, p0, row_bytes, tmp, &f16);
+      row_to_float<S>(vb + jj * hd, v, f16, hd);
+    }
     for (int64_t i = 0; i < g; ++i) {
       const int64_t h = a.group_heads[h0 + i];
       const int64_t ci = a.coff[ti] + h * a.n_chunks[ti] + un.c;
-      float* sc = a.sbuf + a.soff[ti * a.H + h];
-      scale_round<S>(sc + j0, sc + j0, a.factor[ci], a.round16, j1 - j0);
+      float* pr = a.sbuf + a.soff[ti * a.H + h] + j0;
+      scale_round<S>(pr, pr, a.factor[ci], a.round16, n);
       float* o = a.opart + ci * hd;
-      for (int64_t d = 0; d < hd; ++d) o[d] = 0.0f;
-    }
-    const uint8_t* vbase = (const uint8_t*)a.v_cache + sl * a.cap * row_bytes + kh * hd * esz;
-    for (int64_t j = j0; j < j1; ++j) {
-      int f16;
-      const uint8_t* v = key_or_value(a, a.v_new, vbase, t, kh, lo + j, p0, row_bytes, tmp, &f16);
-      if (f16) {
-        int64_t d = 0;
-        for (; d + L <= hd; d += L) S::storef(vrow + d, S::f16(v + 2 * d));
-        for (; d < hd; ++d) vrow[d] = ts::f16_to_f32(ts::rd16(v + 2 * d));
-        v = (const uint8_t*)vrow;
+      int64_t d = 0;
+      for (; d + ACC * L <= hd; d += ACC * L) {
+        VF acc[ACC];
+        for (int r = 0; r < ACC; ++r) acc[r] = S::zerof();
+        for (int64_t jj = 0; jj < n; ++jj) {
+          const VF pv = S::setf(pr[jj]);
+          const float* vr = vb + jj * hd + d;
+          for (int r = 0; r < ACC; ++r) acc[r] = S::fma(pv, S::loadf(vr + r * L), acc[r]);
+        }
+        for (int r = 0; r < ACC; ++r) S::storef(o + d + r * L, acc[r]);
       }
-      for (int64_t i = 0; i < g; ++i) {
-        const int64_t h = a.group_heads[h0 + i];
-        const int64_t ci = a.coff[ti] + h * a.n_chunks[ti] + un.c;
-        axpy_row<S>(a.opart + ci * hd, a.sbuf[a.soff[ti * a.H + h] + j], v, 0, hd);
+      for (; d + L <= hd; d += L) {
+        VF acc = S::zerof();
+        for (int64_t jj = 0; jj < n; ++jj) acc = S::fma(S::setf(pr[jj]), S::loadf(vb + jj * hd + d), acc);
+        S::storef(o + d, acc);
+      }
+      for (; d < hd; ++d) {
+        float acc = 0.0f;
+        for (int64_t jj = 0; jj < n; ++jj) acc += pr[jj] * vb[jj * hd + d];
+        o[d] = acc;
       }
     }
   }

@@ -401,7 +401,8 @@ void attend_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
         for (int64_t c = 0; c < n_chunks[ti]; ++c) units.push_back({ti, kh, c});
   }
   const int threads = at::get_num_threads();
-  const int64_t stride = H * hd + 2 * hd;
+  // per thread: the group's queries, two rows, and the chunk's keys (transposed, whole vectors) or values
+  const int64_t stride = H * hd + 2 * hd + hd * (ATTN_CHUNK + 2 * 64);
   at::Tensor scratch = at::empty({threads, stride}, q.options());
   at::Tensor sbuf = at::empty({n_scores}, q.options()), cmax = at::empty({n_entries}, q.options());
   at::Tensor csum = at::empty({n_entries}, q.options().dtype(at::kDouble)), factor = at::empty({n_entries}, q.options());
