@@ -161,30 +161,42 @@ def _more_bits(i: int, n: int) -> bool:
     return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
 
 
-def write_gpt_oss(path: Path, tokenizer_src: Path | None, s: MoeShape, n_layers: int, seed: int = 0) -> Path:
-    """gpt-oss's layout (llama.cpp's openai-moe): MXFP4 experts, Q8_0 for every other matrix, F32 biases,
-    sinks and norms, random blocks; n_layers of them."""
-    rng = np.random.default_rng(seed)
+def _moe_writer(path: Path, s: MoeShape, n_layers: int, context: int, rope_base: float, eps: float, ftype: int,
+                rope_extras=None) -> GGUFWriter:
+    """A writer with a mixture-of-experts shape's metadata, in the key order llama.cpp's converters use;
+    rope_extras(w) adds the arch's own rope and attention keys after the rope base."""
     w = GGUFWriter(str(path), s.arch)
     w.add_name(f"{s.name}-random")
     w.add_block_count(n_layers)
-    w.add_context_length(131072)
+    w.add_context_length(context)
     w.add_embedding_length(s.n_embd)
     w.add_feed_forward_length(s.n_ff)
     w.add_head_count(s.n_heads)
     w.add_head_count_kv(s.n_kv)
     w.add_key_length(s.head_dim)
     w.add_value_length(s.head_dim)
-    w.add_rope_freq_base(150000.0)
-    w.add_rope_scaling_type(RopeScalingType.YARN)
-    w.add_rope_scaling_factor(32.0)
-    w.add_rope_scaling_orig_ctx_len(4096)
-    w.add_sliding_window(128)
-    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_freq_base(rope_base)
+    if rope_extras is not None:
+        rope_extras(w)
+    w.add_layer_norm_rms_eps(eps)
     w.add_expert_count(s.n_expert)
     w.add_expert_used_count(s.n_expert_used)
     w.add_expert_feed_forward_length(s.n_ff_exp)
-    w.add_file_type(38)                                   # LLAMA_FTYPE_MOSTLY_MXFP4_MOE
+    w.add_file_type(ftype)
+    return w
+
+
+def write_gpt_oss(path: Path, tokenizer_src: Path | None, s: MoeShape, n_layers: int, seed: int = 0) -> Path:
+    """gpt-oss's layout (llama.cpp's openai-moe): MXFP4 experts, Q8_0 for every other matrix, F32 biases,
+    sinks and norms, random blocks; n_layers of them."""
+    rng = np.random.default_rng(seed)
+
+    def rope_extras(w: GGUFWriter) -> None:
+        w.add_rope_scaling_type(RopeScalingType.YARN)
+        w.add_rope_scaling_factor(32.0)
+        w.add_rope_scaling_orig_ctx_len(4096)
+        w.add_sliding_window(128)
+    w = _moe_writer(path, s, n_layers, 131072, 150000.0, 1e-5, 38, rope_extras)   # LLAMA_FTYPE_MOSTLY_MXFP4_MOE
     n_vocab = _copy_tokenizer(w, tokenizer_src) if tokenizer_src is not None else s.n_vocab
 
     def tensor(name: str, n_rows: int, n_cols: int, qtype: Q = Q.Q8_0, n_mats: int = 0) -> None:
@@ -233,22 +245,7 @@ def write_moe(path: Path, tokenizer_src: Path | None, shape: MoeShape, n_layers:
     F32), random blocks; n_layers of them."""
     rng = np.random.default_rng(seed)
     s = shape
-    w = GGUFWriter(str(path), s.arch)
-    w.add_name(f"{s.name}-random")
-    w.add_block_count(n_layers)
-    w.add_context_length(4096)
-    w.add_embedding_length(s.n_embd)
-    w.add_feed_forward_length(s.n_ff)
-    w.add_head_count(s.n_heads)
-    w.add_head_count_kv(s.n_kv)
-    w.add_key_length(s.head_dim)
-    w.add_value_length(s.head_dim)
-    w.add_rope_freq_base(1e6)
-    w.add_layer_norm_rms_eps(1e-6)
-    w.add_expert_count(s.n_expert)
-    w.add_expert_used_count(s.n_expert_used)
-    w.add_expert_feed_forward_length(s.n_ff_exp)
-    w.add_file_type(15)                                   # LLAMA_FTYPE_MOSTLY_Q4_K_M
+    w = _moe_writer(path, s, n_layers, 4096, 1e6, 1e-6, 15)     # LLAMA_FTYPE_MOSTLY_Q4_K_M
     n_vocab = _copy_tokenizer(w, tokenizer_src) if tokenizer_src is not None else s.n_vocab
 
     def tensor(name: str, n_rows: int, n_cols: int, qtype: Q = Q.Q4_K, n_mats: int = 0) -> None:

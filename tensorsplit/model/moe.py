@@ -58,7 +58,8 @@ class MoE:
         self.router = router
         self.experts = kernels.pack_experts(gate, up, down, *((biases.gate, biases.up) if biases else ()))
         self.n_used, self.norm_weights, self.gating = n_used, spec.norm_weights, spec.gating
-        self.router_bias, self.biases = router_bias, biases
+        self.router_bias = router_bias
+        self.down_bias = None if biases is None else biases.down     # (n_expert, n_embd); gate/up: in experts
         self.activation, self.glu = activation, spec.activation or activation
         self.reduce, self.kernels, self.shared = reduce, kernels, shared
 
@@ -97,6 +98,7 @@ class MoE:
             gate = torch.sigmoid((inp.x2.double() @ sh.gate_inp.double()).float())     # (n,), batch-independent
             y = y + part * gate.to(torch.float64)[:, None]
         y = self.reduce(y)
-        if self.biases is not None:                   # sum_j w_j b_down[e_j], once, after the sum over ranks
-            y = y + (weights.double()[:, :, None] * self.biases.down.double()[selected]).sum(1)
+        if self.down_bias is not None:                # sum_j w_j b_down[e_j], once, after the sum over ranks
+            # the chosen rows widened, not the whole table each step
+            y = y + (weights.double()[:, :, None] * self.down_bias[selected].double()).sum(1)
         return y.float()

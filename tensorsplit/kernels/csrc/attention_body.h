@@ -27,34 +27,6 @@
 
 namespace {
 
-template <class S>
-static inline float dot_row(const float* q, const uint8_t* krow, int f16, int64_t hd) {
-  using VF = typename S::VF;
-  constexpr int L = S::LANES;
-  VF acc = S::zerof();
-  int64_t d = 0;
-  for (; d + L <= hd; d += L) {
-    const VF k = f16 ? S::f16(krow + 2 * d) : S::loadf((const float*)krow + d);
-    acc = S::fma(S::loadf(q + d), k, acc);
-  }
-  float s = S::hsum(acc);
-  for (; d < hd; ++d) s += q[d] * (f16 ? ts::f16_to_f32(ts::rd16(krow + 2 * d)) : ((const float*)krow)[d]);
-  return s;
-}
-
-template <class S>
-static inline void axpy_row(float* acc, float p, const uint8_t* vrow, int f16, int64_t hd) {
-  using VF = typename S::VF;
-  constexpr int L = S::LANES;
-  const VF pv = S::setf(p);
-  int64_t d = 0;
-  for (; d + L <= hd; d += L) {
-    const VF v = f16 ? S::f16(vrow + 2 * d) : S::loadf((const float*)vrow + d);
-    S::storef(acc + d, S::fma(pv, v, S::loadf(acc + d)));
-  }
-  for (; d < hd; ++d) acc[d] += p * (f16 ? ts::f16_to_f32(ts::rd16(vrow + 2 * d)) : ((const float*)vrow)[d]);
-}
-
 static inline float round16(float x) { return ts::f16_to_f32(ts::f32_to_f16(x)); }
 
 // dst[i] = src[i] * mul, rounded to f16 when r16 (vectorized; a scalar tail)
@@ -98,6 +70,28 @@ static inline void row_to_float(float* dst, const uint8_t* src, int f16, int64_t
   for (; d < hd; ++d) dst[d] = ts::f16_to_f32(ts::rd16(src + 2 * d));
 }
 
+// What a unit covers: its token t (of slot sl, at position p), KV head kh, the positions [lo, p] the token
+// reads and of them the chunk's [lo + j0, lo + j1); positions >= p0 come from the step itself; the q heads
+// group_heads[h0 .. h0 + g) of the KV head's group.
+struct UnitSpan {
+  int64_t ti, t, kh, p, sl, lo, p0, j0, j1, h0, g;
+};
+
+static inline UnitSpan unit_span(const ts::AttnArgs& a, int64_t u) {
+  const ts::AttnUnit& un = a.units[u];
+  UnitSpan s;
+  s.ti = un.ti; s.t = a.tokens[un.ti]; s.kh = un.kh;
+  s.p = a.pos[s.t]; s.sl = a.slot[s.t];
+  s.lo = a.window ? (s.p - a.window + 1 > 0 ? s.p - a.window + 1 : 0) : 0;
+  s.p0 = a.window ? a.pos[a.first[s.t]] : s.p + 1;
+  const int64_t nk = s.p - s.lo + 1;
+  s.j0 = un.c * a.chunk;
+  s.j1 = s.j0 + a.chunk < nk ? s.j0 + a.chunk : nk;
+  s.h0 = a.group_start[un.kh];
+  s.g = a.group_start[un.kh + 1] - s.h0;
+  return s;
+}
+
 // Phase 1 of a decode step's attention, per unit (token, KV head, chunk of positions): for each q head of
 // the KV head's group, the scores of the chunk's positions, their max, e_j = exp(s_j - max) and their sum
 // in double. The chunk's keys are converted once for the whole group into a transposed float block
@@ -117,14 +111,10 @@ static void attend_scores(const ts::AttnArgs& a, int64_t u0, int64_t u1, int thr
   float* kt = tmp + hd;                                             // (hd, stride)
   float lanes[64];                                                 // one vector of scores (L <= 64)
   for (int64_t u = u0; u < u1; ++u) {
-    const ts::AttnUnit& un = a.units[u];
-    const int64_t ti = un.ti, t = a.tokens[ti], kh = un.kh;
-    const int64_t p = a.pos[t], sl = a.slot[t];
-    const int64_t lo = a.window ? (p - a.window + 1 > 0 ? p - a.window + 1 : 0) : 0;
-    const int64_t p0 = a.window ? a.pos[a.first[t]] : p + 1;
-    const int64_t j0 = un.c * a.chunk, nk = p - lo + 1, j1 = j0 + a.chunk < nk ? j0 + a.chunk : nk;
+    const UnitSpan us = unit_span(a, u);
+    const int64_t ti = us.ti, t = us.t, kh = us.kh, sl = us.sl, lo = us.lo, p0 = us.p0, j0 = us.j0, j1 = us.j1;
+    const int64_t h0 = us.h0, g = us.g, c = a.units[u].c;
     const int64_t n = j1 - j0, nv = (n + L - 1) / L * L;
-    const int64_t h0 = a.group_start[kh], g = a.group_start[kh + 1] - h0;
     for (int64_t i = 0; i < g; ++i) {
       const int64_t h = a.group_heads[h0 + i];
       scale_round<S>(qs + i * hd, a.q + (t * a.H + h) * hd, a.scale_scores ? 1.0f : a.scale, a.round16, hd);
@@ -168,7 +158,7 @@ static void attend_scores(const ts::AttnArgs& a, int64_t u0, int64_t u1, int thr
       for (; j < j1; ++j) sc[j] = expf(sc[j] - mx);
       double sum = 0.0;
       for (j = j0; j < j1; ++j) sum += sc[j];
-      const int64_t ci = a.coff[ti] + h * a.n_chunks[ti] + un.c;
+      const int64_t ci = a.coff[ti] + h * a.n_chunks[ti] + c;
       a.cmax[ci] = mx;
       a.csum[ci] = sum;
     }
@@ -177,7 +167,7 @@ static void attend_scores(const ts::AttnArgs& a, int64_t u0, int64_t u1, int thr
 
 // Phase 2, per unit: the probabilities p_j = e_j * factor (the chunk's share of the softmax, merged over
 // chunks between the phases), rounded to f16 under llama.cpp numerics, and the chunk's sum_j p_j v_j per q
-// head of the group, in position order (fused multiply-adds, as axpy_row). The chunk's values are
+// head of the group, in position order (fused multiply-adds). The chunk's values are
 // converted once for the group; each head's sum stays in registers, a few vectors of it at a time.
 template <class S>
 static void attend_values(const ts::AttnArgs& a, int64_t u0, int64_t u1, int thread) {
@@ -187,14 +177,10 @@ static void attend_values(const ts::AttnArgs& a, int64_t u0, int64_t u1, int thr
   float* tmp = a.scratch + (int64_t)thread * a.scratch_stride + a.H * hd + hd;
   float* vb = tmp + hd;                                             // (chunk, hd): the chunk's values
   for (int64_t u = u0; u < u1; ++u) {
-    const ts::AttnUnit& un = a.units[u];
-    const int64_t ti = un.ti, t = a.tokens[ti], kh = un.kh;
-    const int64_t p = a.pos[t], sl = a.slot[t];
-    const int64_t lo = a.window ? (p - a.window + 1 > 0 ? p - a.window + 1 : 0) : 0;
-    const int64_t p0 = a.window ? a.pos[a.first[t]] : p + 1;
-    const int64_t j0 = un.c * a.chunk, nk = p - lo + 1, j1 = j0 + a.chunk < nk ? j0 + a.chunk : nk;
+    const UnitSpan us = unit_span(a, u);
+    const int64_t ti = us.ti, t = us.t, kh = us.kh, sl = us.sl, lo = us.lo, p0 = us.p0, j0 = us.j0, j1 = us.j1;
+    const int64_t h0 = us.h0, g = us.g, c = a.units[u].c;
     const int64_t n = j1 - j0;
-    const int64_t h0 = a.group_start[kh], g = a.group_start[kh + 1] - h0;
     const uint8_t* vbase = (const uint8_t*)a.v_cache + sl * a.cap * row_bytes + kh * hd * esz;
     for (int64_t jj = 0; jj < n; ++jj) {
       int f16;
@@ -203,7 +189,7 @@ static void attend_values(const ts::AttnArgs& a, int64_t u0, int64_t u1, int thr
     }
     for (int64_t i = 0; i < g; ++i) {
       const int64_t h = a.group_heads[h0 + i];
-      const int64_t ci = a.coff[ti] + h * a.n_chunks[ti] + un.c;
+      const int64_t ci = a.coff[ti] + h * a.n_chunks[ti] + c;
       float* pr = a.sbuf + a.soff[ti * a.H + h] + j0;
       scale_round<S>(pr, pr, a.factor[ci], a.round16, n);
       float* o = a.opart + ci * hd;

@@ -63,7 +63,7 @@ struct AttnArgs {
   const void* k_cache;     // (n_slots, cap, KH, hd) float16 or float32
   const void* v_cache;
   int cache_f16;
-  int64_t n, H, KH, hd, cap;
+  int64_t H, KH, hd, cap;
   const int64_t* pos;      // (n,) token positions
   const int64_t* slot;     // (n,) KV-cache slots
   const int64_t* first;    // (n,) index of the first token of the same slot in this step

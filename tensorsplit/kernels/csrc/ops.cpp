@@ -410,7 +410,7 @@ void attend_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   AttnArgs a{};
   a.q = q.data_ptr<float>(); a.k_new = k.data_ptr<float>(); a.v_new = v.data_ptr<float>();
   a.k_cache = k_cache.data_ptr(); a.v_cache = v_cache.data_ptr(); a.cache_f16 = k_cache.scalar_type() == at::kHalf;
-  a.n = q.size(0); a.H = H; a.KH = KH; a.hd = hd; a.cap = cap;
+  a.H = H; a.KH = KH; a.hd = hd; a.cap = cap;
   a.pos = pp; a.slot = sp; a.first = first.data(); a.tokens = tokens.data();
   a.window = window; a.scale = (float)scale; a.round16 = round16; a.scale_scores = scale_scores;
   a.units = units.data(); a.chunk = ATTN_CHUNK; a.group_start = group_start.data(); a.group_heads = group_heads.data();
