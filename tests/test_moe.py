@@ -102,6 +102,44 @@ def test_experts_match_a_float64_reference(qtype, which):
         assert err < 2e-5, f"{qtype.name} {which} rows {n}: relative error {err:.2e}"
 
 
+@pytest.mark.parametrize("numerics", [LLAMACPP, EXACT], ids=["llamacpp", "exact"])
+@pytest.mark.parametrize("qtype,glu", [(Q.Q4_0, "silu"), (Q.Q4_K, "silu"), (Q.Q6_K, "silu"), (Q.Q4_1, "swiglu_oai"),
+                                       (Q.MXFP4, "swiglu_oai")], ids=lambda v: getattr(v, "name", v))
+def test_the_experts_op_is_the_per_expert_path_bit_for_bit(qtype, glu, numerics):
+    """The experts op (csrc/experts.cpp) schedules a few tokens as (token, expert) GEMVs and more by expert
+    (each expert a GEMM over its tokens, in row ranges that the threads take as they come); both give
+    the bits of the eager per-expert path (TorchKernels.experts over the same native matmuls), at 1 and
+    2 threads, where experts hold different row counts on this rank (as a split of few blocks gives
+    them), one holds none, and gpt-oss's biases are on."""
+    k = _kernels("native", numerics)
+    rng = np.random.default_rng(int(qtype) + 7)
+    block = 256 if qtype in (Q.Q4_K, Q.Q6_K) else 64
+    rows = [N_FF, block, 0, N_FF, 2 * block if 2 * block <= N_FF else block, N_FF]
+    load = lambda r, n_rows, n_cols, name: k.load(QWeight.from_numpy(r, qtype, n_rows, n_cols, name))  # noqa: E731
+    gate = [load(_raw(qtype, r, N_EMBD, rng), r, N_EMBD, f"g{e}") if r else None for e, r in enumerate(rows)]
+    up = [load(_raw(qtype, r, N_EMBD, rng), r, N_EMBD, f"u{e}") if r else None for e, r in enumerate(rows)]
+    down = [load(_raw(qtype, N_EMBD, r, rng), N_EMBD, r, f"d{e}") if r else None for e, r in enumerate(rows)]
+    biases = (None, None)
+    if glu == "swiglu_oai":
+        biases = tuple([torch.from_numpy(rng.standard_normal(r).astype(np.float32)) if r else None for r in rows]
+                       for _ in range(2))
+    packed = k.pack_experts(gate, up, down, *biases)
+    assert packed.fused is not None
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 4, 5, 40):
+            x = torch.from_numpy(rng.standard_normal((n, N_EMBD)).astype(np.float32) * 2)
+            selected = torch.from_numpy(np.stack([rng.choice(len(rows), 3, replace=False) for _ in range(n)]))
+            weights = torch.from_numpy(rng.uniform(0.1, 1.0, (n, 3)).astype(np.float32))   # top-3: order shows
+            eager = TorchKernels.experts(k, MatmulInput(x), packed, selected, weights, glu)
+            for t in (1, 2):
+                torch.set_num_threads(t)
+                op = k.experts(MatmulInput(x), packed, selected, weights, glu)
+                assert torch.equal(op, eager), (qtype.name, numerics, n, t)
+    finally:
+        torch.set_num_threads(threads)
+
+
 class Recording:
     """Kernels that remember which weights their matmuls read."""
 
@@ -174,9 +212,9 @@ def test_unchosen_experts_are_not_read_and_one_expert_can_take_every_token():
 
 @pytest.mark.parametrize("numerics", [LLAMACPP, EXACT], ids=["llamacpp", "exact"])
 def test_a_batch_of_16_gives_each_token_its_bits_alone(numerics):
-    """Routing and experts per token do not depend on the batch: 16 tokens at once (a decode step: the
-    experts op) and 40 (a prompt: grouped by expert, each group a gemm) equal each token alone (the op,
-    a gemv per expert), bit for bit, in formats of each activation kind and min term, with gpt-oss's
+    """Routing and experts per token do not depend on the batch: 16 tokens at once (a decode step) and 40
+    (a prompt), both grouped by expert (each group a gemm), equal each token alone (a gemv per expert),
+    bit for bit, in formats of each activation kind and min term, with gpt-oss's
     biases and SwiGLU-OAI too."""
     from tensorsplit.model.moe import ExpertBiases
     for qtype, glu in ((Q.Q4_0, "silu"), (Q.Q4_K, "silu"), (Q.Q4_1, "swiglu_oai"), (Q.MXFP4, "swiglu_oai")):

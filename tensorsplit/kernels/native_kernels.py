@@ -6,10 +6,10 @@ kernels.native()). One op per matmul, straight from the weight's blocks in the t
       share it), as llama.cpp quantizes it, and multiplied with the codes in integers;
     numerics exact: float input, the weights decoded in registers, float sums.
 
-A mixture of experts' decode step (up to MAX_EXPERT_TOKENS tokens) is one op per layer (csrc/experts.cpp):
-each token's experts read from the step's tensors, so the step has no Python decision in it and can be
-replayed (model/step_program.py); a prompt groups its tokens by expert (the reference's path), with the
-same per-row arithmetic.
+A mixture of experts' FFN is one op per layer (csrc/experts.cpp): each token's experts read from the
+step's tensors, so a decode step has no Python decision in it and can be replayed (model/step_program.py),
+and a prompt's tokens are grouped by expert in C++ (each expert a GEMM over its tokens), with the
+reference's per-row arithmetic.
 
 Attention is one op per layer for every slot of the step (csrc/attention_body.h): it writes the
 step's keys and values into the cache and attends. rms_norm and rope are one op each. What the tiled
@@ -27,7 +27,6 @@ from .quants.dequant import dequantize
 from .quants.qweight import QWeight
 from .torch_kernels import TorchKernels
 
-MAX_EXPERT_TOKENS = 16            # decode steps (model/step_program.py MAX_TOKENS); longer: grouped by expert
 _GLU_KINDS = {"silu": 0, "swiglu_oai": 2}    # csrc/glu.h GluKind; gelu by table: 1
 
 
@@ -184,7 +183,7 @@ class NativeKernels(TorchKernels):
 
     def experts(self, x, experts: ExpertWeights, selected, weights, glu: str) -> torch.Tensor:
         inp = MatmulInput.of(x)
-        if experts.fused is None or glu not in _GLU_KINDS or inp.x2.shape[0] > MAX_EXPERT_TOKENS:
+        if experts.fused is None or glu not in _GLU_KINDS:
             return super().experts(inp, experts, selected, weights, glu)
         gate, up, down, rows, n_out, types, gate_bias, up_bias = experts.fused
         return self._experts(inp.x2, gate, up, down, rows, n_out, types, selected, weights, _GLU_KINDS[glu], None,
