@@ -19,13 +19,13 @@ import torch
 from gguf import GGMLQuantizationType as Q
 
 from reference import DenseLlama
-from synthetic import write_llama
+from synthetic import write_llama, write_model
 from tensorsplit.kernels.choice import choose_kernels
 from tensorsplit.comm.local import ThreadWorld
 from tensorsplit.model import make_plan, open_model, parse_split
 from tensorsplit.model.attention import Attention
 from tensorsplit.model.layers import no_reduce
-from tensorsplit.kernels.numerics import EXACT
+from tensorsplit.kernels.numerics import EXACT, LLAMACPP
 from tensorsplit.model.transformer import RankModel
 
 DECODE_ATOL = 2.5e-4          # decode steps and batched slots vs one prefill (seen: 5.5e-5; the prompt
@@ -215,3 +215,26 @@ def test_resident_bytes_match_info_and_stay_within_5_percent(tmp_path):
             m = RankModel(cfg, shard, world, no_reduce, gf, choose_kernels("cpu", EXACT))
             assert m.weight_bytes == resident_bytes(gf, shard.tensors, native())
             assert shard.nbytes <= m.weight_bytes <= 1.05 * shard.nbytes, (m.weight_bytes, shard.nbytes)
+
+
+@pytest.mark.parametrize("arch", ["qwen3moe", "qwen2moe"])
+def test_a_mixture_of_experts_rank_holds_its_share_of_the_experts(tmp_path, arch):
+    """A mixture of experts' rank, once loaded, holds what `info` reports and at most 5% above its shard's
+    file bytes, the experts included: every expert's rows of gate/up and columns of down, quantized
+    (no dequantized expert), about 1 / world of each at 1, 2 and 4 ranks and at --split 3,1."""
+    from tensorsplit.kernels import native
+    from tensorsplit.model.loader import resident_bytes
+    path = write_model(tmp_path / "moe.gguf", arch, n_embd=256, n_heads=4, n_kv=2, n_ff=512, vocab=300,
+                       n_expert=8, n_expert_used=2, n_ff_exp=512, n_ff_shexp=512 if arch == "qwen2moe" else None,
+                       types={"ffn_gate_exps": Q.Q4_K, "ffn_up_exps": Q.Q4_K, "ffn_down_exps": Q.Q6_K})
+    gf, cfg = open_model(path)
+    expert_bytes = sum(t.nbytes for name, t in gf.tensors.items() if name.endswith("_exps.weight"))
+    for world, ratios in ((1, None), (2, None), (4, None), (2, (3, 1))):
+        plan = make_plan(cfg, gf.tensors, world, ratios) if ratios else make_plan(cfg, gf.tensors, world)
+        for r, shard in enumerate(plan.ranks):
+            m = RankModel(cfg, shard, world, no_reduce, gf, choose_kernels("cpu", LLAMACPP))
+            assert m.weight_bytes == resident_bytes(gf, shard.tensors, native())
+            assert shard.nbytes <= m.weight_bytes <= 1.05 * shard.nbytes, (world, r, m.weight_bytes, shard.nbytes)
+            share = (ratios[r] / sum(ratios)) if ratios else 1 / world
+            held = sum(t.nbytes for t in shard.tensors if t.split.startswith("exp_"))
+            assert abs(held - share * expert_bytes) <= 0.05 * expert_bytes, (world, r, held, expert_bytes)
