@@ -411,3 +411,24 @@ def test_ops_have_consistent_fake_implementations():
     ]
     for op, args in checks:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+
+
+def test_a_build_killed_midway_does_not_block_the_next(tmp_path, monkeypatch):
+    """A compile that was killed leaves cpp_extension's lock file behind, on which the next build would
+    wait forever; the builder holds an flock instead (dropped by the kernel when a holder dies) and
+    clears that file under it. The compiler itself is replaced here: this checks the locking only."""
+    from torch.utils import cpp_extension
+    from tensorsplit.kernels import build
+    where = tmp_path / "kernels"
+    where.mkdir()
+    (where / "lock").write_text("")                      # what a killed build leaves
+    monkeypatch.setattr(build, "build_dir", lambda: where)
+    monkeypatch.setattr(build, "_ninja_on_path", lambda: None)
+    seen = []
+
+    def fake_load(name, sources, build_directory, **kw):
+        seen.append((where / "lock").exists())
+        (where / f"{name}.so").write_bytes(b"")
+    monkeypatch.setattr(cpp_extension, "load", fake_load)
+    lib = build.load_library(announce=False)
+    assert seen == [False] and lib.exists() and (where / build.OK_MARK).exists()

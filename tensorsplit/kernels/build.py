@@ -10,6 +10,7 @@ time from the CPU's features; other CPUs (and non-x86 machines) run the portable
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import shutil
@@ -87,15 +88,24 @@ def load_library(announce: bool = True) -> Path:
     _ninja_on_path()
     from torch.utils import cpp_extension
     where.mkdir(parents=True, exist_ok=True)
-    if announce:
-        say("compiling the native kernels (once; about a minute)")
-    try:
-        cpp_extension.load(NAME, [str(CSRC / s) for s in SOURCES], extra_cflags=CFLAGS, extra_ldflags=LDFLAGS,
-                           build_directory=str(where), is_python_module=False, verbose=False)
-    except Exception as e:  # noqa: BLE001 - compiler output is long; keep its first error line
-        text = str(e)
-        lines = [ln.strip() for ln in text.splitlines()]
-        first = next((ln for ln in lines if "error:" in ln), next((ln for ln in lines if ln), "unknown error"))
-        raise BuildError(f"compiling the native kernels failed: {first[:300]}") from None
-    (where / OK_MARK).write_text("ok\n")
+    # One builder per folder at a time, by an flock that the kernel drops when its holder exits however it
+    # exits. cpp_extension's own lock is a file that a killed build leaves behind, on which every later
+    # build would wait forever: under the flock no one else is building, so such a file is stale.
+    with open(where / "build.flock", "w") as baton:
+        fcntl.flock(baton, fcntl.LOCK_EX)
+        if (where / OK_MARK).exists() and lib.exists():       # built meanwhile by the holder before us
+            torch.ops.load_library(str(lib))
+            return lib
+        (where / "lock").unlink(missing_ok=True)
+        if announce:
+            say("compiling the native kernels (once; about a minute)")
+        try:
+            cpp_extension.load(NAME, [str(CSRC / s) for s in SOURCES], extra_cflags=CFLAGS, extra_ldflags=LDFLAGS,
+                               build_directory=str(where), is_python_module=False, verbose=False)
+        except Exception as e:  # noqa: BLE001 - compiler output is long; keep its first error line
+            text = str(e)
+            lines = [ln.strip() for ln in text.splitlines()]
+            first = next((ln for ln in lines if "error:" in ln), next((ln for ln in lines if ln), "unknown error"))
+            raise BuildError(f"compiling the native kernels failed: {first[:300]}") from None
+        (where / OK_MARK).write_text("ok\n")
     return lib
