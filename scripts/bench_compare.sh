@@ -12,10 +12,13 @@
 # WORLDS (default 1,2): tensorsplit world sizes; the workers share all cores (threads = cores / world).
 # PP (128), TG (32), REPS (3): llama-bench's pp<PP> and tg<TG>, timed REPS times after a warm-up.
 # DEPTH (0): KV-cache depths, a list as llama-bench's -d takes it (DEPTH=0,4096): every test at each.
+# CACHE_TYPE (f16): the KV cache type of keys and values on both sides (-ctk/-ctv; llama-bench with flash
+# attention where it is not f16, which llama.cpp needs for a quantized V cache).
 # TS_ARGS: more flags for tensorsplit bench. llama.cpp runs with as many threads as there are cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-WORLDS=${WORLDS:-1,2}; PP=${PP:-128}; TG=${TG:-32}; REPS=${REPS:-3}; DEPTH=${DEPTH:-0}
+WORLDS=${WORLDS:-1,2}; PP=${PP:-128}; TG=${TG:-32}; REPS=${REPS:-3}; DEPTH=${DEPTH:-0}; CACHE_TYPE=${CACHE_TYPE:-f16}
+LB_CACHE=(-ctk "$CACHE_TYPE" -ctv "$CACHE_TYPE"); [ "$CACHE_TYPE" = f16 ] || LB_CACHE+=(-fa 1)
 LLAMA_PY=${LLAMA_PY:-python3}
 THREADS=$(nproc)
 CACHE=${TENSORSPLIT_CACHE:-$HOME/.cache/tensorsplit}
@@ -34,12 +37,13 @@ for MODEL in "$@"; do
     i=$((i + 1))
     echo "bench_compare: $(basename "$MODEL")" >&2
     if [ -n "${LLAMA_BENCH:-}" ]; then
-        "$LLAMA_BENCH" -m "$MODEL" -p "$PP" -n "$TG" -r "$REPS" -t "$THREADS" -d "$DEPTH" -o json > "$OUT/llama$i.json"
+        "$LLAMA_BENCH" -m "$MODEL" -p "$PP" -n "$TG" -r "$REPS" -t "$THREADS" -d "$DEPTH" "${LB_CACHE[@]}" -o json \
+            > "$OUT/llama$i.json"
     else
-        [ "$DEPTH" = 0 ] || { echo "bench_compare: DEPTH needs llama-bench itself (LLAMA_BENCH)" >&2; exit 2; }
+        [ "$DEPTH" = 0 ] && [ "$CACHE_TYPE" = f16 ] || { echo "bench_compare: DEPTH and CACHE_TYPE need llama-bench itself (LLAMA_BENCH)" >&2; exit 2; }
         "$LLAMA_PY" scripts/llamacpp_bench.py "$MODEL" -p "$PP" -n "$TG" -r "$REPS" -t "$THREADS" > "$OUT/llama$i.json"
     fi
-    .venv/bin/tensorsplit bench -m "$MODEL" --nproc-per-node "$WORLDS" -p "$PP" -n "$TG" -r "$REPS" -d "$DEPTH" ${TS_ARGS:-} \
+    .venv/bin/tensorsplit bench -m "$MODEL" --nproc-per-node "$WORLDS" -p "$PP" -n "$TG" -r "$REPS" -d "$DEPTH" -ctk "$CACHE_TYPE" -ctv "$CACHE_TYPE" ${TS_ARGS:-} \
         -o "$OUT/ts$i.json" >/dev/null
     echo "$MODEL" > "$OUT/name$i"
 done

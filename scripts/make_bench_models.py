@@ -284,15 +284,15 @@ def write_moe(path: Path, tokenizer_src: Path | None, shape: MoeShape, n_layers:
 
 
 def write(path: Path, tokenizer_src: Path | None, dense_f16: bool, seed: int = 0,
-          shape: Shape = SHAPES["tinyllama-1.1b"]) -> Path:
+          shape: Shape = SHAPES["tinyllama-1.1b"], context: int = 2048) -> Path:
     """The file: Q4_0 weights (Q6_K output), or with dense_f16 every weight F16 (quantizer input);
-    tokenizer_src None: no tokenizer, the shape's vocabulary size."""
+    tokenizer_src None: no tokenizer, the shape's vocabulary size; context: its training context."""
     rng = np.random.default_rng(seed)
     N_LAYERS, N_EMBD, N_HEADS, N_KV, N_FF = shape.n_layers, shape.n_embd, shape.n_heads, shape.n_kv, shape.n_ff
     w = GGUFWriter(str(path), "llama")
     w.add_name(f"{shape.name}-random")
     w.add_block_count(N_LAYERS)
-    w.add_context_length(2048)
+    w.add_context_length(context)
     w.add_embedding_length(N_EMBD)
     w.add_feed_forward_length(N_FF)
     w.add_head_count(N_HEADS)
@@ -357,6 +357,9 @@ def main() -> int:
     ap.add_argument("--shape", choices=sorted(SHAPES) + sorted(MOE_SHAPES), default="tinyllama-1.1b")
     ap.add_argument("--layers", type=int, default=None,
                     help="mixture-of-experts shapes: write this many layers of the real shape (default 6)")
+    ap.add_argument("--context", type=int, default=2048,
+                    help="dense shapes: the training context written in the file (default 2048; another "
+                         "gives the Q4_0 file a -ctx<N/1024>k suffix), for decode at depth (bench -d)")
     ap.add_argument("--no-tokenizer", action="store_true",
                     help="write no tokenizer (and fetch no SmolLM2 file); bench needs none")
     a = ap.parse_args()
@@ -375,12 +378,15 @@ def main() -> int:
         print(path)
         return 0
     shape = SHAPES[a.shape]
-    q4_0 = out / f"{shape.name}-random.Q4_0.gguf"
+    suffix = "" if a.context == 2048 else f"-ctx{a.context // 1024}k"
+    q4_0 = out / f"{shape.name}{suffix}-random.Q4_0.gguf"
     if not q4_0.exists():
         print(f"writing {q4_0}", file=sys.stderr)
-        write(q4_0.with_suffix(".partial"), tok, dense_f16=False, shape=shape)
+        write(q4_0.with_suffix(".partial"), tok, dense_f16=False, shape=shape, context=a.context)
         os.replace(q4_0.with_suffix(".partial"), q4_0)
     print(q4_0)
+    if suffix:
+        return 0
     if (a.llama_py or a.llama_quantize) and shape.name == "tinyllama-1.1b" and tok is not None:
         q4_k_m = out / "tinyllama-1.1b-random.Q4_K_M.gguf"
         if not q4_k_m.exists():

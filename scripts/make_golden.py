@@ -15,6 +15,10 @@ Files written:
                                          (Gemma 3 also perplexity_long, at n_ctx 2048 > its window 512)
   tests/fixtures/arch_<name>_golden.json  per synthetic architecture file (tests/golden_models.py):
                                          top_logits and perplexity at each of its contexts
+  tests/fixtures/<model>_kv_golden.json per model (`--kv`): perplexity as above with the KV cache in
+                                         q8_0 and in q4_0 (keys and values; flash attention on, which
+                                         llama.cpp needs for a quantized V cache), and in f16 with flash
+                                         attention, the baseline of those two
   tests/fixtures/pretokenizers_golden.json  ids of the tokenizer texts under SmolLM2's vocabulary
                                          with tokenizer.ggml.pre set to each of llama-bpe, qwen2, ...
   tests/fixtures/smollm2_chat_reply.json  llama.cpp's greedy reply to the chat test's prompt, with its
@@ -285,6 +289,31 @@ def make(model_key: str, english: str, command: str) -> dict:
     return out
 
 
+KV_RUNS = {"f16-fa": 1, "q8_0": 8, "q4_0": 2}      # run name -> GGML type of k and v (flash attention on)
+
+
+def make_kv(model_key: str, english: str, command: str) -> dict:
+    """Perplexity with each KV cache type of KV_RUNS, llama-perplexity -ctk T -ctv T -fa on style."""
+    import llama_cpp
+
+    from golden_models import sha256
+    from tensorsplit import models
+
+    path = models.fetch(model_key, quiet=True)
+    out: dict = {"_comment": f"llama.cpp perplexity of {path.name} per KV cache type. Written by scripts/make_golden.py.",
+                 "model": model_key, "model_file": path.name, "model_sha256": sha256(path),
+                 "llama_cpp_version": llama_cpp.__version__, "command": command, "runs": {}}
+    for name, ggml_type in KV_RUNS.items():
+        llm = load(path, N_CTX, flash_attn=True, type_k=ggml_type, type_v=ggml_type)
+        vocab = llm._model.vocab
+        add_bos, bos = bool(llama_cpp.llama_vocab_get_add_bos(vocab)), int(llama_cpp.llama_vocab_bos(vocab))
+        tokens = tokenizer(llm)(english, True, False)
+        out["runs"][name] = perplexity(llm, tokens, N_CTX, bos if add_bos else None, f"{model_key} {name}")
+        if hasattr(llm, "close"):
+            llm.close()
+    return out
+
+
 def make_arch(name: str, english: str, command: str, smollm2: Path, tmp: Path) -> dict:
     """Goldens of one synthetic architecture file (tests/golden_models.py's ARCH_MODELS[name])."""
     from golden_models import ARCH_MODELS, sha256, write_arch_model
@@ -444,6 +473,8 @@ def main() -> None:
     ap.add_argument("--archs", default="all", help=f"synthetic architecture files: all, '' or some of "
                                                    f"{','.join(ARCH_MODELS)}")
     ap.add_argument("--pre", default="all", help="the pre-tokenizer fixture: all or ''")
+    ap.add_argument("--kv", action="store_true", help="only the KV-cache-type perplexities of --models "
+                                                       "(<model>_kv_golden.json)")
     ap.add_argument("--chat", action="store_true", help="only SmolLM2's greedy chat reply, for this machine's "
                                                          "instruction-set family (smollm2_chat_reply.json)")
     args = ap.parse_args()
@@ -453,6 +484,12 @@ def main() -> None:
         write_fixture(CHAT_REPLY, data, "replies for " + ", ".join(data["replies"]))
         return
     english = english_text()
+    if args.kv:
+        for key in filter(None, (k.strip() for k in args.models.split(","))):
+            data = make_kv(key, english, command)
+            write_fixture(FIXTURES / f"{key}_kv_golden.json", data,
+                          "; ".join(f"{n} ppl {r['ppl']:.4f}" for n, r in data["runs"].items()))
+        return
     for key in filter(None, (k.strip() for k in args.models.split(","))):
         data = make(key, english, command)
         ppl = [data["perplexity"]] + ([data["perplexity_long"]] if "perplexity_long" in data else [])

@@ -19,7 +19,7 @@ import click
 
 from . import models
 from .errors import TensorsplitError
-from .spec import SPLIT_HELP
+from .spec import KV_TYPE_NAMES, SPLIT_HELP
 from .messages import say
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -405,14 +405,18 @@ def serve(ctx, model_arg, model, host, port, api_key, parallel, ctx_size, max_qu
               help="Sequences (KV-cache slots) to size the KV cache for (give the run's -np).")
 @click.option("--numerics", default="llamacpp", show_default=True, type=click.Choice(["llamacpp", "exact"]),
               help="The run's --numerics: a float16 KV cache (llamacpp) or float32 (exact).")
+@click.option("-ctk", "--cache-type-k", default=None, type=click.Choice(list(KV_TYPE_NAMES)),
+              help="The run's -ctk: what the KV cache stores keys as. Default: --numerics's.")
+@click.option("-ctv", "--cache-type-v", default=None, type=click.Choice(list(KV_TYPE_NAMES)),
+              help="The run's -ctv: what the KV cache stores values as. Default: --numerics's.")
 @click.option("--backend", default=None, type=click.Choice(["nccl", "gloo", "xccl"]),
               help="The run's --backend, if it overrides the choice (on GPUs, Gloo means no CUDA graphs).")
 @click.option("--cuda-graphs/--no-cuda-graphs", default=True, show_default=True,
               help="The run's --cuda-graphs: a GPU world's graphs keep one scratch KV-cache slot more.")
 @click.option("--verbose", "-v", is_flag=True, help="List every tensor's slice per rank.")
 @click.option("--json", "as_json", is_flag=True, help="Print metadata, config, plan and memory per rank as JSON.")
-def info(model_arg, model, nproc, nnodes, split, device, ctx_size, parallel, numerics, backend, cuda_graphs, verbose,
-         as_json):
+def info(model_arg, model, nproc, nnodes, split, device, ctx_size, parallel, numerics, cache_type_k, cache_type_v, backend,
+         cuda_graphs, verbose, as_json):
     """Metadata, the shard plan and what each rank will hold (weights as loaded, KV cache), without
     loading weights; with --split auto, the shares chosen from the devices' free memory."""
     from .report import info_report
@@ -420,7 +424,8 @@ def info(model_arg, model, nproc, nnodes, split, device, ctx_size, parallel, num
     if nproc < 1 or nnodes < 1 or ctx_size < 1 or parallel < 1:
         raise TensorsplitError("--nproc-per-node, --nnodes, -c and -np must be at least 1")
     spec = WorldSpec(model=_model_path(model or model_arg), split=split, device=device, backend=backend, n_ctx=ctx_size,
-                     n_slots=parallel, numerics=numerics, cuda_graphs=cuda_graphs, quiet=True)
+                     n_slots=parallel, numerics=numerics, cache_type_k=cache_type_k, cache_type_v=cache_type_v,
+                     cuda_graphs=cuda_graphs, quiet=True)
     print(info_report(spec, NodeSpec(nproc=nproc, nnodes=nnodes), verbose=verbose, as_json=as_json))
 
 

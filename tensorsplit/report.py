@@ -42,7 +42,7 @@ def _world_lines(plan: WorldPlan, file_ratio: float) -> list[str]:
              f"split       {plan.split_text()}" + (" (auto)" if auto is not None else ""),
              f"memory per rank once loaded: weights ({file_ratio:.3f} x their file bytes; CPU ranks in the native "
              "kernels' layout)",
-             f"  and KV cache for {spec.n_slots} sequence(s) of {spec.n_ctx} positions ({plan.kv_dtype})"
+             f"  and KV cache for {spec.n_slots} sequence(s) of {spec.n_ctx} positions (k {plan.kv_types[0]}, v {plan.kv_types[1]})"
              + (", and one scratch slot for the CUDA graphs" if plan.cuda_graphs else "")]
     if auto is not None:
         source = f"given in {FREE_MEMORY_ENV}" if auto.given else "measured"

@@ -18,6 +18,8 @@ from pathlib import Path
 from .devices import default_nproc
 from .kernels.numerics import DEFAULT as DEFAULT_NUMERICS
 
+KV_TYPE_NAMES = ("f16", "bf16", "q8_0", "q4_0", "f32")      # kernels/kv_types.py
+
 WORLD_ENV = "TENSORSPLIT_WORLD"     # the WorldPlan (plan/world.py), as JSON, for every rank the launcher starts
 JOB_ENV = "TENSORSPLIT_JOB"         # rank 0 only: a file holding the job, as JSON
 
@@ -52,6 +54,14 @@ class WorldSpec:
                            help="llamacpp: llama.cpp's arithmetic (8-bit matmul inputs multiplied in integers, an "
                                 "f16 KV cache): fast, and reproduces its logits. exact: float32 activations "
                                 "throughout (slower; closer to the unquantized model on some models).")
+    cache_type_k: str | None = option(None, "-ctk", "--cache-type-k", choices=KV_TYPE_NAMES,
+                                      help="What the KV cache stores keys as, as llama.cpp's -ctk: f16, bf16, q8_0 "
+                                           "(blocks of 32 with an f16 scale, 34 bytes: about half of f16), q4_0 "
+                                           "(18 bytes per 32) or f32. Default: f16 under --numerics llamacpp, f32 "
+                                           "under exact.")
+    cache_type_v: str | None = option(None, "-ctv", "--cache-type-v", choices=KV_TYPE_NAMES,
+                                      help="What the KV cache stores values as (-ctk's types). Default: as -ctk's "
+                                           "default.")
     pin_cores: bool = option(True, "--pin-cores/--no-pin-cores",
                              help="Give each worker its own cores on its node (its --threads of them, disjoint from the "
                                   "other workers'), one thread per core. Off by itself when the workers want more "

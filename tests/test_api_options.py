@@ -39,7 +39,7 @@ def test_every_world_option_reaches_the_plan(smollm2_path):
              threads=1, timeout=60.0, numerics="exact", cuda_graphs=False, nnodes=1, node_rank=0,
              master_addr="127.0.0.1", master_port=port) as llm:
         plan = llm.plan
-        assert plan.ratios == (0.75, 0.25) and plan.backend.name == "gloo" and plan.kv_dtype == "float32"
+        assert plan.ratios == (0.75, 0.25) and plan.backend.name == "gloo" and plan.kv_types == ("f32", "f32")
         assert [r.threads for r in plan.ranks] == [1, 1] and [r.device for r in plan.ranks] == ["cpu", "cpu"]
         assert (plan.spec.timeout_s, plan.spec.cuda_graphs, plan.spec.n_ctx, plan.spec.n_slots) == (60.0, False, 128, 2)
         assert llm.generate("The capital of France is", max_tokens=2, temperature=0)[0].completion_tokens == 2

@@ -301,7 +301,7 @@ def test_info_split_auto_prints_ratios_bytes_and_free_memory(smollm2_path):
     assert plan["ratios"] == pytest.approx(ratios, abs=1e-3) == doc["shard_plan"]["ratios"]
     assert auto["free"] == {"cuda:0": 24 * G, "cpu": 64 * G} and auto["given"] is True
     assert auto["rank_reserve"] == RANK_RESERVE and auto["free_margin"] == FREE_MARGIN
-    assert (plan["spec"]["n_ctx"], plan["spec"]["n_slots"], plan["kv_dtype"]) == (4096, 2, "float16")
+    assert (plan["spec"]["n_ctx"], plan["spec"]["n_slots"], plan["kv_types"]) == (4096, 2, ["f16", "f16"])
     assert [m["device"] for m in memory] == ["cuda:0", "cpu"] and plan["backend"]["name"] == "gloo"
     # KV cache: 30 layers x 4096 positions x 2 slots x 64 head_dim x k and v x float16, per KV head
     kv_heads = [r["kv_heads"][1] - r["kv_heads"][0] for r in doc["shard_plan"]["ranks"]]
@@ -311,7 +311,7 @@ def test_info_split_auto_prints_ratios_bytes_and_free_memory(smollm2_path):
     assert text.returncode == 0, text.stderr
     out = text.stdout
     assert f"split auto {auto['split']}, from the free memory given in {FREE_MEMORY_ENV}" in out
-    assert "KV cache for 2 sequence(s) of 4096 positions (float16)" in out
+    assert "KV cache for 2 sequence(s) of 4096 positions (k f16, v f16)" in out
     rows = [ln.split() for ln in out.splitlines() if ln.strip().startswith(("0  cuda:0", "1  cpu"))]
     assert [row[:2] for row in rows] == [["0", "cuda:0"], ["1", "cpu"]]
     assert rows[0][-4:-2] == ["24.0", "GiB"] and rows[1][-4:-2] == ["64.0", "GiB"]     # free, per device

@@ -45,6 +45,12 @@ class Numerics:
         world plan reads it (its bytes per rank), and so do the kernels."""
         return torch.float16 if self.llamacpp else torch.float32
 
+    def kv_types(self, k: str | None = None, v: str | None = None) -> tuple[str, str]:
+        """The KV cache's types (kernels/kv_types.py) for -ctk / -ctv as given, each None taking this
+        numerics' default (f16 or f32)."""
+        default = "f16" if self.llamacpp else "f32"
+        return (k or default, v or default)
+
 
 EXACT = Numerics("exact")
 LLAMACPP = Numerics("llamacpp")

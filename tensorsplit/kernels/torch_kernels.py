@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from .base import ExpertWeights, Heads, MatmulInput
 from .numerics import Numerics
+from .kv_types import decode, encode, k_rotation, rotate, round_trip, type_of, v_rotation
 from .quants.activations import ROUNDING_KIND, round_inputs
 from .quants.dequant import dequantize
 from .quants.qtypes import QType
@@ -214,27 +215,32 @@ class TorchKernels:
         belong to several slots; a slot's tokens in one step have consecutive positions and attend
         within their slot. A sliding layer's step attends to its own keys before they are written to
         the ring, so a step may hold more tokens than the window."""
+        hd = heads.head_dim
+        kt, vt = type_of(k_cache, hd), type_of(v_cache, hd)
+        kr, vr = k_rotation(kt, hd), v_rotation(vt, hd)       # a quantized cache's rotations (kv_types.py)
+        q, k, v = rotate(q, kr), rotate(k, kr), rotate(v, vr)
         if not window:
-            k_cache[slots, positions] = k.to(k_cache.dtype)
-            v_cache[slots, positions] = v.to(v_cache.dtype)
+            k_cache[slots, positions] = encode(k, kt)
+            v_cache[slots, positions] = encode(v, vt)
         out = torch.empty(q.shape[0], heads.n_local_heads, heads.head_dim, dtype=q.dtype, device=q.device)
         in_place = heads.gqa_in_place and self._gqa_in_place and sinks is None
         attend_math = self._attend_math if sinks is None else partial(self._attend_math, sinks=sinks)
         for slot, idx in _group_by_slot(slots):
             qpos = positions[idx]                                     # (t,) consecutive
             if window:
-                keys, vals, kpos = _ring_keys(k_cache, v_cache, slot, int(qpos[0]), window, k[idx], v[idx], q.dtype)
+                keys, vals, kpos = _ring_keys(k_cache, v_cache, slot, int(qpos[0]), window, k[idx], v[idx], q.dtype,
+                                              (kt, vt))
             else:
                 kv_len = int(qpos.max()) + 1
-                keys = k_cache[slot, :kv_len].to(q.dtype)             # (L, n_local_kv_heads, hd)
-                vals = v_cache[slot, :kv_len].to(q.dtype)
+                keys = decode(k_cache[slot, :kv_len], kt, hd, q.dtype)   # (L, n_local_kv_heads, hd)
+                vals = decode(v_cache[slot, :kv_len], vt, hd, q.dtype)
                 kpos = torch.arange(kv_len, device=q.device)
             if not in_place:
                 keys, vals = keys.index_select(1, heads.kv_of_q), vals.index_select(1, heads.kv_of_q)  # (L, H, hd)
             qh, kh, vh = q[idx].transpose(0, 1), keys.transpose(0, 1), vals.transpose(0, 1)
             mask = allowed_mask(kpos, qpos, window)                   # (t, L)
             out[idx] = attend_math(qh, kh, vh, mask, heads, in_place).transpose(0, 1)
-        return out.reshape(q.shape[0], -1)
+        return rotate(out, vr).reshape(q.shape[0], -1)
 
     def attend_static(self, q, k, v, k_cache, v_cache, window: int, positions, slots, heads: Heads,
                       kv_len: int, sinks: torch.Tensor | None = None) -> torch.Tensor:
@@ -244,26 +250,30 @@ class TorchKernels:
         A global layer reads the first kv_len positions of each row's slot (kv_len > every position),
         a sliding layer its whole ring, masking what the row may not see. The row's own key is written
         first: for one token that is the order attend() has too."""
-        n = q.shape[0]
+        n, hd = q.shape[0], heads.head_dim
+        kt, vt = type_of(k_cache, hd), type_of(v_cache, hd)
+        kr, vr = k_rotation(kt, hd), v_rotation(vt, hd)
+        q, k, v = rotate(q, kr), rotate(k, kr), rotate(v, vr)
         if window:
-            k_cache[slots, positions % window] = k.to(k_cache.dtype)
-            v_cache[slots, positions % window] = v.to(v_cache.dtype)
-            keys, vals = k_cache[slots], v_cache[slots]                   # (n, window, n_kv, hd)
+            k_cache[slots, positions % window] = encode(k, kt)
+            v_cache[slots, positions % window] = encode(v, vt)
+            keys, vals = k_cache[slots], v_cache[slots]                   # (n, window, n_kv, row)
             entry = torch.arange(window, device=q.device)
             # ring entry j holds the newest position p <= pos with p % window == j
             kpos = positions[:, None] - torch.remainder(positions[:, None] - entry[None, :], window)
             allowed = kpos >= 0                                           # (n, window)
         else:
-            k_cache[slots, positions] = k.to(k_cache.dtype)
-            v_cache[slots, positions] = v.to(v_cache.dtype)
-            keys, vals = k_cache[slots, :kv_len], v_cache[slots, :kv_len]   # (n, kv_len, n_kv, hd)
+            k_cache[slots, positions] = encode(k, kt)
+            v_cache[slots, positions] = encode(v, vt)
+            keys, vals = k_cache[slots, :kv_len], v_cache[slots, :kv_len]   # (n, kv_len, n_kv, row)
             allowed = torch.arange(kv_len, device=q.device)[None, :] <= positions[:, None]
-        kh = keys.index_select(2, heads.kv_of_q).transpose(1, 2).to(q.dtype)   # (n, H, L, hd)
-        vh = vals.index_select(2, heads.kv_of_q).transpose(1, 2).to(q.dtype)
+        kh = decode(keys.index_select(2, heads.kv_of_q), kt, hd, q.dtype).transpose(1, 2)   # (n, H, L, hd)
+        vh = decode(vals.index_select(2, heads.kv_of_q), vt, hd, q.dtype).transpose(1, 2)
         qh = q[:, :, None, :]                                             # (n, H, 1, hd)
         mask = allowed[:, None, None, :]                                  # (n, 1, 1, L)
         extra = {} if sinks is None else {"sinks": sinks}
-        return self._attend_math(qh, kh, vh, mask, heads, False, **extra).reshape(n, -1)
+        out = self._attend_math(qh, kh, vh, mask, heads, False, **extra)           # (n, H, 1, hd)
+        return rotate(out, vr).reshape(n, -1)
 
 
 def _bias(biases, e: int):
@@ -372,19 +382,21 @@ def allowed_mask(kpos: torch.Tensor, qpos: torch.Tensor, window: int) -> torch.T
     return allowed
 
 
-def _ring_keys(k_ring, v_ring, slot: int, p0: int, window: int, k_new, v_new, dtype):
+def _ring_keys(k_ring, v_ring, slot: int, p0: int, window: int, k_new, v_new, dtype, types):
     """Keys and values a sliding layer's step starting at position p0 may read: the ring's entries for
     positions [max(0, p0 - window + 1), p0), then the step's own. Stores the step's last `window`
-    entries in the ring afterwards. Returns keys, values (L, n_local_kv_heads, hd) and positions (L,)."""
-    device = k_new.device
+    entries in the ring afterwards. Returns keys, values (L, n_local_kv_heads, hd) and positions (L,).
+    types: the rings' (KvType of k, of v)."""
+    device, hd = k_new.device, k_new.shape[-1]
+    kt, vt = types
     past = torch.arange(max(0, p0 - window + 1), p0, device=device)       # (P,)
     new = torch.arange(p0, p0 + k_new.shape[0], device=device)            # (t,)
-    keys = torch.cat([k_ring[slot, past % window].to(dtype),
-                      k_new.to(k_ring.dtype).to(dtype)])                  # rounded as the cache stores them
-    vals = torch.cat([v_ring[slot, past % window].to(dtype), v_new.to(v_ring.dtype).to(dtype)])
+    keys = torch.cat([decode(k_ring[slot, past % window], kt, hd, dtype),
+                      round_trip(k_new, kt).to(dtype)])                   # rounded as the cache stores them
+    vals = torch.cat([decode(v_ring[slot, past % window], vt, hd, dtype), round_trip(v_new, vt).to(dtype)])
     keep = slice(max(0, k_new.shape[0] - window), None)
-    k_ring[slot, new[keep] % window] = k_new[keep].to(k_ring.dtype)
-    v_ring[slot, new[keep] % window] = v_new[keep].to(v_ring.dtype)
+    k_ring[slot, new[keep] % window] = encode(k_new[keep], kt)
+    v_ring[slot, new[keep] % window] = encode(v_new[keep], vt)
     return keys, vals, torch.cat([past, new])
 
 

@@ -19,6 +19,7 @@ import torch
 
 from ..errors import TensorsplitError
 from ..kernels.base import Heads, Kernels
+from ..kernels.kv_types import kv_type
 
 _SDPA_HAS_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)   # its enable_gqa
 
@@ -36,8 +37,11 @@ def _stored_slots(n_slots: int, static: bool) -> int:
 
 class KVCache:
     def __init__(self, n_layers: int, n_slots: int, n_ctx: int, n_local_kv_heads: int, head_dim: int,
-                 device, dtype=torch.float32, windows: tuple[int, ...] | None = None, static: bool = False):
-        """windows: per layer, 0 for a global layer or the sliding window w; default all global.
+                 device, dtype=torch.float32, windows: tuple[int, ...] | None = None, static: bool = False,
+                 v_type=None):
+        """dtype: what the keys are stored as (kernels/kv_types.py: a KvType, its name, or a float dtype);
+        v_type: the values' (default: the keys'). Blocks of a quantized type are stored as uint8 rows.
+        windows: per layer, 0 for a global layer or the sliding window w; default all global.
         static: for fixed-shape decode (decode_graphs.py): one more slot, `scratch_slot`, that the
         padding rows of a bucket write to, and zeroed storage, because fixed-shape attention reads
         positions it masks out and 0 * NaN from uninitialised memory would still poison the sum."""
@@ -51,15 +55,20 @@ class KVCache:
         for w in self.windows:
             self.index.append(n_ring if w else n_full)
             n_ring, n_full = n_ring + bool(w), n_full + (not w)
-        tail = (n_local_kv_heads, head_dim)
+        self.k_type, self.v_type = kv_type(dtype), kv_type(v_type if v_type is not None else dtype)
+        for t in (self.k_type, self.v_type):
+            t.check(head_dim)
+        k_tail = (n_local_kv_heads, self.k_type.row_elems(head_dim))
+        v_tail = (n_local_kv_heads, self.v_type.row_elems(head_dim))
+        kd, vd = self.k_type.dtype, self.v_type.dtype
         # Uninitialised on purpose: attention reads only positions 0..p of a slot, all written before
         # they are read, so pages of unused slots and positions are never touched (nor committed).
         alloc = torch.zeros if static else torch.empty
         n_stored = _stored_slots(n_slots, static)
-        self.k = alloc((n_full, n_stored, n_ctx, *tail), dtype=dtype, device=device)
-        self.v = alloc((n_full, n_stored, n_ctx, *tail), dtype=dtype, device=device)
-        self.k_ring = alloc((n_ring, n_stored, self.ring, *tail), dtype=dtype, device=device)
-        self.v_ring = alloc((n_ring, n_stored, self.ring, *tail), dtype=dtype, device=device)
+        self.k = alloc((n_full, n_stored, n_ctx, *k_tail), dtype=kd, device=device)
+        self.v = alloc((n_full, n_stored, n_ctx, *v_tail), dtype=vd, device=device)
+        self.k_ring = alloc((n_ring, n_stored, self.ring, *k_tail), dtype=kd, device=device)
+        self.v_ring = alloc((n_ring, n_stored, self.ring, *v_tail), dtype=vd, device=device)
         self.n_slots, self.n_ctx = n_slots, n_ctx
         self.scratch_slot = n_slots if static else None
         # per layer, (window, k store, v store): its ring for a sliding layer, else its full store. Made
@@ -73,12 +82,13 @@ class KVCache:
 
     @staticmethod
     def planned_bytes(windows, n_slots: int, n_ctx: int, n_local_kv_heads: int, head_dim: int,
-                      elem_bytes: int = 4, static: bool = False) -> int:
-        """What the cache of these arguments will hold, without allocating it: k and v, a ring of
-        w entries for a sliding layer whose window w is shorter than the context; static: with the
-        scratch slot of fixed-shape decode."""
+                      types=("f32", "f32"), static: bool = False) -> int:
+        """What the cache of these arguments will hold, without allocating it: k and v (of `types`, as
+        kv_types.py stores them), a ring of w entries for a sliding layer whose window w is shorter than
+        the context; static: with the scratch slot of fixed-shape decode."""
         entries = sum(w or n_ctx for w in _rings(windows, n_ctx))
-        return 2 * entries * _stored_slots(n_slots, static) * n_local_kv_heads * head_dim * elem_bytes
+        row = sum(kv_type(t).row_bytes(head_dim) for t in types)
+        return entries * _stored_slots(n_slots, static) * n_local_kv_heads * row
 
     def check(self, positions: torch.Tensor, slots: torch.Tensor) -> None:
         """User-facing bounds check, once per forward (not per layer)."""

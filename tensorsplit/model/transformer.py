@@ -242,14 +242,16 @@ class RankModel:
         return {local: rope.build(max(n_ctx, 1), self.kernels) for local, rope in ropes.items()}
 
     def allocate_cache(self, n_slots: int, n_ctx: int, dtype: torch.dtype | None = None,
-                       decode_graphs: str | None = None) -> KVCache:
-        """decode_graphs: "cuda" to replay decode steps as CUDA graphs, "eager" for the same fixed-shape
-        steps without capture (tests), None for none (decode_graphs.py)."""
-        if dtype is None:
-            dtype = self.kernels.kv_dtype
+                       decode_graphs: str | None = None, kv_types: tuple[str, str] | None = None) -> KVCache:
+        """kv_types: what the cache stores keys and values as (kernels/kv_types.py; the world plan's),
+        else dtype for both, else the kernels' numerics' default. decode_graphs: "cuda" to replay decode
+        steps as CUDA graphs, "eager" for the same fixed-shape steps without capture (tests), None for
+        none (decode_graphs.py)."""
+        if kv_types is None:
+            kv_types = (dtype or self.kernels.kv_dtype,) * 2
         self.cache = KVCache(self.cfg.n_layers, n_slots, n_ctx, self.shard.n_local_kv_heads,
-                             self.cfg.head_dim, self.device, dtype, self.cfg.layer_windows,
-                             static=decode_graphs is not None)
+                             self.cfg.head_dim, self.device, kv_types[0], self.cfg.layer_windows,
+                             static=decode_graphs is not None, v_type=kv_types[1])
         self.ropes = self._ropes(n_ctx)
         # recorded steps hold the old cache and rope tables: none survives a new cache
         self.programs = {} if self._replayable() else None

@@ -3,7 +3,7 @@ everywhere else.
 
 `plan_world(spec, node)` -> WorldPlan: per rank its device, thread count and bytes (weights as
 loaded, KV cache, the CUDA graphs' scratch slot); for the world its backend, whether decode runs as
-CUDA graphs, the KV cache's dtype and slots, and the split as float ratios (`--split auto` resolved
+CUDA graphs, the KV cache's types and slots, and the split as float ratios (`--split auto` resolved
 from the devices' free memory: free_memory.py, auto_split.py). The launcher (and LLM, serve) computes
 it before any worker starts and hands it to every rank as JSON; `tensorsplit info` prints it; under
 plain torchrun every rank computes it from the same inputs. Workers read its decisions and derive
@@ -22,6 +22,7 @@ from ..errors import AutoSplitError, TensorsplitError
 from ..model import make_plan, open_model, parse_split
 from ..model.attention import KVCache
 from ..model.loader import resident_bytes
+from ..kernels.kv_types import kv_type
 from ..kernels.numerics import Numerics
 from ..model.shard_plan import ShardPlan
 from ..spec import NodeSpec, WorldSpec
@@ -64,7 +65,7 @@ class WorldPlan:
     ratios: tuple[float, ...]    # the split, per rank (model/shard_plan.py turns it into whole units)
     backend: BackendChoice       # torch.distributed backend (comm/backend.py)
     cuda_graphs: bool            # decode steps replayed as CUDA graphs (comm/backend.py decode_graphs)
-    kv_dtype: str                # "float16" (llamacpp numerics) or "float32"
+    kv_types: tuple[str, str]    # what the KV cache stores keys and values as (kernels/kv_types.py): f16, q8_0, ..
     native: bool                 # the native CPU kernels are available: CPU ranks hold their layout
     ranks: tuple[RankPlan, ...]
     auto: AutoSplit | None = None
@@ -86,7 +87,7 @@ class WorldPlan:
     def from_json(text: str) -> "WorldPlan":
         d = json.loads(text)
         auto = d.pop("auto")
-        return WorldPlan(**{**d, "spec": WorldSpec.from_json(json.dumps(d["spec"])), "ratios": tuple(d["ratios"]),
+        return WorldPlan(**{**d, "spec": WorldSpec.from_json(json.dumps(d["spec"])), "ratios": tuple(d["ratios"]), "kv_types": tuple(d["kv_types"]),
                             "backend": BackendChoice(**d["backend"]),
                             "ranks": tuple(RankPlan(**r) for r in d["ranks"]),
                             "auto": None if auto is None else AutoSplit(auto["free"], auto["given"],
@@ -138,6 +139,9 @@ def plan_world(spec: WorldSpec, node: NodeSpec, *, here: bool = True, torchrun: 
     native = kernels_native(announce=here)
     threads = node.threads or default_threads(node.nproc)
     gf, cfg = open_model(spec.model)
+    kv_types = Numerics(spec.numerics).kv_types(spec.cache_type_k, spec.cache_type_v)
+    for t in kv_types:
+        kv_type(t).check(cfg.head_dim)
     graphs = decode_graphs(kinds, backend.name, spec.cuda_graphs, experts=cfg.n_expert > 0)
     try:
         auto = None
@@ -152,8 +156,7 @@ def plan_world(spec: WorldSpec, node: NodeSpec, *, here: bool = True, torchrun: 
                       for r in range(world))
     finally:
         gf.close()
-    plan = WorldPlan(spec, node.nproc, tuple(ratios), backend, graphs, str(Numerics(spec.numerics).kv_dtype)
-                     .removeprefix("torch."), native, ranks, auto)
+    plan = WorldPlan(spec, node.nproc, tuple(ratios), backend, graphs, kv_types, native, ranks, auto)
     if auto is not None and announce and not spec.quiet:
         where = ", ".join(f"{d} {gib(auto.free[d])}" for d in dict.fromkeys(devices))
         say(f"--split auto: {plan.split_text()} (free: {where}{', from ' + FREE_MEMORY_ENV if auto.given else ''})")
@@ -163,11 +166,11 @@ def plan_world(spec: WorldSpec, node: NodeSpec, *, here: bool = True, torchrun: 
 def _rank_plan(gf, cfg, shard_plan: ShardPlan, rank: int, device: str, threads: int, spec: WorldSpec, native: bool,
                graphs: bool) -> RankPlan:
     rs = shard_plan.ranks[rank]
-    elem = Numerics(spec.numerics).kv_dtype.itemsize
+    types = Numerics(spec.numerics).kv_types(spec.cache_type_k, spec.cache_type_v)
 
     def kv(static: bool) -> int:
         return KVCache.planned_bytes(cfg.layer_windows, spec.n_slots, spec.n_ctx, rs.n_local_kv_heads,
-                                     cfg.head_dim, elem, static=static)
+                                     cfg.head_dim, types, static=static)
     return RankPlan(rank, device, threads, resident_bytes(gf, rs.tensors, native and device == "cpu"), kv(False),
                     kv(True) - kv(False) if graphs else 0)
 

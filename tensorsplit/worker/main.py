@@ -141,7 +141,7 @@ def join_and_load(env: RankEnv, plan: WorldPlan) -> tuple[LoadedRank, object, ob
             reduce = functools.partial(profile.timed, "all_reduce_work", comm.all_reduce)
         model = RankModel(cfg, shard_plan.ranks[env.rank], env.world, reduce, gf,
                           _rank_kernels(device, plan, profile), on_progress=progress)
-        model.allocate_cache(spec.n_slots, spec.n_ctx, dtype=getattr(torch, plan.kv_dtype),
+        model.allocate_cache(spec.n_slots, spec.n_ctx, kv_types=plan.kv_types,
                              decode_graphs="cuda" if plan.cuda_graphs else None)
         if profile is not None:
             model.time_replays = True

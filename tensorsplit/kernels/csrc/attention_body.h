@@ -7,6 +7,10 @@
 // its step reads positions older than the slot's first position in this step from the ring and
 // the rest from the step's own keys, which are written to the ring only after every token read.
 //
+// The cache holds one of kv_cache.h's types (f32, f16, bf16, q8_0, q4_0), the keys' and the values' each
+// their own; a row is converted to float as it is read, and a step's own keys are rounded as the cache
+// stores them.
+//
 // Arithmetic: scores = (q * scale) . k in float (under llama.cpp numerics, with an f16 cache, q * scale
 // rounded to f16, or with scale_scores q rounded unscaled and the score scaled, as llama.cpp's graphs
 // for llama / qwen do it in the softmax), softmax with a double sum as ggml's (exp(s - max) / sum), probabilities
@@ -23,6 +27,7 @@
 #include <string.h>
 
 #include "kernels.h"
+#include "kv_cache.h"
 #include "layout.h"
 
 namespace {
@@ -42,32 +47,57 @@ static inline void scale_round(float* dst, const float* src, float mul, int r16,
   for (; i < n; ++i) dst[i] = r16 ? round16(src[i] * mul) : src[i] * mul;
 }
 
-// The keys a token reads, position pj of [lo, p]: from the cache, or this step's own (rounded as the cache
-// stores them, into tmp). Returns a row of f16 (*f16 = 1) or float32 values.
-static inline const uint8_t* key_or_value(const ts::AttnArgs& a, const float* fresh, const uint8_t* base,
+constexpr int64_t MAX_HEAD_DIM = 512;     // the op refuses more (a step's own row is encoded on the stack)
+
+// The keys a token reads, position pj of [lo, p]: from the cache (a row of `type`), or this step's own
+// (rounded as the cache stores them, into tmp as float32). Returns the row and sets *as to its type.
+static inline const uint8_t* key_or_value(const ts::AttnArgs& a, const float* fresh, const uint8_t* base, int type,
                                           int64_t t, int64_t kh, int64_t pj, int64_t p0, int64_t row_bytes,
-                                          float* tmp, int* f16) {
+                                          float* tmp, int* as) {
   if (pj < p0) {
-    *f16 = a.cache_f16;
+    *as = type;
     return base + (a.window ? pj % a.cap : pj) * row_bytes;
   }
   const float* src = fresh + ((a.first[t] + (pj - p0)) * a.KH + kh) * a.hd;
-  for (int64_t d = 0; d < a.hd; ++d) tmp[d] = a.cache_f16 ? round16(src[d]) : src[d];
-  *f16 = 0;
+  uint8_t enc[4 * MAX_HEAD_DIM];
+  ts::kv_round_trip(src, a.hd, type, enc, tmp);
+  *as = ts::KV_F32;
   return (const uint8_t*)tmp;
 }
 
-// A row of hd values (f16 or float32) as float32 into dst.
+// A row of hd values of a cache type as float32 into dst.
 template <class S>
-static inline void row_to_float(float* dst, const uint8_t* src, int f16, int64_t hd) {
+static inline void row_to_float(float* dst, const uint8_t* src, int type, int64_t hd) {
   constexpr int L = S::LANES;
-  if (!f16) {
-    memcpy(dst, src, (size_t)hd * sizeof(float));
-    return;
-  }
   int64_t d = 0;
-  for (; d + L <= hd; d += L) S::storef(dst + d, S::f16(src + 2 * d));
-  for (; d < hd; ++d) dst[d] = ts::f16_to_f32(ts::rd16(src + 2 * d));
+  switch (type) {
+    case ts::KV_F32: memcpy(dst, src, (size_t)hd * sizeof(float)); return;
+    case ts::KV_F16:
+      for (; d + L <= hd; d += L) S::storef(dst + d, S::f16(src + 2 * d));
+      for (; d < hd; ++d) dst[d] = ts::f16_to_f32(ts::rd16(src + 2 * d));
+      return;
+    case ts::KV_BF16:
+      for (; d + L <= hd; d += L) S::storef(dst + d, S::bf16(src + 2 * d));
+      for (; d < hd; ++d) dst[d] = ts::bf16_to_f32(ts::rd16(src + 2 * d));
+      return;
+    default: break;
+  }
+  // blocks of 32: code * d, each product rounded once as kv_decode_row's
+  const int64_t bb = type == ts::KV_Q8_0 ? 34 : 18;
+  for (int64_t b = 0; b < hd / ts::KV_QK; ++b) {
+    const uint8_t* blk = src + b * bb;
+    const typename S::VF dv = S::setf(ts::f16_to_f32(ts::rd16(blk)));
+    int8_t codes[ts::KV_QK];
+    const uint8_t* q = blk + 2;
+    if (type == ts::KV_Q4_0) {
+      for (int j = 0; j < ts::KV_QK / 2; ++j) {
+        codes[j] = (int8_t)((blk[2 + j] & 15) - 8);
+        codes[j + 16] = (int8_t)((blk[2 + j] >> 4) - 8);
+      }
+      q = (const uint8_t*)codes;
+    }
+    for (int j = 0; j < ts::KV_QK; j += L) S::storef(dst + b * ts::KV_QK + j, S::mul(S::i8f(q + j), dv));
+  }
 }
 
 // What a unit covers: its token t (of slot sl, at position p), KV head kh, the positions [lo, p] the token
@@ -101,7 +131,7 @@ template <class S>
 static void attend_scores(const ts::AttnArgs& a, int64_t u0, int64_t u1, int thread) {
   using VF = typename S::VF;
   constexpr int L = S::LANES;
-  const int64_t hd = a.hd, esz = a.cache_f16 ? 2 : 4, row_bytes = a.KH * hd * esz;
+  const int64_t hd = a.hd, head_bytes = ts::kv_row_bytes(a.k_type, hd), row_bytes = a.KH * head_bytes;
   // positions per row of kt: whole vectors, and one more so that the rows are not a power of two apart
   // (a 1 KiB stride maps every row to the same few L1 sets)
   const int64_t stride = (a.chunk + L - 1) / L * L + L;
@@ -120,12 +150,12 @@ static void attend_scores(const ts::AttnArgs& a, int64_t u0, int64_t u1, int thr
       scale_round<S>(qs + i * hd, a.q + (t * a.H + h) * hd, a.scale_scores ? 1.0f : a.scale, a.round16, hd);
     }
     const float score_scale = a.scale_scores ? a.scale : 1.0f;
-    const uint8_t* kbase = (const uint8_t*)a.k_cache + sl * a.cap * row_bytes + kh * hd * esz;
+    const uint8_t* kbase = (const uint8_t*)a.k_cache + sl * a.cap * row_bytes + kh * head_bytes;
     for (int64_t jj = 0; jj < nv; ++jj) {
       if (jj < n) {
-        int f16;
-        const uint8_t* k = key_or_value(a, a.k_new, kbase, t, kh, lo + j0 + jj, p0, row_bytes, tmp, &f16);
-        row_to_float<S>(krow, k, f16, hd);
+        int as;
+        const uint8_t* k = key_or_value(a, a.k_new, kbase, a.k_type, t, kh, lo + j0 + jj, p0, row_bytes, tmp, &as);
+        row_to_float<S>(krow, k, as, hd);
         for (int64_t d = 0; d < hd; ++d) kt[d * stride + jj] = krow[d];
       } else {
         for (int64_t d = 0; d < hd; ++d) kt[d * stride + jj] = 0.0f;   // lanes past the chunk: read, unused
@@ -173,7 +203,7 @@ template <class S>
 static void attend_values(const ts::AttnArgs& a, int64_t u0, int64_t u1, int thread) {
   using VF = typename S::VF;
   constexpr int L = S::LANES, ACC = 4;                              // vectors of a head's sum held at once
-  const int64_t hd = a.hd, esz = a.cache_f16 ? 2 : 4, row_bytes = a.KH * hd * esz;
+  const int64_t hd = a.hd, head_bytes = ts::kv_row_bytes(a.v_type, hd), row_bytes = a.KH * head_bytes;
   float* tmp = a.scratch + (int64_t)thread * a.scratch_stride + a.H * hd + hd;
   float* vb = tmp + hd;                                             // (chunk, hd): the chunk's values
   for (int64_t u = u0; u < u1; ++u) {
@@ -181,11 +211,11 @@ static void attend_values(const ts::AttnArgs& a, int64_t u0, int64_t u1, int thr
     const int64_t ti = us.ti, t = us.t, kh = us.kh, sl = us.sl, lo = us.lo, p0 = us.p0, j0 = us.j0, j1 = us.j1;
     const int64_t h0 = us.h0, g = us.g, c = a.units[u].c;
     const int64_t n = j1 - j0;
-    const uint8_t* vbase = (const uint8_t*)a.v_cache + sl * a.cap * row_bytes + kh * hd * esz;
+    const uint8_t* vbase = (const uint8_t*)a.v_cache + sl * a.cap * row_bytes + kh * head_bytes;
     for (int64_t jj = 0; jj < n; ++jj) {
-      int f16;
-      const uint8_t* v = key_or_value(a, a.v_new, vbase, t, kh, lo + j0 + jj, p0, row_bytes, tmp, &f16);
-      row_to_float<S>(vb + jj * hd, v, f16, hd);
+      int as;
+      const uint8_t* v = key_or_value(a, a.v_new, vbase, a.v_type, t, kh, lo + j0 + jj, p0, row_bytes, tmp, &as);
+      row_to_float<S>(vb + jj * hd, v, as, hd);
     }
     for (int64_t i = 0; i < g; ++i) {
       const int64_t h = a.group_heads[h0 + i];

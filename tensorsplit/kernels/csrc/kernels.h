@@ -60,9 +60,9 @@ struct AttnArgs {
   const float* q;          // (n, H, hd) queries, already roped
   const float* k_new;      // (n, KH, hd) this step's keys and values (already in the cache of a global layer)
   const float* v_new;
-  const void* k_cache;     // (n_slots, cap, KH, hd) float16 or float32
+  const void* k_cache;     // (n_slots, cap, KH, row): rows of kv_cache.h's types k_type / v_type
   const void* v_cache;
-  int cache_f16;
+  int k_type, v_type;
   int64_t H, KH, hd, cap;
   const int64_t* pos;      // (n,) token positions
   const int64_t* slot;     // (n,) KV-cache slots

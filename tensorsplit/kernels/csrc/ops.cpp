@@ -36,6 +36,7 @@
 #endif
 
 #include "kernels.h"
+#include "kv_cache.h"
 #include "repack.h"
 
 namespace ts {
@@ -285,22 +286,47 @@ at::Tensor matmul_f32(const at::Tensor& w, int64_t type, int64_t n_rows, int64_t
   return out;
 }
 
-// Write this step's keys and values of a layer into its cache, converted to the cache's dtype.
-void write_cache(const at::Tensor& kv, at::Tensor& cache, const int64_t* pos, const int64_t* slot, int64_t cap,
+// Write this step's keys and values of a layer into its cache, in the cache's type (kv_cache.h).
+void write_cache(const at::Tensor& kv, at::Tensor& cache, int type, const int64_t* pos, const int64_t* slot, int64_t cap,
                  int64_t window) {
-  const int64_t n = kv.size(0), row = kv.size(1) * kv.size(2);
+  const int64_t n = kv.size(0), KH = kv.size(1), hd = kv.size(2), head_bytes = kv_row_bytes(type, hd);
   const float* src = kv.data_ptr<float>();
-  const bool f16 = cache.scalar_type() == at::kHalf;
+  uint8_t* base = (uint8_t*)cache.data_ptr();
   for (int64_t t = 0; t < n; ++t) {          // token order: a ring keeps the newest of a position class
     const int64_t idx = window ? pos[t] % cap : pos[t];
-    const int64_t off = (slot[t] * cap + idx) * row;
-    if (f16) {
-      uint16_t* dst = (uint16_t*)cache.data_ptr<at::Half>() + off;
-      for (int64_t e = 0; e < row; ++e) dst[e] = f32_to_f16(src[t * row + e]);
-    } else {
-      std::memcpy(cache.data_ptr<float>() + off, src + t * row, (size_t)row * sizeof(float));
-    }
+    uint8_t* dst = base + (slot[t] * cap + idx) * KH * head_bytes;
+    for (int64_t kh = 0; kh < KH; ++kh) kv_encode_row(src + (t * KH + kh) * hd, hd, type, dst + kh * head_bytes);
   }
+}
+
+// Cache rows (L, KH, row) of a type -> (L, KH, hd) float32
+at::Tensor rows_to_float(const at::Tensor& rows, int type, int64_t hd) {
+  if (type == KV_F32 || type == KV_F16 || type == KV_BF16) return rows.to(at::kFloat);
+  const at::Tensor r = rows.contiguous();
+  const int64_t n = r.size(0) * r.size(1), head_bytes = kv_row_bytes(type, hd);
+  at::Tensor out = at::empty({r.size(0), r.size(1), hd}, r.options().dtype(at::kFloat));
+  const uint8_t* src = r.data_ptr<uint8_t>();
+  float* dst = out.data_ptr<float>();
+  at::parallel_for(0, n, 64, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) kv_decode_row(src + i * head_bytes, hd, type, dst + i * hd);
+  });
+  return out;
+}
+
+// x (t, KH, hd) float32 as the cache of `type` gives it back
+at::Tensor as_stored(const at::Tensor& x, int type) {
+  switch (type) {
+    case KV_F32: return x;
+    case KV_F16: return x.to(at::kHalf).to(at::kFloat);
+    case KV_BF16: return x.to(at::kBFloat16).to(at::kFloat);
+    default: break;
+  }
+  const at::Tensor xc = x.contiguous();
+  const int64_t hd = xc.size(2), n = xc.numel() / hd;
+  at::Tensor out = at::empty_like(xc);
+  std::vector<uint8_t> buf(kv_row_bytes(type, hd));
+  for (int64_t i = 0; i < n; ++i) kv_round_trip(xc.data_ptr<float>() + i * hd, hd, type, buf.data(), out.data_ptr<float>() + i * hd);
+  return out;
 }
 
 // A slot with at least this many tokens in a step (a prompt chunk) attends through matrix products
@@ -312,25 +338,23 @@ constexpr int64_t GEMM_MIN_TOKENS = 8;
 void attend_chunk(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,
                   const at::Tensor& v_cache, const at::Tensor& pos, int64_t slot, const std::vector<int64_t>& tokens,
                   const at::Tensor& kv_of_q, int64_t window, double scale, bool round16, bool scale_scores,
-                  const float* sinks, at::Tensor& out) {
+                  const float* sinks, int k_type, int v_type, at::Tensor& out) {
   const int64_t H = q.size(1), hd = q.size(2), KH = k.size(1), cap = k_cache.size(1);
-  const bool f16 = k_cache.scalar_type() == at::kHalf;
   const at::Tensor idx = at::tensor(tokens, pos.options());
   const at::Tensor qpos = pos.index_select(0, idx);                                 // (t,)
   const int64_t p0 = tokens.empty() ? 0 : pos.data_ptr<int64_t>()[tokens.front()];
   const int64_t p_last = pos.data_ptr<int64_t>()[tokens.back()];
   at::Tensor keys, vals, kpos;                                                     // (L, KH, hd) float32, (L,)
   if (!window) {
-    keys = k_cache[slot].narrow(0, 0, p_last + 1).to(at::kFloat);
-    vals = v_cache[slot].narrow(0, 0, p_last + 1).to(at::kFloat);
+    keys = rows_to_float(k_cache[slot].narrow(0, 0, p_last + 1), k_type, hd);
+    vals = rows_to_float(v_cache[slot].narrow(0, 0, p_last + 1), v_type, hd);
     kpos = at::arange(p_last + 1, pos.options());
   } else {
     const int64_t lo = std::max<int64_t>(0, p0 - window + 1);
     const at::Tensor past = at::arange(lo, p0, pos.options());
     const at::Tensor ring = at::remainder(past, cap);
-    auto as_cache = [&](const at::Tensor& t) { return f16 ? t.to(at::kHalf).to(at::kFloat) : t; };
-    keys = at::cat({k_cache[slot].index_select(0, ring).to(at::kFloat), as_cache(k.index_select(0, idx))});
-    vals = at::cat({v_cache[slot].index_select(0, ring).to(at::kFloat), as_cache(v.index_select(0, idx))});
+    keys = at::cat({rows_to_float(k_cache[slot].index_select(0, ring), k_type, hd), as_stored(k.index_select(0, idx), k_type)});
+    vals = at::cat({rows_to_float(v_cache[slot].index_select(0, ring), v_type, hd), as_stored(v.index_select(0, idx), v_type)});
     kpos = at::cat({past, qpos});
   }
   at::Tensor allowed = kpos.unsqueeze(0) <= qpos.unsqueeze(1);                      // (t, L)
@@ -376,7 +400,7 @@ constexpr int64_t ATTN_CHUNK = 256;
 void attend_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache,
                    const at::Tensor& v_cache, const int64_t* pp, const int64_t* sp, const std::vector<int64_t>& first,
                    const std::vector<int64_t>& tokens, const at::Tensor& kvq, int64_t window, double scale,
-                   bool round16, bool scale_scores, const float* sinks, at::Tensor& out) {
+                   bool round16, bool scale_scores, const float* sinks, int k_type, int v_type, at::Tensor& out) {
   const int64_t H = q.size(1), hd = q.size(2), KH = k.size(1), cap = k_cache.size(1);
   const int64_t nt = (int64_t)tokens.size();
   const int64_t* kv_of_q = kvq.data_ptr<int64_t>();
@@ -409,7 +433,7 @@ void attend_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   at::Tensor opart = at::empty({n_entries, hd}, q.options());
   AttnArgs a{};
   a.q = q.data_ptr<float>(); a.k_new = k.data_ptr<float>(); a.v_new = v.data_ptr<float>();
-  a.k_cache = k_cache.data_ptr(); a.v_cache = v_cache.data_ptr(); a.cache_f16 = k_cache.scalar_type() == at::kHalf;
+  a.k_cache = k_cache.data_ptr(); a.v_cache = v_cache.data_ptr(); a.k_type = k_type; a.v_type = v_type;
   a.H = H; a.KH = KH; a.hd = hd; a.cap = cap;
   a.pos = pp; a.slot = sp; a.first = first.data(); a.tokens = tokens.data();
   a.window = window; a.scale = (float)scale; a.round16 = round16; a.scale_scores = scale_scores;
@@ -448,19 +472,48 @@ void attend_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
     }
 }
 
-at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache,
+// A cache tensor's type (kv_cache.h) from its dtype, and for uint8 from its row length (kernels/kv_types.py type_of)
+int cache_type(const at::Tensor& c, int64_t hd) {
+  switch (c.scalar_type()) {
+    case at::kFloat: TORCH_CHECK(c.size(-1) == hd, "attention: a float32 cache row must hold ", hd); return KV_F32;
+    case at::kHalf: TORCH_CHECK(c.size(-1) == hd, "attention: a float16 cache row must hold ", hd); return KV_F16;
+    case at::kBFloat16: TORCH_CHECK(c.size(-1) == hd, "attention: a bfloat16 cache row must hold ", hd); return KV_BF16;
+    case at::kByte:
+      TORCH_CHECK(hd % KV_QK == 0, "attention: a block cache needs a head dim that is a multiple of ", KV_QK);
+      if (c.size(-1) == kv_row_bytes(KV_Q8_0, hd)) return KV_Q8_0;
+      if (c.size(-1) == kv_row_bytes(KV_Q4_0, hd)) return KV_Q4_0;
+      TORCH_CHECK(false, "attention: a uint8 cache row of ", c.size(-1), " bytes holds neither q8_0 nor q4_0 of ", hd);
+    default: TORCH_CHECK(false, "attention: cache dtype ", c.scalar_type());
+  }
+  return 0;
+}
+
+// x (n, heads, hd) with every head's row rotated (kv_cache.h kv_rotate), a new tensor
+at::Tensor rotated(const at::Tensor& x, int64_t n_rot) {
+  at::Tensor y = x.clone();
+  const int64_t hd = y.size(2), rows = y.numel() / hd;
+  float* p = y.data_ptr<float>();
+  at::parallel_for(0, rows, 64, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) kv_rotate(p + i * hd, hd, n_rot);
+  });
+  return y;
+}
+
+at::Tensor attention(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, at::Tensor& k_cache,
                      at::Tensor& v_cache, const at::Tensor& positions, const at::Tensor& slots, const at::Tensor& kv_of_q,
                      int64_t window, double scale, bool round16, bool scale_scores,
                      const c10::optional<at::Tensor>& sinks) {
+  at::Tensor q = q_in, k = k_in, v = v_in;      // rotated below for a quantized cache
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.sizes() == k.sizes() && q.size(0) == k.size(0) && q.size(2) == k.size(2),
               "attention: q (n, H, hd), k and v (n, KH, hd)");
   for (const at::Tensor* t : {&q, &k, &v})
     TORCH_CHECK(t->dtype() == at::kFloat && t->is_contiguous() && t->device().is_cpu(), "attention: q, k, v must be contiguous float32");
-  TORCH_CHECK(k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes() && k_cache.is_contiguous() && v_cache.is_contiguous() &&
-                  (k_cache.scalar_type() == at::kHalf || k_cache.scalar_type() == at::kFloat) &&
-                  v_cache.scalar_type() == k_cache.scalar_type() && k_cache.size(2) == k.size(1) && k_cache.size(3) == k.size(2),
-              "attention: caches must be contiguous (n_slots, cap, KH, hd) float16 or float32 matching k");
   const int64_t n = q.size(0), H = q.size(1), hd = q.size(2), KH = k.size(1), n_slots = k_cache.size(0), cap = k_cache.size(1);
+  TORCH_CHECK(hd <= 512, "attention: head dim ", hd, " above 512");
+  const int k_type = cache_type(k_cache, hd), v_type = cache_type(v_cache, hd);
+  TORCH_CHECK(k_cache.dim() == 4 && v_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
+                  v_cache.size(0) == n_slots && v_cache.size(1) == cap && k_cache.size(2) == KH && v_cache.size(2) == KH,
+              "attention: caches must be contiguous (n_slots, cap, KH, row) matching k");
   const at::Tensor pos = positions.to(at::kLong).contiguous(), sl = slots.to(at::kLong).contiguous();
   const at::Tensor kvq = kv_of_q.to(at::kLong).contiguous();
   TORCH_CHECK(pos.numel() == n && sl.numel() == n && kvq.numel() == H, "attention: positions, slots (n,), kv_of_q (H,)");
@@ -484,24 +537,38 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
                 "attention: sinks must be contiguous float32 (H,)");
     sink = sinks->data_ptr<float>();
   }
+  // a quantized cache holds rotated keys and values (kv_cache.h kv_k_rotation): q, k and v are rotated here,
+  // and the output back
+  const int64_t k_rot = kv_k_rotation(k_type, hd), v_rot = kv_v_rotation(v_type, hd);
+  if (k_rot) {
+    q = rotated(q, k_rot);
+    k = rotated(k, k_rot);
+  }
+  if (v_rot) v = rotated(v, v_rot);
   if (!window) {
-    write_cache(k, k_cache, pp, sp, cap, 0);
-    write_cache(v, v_cache, pp, sp, cap, 0);
+    write_cache(k, k_cache, k_type, pp, sp, cap, 0);
+    write_cache(v, v_cache, v_type, pp, sp, cap, 0);
   }
   at::Tensor out = at::empty({n, H * hd}, q.options());
   std::vector<int64_t> single;                 // tokens attended one by one (decode steps)
   for (int64_t s = 0; s < n_slots; ++s) {
     if ((int64_t)by_slot[s].size() >= GEMM_MIN_TOKENS)
       attend_chunk(q, k, v, k_cache, v_cache, pos, s, by_slot[s], kvq, window, scale, round16, scale_scores, sink,
-                   out);
+                   k_type, v_type, out);
     else
       single.insert(single.end(), by_slot[s].begin(), by_slot[s].end());
   }
   if (!single.empty()) attend_decode(q, k, v, k_cache, v_cache, pp, sp, first, single, kvq, window, scale, round16,
-                                     scale_scores, sink, out);
+                                     scale_scores, sink, k_type, v_type, out);
   if (window) {
-    write_cache(k, k_cache, pp, sp, cap, window);
-    write_cache(v, v_cache, pp, sp, cap, window);
+    write_cache(k, k_cache, k_type, pp, sp, cap, window);
+    write_cache(v, v_cache, v_type, pp, sp, cap, window);
+  }
+  if (v_rot) {
+    float* op = out.data_ptr<float>();
+    at::parallel_for(0, n * H, 64, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) kv_rotate(op + i * hd, hd, v_rot);
+    });
   }
   return out;
 }
