@@ -20,6 +20,9 @@ import click
 from . import models
 from .errors import TensorsplitError
 from .spec import KV_TYPE_NAMES, SPLIT_HELP
+
+NO_SHIFT = (" A prompt that does not fit fails with an error; generation stops at the limit (finish: length); "
+            "the context is never shifted.")
 from .messages import say
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -151,7 +154,7 @@ def cli():
 @click.option("-n", "--n-predict", "n_predict", default=128, show_default=True, type=int,
               help="Maximum tokens to generate.")
 @_sampling_options
-@click.option("-c", "--ctx-size", default=2048, show_default=True, type=int, help="Context size (KV-cache positions).")
+@click.option("-c", "--ctx-size", default=2048, show_default=True, type=int, help="Context size (KV-cache positions)." + NO_SHIFT)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object with the text, counts and timings.")
 @click.option("--save-logits", default=None, type=click.Path(dir_okay=False),
               help="Write the logits each generated token was sampled from to this .npy file (checks, debugging).")
@@ -286,7 +289,7 @@ def _print_report(doc: dict, table, json_out) -> int:
 @click.option("-n", "--n-predict", "n_predict", default=128, show_default=True, type=int,
               help="Default maximum tokens per prompt (a line's max_tokens overrides).")
 @_sampling_options
-@click.option("-c", "--ctx-size", default=2048, show_default=True, type=int, help="Context size per sequence.")
+@click.option("-c", "--ctx-size", default=2048, show_default=True, type=int, help="Context size per sequence." + NO_SHIFT)
 @click.option("--on-error", type=click.Choice(["skip", "fail"]), default="skip", show_default=True,
               help="A bad input line is reported and skipped, or fails the run before anything is generated.")
 @click.option("--chat", is_flag=True, help="Render plain prompts through the model's chat template too.")
@@ -318,7 +321,7 @@ def batch(ctx, paths, model, output, parallel, n_predict, ctx_size, on_error, ch
 @click.option("-n", "--n-predict", "n_predict", default=512, show_default=True, type=int,
               help="Maximum tokens per reply.")
 @_sampling_options
-@click.option("-c", "--ctx-size", default=4096, show_default=True, type=int, help="Context size of the conversation.")
+@click.option("-c", "--ctx-size", default=4096, show_default=True, type=int, help="Context size of the conversation." + NO_SHIFT)
 @click.option("--system", default=None, help="A system message to start the conversation with.")
 @click.option("--chat-template", default=None, type=click.Path(exists=True, dir_okay=False),
               help="Jinja chat template file to use instead of the model's.")
@@ -345,7 +348,7 @@ def chat(ctx, model_arg, model, n_predict, ctx_size, system, chat_template, **_)
 @click.option("-np", "--parallel", default=8, show_default=True, type=int,
               help="Requests decoded together (KV-cache slots); more wait in a queue.")
 @click.option("-c", "--ctx-size", default=4096, show_default=True, type=int,
-              help="Context per request (prompt + completion), in tokens.")
+              help="Context per request (prompt + completion), in tokens." + NO_SHIFT)
 @click.option("--max-queue", default=64, show_default=True, type=int,
               help="Requests that may wait for a slot; past that, 429.")
 @click.option("--chat-template", default=None, type=click.Path(exists=True, dir_okay=False),
