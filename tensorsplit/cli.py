@@ -20,10 +20,10 @@ import click
 from . import models
 from .errors import TensorsplitError
 from .spec import KV_TYPE_NAMES, SPLIT_HELP
+from .messages import say
 
 NO_SHIFT = (" A prompt that does not fit fails with an error; generation stops at the limit (finish: length); "
             "the context is never shifted.")
-from .messages import say
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 

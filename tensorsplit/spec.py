@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from .devices import default_nproc
-from .kernels.numerics import DEFAULT as DEFAULT_NUMERICS
+from .kernels.numerics import DEFAULT as DEFAULT_NUMERICS, Numerics
 
 KV_TYPE_NAMES = ("f16", "bf16", "q8_0", "q4_0", "f32")      # kernels/kv_types.py
 
@@ -70,6 +70,11 @@ class WorldSpec:
                                help="On GPUs with NCCL: replay decode steps (up to 16 sequences) as CUDA graphs, one "
                                     "per batch-size and context bucket, instead of launching every kernel from "
                                     "Python.")
+
+    @property
+    def kv_types(self) -> tuple[str, str]:
+        """The KV cache's key and value types: -ctk / -ctv, each defaulting to the numerics' (f16 or f32)."""
+        return Numerics(self.numerics).kv_types(self.cache_type_k, self.cache_type_v)
 
     def to_json(self) -> str:
         return json.dumps({**asdict(self), "model": str(self.model)})

@@ -23,7 +23,6 @@ from ..model import make_plan, open_model, parse_split
 from ..model.attention import KVCache
 from ..model.loader import resident_bytes
 from ..kernels.kv_types import kv_type
-from ..kernels.numerics import Numerics
 from ..model.shard_plan import ShardPlan
 from ..spec import NodeSpec, WorldSpec
 from .auto_split import fit_to_units, gib, rank_budgets, share_by_memory
@@ -87,8 +86,8 @@ class WorldPlan:
     def from_json(text: str) -> "WorldPlan":
         d = json.loads(text)
         auto = d.pop("auto")
-        return WorldPlan(**{**d, "spec": WorldSpec.from_json(json.dumps(d["spec"])), "ratios": tuple(d["ratios"]), "kv_types": tuple(d["kv_types"]),
-                            "backend": BackendChoice(**d["backend"]),
+        return WorldPlan(**{**d, "spec": WorldSpec.from_json(json.dumps(d["spec"])), "ratios": tuple(d["ratios"]),
+                            "kv_types": tuple(d["kv_types"]), "backend": BackendChoice(**d["backend"]),
                             "ranks": tuple(RankPlan(**r) for r in d["ranks"]),
                             "auto": None if auto is None else AutoSplit(auto["free"], auto["given"],
                                                                         tuple(auto["budgets"]))})
@@ -139,7 +138,7 @@ def plan_world(spec: WorldSpec, node: NodeSpec, *, here: bool = True, torchrun: 
     native = kernels_native(announce=here)
     threads = node.threads or default_threads(node.nproc)
     gf, cfg = open_model(spec.model)
-    kv_types = Numerics(spec.numerics).kv_types(spec.cache_type_k, spec.cache_type_v)
+    kv_types = spec.kv_types
     for t in kv_types:
         kv_type(t).check(cfg.head_dim)
     graphs = decode_graphs(kinds, backend.name, spec.cuda_graphs, experts=cfg.n_expert > 0)
@@ -166,11 +165,10 @@ def plan_world(spec: WorldSpec, node: NodeSpec, *, here: bool = True, torchrun: 
 def _rank_plan(gf, cfg, shard_plan: ShardPlan, rank: int, device: str, threads: int, spec: WorldSpec, native: bool,
                graphs: bool) -> RankPlan:
     rs = shard_plan.ranks[rank]
-    types = Numerics(spec.numerics).kv_types(spec.cache_type_k, spec.cache_type_v)
 
     def kv(static: bool) -> int:
         return KVCache.planned_bytes(cfg.layer_windows, spec.n_slots, spec.n_ctx, rs.n_local_kv_heads,
-                                     cfg.head_dim, types, static=static)
+                                     cfg.head_dim, spec.kv_types, static=static)
     return RankPlan(rank, device, threads, resident_bytes(gf, rs.tensors, native and device == "cpu"), kv(False),
                     kv(True) - kv(False) if graphs else 0)
 

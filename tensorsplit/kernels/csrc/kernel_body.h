@@ -538,12 +538,8 @@ static void mat_half(const MatArgs& m, const ActF& a, int64_t t0, int64_t t1) {
 }
 
 // ---- activation quantization (llama.cpp's quantize_row_q8_0 / q8_1 / q8_K) ------------------------
-// Round half to even, as the x86 paths of ggml do (_mm256_round_ps, and nearest_int's magic number).
-static inline int round_even(float v) {
-  float r = v + 12582912.0f;   // 1.5 * 2^23: the float addition rounds to an integer, ties to even
-  r -= 12582912.0f;
-  return (int)r;
-}
+// (rounding half to even: layout.h round_even)
+using ts::round_even;
 
 static void quantize_rows(const float* x, int64_t ldx, int64_t K, int kind, int group, int8_t* q, float* d, float* s,
                           int32_t* isum, int64_t ldq, int64_t ldg, int64_t r0, int64_t r1) {

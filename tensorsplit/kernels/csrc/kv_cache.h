@@ -38,12 +38,6 @@ static inline float bf16_to_f32(uint16_t h) {
   return x;
 }
 
-static inline int kv_round_even(float v) {      // as _mm256_round_ps(v, nearest) for |v| <= 127
-  float r = v + 12582912.0f;
-  r -= 12582912.0f;
-  return (int)r;
-}
-
 // x (hd,) -> one row of the cache's type at dst
 static inline void kv_encode_row(const float* x, int64_t hd, int type, uint8_t* dst) {
   if (type == KV_F32) {
@@ -61,7 +55,7 @@ static inline void kv_encode_row(const float* x, int64_t hd, int type, uint8_t* 
       const uint16_t d = f32_to_f16(amax / 127.0f);
       const float inv = amax != 0.0f ? 127.0f / amax : 0.0f;
       memcpy(dst, &d, 2);
-      for (int j = 0; j < KV_QK; ++j) dst[2 + j] = (uint8_t)(int8_t)kv_round_even(xb[j] * inv);
+      for (int j = 0; j < KV_QK; ++j) dst[2 + j] = (uint8_t)(int8_t)round_even(xb[j] * inv);
     }
   } else {                                                        // q4_0
     for (int64_t b = 0; b < hd / KV_QK; ++b, dst += 18) {

@@ -77,6 +77,14 @@ static inline float f16_to_f32(uint16_t h) {
   return f;
 }
 
+// Round half to even, as the x86 paths of ggml do (_mm256_round_ps, and nearest_int's magic number), for
+// |v| < 2^22: the activation quantizer (kernel_body.h) and the q8_0 KV cache (kv_cache.h).
+static inline int round_even(float v) {
+  float r = v + 12582912.0f;   // 1.5 * 2^23: the float addition rounds to an integer, ties to even
+  r -= 12582912.0f;
+  return (int)r;
+}
+
 // Round to nearest even f16, as F16C's vcvtps2ph (and ggml's GGML_FP32_TO_FP16) do.
 static inline uint16_t f32_to_f16(float f) {
   uint32_t x;

@@ -488,15 +488,13 @@ int cache_type(const at::Tensor& c, int64_t hd) {
   return 0;
 }
 
-// x (n, heads, hd) with every head's row rotated (kv_cache.h kv_rotate), a new tensor
-at::Tensor rotated(const at::Tensor& x, int64_t n_rot) {
-  at::Tensor y = x.clone();
-  const int64_t hd = y.size(2), rows = y.numel() / hd;
-  float* p = y.data_ptr<float>();
+// Every row of hd values of a contiguous float32 tensor rotated in place (kv_cache.h kv_rotate)
+void rotate_rows(at::Tensor& x, int64_t hd, int64_t n_rot) {
+  const int64_t rows = x.numel() / hd;
+  float* p = x.data_ptr<float>();
   at::parallel_for(0, rows, 64, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) kv_rotate(p + i * hd, hd, n_rot);
   });
-  return y;
 }
 
 at::Tensor attention(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, at::Tensor& k_cache,
@@ -541,10 +539,15 @@ at::Tensor attention(const at::Tensor& q_in, const at::Tensor& k_in, const at::T
   // and the output back
   const int64_t k_rot = kv_k_rotation(k_type, hd), v_rot = kv_v_rotation(v_type, hd);
   if (k_rot) {
-    q = rotated(q, k_rot);
-    k = rotated(k, k_rot);
+    q = q.clone();
+    k = k.clone();
+    rotate_rows(q, hd, k_rot);
+    rotate_rows(k, hd, k_rot);
   }
-  if (v_rot) v = rotated(v, v_rot);
+  if (v_rot) {
+    v = v.clone();
+    rotate_rows(v, hd, v_rot);
+  }
   if (!window) {
     write_cache(k, k_cache, k_type, pp, sp, cap, 0);
     write_cache(v, v_cache, v_type, pp, sp, cap, 0);
@@ -564,12 +567,7 @@ at::Tensor attention(const at::Tensor& q_in, const at::Tensor& k_in, const at::T
     write_cache(k, k_cache, k_type, pp, sp, cap, window);
     write_cache(v, v_cache, v_type, pp, sp, cap, window);
   }
-  if (v_rot) {
-    float* op = out.data_ptr<float>();
-    at::parallel_for(0, n * H, 64, [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) kv_rotate(op + i * hd, hd, v_rot);
-    });
-  }
+  if (v_rot) rotate_rows(out, hd, v_rot);
   return out;
 }
 
