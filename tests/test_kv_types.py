@@ -207,6 +207,71 @@ def test_attention_reads_each_type_in_place(kt, vt, window):
         assert err < 2e-5, (kt, vt, window, key, err)
 
 
+def _attention64_llamacpp(q, k, v, scale, q_stored):
+    """float64 causal decode attention under llama.cpp's roundings: q as q_stored gives it back (f16, or the
+    q8_0 that flash attention quantizes q to for q8_0 / q4_0 keys), the scores scaled, the probabilities
+    rounded to f16. q (n, H, hd) float32; k, v (n, KV, hd) as the cache gives them back."""
+    n, H, hd = q.shape
+    group = H // k.shape[1]
+    qs = q_stored(q.reshape(-1, hd)).reshape(q.shape)
+    out = np.zeros((n, H, hd))
+    for p in range(n):
+        for h in range(H):
+            s = k[:p + 1, h // group] @ qs[p, h] * scale
+            e = np.exp(s - s.max())
+            out[p, h] = (e / e.sum()).astype(np.float16).astype(np.float64) @ v[:p + 1, h // group]
+    return out
+
+
+@pytest.mark.parametrize("H,KV", [(8, 8), (6, 2), (16, 2), (12, 1)], ids=["group1", "group3", "group8", "group12"])
+@pytest.mark.parametrize("kt,vt", [("q8_0", "q8_0"), ("q4_0", "f16"), ("f16", "f16")])
+def test_decode_attention_under_llamacpp_numerics(kt, vt, H, KV):
+    """The decode kernel packs 8 dot products per vector, (positions x heads) as the group's size allows
+    (1, 3, 8 and 8 + 4 heads per KV head here), over 32-position blocks and 256-position chunks (prompt of
+    290, its last 10 tokens checked too, decode to 300). Under llama.cpp numerics q8_0 / q4_0 keys meet a q quantized to q8_0 (integer dots,
+    as llama.cpp's flash attention), f16 keys an f16 q. Against float64 with those roundings; the native
+    op bit for bit at 1 and 2 threads; the torch path the same within rounding. The q8_0 query shows:
+    the same reference with an f16 query is much further from what the op gives."""
+    hd, n_prompt, n = 64, 290, 300
+    rng = np.random.default_rng(11)
+    q = (rng.standard_normal((n, H, hd)) * 2).astype(F32)
+    k = rng.standard_normal((n, KV, hd)).astype(F32)
+    v = rng.standard_normal((n, KV, hd)).astype(F32)
+    kr, vr = k_rotation(KV_TYPES[kt], hd), v_rotation(KV_TYPES[vt], hd)
+    k64 = np_decode(np_encode(np_rotate(k, kr).reshape(-1, hd), kt), kt, hd).reshape(k.shape)
+    v64 = np_decode(np_encode(np_rotate(v, vr).reshape(-1, hd), vt), vt, hd).reshape(v.shape)
+    q8 = lambda x: np_decode(np_encode(x, "q8_0"), "q8_0", hd)                  # noqa: E731
+    f16 = lambda x: x.astype(np.float16).astype(np.float64)                      # noqa: E731
+    scale = 1 / np.sqrt(hd)
+    refs = {}
+    for name, q_stored in (("q8_0", q8), ("f16", f16)):
+        ref = _attention64_llamacpp(np_rotate(q, kr), k64, v64, scale, q_stored)[n_prompt - 10:]
+        refs[name] = (ref.reshape(-1, hd // vr, vr) @ hadamard64(vr)).reshape(ref.shape) if vr else ref
+    runs = {}
+    threads = torch.get_num_threads()
+    try:
+        for native, t in ((False, 2), (True, 1), (True, 2)):
+            if native and not kernels.native():
+                pytest.fail("the native kernels did not build")
+            torch.set_num_threads(t)
+            attn = Attention((0, H), (0, KV), H // KV, hd, choose_kernels("cpu", LLAMACPP, native), scale=scale)
+            cache = KVCache(1, 1, 512, KV, hd, "cpu", KV_TYPES[kt], v_type=KV_TYPES[vt])
+            tq, tk, tv = (torch.from_numpy(x) for x in (q, k, v))
+            prompt = attn(tq[:n_prompt], tk[:n_prompt], tv[:n_prompt], cache, 0, torch.arange(n_prompt),
+                          torch.zeros(n_prompt, dtype=torch.long))
+            steps = [attn(tq[p:p + 1], tk[p:p + 1], tv[p:p + 1], cache, 0, torch.tensor([p]),
+                          torch.zeros(1, dtype=torch.long)) for p in range(n_prompt, n)]
+            runs[native, t] = torch.cat([prompt[-10:]] + steps).double().numpy().reshape(n - n_prompt + 10, H, hd)
+    finally:
+        torch.set_num_threads(threads)
+    assert np.array_equal(runs[True, 1], runs[True, 2])
+    want, other = ("q8_0", "f16") if kt in ("q8_0", "q4_0") else ("f16", "q8_0")
+    for key, got in runs.items():
+        err, err_other = np.abs(got - refs[want]).max(), np.abs(got - refs[other]).max()
+        assert err < 2e-3, (kt, vt, H, KV, key, err)
+        assert err_other > 5 * err, (kt, vt, H, KV, key, err, err_other)
+
+
 def test_the_memory_plan_counts_the_type(tmp_path):
     windows = (0, 0, 8)
     for kt, vt in (("q8_0", "q4_0"), ("f16", "f16"), ("bf16", "f32")):

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from .base import ExpertWeights, Heads, MatmulInput
 from .numerics import Numerics
-from .kv_types import decode, encode, k_rotation, rotate, round_trip, type_of, v_rotation
+from .kv_types import KV_TYPES, decode, encode, k_rotation, rotate, round_trip, type_of, v_rotation
 from .quants.activations import ROUNDING_KIND, round_inputs
 from .quants.dequant import dequantize
 from .quants.qtypes import QType
@@ -224,7 +224,7 @@ class TorchKernels:
             v_cache[slots, positions] = encode(v, vt)
         out = torch.empty(q.shape[0], heads.n_local_heads, heads.head_dim, dtype=q.dtype, device=q.device)
         in_place = heads.gqa_in_place and self._gqa_in_place and sinks is None
-        attend_math = self._attend_math if sinks is None else partial(self._attend_math, sinks=sinks)
+        attend_math = self._math_for(kt, sinks)
         for slot, idx in _group_by_slot(slots):
             qpos = positions[idx]                                     # (t,) consecutive
             if window:
@@ -241,6 +241,14 @@ class TorchKernels:
             mask = allowed_mask(kpos, qpos, window)                   # (t, L)
             out[idx] = attend_math(qh, kh, vh, mask, heads, in_place).transpose(0, 1)
         return rotate(out, vr).reshape(q.shape[0], -1)
+
+    def _math_for(self, kt, sinks):
+        """The attention arithmetic for keys of type kt: under llamacpp numerics with q8_0 / q4_0 keys, q is
+        quantized to q8_0 for the scores, as llama.cpp's flash attention does (the native op's integer dots)."""
+        extra = {} if sinks is None else {"sinks": sinks}
+        if self._attend_math is attend_like_llamacpp and kt.quantized:
+            extra["round_q"] = partial(round_trip, t=KV_TYPES["q8_0"])
+        return partial(self._attend_math, **extra) if extra else self._attend_math
 
     def attend_static(self, q, k, v, k_cache, v_cache, window: int, positions, slots, heads: Heads,
                       kv_len: int, sinks: torch.Tensor | None = None) -> torch.Tensor:
@@ -271,8 +279,7 @@ class TorchKernels:
         vh = decode(vals.index_select(2, heads.kv_of_q), vt, hd, q.dtype).transpose(1, 2)
         qh = q[:, :, None, :]                                             # (n, H, 1, hd)
         mask = allowed[:, None, None, :]                                  # (n, 1, 1, L)
-        extra = {} if sinks is None else {"sinks": sinks}
-        out = self._attend_math(qh, kh, vh, mask, heads, False, **extra)           # (n, H, 1, hd)
+        out = self._math_for(kt, sinks)(qh, kh, vh, mask, heads, False)           # (n, H, 1, hd)
         return rotate(out, vr).reshape(n, -1)
 
 
@@ -360,16 +367,18 @@ def softmax_with_sinks(scores: torch.Tensor, sinks: torch.Tensor | None) -> torc
 
 
 def attend_like_llamacpp(q, k, v, attn_mask, heads: Heads, in_place: bool = False,
-                         sinks: torch.Tensor | None = None):
+                         sinks: torch.Tensor | None = None, round_q=None):
     """q (..., H, t, hd), k and v (..., H, L, hd) f16-valued -> (..., H, t, hd), rounding as llama.cpp's CPU
-    path does without flash attention: q to f16 for q @ k.T, the probabilities to f16 for p @ v. The
-    scale multiplies q before that rounding where llama.cpp's graph scales q (heads.q_prescaled), else
-    the float32 scores (ggml_soft_max_ext's scale). Equal when the scale is a power of two."""
+    path does without flash attention: q to f16 for q @ k.T (or by round_q), the probabilities to f16 for
+    p @ v. The scale multiplies q before that rounding where llama.cpp's graph scales q
+    (heads.q_prescaled), else the float32 scores (ggml_soft_max_ext's scale). Equal when the scale is a
+    power of two."""
     assert not in_place
+    round_q = round_q or round_f16
     if heads.q_prescaled:
-        scores = round_f16(q * heads.scale) @ k.transpose(-1, -2)
+        scores = round_q(q * heads.scale) @ k.transpose(-1, -2)
     else:
-        scores = (round_f16(q) @ k.transpose(-1, -2)) * heads.scale
+        scores = (round_q(q) @ k.transpose(-1, -2)) * heads.scale
     scores = scores.masked_fill(~attn_mask, float("-inf"))
     return round_f16(softmax_with_sinks(scores, sinks)) @ v
 

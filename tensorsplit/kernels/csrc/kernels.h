@@ -56,6 +56,19 @@ using QuantFn = void (*)(const float* x, int64_t ldx, int64_t K, int kind, int g
 // (token, KV head, chunk of positions); each unit serves the q heads of its KV head's group.
 struct AttnUnit { int64_t ti, kh, c; };
 
+constexpr int64_t ATTN_CHUNK = 256;       // positions per unit: fixed, so the bits do not depend on the threads
+constexpr int64_t ATTN_SUB = 32;          // positions a unit converts at a time (a block that stays in L1)
+constexpr int64_t ATTN_MAX_GROUP = 256;   // q heads per KV head
+
+// One thread's scratch for the decode attention, in floats, as attention_body.h carves it: the group's
+// queries (float, rows padded to whole vectors of 8; and as q8_0 codes and scales), a sub-block of keys or
+// values (float; and as codes and scales), a row and an encoded row.
+inline int64_t attn_padded(int64_t hd) { return (hd + 7) / 8 * 8; }
+inline int64_t attn_scratch_floats(int64_t H, int64_t hd) {
+  const int64_t hdp = attn_padded(hd), nb = hd / 32 + 1;
+  return H * hdp + (H * hd + 3) / 4 + H * nb + ATTN_SUB * hdp + (ATTN_SUB * hd + 3) / 4 + ATTN_SUB * nb + 2 * hdp + 16;
+}
+
 struct AttnArgs {
   const float* q;          // (n, H, hd) queries, already roped
   const float* k_new;      // (n, KH, hd) this step's keys and values (already in the cache of a global layer)
@@ -72,6 +85,7 @@ struct AttnArgs {
   float scale;
   int round16;             // llama.cpp numerics: q and the probabilities rounded to f16
   int scale_scores;        // round q unscaled and scale the scores (llama.cpp's softmax scale), else q * scale
+  int int_dot;             // K . q in integers: q quantized to q8_0, keys of q8_0 / q4_0 (as llama.cpp's flash attention)
   const AttnUnit* units;
   int64_t chunk;           // positions per chunk (fixed: the bits do not depend on the thread count)
   const int64_t* group_start;  // (KH + 1,) the q heads of KV head kh: group_heads[group_start[kh] ..]

@@ -329,6 +329,11 @@ at::Tensor as_stored(const at::Tensor& x, int type) {
   return out;
 }
 
+// Where K . q runs on integers: keys of q8_0 / q4_0 under llama.cpp numerics, with q quantized to q8_0 as
+// llama.cpp's flash attention quantizes it for such keys (the decode kernel's int_dot; a prompt chunk
+// multiplies the same q8_0 values in float).
+static bool int_dot_scores(int k_type, bool round16) { return round16 && (k_type == KV_Q8_0 || k_type == KV_Q4_0); }
+
 // A slot with at least this many tokens in a step (a prompt chunk) attends through matrix products
 // (ATen's BLAS); fewer (decode steps) go token by token through the native kernel.
 constexpr int64_t GEMM_MIN_TOKENS = 8;
@@ -361,7 +366,8 @@ void attend_chunk(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   if (window) allowed = allowed & (kpos.unsqueeze(0) > (qpos - window).unsqueeze(1));
   at::Tensor qs = q.index_select(0, idx);                                          // (t, H, hd)
   if (!scale_scores) qs = qs * scale;
-  if (round16) qs = qs.to(at::kHalf).to(at::kFloat);
+  if (int_dot_scores(k_type, round16)) qs = as_stored(qs, KV_Q8_0);                 // as the decode step's q8_0
+  else if (round16) qs = qs.to(at::kHalf).to(at::kFloat);
   const int64_t* kvq = kv_of_q.data_ptr<int64_t>();
   at::Tensor out3 = out.view({out.size(0), H, hd});
   const int64_t t = (int64_t)tokens.size();
@@ -389,10 +395,6 @@ void attend_chunk(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     out3.index_put_({idx.unsqueeze(1), heads.unsqueeze(0)}, o);
   }
 }
-
-// Positions per chunk of a decode step's attention: the threads share a head's positions in chunks of this
-// many (attention_body.h); fixed, so that the bits do not depend on the thread count.
-constexpr int64_t ATTN_CHUNK = 256;
 
 // Tokens attended one by one (decode steps): phase 1 per (token, KV head, chunk), the chunks' softmax
 // merged here in chunk order (with the sink where the layer has one), phase 2, then the chunks' outputs
@@ -424,9 +426,11 @@ void attend_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
       if (group_start[kh + 1] > group_start[kh])
         for (int64_t c = 0; c < n_chunks[ti]; ++c) units.push_back({ti, kh, c});
   }
+  for (int64_t kh = 0; kh < KH; ++kh)
+    TORCH_CHECK(group_start[kh + 1] - group_start[kh] <= ATTN_MAX_GROUP, "attention: more than ", ATTN_MAX_GROUP,
+                " q heads read one KV head");
   const int threads = at::get_num_threads();
-  // per thread: the group's queries, two rows, and the chunk's keys (transposed, whole vectors) or values
-  const int64_t stride = H * hd + 2 * hd + hd * (ATTN_CHUNK + 2 * 64);
+  const int64_t stride = attn_scratch_floats(H, hd);
   at::Tensor scratch = at::empty({threads, stride}, q.options());
   at::Tensor sbuf = at::empty({n_scores}, q.options()), cmax = at::empty({n_entries}, q.options());
   at::Tensor csum = at::empty({n_entries}, q.options().dtype(at::kDouble)), factor = at::empty({n_entries}, q.options());
@@ -437,6 +441,7 @@ void attend_decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   a.H = H; a.KH = KH; a.hd = hd; a.cap = cap;
   a.pos = pp; a.slot = sp; a.first = first.data(); a.tokens = tokens.data();
   a.window = window; a.scale = (float)scale; a.round16 = round16; a.scale_scores = scale_scores;
+  a.int_dot = int_dot_scores(k_type, round16);
   a.units = units.data(); a.chunk = ATTN_CHUNK; a.group_start = group_start.data(); a.group_heads = group_heads.data();
   a.sbuf = sbuf.data_ptr<float>(); a.soff = soff.data(); a.coff = coff.data(); a.n_chunks = n_chunks.data();
   a.cmax = cmax.data_ptr<float>(); a.csum = csum.data_ptr<double>(); a.factor = factor.data_ptr<float>();

@@ -144,6 +144,42 @@ struct Avx2 {
   static inline VI mullo(VI a, VI b) { return _mm256_mullo_epi32(a, b); }
   static inline VI addi(VI a, VI b) { return _mm256_add_epi32(a, b); }
   static inline VI zeroi() { return _mm256_setzero_si256(); }
+  // for the attention's 8-lane kernels (attention_body.h: F8)
+  using F8 = Avx2;
+  static inline VF maxf(VF a, VF b) { return _mm256_max_ps(a, b); }
+  // lane r: the sum of v[r]'s lanes as ((0 + 1) + (2 + 3)) + ((4 + 5) + (6 + 7)): two rounds of hadd, then the
+  // 128-bit halves added
+  static inline VF hsum8(const VF* v) {
+    const __m256 ab = _mm256_hadd_ps(v[0], v[1]), cd = _mm256_hadd_ps(v[2], v[3]);
+    const __m256 ef = _mm256_hadd_ps(v[4], v[5]), gh = _mm256_hadd_ps(v[6], v[7]);
+    const __m256 abcd = _mm256_hadd_ps(ab, cd), efgh = _mm256_hadd_ps(ef, gh);
+    return _mm256_add_ps(_mm256_permute2f128_ps(abcd, efgh, 0x20), _mm256_permute2f128_ps(abcd, efgh, 0x31));
+  }
+  static inline VI hsum8i(const VI* v) {
+    const __m256i ab = _mm256_hadd_epi32(v[0], v[1]), cd = _mm256_hadd_epi32(v[2], v[3]);
+    const __m256i ef = _mm256_hadd_epi32(v[4], v[5]), gh = _mm256_hadd_epi32(v[6], v[7]);
+    const __m256i abcd = _mm256_hadd_epi32(ab, cd), efgh = _mm256_hadd_epi32(ef, gh);
+    return _mm256_add_epi32(_mm256_permute2x128_si256(abcd, efgh, 0x20), _mm256_permute2x128_si256(abcd, efgh, 0x31));
+  }
+  // lane l: sum over r < 4 of a[4l + r] * b[4l + r], int8 with |a|, |b| <= 127 (no int16 saturation)
+  static inline VI idot32(const int8_t* a, const int8_t* b) {
+    const __m256i x = _mm256_loadu_si256((const __m256i*)a), y = _mm256_loadu_si256((const __m256i*)b);
+    const __m256i p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(x, x), _mm256_sign_epi8(y, x));
+    return _mm256_madd_epi16(p16, _mm256_set1_epi16(1));
+  }
+  // 16 bytes of q4_0 codes -> their 32 values minus 8 (low nibbles first)
+  static inline void unpack_q4(const uint8_t* p, int8_t* out) {
+    const __m128i b = _mm_loadu_si128((const __m128i*)p), m = _mm_set1_epi8(15);
+    const __m256i v = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), m), _mm_and_si128(b, m));
+    _mm256_storeu_si256((__m256i*)out, _mm256_sub_epi8(v, _mm256_set1_epi8(8)));
+  }
+  static inline VD addd(VD a, VD b) { return {_mm256_add_pd(a.lo, b.lo), _mm256_add_pd(a.hi, b.hi)}; }
+  static inline double hsumd(VD v) {
+    double d[8];
+    _mm256_storeu_pd(d, v.lo);
+    _mm256_storeu_pd(d + 4, v.hi);
+    return ((d[0] + d[1]) + (d[2] + d[3])) + ((d[4] + d[5]) + (d[6] + d[7]));
+  }
 };
 
 }  // namespace

@@ -5,6 +5,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "simd_avx2.h"   // its 8-lane float ops serve the attention here too (F8)
+
 namespace {
 
 struct Avx512 {
@@ -15,6 +17,7 @@ struct Avx512 {
   using VB = __m512i;                      // 16 lanes x 4 bytes
   using VI = __m512i;
   using VF = __m512;
+  using F8 = Avx2;                         // the attention's 8-lane float ops (attention_body.h)
 
   static inline VB loadb(const uint8_t* p) { return _mm512_loadu_si512((const void*)p); }
   static inline VB nib_lo(VB b) { return _mm512_and_si512(b, _mm512_set1_epi8(0x0F)); }
