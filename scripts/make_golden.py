@@ -314,6 +314,41 @@ def make_kv(model_key: str, english: str, command: str) -> dict:
     return out
 
 
+# run name -> (tensorsplit's flags, llama-cpp-python's context parameters): rope overrides over SmolLM2's file
+ROPE_RUNS = {
+    "yarn": (["--rope-scaling", "yarn", "--rope-scale", "4", "--yarn-orig-ctx", "128", "--yarn-ext-factor", "0.5",
+              "--yarn-beta-fast", "16", "--yarn-beta-slow", "2"],
+             {"rope_scaling_type": 2, "rope_freq_scale": 0.25, "yarn_orig_ctx": 128, "yarn_ext_factor": 0.5,
+              "yarn_beta_fast": 16.0, "yarn_beta_slow": 2.0}),
+    "linear": (["--rope-scaling", "linear", "--rope-freq-scale", "0.5", "--rope-freq-base", "50000",
+                "--yarn-attn-factor", "0.9"],
+               {"rope_scaling_type": 1, "rope_freq_scale": 0.5, "rope_freq_base": 50000.0, "yarn_attn_factor": 0.9}),
+}
+ROPE_CHUNKS = 4
+
+
+def make_rope(english: str, command: str) -> dict:
+    """SmolLM2's perplexity over ROPE_CHUNKS chunks with each of ROPE_RUNS's rope overrides."""
+    import llama_cpp
+
+    from golden_models import sha256
+    from tensorsplit import models
+
+    path = models.fetch("smollm2", quiet=True)
+    out: dict = {"_comment": f"llama.cpp perplexity of {path.name} with rope flags (ROPE_RUNS: tensorsplit's flags "
+                             "and llama.cpp's context parameters). Written by scripts/make_golden.py.",
+                 "model": "smollm2", "model_file": path.name, "model_sha256": sha256(path),
+                 "llama_cpp_version": llama_cpp.__version__, "command": command, "runs": {}}
+    for name, (flags, params) in ROPE_RUNS.items():
+        llm = load(path, N_CTX, **params)
+        tokens = tokenizer(llm)(english, True, False)[:ROPE_CHUNKS * N_CTX]
+        out["runs"][name] = {"flags": flags, "llama_cpp_params": params,
+                             **perplexity(llm, tokens, N_CTX, None, f"smollm2 rope {name}")}
+        if hasattr(llm, "close"):
+            llm.close()
+    return out
+
+
 def make_arch(name: str, english: str, command: str, smollm2: Path, tmp: Path) -> dict:
     """Goldens of one synthetic architecture file (tests/golden_models.py's ARCH_MODELS[name])."""
     from golden_models import ARCH_MODELS, sha256, write_arch_model
@@ -477,6 +512,8 @@ def main() -> None:
                                                        "(<model>_kv_golden.json)")
     ap.add_argument("--chat", action="store_true", help="only SmolLM2's greedy chat reply, for this machine's "
                                                          "instruction-set family (smollm2_chat_reply.json)")
+    ap.add_argument("--rope", action="store_true", help="only SmolLM2's perplexities with rope flags "
+                                                         "(smollm2_rope_golden.json)")
     args = ap.parse_args()
     command = " ".join(shlex.quote(a) for a in [Path(sys.executable).as_posix(), "scripts/make_golden.py", *sys.argv[1:]])
     if args.chat:
@@ -484,6 +521,11 @@ def main() -> None:
         write_fixture(CHAT_REPLY, data, "replies for " + ", ".join(data["replies"]))
         return
     english = english_text()
+    if args.rope:
+        data = make_rope(english, command)
+        write_fixture(FIXTURES / "smollm2_rope_golden.json", data,
+                      "; ".join(f"{n} ppl {r['ppl']:.4f}" for n, r in data["runs"].items()))
+        return
     if args.kv:
         for key in filter(None, (k.strip() for k in args.models.split(","))):
             data = make_kv(key, english, command)

@@ -19,6 +19,9 @@ from .devices import default_nproc
 from .kernels.numerics import DEFAULT as DEFAULT_NUMERICS, Numerics
 
 KV_TYPE_NAMES = ("f16", "bf16", "q8_0", "q4_0", "f32")      # kernels/kv_types.py
+ROPE_SCALING_KINDS = ("none", "linear", "yarn")              # model/config.py
+ROPE_OPTIONS = ("rope_scaling", "rope_scale", "rope_freq_base", "rope_freq_scale", "yarn_orig_ctx", "yarn_ext_factor",
+                "yarn_attn_factor", "yarn_beta_fast", "yarn_beta_slow")
 
 WORLD_ENV = "TENSORSPLIT_WORLD"     # the WorldPlan (plan/world.py), as JSON, for every rank the launcher starts
 JOB_ENV = "TENSORSPLIT_JOB"         # rank 0 only: a file holding the job, as JSON
@@ -62,6 +65,30 @@ class WorldSpec:
     cache_type_v: str | None = option(None, "-ctv", "--cache-type-v", choices=KV_TYPE_NAMES,
                                       help="What the KV cache stores values as (-ctk's types). Default: as -ctk's "
                                            "default.")
+    rope_scaling: str | None = option(None, "--rope-scaling", choices=ROPE_SCALING_KINDS,
+                                      help="RoPE frequency scaling, as llama.cpp's: none, linear (positions divided by "
+                                           "--rope-scale) or yarn (linear for slow dimensions, unscaled for fast ones, "
+                                           "and a ramp between). Default: the file's.")
+    rope_scale: float | None = option(None, "--rope-scale", type=float, metavar="N",
+                                      help="RoPE context scaling factor: stretches the trained context N times "
+                                           "(with --rope-scaling linear or yarn). Default: the file's.")
+    rope_freq_base: float | None = option(None, "--rope-freq-base", type=float, metavar="N",
+                                          help="RoPE base frequency of the global layers. Default: the file's.")
+    rope_freq_scale: float | None = option(None, "--rope-freq-scale", type=float, metavar="N",
+                                           help="RoPE frequency scaling factor: 1 / --rope-scale.")
+    yarn_orig_ctx: int | None = option(None, "--yarn-orig-ctx", type=int, metavar="N",
+                                       help="YaRN: the model's original training context. Default: the file's, else "
+                                            "its context length.")
+    yarn_ext_factor: float | None = option(None, "--yarn-ext-factor", type=float, metavar="N",
+                                           help="YaRN: extrapolation mix, 0 for full interpolation. Default: 1 with "
+                                                "yarn scaling, else 0.")
+    yarn_attn_factor: float | None = option(None, "--yarn-attn-factor", type=float, metavar="N",
+                                            help="YaRN: attention magnitude where --yarn-ext-factor is 0 (with a ramp, "
+                                                 "llama.cpp's 1 + 0.1 ln(factor) applies). Default: 1.")
+    yarn_beta_slow: float | None = option(None, "--yarn-beta-slow", type=float, metavar="N",
+                                          help="YaRN: high correction dimension (alpha). Default: 1.")
+    yarn_beta_fast: float | None = option(None, "--yarn-beta-fast", type=float, metavar="N",
+                                          help="YaRN: low correction dimension (beta). Default: 32.")
     pin_cores: bool = option(True, "--pin-cores/--no-pin-cores",
                              help="Give each worker its own cores on its node (its --threads of them, disjoint from the "
                                   "other workers'), one thread per core. Off by itself when the workers want more "
@@ -75,6 +102,11 @@ class WorldSpec:
     def kv_types(self) -> tuple[str, str]:
         """The KV cache's key and value types: -ctk / -ctv, each defaulting to the numerics' (f16 or f32)."""
         return Numerics(self.numerics).kv_types(self.cache_type_k, self.cache_type_v)
+
+    @property
+    def rope_options(self) -> dict:
+        """The rope flags as given (model/config.py with_rope_options applies them over the file's)."""
+        return {k: getattr(self, k) for k in ROPE_OPTIONS if getattr(self, k) is not None}
 
     def to_json(self) -> str:
         return json.dumps({**asdict(self), "model": str(self.model)})

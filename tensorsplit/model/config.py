@@ -7,7 +7,8 @@ table and names both numbers when they disagree.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, replace
 from typing import Mapping
 
 from ..errors import ConfigError, UnsupportedError
@@ -23,11 +24,65 @@ class RopeScaling:
     attn_factor: float = 1.0    # {arch}.rope.scaling.attn_factor: cos and sin are multiplied by it (LongRoPE)
     beta_fast: float = 32.0     # YaRN's ramp ends (llama.cpp's defaults; the converters write no key)
     beta_slow: float = 1.0
+    ext_factor: float | None = None         # --yarn-ext-factor: how much of YaRN's ramp applies (None: 1 for yarn)
+    yarn_attn_factor: float | None = None   # --yarn-attn-factor: cos and sin's factor where ext_factor is 0
 
     @property
     def freq_scale(self) -> float:
         """What the rotation angles are multiplied by (llama.cpp's rope_freq_scale)."""
         return 1.0 / self.factor if self.kind in ("linear", "yarn") and self.factor else 1.0
+
+    @property
+    def ext(self) -> float:
+        """YaRN's extrapolation mix (llama.cpp's yarn_ext_factor): dimension pair i mixes in ramp_i * ext of
+        the unscaled angle; 0 turns YaRN's ramp off."""
+        return self.ext_factor if self.ext_factor is not None else (1.0 if self.kind == "yarn" else 0.0)
+
+    @property
+    def mscale(self) -> float:
+        """What cos and sin are multiplied by, as llama.cpp's context and ggml's rope_yarn combine it: with a
+        YaRN ramp (ext != 0), 1 + 0.1 ln(factor) for a factor above 1; else --yarn-attn-factor (default 1);
+        either times the file's attn_factor."""
+        factor = 1.0 / self.freq_scale
+        if self.ext:
+            return self.attn_factor * (1.0 + 0.1 * math.log(factor) if factor > 1.0 else 1.0)
+        return self.attn_factor * (1.0 if self.yarn_attn_factor is None else self.yarn_attn_factor)
+
+
+def with_rope_options(cfg: "ModelConfig", rope_scaling: str | None = None, rope_scale: float | None = None,
+                      rope_freq_base: float | None = None, rope_freq_scale: float | None = None,
+                      yarn_orig_ctx: int | None = None, yarn_ext_factor: float | None = None,
+                      yarn_attn_factor: float | None = None, yarn_beta_fast: float | None = None,
+                      yarn_beta_slow: float | None = None) -> "ModelConfig":
+    """cfg with the run's rope flags (llama.cpp's --rope-scaling, --rope-scale, --rope-freq-base,
+    --rope-freq-scale, --yarn-*) over the file's values; None keeps the file's. --rope-freq-scale s is
+    --rope-scale 1/s. The base applies to the global layers (sliding ones keep their own, as llama.cpp's)."""
+    sc = cfg.rope_scaling
+    kind = rope_scaling or sc.kind
+    if kind not in ("none", "linear", "yarn"):
+        raise ConfigError(f"--rope-scaling {kind!r}: expected none, linear or yarn")
+    factor = sc.factor
+    if rope_freq_scale is not None:
+        if rope_freq_scale <= 0:
+            raise ConfigError(f"--rope-freq-scale {rope_freq_scale}: expected a positive scale")
+        factor = 1.0 / rope_freq_scale
+    if rope_scale is not None:
+        if rope_scale <= 0:
+            raise ConfigError(f"--rope-scale {rope_scale}: expected a positive factor")
+        factor = rope_scale
+    original = yarn_orig_ctx or sc.original_context or (cfg.n_ctx_train if kind == "yarn" else 0)
+    for name, v in (("--yarn-beta-fast", yarn_beta_fast), ("--yarn-beta-slow", yarn_beta_slow),
+                    ("--yarn-ext-factor", yarn_ext_factor), ("--yarn-attn-factor", yarn_attn_factor)):
+        if v is not None and v < 0:
+            raise ConfigError(f"{name} {v}: expected a value of 0 or more")
+    scaling = replace(sc, kind=kind, factor=factor, original_context=original,
+                      beta_fast=sc.beta_fast if yarn_beta_fast is None else yarn_beta_fast,
+                      beta_slow=sc.beta_slow if yarn_beta_slow is None else yarn_beta_slow,
+                      ext_factor=sc.ext_factor if yarn_ext_factor is None else yarn_ext_factor,
+                      yarn_attn_factor=sc.yarn_attn_factor if yarn_attn_factor is None else yarn_attn_factor)
+    if rope_freq_base is not None and rope_freq_base <= 0:
+        raise ConfigError(f"--rope-freq-base {rope_freq_base}: expected a positive base")
+    return replace(cfg, rope_scaling=scaling, rope_base=cfg.rope_base if rope_freq_base is None else rope_freq_base)
 
 
 @dataclass(frozen=True)

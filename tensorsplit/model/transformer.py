@@ -231,12 +231,12 @@ class RankModel:
             original = cfg.rope_scaling.original_context or cfg.n_ctx_train
             factors = self.rope_factors["rope_factors_long" if n_ctx > original else "rope_factors_short"]
         sc = cfg.rope_scaling
-        yarn = (sc.original_context, sc.beta_fast, sc.beta_slow) if sc.kind == "yarn" else None
+        yarn = (sc.original_context, sc.beta_fast, sc.beta_slow, sc.ext) if sc.ext else None
         ropes = {False: Rope(cfg.head_dim, cfg.rope_dim, cfg.rope_base, cfg.spec.rope_neox, sc.freq_scale, factors,
-                             sc.attn_factor, yarn)}
+                             sc.mscale, yarn)}
         if cfg.swa_layers and cfg.spec.swa_rope_scaled:    # gpt-oss: local layers scaled as the global ones
             ropes[True] = Rope(cfg.head_dim, cfg.rope_dim, cfg.rope_base_swa, cfg.spec.rope_neox, sc.freq_scale,
-                               None, sc.attn_factor, yarn)
+                               None, sc.mscale, yarn)
         elif cfg.swa_layers:
             ropes[True] = Rope(cfg.head_dim, cfg.rope_dim, cfg.rope_base_swa, cfg.spec.rope_neox)
         return {local: rope.build(max(n_ctx, 1), self.kernels) for local, rope in ropes.items()}

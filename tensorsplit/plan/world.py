@@ -20,6 +20,7 @@ from ..comm.backend import BackendChoice, choose_backend, decode_graphs
 from ..devices import default_threads, device_kinds, rank_devices
 from ..errors import AutoSplitError, TensorsplitError
 from ..model import make_plan, open_model, parse_split
+from ..model.config import with_rope_options
 from ..model.attention import KVCache
 from ..model.loader import resident_bytes
 from ..kernels.kv_types import kv_type
@@ -138,6 +139,7 @@ def plan_world(spec: WorldSpec, node: NodeSpec, *, here: bool = True, torchrun: 
     native = kernels_native(announce=here)
     threads = node.threads or default_threads(node.nproc)
     gf, cfg = open_model(spec.model)
+    cfg = with_rope_options(cfg, **spec.rope_options)      # the workers apply them again; refused here first
     kv_types = spec.kv_types
     for t in kv_types:
         kv_type(t).check(cfg.head_dim)

@@ -20,6 +20,7 @@ import torch
 from ..comm import init_comm
 from ..errors import TensorsplitError
 from ..model import make_plan, open_model
+from ..model.config import with_rope_options
 from ..kernels.choice import choose_kernels
 from ..kernels.counting import Counting
 from ..kernels.numerics import Numerics
@@ -118,6 +119,7 @@ def join_and_load(env: RankEnv, plan: WorldPlan) -> tuple[LoadedRank, object, ob
         _pin_cores(env, mine.threads)
     device = resolve_device(mine.kind, env.local_rank)
     gf, cfg = open_model(spec.model)
+    cfg = with_rope_options(cfg, **spec.rope_options)
     shard_plan = make_plan(cfg, gf.tensors, env.world, plan.ratios)
     identity = {"model_fingerprint": gf.fingerprint(), "model_bytes": spec.model.stat().st_size,
                 "world": env.world, "split": [round(r, 6) for r in plan.ratios], "dtype": "float32",
