@@ -167,6 +167,32 @@ def _attention64(q, k, v, scale, window):
     return out
 
 
+def _attention_runs(q, k, v, KV, kt, vt, numerics, scale, n_prompt, window=0, prompt_rows=0):
+    """The Attention op over q, k, v (n, heads, hd) float32: a prompt of n_prompt tokens, then one decode step
+    per token; its outputs (the prompt's last prompt_rows, then the steps') as float64 (rows, H, hd), for the
+    torch path at 2 threads and the native op at 1 and 2, keyed (native, threads)."""
+    n, H, hd = q.shape
+    runs = {}
+    threads = torch.get_num_threads()
+    try:
+        for native, t in ((False, 2), (True, 1), (True, 2)):
+            if native and not kernels.native():
+                pytest.fail("the native kernels did not build")
+            torch.set_num_threads(t)
+            attn = Attention((0, H), (0, KV), H // KV, hd, choose_kernels("cpu", numerics, native), scale=scale)
+            cache = KVCache(1, 1, 512, KV, hd, "cpu", KV_TYPES[kt], windows=(window,), v_type=KV_TYPES[vt])
+            tq, tk, tv = (torch.from_numpy(x) for x in (q, k, v))
+            prompt = attn(tq[:n_prompt], tk[:n_prompt], tv[:n_prompt], cache, 0, torch.arange(n_prompt),
+                          torch.zeros(n_prompt, dtype=torch.long))
+            steps = [attn(tq[p:p + 1], tk[p:p + 1], tv[p:p + 1], cache, 0, torch.tensor([p]),
+                          torch.zeros(1, dtype=torch.long)) for p in range(n_prompt, n)]
+            rows = [prompt[prompt.shape[0] - prompt_rows:]] if prompt_rows else []
+            runs[native, t] = torch.cat(rows + steps).double().numpy().reshape(-1, H, hd)
+    finally:
+        torch.set_num_threads(threads)
+    return runs
+
+
 @pytest.mark.parametrize("window", [0, 100], ids=["global", "ring"])
 @pytest.mark.parametrize("kt,vt", [("q8_0", "q8_0"), ("q4_0", "q4_0"), ("bf16", "bf16"), ("q8_0", "f16"),
                                    ("f16", "q4_0")])
@@ -184,23 +210,7 @@ def test_attention_reads_each_type_in_place(kt, vt, window):
     ref = _attention64(np_rotate(q, kr).astype(np.float64), k64, v64, scale, window)[n_prompt:]
     if vr:
         ref = (ref.reshape(-1, hd // vr, vr) @ hadamard64(vr)).reshape(ref.shape)
-    runs = {}
-    threads = torch.get_num_threads()
-    try:
-        for native, t in ((False, 2), (True, 1), (True, 2)):
-            if native and not kernels.native():
-                pytest.fail("the native kernels did not build")
-            torch.set_num_threads(t)
-            attn = Attention((0, H), (0, KV), H // KV, hd, choose_kernels("cpu", EXACT, native), scale=scale)
-            cache = KVCache(1, 1, 512, KV, hd, "cpu", KV_TYPES[kt], windows=(window,), v_type=KV_TYPES[vt])
-            tq, tk, tv = (torch.from_numpy(x) for x in (q, k, v))
-            attn(tq[:n_prompt], tk[:n_prompt], tv[:n_prompt], cache, 0, torch.arange(n_prompt),
-                 torch.zeros(n_prompt, dtype=torch.long))
-            steps = [attn(tq[p:p + 1], tk[p:p + 1], tv[p:p + 1], cache, 0, torch.tensor([p]),
-                          torch.zeros(1, dtype=torch.long)) for p in range(n_prompt, n)]
-            runs[native, t] = torch.cat(steps).double().numpy().reshape(n - n_prompt, H, hd)
-    finally:
-        torch.set_num_threads(threads)
+    runs = _attention_runs(q, k, v, KV, kt, vt, EXACT, scale, n_prompt, window=window)
     assert np.array_equal(runs[True, 1], runs[True, 2])
     for key, got in runs.items():
         err = np.abs(got - ref).max()
@@ -247,23 +257,7 @@ def test_decode_attention_under_llamacpp_numerics(kt, vt, H, KV):
     for name, q_stored in (("q8_0", q8), ("f16", f16)):
         ref = _attention64_llamacpp(np_rotate(q, kr), k64, v64, scale, q_stored)[n_prompt - 10:]
         refs[name] = (ref.reshape(-1, hd // vr, vr) @ hadamard64(vr)).reshape(ref.shape) if vr else ref
-    runs = {}
-    threads = torch.get_num_threads()
-    try:
-        for native, t in ((False, 2), (True, 1), (True, 2)):
-            if native and not kernels.native():
-                pytest.fail("the native kernels did not build")
-            torch.set_num_threads(t)
-            attn = Attention((0, H), (0, KV), H // KV, hd, choose_kernels("cpu", LLAMACPP, native), scale=scale)
-            cache = KVCache(1, 1, 512, KV, hd, "cpu", KV_TYPES[kt], v_type=KV_TYPES[vt])
-            tq, tk, tv = (torch.from_numpy(x) for x in (q, k, v))
-            prompt = attn(tq[:n_prompt], tk[:n_prompt], tv[:n_prompt], cache, 0, torch.arange(n_prompt),
-                          torch.zeros(n_prompt, dtype=torch.long))
-            steps = [attn(tq[p:p + 1], tk[p:p + 1], tv[p:p + 1], cache, 0, torch.tensor([p]),
-                          torch.zeros(1, dtype=torch.long)) for p in range(n_prompt, n)]
-            runs[native, t] = torch.cat([prompt[-10:]] + steps).double().numpy().reshape(n - n_prompt + 10, H, hd)
-    finally:
-        torch.set_num_threads(threads)
+    runs = _attention_runs(q, k, v, KV, kt, vt, LLAMACPP, scale, n_prompt, prompt_rows=10)
     assert np.array_equal(runs[True, 1], runs[True, 2])
     want, other = ("q8_0", "f16") if kt in ("q8_0", "q4_0") else ("f16", "q8_0")
     for key, got in runs.items():

@@ -259,6 +259,18 @@ static inline UnitSpan unit_span(const ts::AttnArgs& a, int64_t u) {
   return s;
 }
 
+// The stored rows of a unit's sub-block, positions lo + j0 + [s0, s0 + ns) of its KV head, each through
+// row(jj, bytes); the next sub-block's cache rows are asked for first.
+template <class F>
+static inline void sub_block_rows(const ts::AttnArgs& a, const float* fresh, const uint8_t* base, int type,
+                                  const UnitSpan& us, int64_t s0, int64_t ns, int64_t row_bytes, int64_t head_bytes,
+                                  uint8_t* enc, F&& row) {
+  const int64_t pj = us.lo + us.j0 + s0, left = us.j1 - us.j0 - s0 - ns;
+  prefetch_rows(a, base, pj + ns, left < ts::ATTN_SUB ? left : ts::ATTN_SUB, us.p0, row_bytes, head_bytes);
+  for (int64_t jj = 0; jj < ns; ++jj)
+    row(jj, stored_row(a, fresh, base, type, us.t, us.kh, pj + jj, us.p0, row_bytes, enc));
+}
+
 // Phase 1 of a decode step's attention, per unit (token, KV head, chunk of positions): for each q head of
 // the KV head's group, the scores of the chunk's positions, their max, e_j = exp(s_j - max) and their sum
 // in double (8 lanes of partial sums, added as a tree).
@@ -274,7 +286,7 @@ static void attend_scores(const ts::AttnArgs& a, int64_t u0, int64_t u1, int thr
   alignas(32) float lanes[8];
   for (int64_t u = u0; u < u1; ++u) {
     const UnitSpan us = unit_span(a, u);
-    const int64_t ti = us.ti, t = us.t, kh = us.kh, lo = us.lo, p0 = us.p0, j0 = us.j0, j1 = us.j1;
+    const int64_t ti = us.ti, t = us.t, kh = us.kh, j0 = us.j0, j1 = us.j1;
     const int64_t h0 = us.h0, g = us.g, c = a.units[u].c, n = j1 - j0;
     const float q_mul = a.scale_scores ? 1.0f : a.scale, score_scale = a.scale_scores ? a.scale : 1.0f;
     for (int64_t i = 0; i < g; ++i) {
@@ -292,13 +304,11 @@ static void attend_scores(const ts::AttnArgs& a, int64_t u0, int64_t u1, int thr
     const uint8_t* kbase = (const uint8_t*)a.k_cache + us.sl * a.cap * row_bytes + kh * head_bytes;
     for (int64_t s0 = 0; s0 < n; s0 += ts::ATTN_SUB) {
       const int64_t ns = n - s0 < ts::ATTN_SUB ? n - s0 : ts::ATTN_SUB;
-      prefetch_rows(a, kbase, lo + j0 + s0 + ns, n - s0 - ns < ts::ATTN_SUB ? n - s0 - ns : ts::ATTN_SUB, p0,
-                    row_bytes, head_bytes);
-      for (int64_t jj = 0; jj < ns; ++jj) {
-        const uint8_t* k = stored_row(a, a.k_new, kbase, a.k_type, t, kh, lo + j0 + s0 + jj, p0, row_bytes, w.enc);
-        if (int_dot) row_to_codes<V>(w.kq + jj * hd, w.kd + jj * nb, k, a.k_type, hd);
-        else row_to_float<V>(w.kb + jj * hdp, k, a.k_type, hd, hdp);
-      }
+      sub_block_rows(a, a.k_new, kbase, a.k_type, us, s0, ns, row_bytes, head_bytes, w.enc,
+                     [&](int64_t jj, const uint8_t* k) {
+                       if (int_dot) row_to_codes<V>(w.kq + jj * hd, w.kd + jj * nb, k, a.k_type, hd);
+                       else row_to_float<V>(w.kb + jj * hdp, k, a.k_type, hd, hdp);
+                     });
       for (int64_t i = 0; i < g; ++i) sc[i] = a.sbuf + a.soff[ti * a.H + a.group_heads[h0 + i]] + j0 + s0;
       score_group<V>(w, int_dot, g, ns, hd, score_scale, sc);
     }
@@ -354,7 +364,7 @@ static void attend_values(const ts::AttnArgs& a, int64_t u0, int64_t u1, int thr
   const Scratch w = carve(a, thread);
   for (int64_t u = u0; u < u1; ++u) {
     const UnitSpan us = unit_span(a, u);
-    const int64_t ti = us.ti, t = us.t, kh = us.kh, lo = us.lo, p0 = us.p0, j0 = us.j0, j1 = us.j1;
+    const int64_t ti = us.ti, kh = us.kh, j0 = us.j0, j1 = us.j1;
     const int64_t h0 = us.h0, g = us.g, c = a.units[u].c, n = j1 - j0;
     for (int64_t i = 0; i < g; ++i) {
       const int64_t h = a.group_heads[h0 + i];
@@ -364,12 +374,8 @@ static void attend_values(const ts::AttnArgs& a, int64_t u0, int64_t u1, int thr
     const uint8_t* vbase = (const uint8_t*)a.v_cache + us.sl * a.cap * row_bytes + kh * head_bytes;
     for (int64_t s0 = 0; s0 < n; s0 += ts::ATTN_SUB) {
       const int64_t ns = n - s0 < ts::ATTN_SUB ? n - s0 : ts::ATTN_SUB;
-      prefetch_rows(a, vbase, lo + j0 + s0 + ns, n - s0 - ns < ts::ATTN_SUB ? n - s0 - ns : ts::ATTN_SUB, p0,
-                    row_bytes, head_bytes);
-      for (int64_t jj = 0; jj < ns; ++jj) {
-        const uint8_t* v = stored_row(a, a.v_new, vbase, a.v_type, t, kh, lo + j0 + s0 + jj, p0, row_bytes, w.enc);
-        row_to_float<V>(w.kb + jj * hdp, v, a.v_type, hd, hdp);
-      }
+      sub_block_rows(a, a.v_new, vbase, a.v_type, us, s0, ns, row_bytes, head_bytes, w.enc,
+                     [&](int64_t jj, const uint8_t* v) { row_to_float<V>(w.kb + jj * hdp, v, a.v_type, hd, hdp); });
       for (int64_t i = 0; i < g; ++i) {
         const int64_t h = a.group_heads[h0 + i];
         const float* pr = a.sbuf + a.soff[ti * a.H + h] + j0 + s0;
