@@ -230,9 +230,10 @@ def bench(ctx, model_arg, model, n_prompt, n_gen, repetitions, n_depth, profile,
     else:
         worlds = [_single_nproc(x) for x in (nproc_per_node or "1").split(",")]
         if comm:
-            worlds = [n for n in worlds if n > 1]
+            worlds = [n for n in worlds if n * (ctx.params.get("nnodes") or 1) > 1]
             if not worlds:
-                raise TensorsplitError("bench --comm needs a world of at least 2 ranks (--nproc-per-node 2)")
+                raise TensorsplitError("bench --comm needs a world of at least 2 ranks (--nproc-per-node 2, or "
+                                       "--nnodes 2)")
     results = []
     with tempfile.TemporaryDirectory(prefix="tensorsplit-bench-") as tmp:
         for n in worlds:

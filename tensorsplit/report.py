@@ -133,11 +133,16 @@ def profile_table(w: dict) -> str:
 
 
 def comm_table(doc: dict) -> str:
-    """`bench --comm`: microseconds per all-reduce, the world's path against plain Gloo."""
-    lines = ["| world | path | rows | bytes | all-reduce (us) | Gloo (us) | Gloo / path |",
-             "| ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+    """`bench --comm`: microseconds per all-reduce, the world's path against Gloo's all_reduce and the
+    other algorithms on Gloo (exchange: isend/irecv to every rank; doubling: recursive doubling;
+    all_gather: all_gather_into_tensor and a local sum)."""
+    others = ("gloo", "exchange", "doubling", "all_gather")
+    lines = ["| world | path | rows | bytes | all-reduce (us) | Gloo (us) | exchange (us) | doubling (us) | "
+             "all_gather (us) | Gloo / path |",
+             "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for w in doc["worlds"]:
         for r in w["results"]:
-            lines.append(f"| {w['world']} | {w['path']} | {r['rows']} | {r['bytes']} | {r['auto_us']:.1f} | "
-                         f"{r['gloo_us']:.1f} | {r['gloo_us'] / r['auto_us']:.1f}x |")
+            cells = " | ".join(f"{r[k + '_us']:.1f}" if k + "_us" in r else "-" for k in others)
+            lines.append(f"| {w['world']} | {w['path']} | {r['rows']} | {r['bytes']} | {r['auto_us']:.1f} | {cells} | "
+                         f"{r['gloo_us'] / r['auto_us']:.1f}x |")
     return "\n".join(lines)

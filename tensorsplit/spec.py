@@ -51,6 +51,11 @@ class WorldSpec:
     n_slots: int = 1           # concurrent sequences (-np where a command decodes several)
     timeout_s: float = option(120.0, "--timeout", keyword="timeout",
                               help="Seconds before a collective or the rendezvous gives up (a dead or stuck rank).")
+    wire_transport: str = option("tcp", "--wire-transport", choices=("tcp", "gloo"),
+                                 help="How CPU workers on different nodes exchange each layer's sums, the step "
+                                      "messages and the logits: tcp (one connection per pair of nodes, driven by "
+                                      "the workers: a small all-reduce costs about the link's round trip) or gloo "
+                                      "(torch.distributed's Gloo: 10-20x that on the hosts measured).")
     quiet: bool = False        # no load progress
     profile: bool = False      # time each step's parts (bench --profile; worker/profile.py)
     numerics: str = option(DEFAULT_NUMERICS, "--numerics", choices=("llamacpp", "exact"),

@@ -176,6 +176,7 @@ def test_bench_comm_times_both_paths():
     assert world["world"] == 2 and world["dtype"] == "float64"
     assert [x["rows"] for x in world["results"]] == [1, 4, 16, 64, 256][:len(world["results"])]
     assert all(x["bytes"] == 8 * 576 * x["rows"] and x["auto_us"] > 0 and x["gloo_us"] > 0 for x in world["results"])
+    assert all(x["exchange_us"] > 0 and x["doubling_us"] > 0 and x["all_gather_us"] > 0 for x in world["results"])
     one = run_cli("bench", "--comm", "--nproc-per-node", "1")
     assert one.returncode == 1 and "at least 2 ranks" in one.stderr
 

@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from cli_helpers import ROOT, assert_all_gone, listeners, run_cli, start_cli, wait_until
+from cli_helpers import ROOT, assert_all_gone, listeners, run_cli, start_cli, wait_for_workers, wait_until
 from tensorsplit.model.gguf_file import GGUFFile
 
 PROMPT = "The capital of France is"
@@ -78,8 +78,8 @@ def _tokens(stdout: str) -> list[int]:
 @pytest.mark.slow
 @pytest.mark.parametrize("per_node", [1, 2])
 def test_two_namespace_nodes_equal_single_node(netns, smollm2_path, per_node):
-    """Two nodes of 1 rank (Gloo between them) and of 2 ranks (the hierarchical all-reduce: shared memory
-    inside each node, Gloo between the nodes' leaders) give the tokens of one rank on one node."""
+    """Two nodes of 1 rank (the TCP wire between them) and of 2 ranks (the hierarchical all-reduce: shared
+    memory inside each node, the wire between the nodes' leaders) give the tokens of one rank on one node."""
     single = run_cli("generate", "-m", str(smollm2_path), *GEN, "--nproc-per-node", "1")
     assert single.returncode == 0, single.stderr
     port = "29613"
@@ -92,20 +92,24 @@ def test_two_namespace_nodes_equal_single_node(netns, smollm2_path, per_node):
     assert node0.returncode == 0, err0
     assert node1.returncode == 0, err1
     assert _tokens(out0) == _tokens(single.stdout)
-    path = ("shared memory inside each node (2 ranks), Gloo between 2 nodes" if per_node == 2 else "all-reduce: gloo")
+    path = ("shared memory inside each node (2 ranks), TCP wire between 2 nodes" if per_node == 2
+            else "all-reduce: TCP wire between 2 nodes")
     assert path in err0, err0
     assert out1.strip() == ""          # the coordinator and its output live on node 0
 
 
-def test_two_loopback_nodes_of_two_ranks_equal_one_rank(smollm2_path):
+@pytest.mark.parametrize("transport", ["tcp", "gloo"])
+def test_two_loopback_nodes_of_two_ranks_equal_one_rank(smollm2_path, transport):
     """The hierarchical all-reduce without namespaces: two "nodes" of 2 ranks each on 127.0.0.1 (two
     launchers, --node-rank 0 and 1). Inside each node the ranks sum through their node's shared-memory
-    segment, the two leaders all-reduce over Gloo, and each node shares the sum back: the greedy tokens
-    are those of one rank on one node, and neither launcher leaves a worker or a segment behind."""
+    segment, the two leaders all-reduce over the TCP wire (or Gloo, --wire-transport gloo), and each node
+    shares the sum back; the step messages and the logits cross between the leaders too. The greedy
+    tokens are those of one rank on one node, and neither launcher leaves a worker or a segment behind."""
     single = run_cli("generate", "-m", str(smollm2_path), *GEN, "--nproc-per-node", "1")
     assert single.returncode == 0, single.stderr
     common = ["generate", "-m", str(smollm2_path), *GEN, "--nnodes", "2", "--nproc-per-node", "2",
-              "--master-addr", "127.0.0.1", "--master-port", _free_port(), "--threads", "1", "--timeout", "60"]
+              "--master-addr", "127.0.0.1", "--master-port", _free_port(), "--threads", "1", "--timeout", "60",
+              "--wire-transport", transport]
     node0, node1 = start_cli(*common, "--node-rank", "0"), start_cli(*common, "--node-rank", "1")
     try:
         code0, err0, _ = node0.finish(240)
@@ -116,7 +120,8 @@ def test_two_loopback_nodes_of_two_ranks_equal_one_rank(smollm2_path):
     assert code0 == 0, err0
     assert code1 == 0, err1
     assert _tokens(node0.out.text()) == _tokens(single.stdout)
-    assert "shared memory inside each node (2 ranks), Gloo between 2 nodes" in err0, err0
+    between = "TCP wire" if transport == "tcp" else "Gloo"
+    assert f"shared memory inside each node (2 ranks), {between} between 2 nodes" in err0, err0
     assert node1.out.text().strip() == ""
     for node in (node0, node1):
         assert_all_gone(node.pid)
@@ -263,3 +268,29 @@ def test_rendezvous_listens_on_master_addr_only(smollm2_path):
         job.kill()
     assert code == 130, err
     assert_all_gone(job.pid)
+
+
+def test_sigkill_of_a_node_during_decode_names_its_rank(smollm2_path):
+    """Two loopback nodes of 1 rank each on the TCP wire: node 1's worker is killed while node 0 decodes.
+    Node 0's rank sees the connection close in its next all-reduce: both launchers exit 1 within the
+    --timeout plus a few seconds, node 0 naming rank 1, and neither leaves a worker behind."""
+    common = ["generate", "-m", str(smollm2_path), "-p", PROMPT, "-n", "2000", "-c", "4096", "--temp", "0",
+              "--nnodes", "2", "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", _free_port(),
+              "--threads", "1", "--timeout", "20"]
+    node0, node1 = start_cli(*common, "--node-rank", "0"), start_cli(*common, "--node-rank", "1")
+    try:
+        node0.out.wait_for(lambda s: len(s) > 0, 180, "generated text")            # decoding
+        (worker,) = wait_for_workers(node1.pid, 1).values()
+        os.kill(worker, signal.SIGKILL)
+        code0, err0, took0 = node0.finish(20 + 10)
+        code1, err1, _ = node1.finish(15)
+    finally:
+        node0.kill()
+        node1.kill()
+    assert code0 == 1 and took0 < 20, (took0, err0)
+    last = [ln for ln in err0.splitlines() if ln.startswith("tensorsplit:")][-1]
+    assert last.startswith("tensorsplit: rank 0 failed: rank 1 (node 1) closed its connection during"), err0
+    assert "Traceback" not in err0
+    assert code1 == 1 and "tensorsplit: rank 1 failed: killed by SIGKILL" in err1, err1
+    for node in (node0, node1):
+        assert_all_gone(node.pid)

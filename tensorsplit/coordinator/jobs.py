@@ -189,8 +189,9 @@ def profile_rows(per_rank: list[dict], measured_s: float) -> dict:
 @dataclass(frozen=True)
 class CommBenchJob:
     """`bench --comm`: all-reduce latency for the sizes a layer sends (n_embd values per token row,
-    float64 partial sums: rows 1, 4, 16, then 4x more up to 1 MiB), the world's own path against plain
-    Gloo, written as JSON to result_file."""
+    float64 partial sums: rows 1, 4, 16, then 4x more up to 1 MiB), the world's own path against Gloo's
+    all_reduce and the other algorithms on Gloo (comm/gloo_algorithms.py; recursive doubling in a
+    power-of-two world), written as JSON to result_file."""
     iters: int
     result_file: Path
 
@@ -200,11 +201,14 @@ class CommBenchJob:
             rows.append(r)
             r *= 4
         results = []
+        others = ["gloo", "exchange", "all_gather"] + (["doubling"] if engine.world & (engine.world - 1) == 0 else [])
         for r in rows:
             n = cfg.n_embd * r
-            auto = engine.time_all_reduce(n, self.iters, "auto")
-            gloo = engine.time_all_reduce(n, max(10, self.iters // 10), "gloo")
-            results.append({"rows": r, "elements": n, "bytes": 8 * n, "auto_us": auto * 1e6, "gloo_us": gloo * 1e6})
+            result = {"rows": r, "elements": n, "bytes": 8 * n,
+                      "auto_us": engine.time_all_reduce(n, self.iters, "auto") * 1e6}
+            for path in others:                 # Gloo's own all-reduce, and other algorithms on Gloo
+                result[f"{path}_us"] = engine.time_all_reduce(n, max(10, self.iters // 10), path) * 1e6
+            results.append(result)
         Path(self.result_file).write_text(json.dumps({
             "world": engine.world, "path": engine.all_reduce_path, "dtype": "float64", "results": results}))
         return 0

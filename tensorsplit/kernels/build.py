@@ -21,7 +21,8 @@ from ..messages import say
 
 NAME = "tensorsplit_kernels"
 CSRC = Path(__file__).resolve().parent / "csrc"
-SOURCES = ("ops.cpp", "elementwise.cpp", "experts.cpp", "repack.cpp", "shm.cpp", "replay.cpp", "isa_avx512.cpp", "isa_avx2.cpp", "isa_scalar.cpp")
+SOURCES = ("ops.cpp", "elementwise.cpp", "experts.cpp", "repack.cpp", "shm.cpp", "wire.cpp", "replay.cpp",
+           "isa_avx512.cpp", "isa_avx2.cpp", "isa_scalar.cpp")
 # -ffp-contract=off: no fused multiply-adds the code does not ask for, so every instruction set rounds alike
 CFLAGS = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno", "-ffp-contract=off", "-Wno-unused-function"]
 LDFLAGS = ["-fopenmp", "-lrt"]

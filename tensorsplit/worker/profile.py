@@ -40,7 +40,8 @@ REPLAYED_PARTS = {"tensorsplit::matmul_q8": "matmul", "tensorsplit::matmul_f32":
                   "tensorsplit::rope": "elementwise", "tensorsplit::add_rms_norm": "elementwise",
                   "tensorsplit::qkv_heads": "elementwise", "tensorsplit::glu": "elementwise",
                   "aten::silu": "elementwise", "aten::gelu": "elementwise",
-                  "tensorsplit::unpack_rows": "get_rows", "tensorsplit::shm_all_reduce": "all_reduce_work"}
+                  "tensorsplit::unpack_rows": "get_rows", "tensorsplit::shm_all_reduce": "all_reduce_work",
+                  "tensorsplit::wire_all_reduce": "all_reduce_work", "tensorsplit::shm_broadcast": "all_reduce_work"}
 STEP = len(PARTS)            # the vector's last two entries: the steps' total time and their count
 COUNT = STEP + 1
 LENGTH = COUNT + 1

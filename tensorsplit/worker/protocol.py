@@ -15,7 +15,8 @@ import torch
 
 HEADER_LEN = 4
 OP_FORWARD, OP_SHUTDOWN, OP_COMM_BENCH, OP_PROFILE = 1, 2, 3, 4
-COMM_PATHS = ("auto", "gloo")     # the world's own all-reduce, or plain Gloo over the device group
+# the world's own all-reduce, plain Gloo over the device group, or one of comm/gloo_algorithms.py's
+COMM_PATHS = ("auto", "gloo", "exchange", "doubling", "all_gather")
 
 
 @dataclass
