@@ -9,7 +9,7 @@
 #   SHAPES  link shapings to run, any of: none 10gbit 1gbit            (default: "none 1gbit")
 #           1gbit: netem delay 0.1 ms + rate 1 Gbit/s on both ends; 10gbit: delay 0.05 ms + 10 Gbit/s.
 #           Where the kernel has no netem, the rate alone is shaped with tbf, and the table says so.
-#   MODES   --wire-transport values to run (default: "tcp gloo")
+#   MODES   how the hosts exchange: --wire-transport, and /--wire for tcp (default: "tcp tcp/bf16 tcp/q8 gloo")
 #   COMM    1: also `bench --comm` between the two hosts under each shaping: the all-reduce's latency per
 #           message size, the wire against Gloo's all_reduce and other algorithms on Gloo (default: 1)
 #   PROMPT GEN REPS THREADS  bench -p, -n, -r and threads per worker (default: 32 32 3 1)
@@ -20,7 +20,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL=${1:-$HOME/.cache/tensorsplit/tinyllama-1.1b-random.Q4_0.gguf}
 SHAPES=${SHAPES:-"none 1gbit"}
-MODES=${MODES:-"tcp gloo"}
+MODES=${MODES:-"tcp tcp/bf16 tcp/q8 gloo"}
 COMM=${COMM:-1}
 PROMPT=${PROMPT:-32} GEN=${GEN:-32} REPS=${REPS:-3} THREADS=${THREADS:-1}
 PY=${PY:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
@@ -95,14 +95,15 @@ echo "model $(basename "$MODEL"); $THREADS thread(s) per host; bench -p $PROMPT 
 bench "$NSA" "$CORES_A" "$OUT/one.json" --nproc-per-node 1 -r "$REPS"
 read -r pp1 pp1s <<<"$(rate "$OUT/one.json" pp)"; read -r tg1 tg1s <<<"$(rate "$OUT/one.json" tg)"
 echo
-echo "| link | all-reduce between hosts | pp$PROMPT t/s | vs 1 host | tg$GEN t/s | vs 1 host |"
+echo "| link | between hosts (transport/wire) | pp$PROMPT t/s | vs 1 host | tg$GEN t/s | vs 1 host |"
 echo "| --- | --- | ---: | ---: | ---: | ---: |"
 echo "| one host | - | $pp1 ± $pp1s | 1.00x | $tg1 ± $tg1s | 1.00x |"
 for s in $SHAPES; do
     how=$(shape "$s")
     for m in $MODES; do
-        json="$OUT/$s-$m.json"
-        two_hosts "$json" --wire-transport "$m" -r "$REPS"
+        json="$OUT/$s-${m//\//-}.json"
+        wire=(--wire-transport "${m%%/*}"); [ "${m#*/}" != "$m" ] && wire+=(--wire "${m#*/}")
+        two_hosts "$json" "${wire[@]}" -r "$REPS"
         read -r pp pps <<<"$(rate "$json" pp)"; read -r tg tgs <<<"$(rate "$json" tg)"
         echo "| $how | $m | $pp ± $pps | $(awk "BEGIN{printf \"%.2f\", $pp/$pp1}")x | $tg ± $tgs | $(awk "BEGIN{printf \"%.2f\", $tg/$tg1}")x |"
     done

@@ -56,6 +56,11 @@ class WorldSpec:
                                       "messages and the logits: tcp (one connection per pair of nodes, driven by "
                                       "the workers: a small all-reduce costs about the link's round trip) or gloo "
                                       "(torch.distributed's Gloo: 10-20x that on the hosts measured).")
+    wire: str = option("f32", "--wire", choices=("f32", "bf16", "q8"),
+                       help="What each layer's all-reduce sends between nodes (--wire-transport tcp; inside a node "
+                            "nothing changes): f32 (the partial sums as computed, no rounding), bf16 (a quarter of "
+                            "the bytes) or q8 (q8_0 blocks of 32: 34 bytes per 32 values, about a ninth). bf16 and "
+                            "q8 round each node's part, which moves the logits a little: for a slow link.")
     quiet: bool = False        # no load progress
     profile: bool = False      # time each step's parts (bench --profile; worker/profile.py)
     numerics: str = option(DEFAULT_NUMERICS, "--numerics", choices=("llamacpp", "exact"),

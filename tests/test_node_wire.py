@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from tensorsplit.kernels import native
+from tensorsplit.kernels.kv_types import decode, encode, kv_type
 
 pytestmark = pytest.mark.skipif(not native(announce=False), reason="the native library did not build here")
 
@@ -38,7 +39,7 @@ def _part(node: int, n: int, dtype) -> np.ndarray:
 
 def _node(node: int, n_nodes: int, port: int, script: str, out, timeout_s: float) -> None:
     try:
-        from tensorsplit.comm.wire import WireMesh
+        from tensorsplit.comm.wire import WIRE_FORMATS, WireMesh
         store = torch.distributed.TCPStore("127.0.0.1", port, n_nodes, node == 0,
                                            timeout=datetime.timedelta(seconds=30))
         mesh = WireMesh.open(store, node, n_nodes, "127.0.0.1", timeout_s)
@@ -47,6 +48,12 @@ def _node(node: int, n_nodes: int, port: int, script: str, out, timeout_s: float
             for dtype, n in ((np.float64, 2048), (np.float32, 576), (np.float64, 300_000), (np.float64, 0)):
                 x = torch.from_numpy(_part(node, n, dtype).copy())
                 result[(np.dtype(dtype).name, n)] = mesh.all_reduce(x).numpy().copy()
+            for wire in ("bf16", "q8"):
+                mesh.format = WIRE_FORMATS[wire]
+                for n in (2048, 1000):
+                    x = torch.from_numpy(_part(node, n, np.float64) * 1e-3)
+                    result[(wire, n)] = mesh.all_reduce(x).numpy().copy()
+            mesh.format = WIRE_FORMATS["f32"]
             header = torch.full((4,), node, dtype=torch.int64)
             result["broadcast"] = mesh.broadcast(header, 0).numpy().copy()
             result["broadcast_from_last"] = mesh.broadcast(torch.full((3,), float(node)), n_nodes - 1).numpy().copy()
@@ -110,6 +117,19 @@ def test_all_reduce_sums_in_node_order_and_collectives_carry_every_node(n_nodes)
         for node in range(n_nodes):
             got = results[node][(np.dtype(dtype).name, n)]
             assert got.dtype == dtype and got.tobytes() == expected.tobytes(), (node, dtype, n)
+    for wire in ("bf16", "q8"):      # each part as the wire carried it: kv_types' transcription of llama.cpp's
+        t = kv_type("bf16" if wire == "bf16" else "q8_0")             # rounding, zero-padded to whole blocks
+        for n in (2048, 1000):
+            expected = None
+            for k in range(n_nodes):
+                x = torch.zeros(-(-n // 32) * 32)
+                x[:n] = torch.from_numpy(_part(k, n, np.float64) * 1e-3).float()
+                sent = decode(encode(x[None], t), t, x.numel())[0, :n].double().numpy()
+                expected = sent.copy() if expected is None else expected + sent
+            for node in range(n_nodes):
+                assert results[node][(wire, n)].tobytes() == expected.tobytes(), (wire, n, node)
+            exact = sum(_part(k, n, np.float64) * 1e-3 for k in range(n_nodes))
+            assert np.abs(results[0][(wire, n)] - exact).max() < (0.02 if wire == "q8" else 0.01) * np.abs(exact).max()
     if n_nodes >= 3:   # the check can fail: another order gives other bits on this data
         other = _part(n_nodes - 1, 2048, np.float64).copy()
         for k in range(n_nodes - 2, -1, -1):

@@ -132,7 +132,8 @@ class CommGroup:
         """How all_reduce travels, for reports."""
         if self.world == 1:
             return "none (one rank)"
-        between = f"{'TCP wire' if self.wired else 'Gloo'} between {self.n_nodes} nodes"
+        fmt = {0: "", 1: ", bf16", 2: ", q8_0 blocks"}[self.wire.format if self.wire is not None else 0]
+        between = f"{'TCP wire' if self.wired else 'Gloo'}{fmt} between {self.n_nodes} nodes"
         if self.host is None:
             if self.wired:
                 return between
@@ -204,10 +205,11 @@ class CommGroup:
 def init_comm(rank: int, world: int, local_rank: int, device: torch.device, backend: BackendChoice,
               master_addr: str, master_port: int, timeout_s: float, identity: dict | None = None,
               local_world: int = 1, on_timeout=None, shared_memory: bool = True,
-              wire_transport: str = "tcp") -> CommGroup:
+              wire_transport: str = "tcp", wire: str = "f32") -> CommGroup:
     """Join the world: the store at master_addr:master_port (rank 0 serves it), agreement, both groups,
     and for CPU ranks the node's shared-memory segment (shared_memory=False: Gloo only, for comparison)
-    and, across nodes, the leaders' wire (wire_transport "tcp"; "gloo": the leaders' Gloo group)."""
+    and, across nodes, the leaders' wire (wire_transport "tcp"; "gloo": the leaders' Gloo group), whose
+    all-reduces send each node's part as `wire` says (f32: as it is; bf16; q8: q8_0 blocks)."""
     group = CommGroup(rank, world, local_rank, device, backend)
     if world == 1:
         return group
@@ -226,12 +228,12 @@ def init_comm(rank: int, world: int, local_rank: int, device: torch.device, back
     group.control_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=CONTROL_TIMEOUT_S))
     group.watchdog = CollectiveWatchdog(timeout_s, on_timeout)
     if shared_memory and backend.name == "gloo" and not backend.staging and device.type == "cpu":
-        _open_host_segment(group, store, local_world, timeout_s, master_addr, wire_transport)
+        _open_host_segment(group, store, local_world, timeout_s, master_addr, wire_transport, wire)
     return group
 
 
 def _open_host_segment(group: CommGroup, store, local_world: int, timeout_s: float, master_addr: str,
-                       wire_transport: str) -> None:
+                       wire_transport: str, wire: str) -> None:
     """Every rank calls this (new_group is collective). Nodes hold local_world consecutive ranks."""
     from ..kernels import native
     nnodes = group.world // local_world
@@ -246,7 +248,8 @@ def _open_host_segment(group: CommGroup, store, local_world: int, timeout_s: flo
     if wire_transport == "tcp":
         group.wired = True
         if group.local_rank == 0:
-            group.wire = WireMesh.open(store, group.rank // local_world, nnodes, master_addr, timeout_s, local_world)
+            group.wire = WireMesh.open(store, group.rank // local_world, nnodes, master_addr, timeout_s, local_world,
+                                       wire)
         return
     leaders = [n * local_world for n in range(nnodes)]
     group.leader_group = dist.new_group(ranks=leaders, backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))

@@ -33,6 +33,9 @@ from .netif import local_address_for
 HELLO = struct.Struct("<8s16sq")          # magic, the world's token, the connecting node
 MAGIC = b"tshello1"
 TRANSPORTS = ("tcp", "gloo")
+# --wire: what an all-reduce sends of each node's part (the codes of csrc/wire.cpp's WireFormat). f32: as it
+# is (the float64 partial sums, no rounding); bf16: 2 bytes a value; q8: q8_0 blocks, 34 bytes per 32
+WIRE_FORMATS = {"f32": 0, "bf16": 1, "q8": 2}
 BUFFER_BYTES = 4 << 20                    # socket buffers: a prefill chunk's all-reduce in one go
 
 
@@ -58,13 +61,15 @@ def _tune(sock: socket.socket) -> None:
 class WireMesh:
     """The node leaders' connections: all_reduce, broadcast and gather of CPU tensors between nodes."""
 
-    def __init__(self, handle: int, node: int, n_nodes: int, local_world: int, timeout_s: float):
+    def __init__(self, handle: int, node: int, n_nodes: int, local_world: int, timeout_s: float, wire: str = "f32"):
         self.handle, self.node, self.n_nodes, self.timeout_s = handle, node, n_nodes, timeout_s
+        self.format = WIRE_FORMATS[wire]
         self.local_world = local_world          # ranks per node: node k's leader is rank k * local_world
         self.ops = torch.ops.tensorsplit
 
     @staticmethod
-    def open(store, node: int, n_nodes: int, master_addr: str, timeout_s: float, local_world: int = 1) -> "WireMesh":
+    def open(store, node: int, n_nodes: int, master_addr: str, timeout_s: float, local_world: int = 1,
+             wire: str = "f32") -> "WireMesh":
         """Connect this node's leader to every other node's leader; every leader must call this."""
         deadline = time.monotonic() + timeout_s
         address = local_address_for(socket.gethostbyname(master_addr)) or "127.0.0.1"
@@ -114,7 +119,7 @@ class WireMesh:
                 _tune(sock)
                 fds.append(sock.detach())
             socks.clear()
-            return WireMesh(torch.ops.tensorsplit.wire_attach(fds, node), node, n_nodes, local_world, timeout_s)
+            return WireMesh(torch.ops.tensorsplit.wire_attach(fds, node), node, n_nodes, local_world, timeout_s, wire)
         finally:
             listener.close()
             for sock in socks.values():
@@ -136,8 +141,9 @@ class WireMesh:
             raise CollectiveError(self._ranks(text)) from None
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        """Sum float32/float64 x over the nodes in place, in node order: every node gets the same bits."""
-        return self._run(self.ops.wire_all_reduce.default, x, self.handle, self.timeout_s)
+        """Sum float32/float64 x over the nodes in place, in node order: every node gets the same bits. Each
+        node's part crosses as the mesh's --wire format has it (its own part too, so that all sum alike)."""
+        return self._run(self.ops.wire_all_reduce.default, x, self.handle, self.timeout_s, self.format)
 
     def broadcast(self, x: torch.Tensor, root: int = 0, idle: bool = False) -> torch.Tensor:
         """Copy node `root`'s x into every node's x (same shape and dtype everywhere)."""

@@ -109,6 +109,8 @@ def check_world(spec: WorldSpec, node: NodeSpec) -> None:
         raise TensorsplitError(f"--node-rank {node.node_rank} is outside 0..{node.nnodes - 1} (--nnodes {node.nnodes})")
     if not Path(spec.model).exists():
         raise TensorsplitError(f"{spec.model}: no such file")
+    if spec.wire != "f32" and spec.wire_transport != "tcp":
+        raise TensorsplitError(f"--wire {spec.wire} is sent by --wire-transport tcp only (not {spec.wire_transport})")
     if spec.split != AUTO:
         parse_split(spec.split, node.world)
     device_kinds(spec.device, node.world)

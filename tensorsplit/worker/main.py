@@ -124,12 +124,12 @@ def join_and_load(env: RankEnv, plan: WorldPlan) -> tuple[LoadedRank, object, ob
     identity = {"model_fingerprint": gf.fingerprint(), "model_bytes": spec.model.stat().st_size,
                 "world": env.world, "split": [round(r, 6) for r in plan.ratios], "dtype": "float32",
                 "devices": plan.kinds, "backend": plan.backend.name, "n_ctx": spec.n_ctx, "n_slots": spec.n_slots,
-                "numerics": spec.numerics, "wire_transport": spec.wire_transport,
+                "numerics": spec.numerics, "wire_transport": spec.wire_transport, "wire": spec.wire,
                 "version": _version()}
     comm = init_comm(env.rank, env.world, env.local_rank, device, plan.backend, env.master_addr, env.master_port,
                      spec.timeout_s, identity, env.local_world,
                      on_timeout=lambda msg: report_failure(env.rank, RuntimeError(msg)),
-                     wire_transport=spec.wire_transport)
+                     wire_transport=spec.wire_transport, wire=spec.wire)
     faults = FaultPlan(env.rank)
     try:
         bar = _progress_bar(shard_plan.ranks[0].nbytes) if env.rank == 0 and not spec.quiet else None

@@ -15,14 +15,19 @@
 //
 // torch ops (namespace tensorsplit):
 //   wire_attach(fds, node) -> handle                     fds[k]: the socket to node k (-1 at k == node)
-//   wire_all_reduce(x!, handle, timeout_s) -> x          float32 or float64: every node's x, summed in
-//                                                        node order, so every node gets the same bits
+//   wire_all_reduce(x!, handle, timeout_s, format) -> x  float32 or float64: every node's x, summed in
+//                                                        node order, so every node gets the same bits;
+//                                                        format 0 sends x as it is, 1 as bf16, 2 as q8_0
+//                                                        blocks (each node's part, its own included, is
+//                                                        summed as the wire carried it)
 //   wire_broadcast(x!, handle, root, timeout_s, idle) -> x
 //   wire_gather(x, handle, root, timeout_s) -> (n_nodes, *x.shape) on the root, empty elsewhere
 //   wire_detach(handle)                                  closes the sockets
 //   wire_wait_ns(handle) -> int                          nanoseconds the all-reduces spent waiting
 #include <ATen/ATen.h>
 #include <torch/library.h>
+
+#include "kv_cache.h"
 
 #include <errno.h>
 #include <poll.h>
@@ -57,7 +62,40 @@ struct Mesh {
   uint64_t seq = 0;                      // collectives this node has taken part in
   int64_t all_reduce_wait_ns = 0;
   std::vector<uint8_t> inbox;            // all-reduce: every peer's payload, node after node
+  std::vector<uint8_t> outbox;           // all-reduce: this node's part as the wire format has it
 };
+
+// What the all-reduce sends of a node's part: as it is, bf16 (2 bytes a value), or q8_0 blocks of 32
+// (34 bytes: an f16 scale and 32 int8 codes, as the KV cache's q8_0), the last block zero-padded.
+enum WireFormat : int64_t { WIRE_AS_IS = 0, WIRE_BF16 = 1, WIRE_Q8_0 = 2 };
+
+int64_t wire_bytes(int64_t format, int64_t n, int64_t elem) {
+  return format == WIRE_BF16 ? 2 * n : format == WIRE_Q8_0 ? (n + KV_QK - 1) / KV_QK * 34 : n * elem;
+}
+
+template <class T>
+void wire_encode(const T* x, int64_t n, int64_t format, uint8_t* dst) {
+  const int type = format == WIRE_BF16 ? KV_BF16 : KV_Q8_0;
+  const int64_t block = format == WIRE_BF16 ? 1 : KV_QK, block_bytes = format == WIRE_BF16 ? 2 : 34;
+  float f[KV_QK];
+  for (int64_t i = 0; i < n; i += block, dst += block_bytes) {
+    const int64_t len = std::min<int64_t>(block, n - i);
+    for (int64_t j = 0; j < block; ++j) f[j] = j < len ? (float)x[i + j] : 0.0f;   // the value rounded to float32
+    kv_encode_row(f, block, type, dst);
+  }
+}
+
+template <class T>
+void wire_decode_add(const uint8_t* src, int64_t n, int64_t format, T* acc, bool first) {
+  const int type = format == WIRE_BF16 ? KV_BF16 : KV_Q8_0;
+  const int64_t block = format == WIRE_BF16 ? 1 : KV_QK, block_bytes = format == WIRE_BF16 ? 2 : 34;
+  float f[KV_QK];
+  for (int64_t i = 0; i < n; i += block, src += block_bytes) {
+    kv_decode_row(src, block, type, f);
+    const int64_t len = std::min<int64_t>(block, n - i);
+    for (int64_t j = 0; j < len; ++j) acc[i + j] = first ? (T)f[j] : acc[i + j] + (T)f[j];
+  }
+}
 
 std::mutex registry_mutex;
 std::vector<Mesh*> registry;
@@ -207,41 +245,53 @@ void wire_detach(int64_t handle) {
 }
 
 template <class T>
-void sum_in_node_order(Mesh& m, T* data, int64_t len) {
+void sum_in_node_order(Mesh& m, T* data, int64_t len, int64_t format, int64_t part_bytes) {
   // node 0's part, then node 1's added, and so on: the same order, so the same bits, on every node
-  const int64_t bytes = len * (int64_t)sizeof(T);
   std::vector<T> acc(len);
-  auto part = [&](int64_t k) -> const T* {
-    if (k == m.node) return data;
-    const int64_t slot = k < m.node ? k : k - 1;
-    return (const T*)(m.inbox.data() + slot * bytes);
+  auto part = [&](int64_t k) -> const uint8_t* {
+    if (k == m.node) return format == WIRE_AS_IS ? (const uint8_t*)data : m.outbox.data();
+    return m.inbox.data() + (k < m.node ? k : k - 1) * part_bytes;
   };
-  std::memcpy(acc.data(), part(0), (size_t)bytes);
-  for (int64_t k = 1; k < m.n; ++k) {
-    const T* p = part(k);
-    for (int64_t i = 0; i < len; ++i) acc[i] += p[i];
+  for (int64_t k = 0; k < m.n; ++k) {
+    if (format != WIRE_AS_IS) {
+      wire_decode_add(part(k), len, format, acc.data(), k == 0);
+    } else if (k == 0) {
+      std::memcpy(acc.data(), part(0), (size_t)part_bytes);
+    } else {
+      const T* p = (const T*)part(k);
+      for (int64_t i = 0; i < len; ++i) acc[i] += p[i];
+    }
   }
-  std::memcpy(data, acc.data(), (size_t)bytes);
+  std::memcpy(data, acc.data(), (size_t)len * sizeof(T));
 }
 
-at::Tensor wire_all_reduce(at::Tensor& x, int64_t handle, double timeout_s) {
+at::Tensor wire_all_reduce(at::Tensor& x, int64_t handle, double timeout_s, int64_t format) {
   Mesh& m = get(handle);
   check_tensor(x, "wire_all_reduce");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, "wire_all_reduce: float32 or float64 only");
-  const int64_t bytes = x.numel() * x.element_size();
+  TORCH_CHECK(format >= WIRE_AS_IS && format <= WIRE_Q8_0, "wire_all_reduce: format ", format);
+  const bool dbl = x.scalar_type() == at::kDouble;
+  const int64_t n = x.numel(), bytes = wire_bytes(format, n, x.element_size());
   ++m.seq;
   m.inbox.resize((size_t)((m.n - 1) * bytes));
+  const uint8_t* mine = (const uint8_t*)x.data_ptr();
+  if (format != WIRE_AS_IS) {
+    m.outbox.resize((size_t)bytes);
+    if (dbl) wire_encode(x.data_ptr<double>(), n, format, m.outbox.data());
+    else wire_encode(x.data_ptr<float>(), n, format, m.outbox.data());
+    mine = m.outbox.data();
+  }
   std::vector<Transfer> sends, recvs;
   for (int64_t k = 0; k < m.n; ++k) {
     if (k == m.node) continue;
-    sends.push_back(outgoing(m, k, ALL_REDUCE, x.data_ptr(), bytes));
+    sends.push_back(outgoing(m, k, ALL_REDUCE, mine, bytes));
     recvs.push_back(incoming(k, m.inbox.data() + (k < m.node ? k : k - 1) * bytes, bytes));
   }
   const int64_t t0 = now_ns();
   run(m, sends, recvs, ALL_REDUCE, timeout_s, false);
   m.all_reduce_wait_ns += now_ns() - t0;
-  if (x.scalar_type() == at::kFloat) sum_in_node_order(m, x.data_ptr<float>(), x.numel());
-  else sum_in_node_order(m, x.data_ptr<double>(), x.numel());
+  if (dbl) sum_in_node_order(m, x.data_ptr<double>(), n, format, bytes);
+  else sum_in_node_order(m, x.data_ptr<float>(), n, format, bytes);
   return x;
 }
 
@@ -292,7 +342,7 @@ int64_t wire_wait_ns(int64_t handle) { return get(handle).all_reduce_wait_ns; }
 TORCH_LIBRARY_FRAGMENT(tensorsplit, m) {
   m.def("wire_attach(int[] fds, int node) -> int", &ts::wire_attach);
   m.def("wire_detach(int handle) -> ()", &ts::wire_detach);
-  m.def("wire_all_reduce(Tensor(a!) x, int handle, float timeout_s) -> Tensor(a!)");
+  m.def("wire_all_reduce(Tensor(a!) x, int handle, float timeout_s, int format) -> Tensor(a!)");
   m.def("wire_broadcast(Tensor(a!) x, int handle, int root, float timeout_s, bool idle) -> Tensor(a!)");
   m.def("wire_gather(Tensor x, int handle, int root, float timeout_s) -> Tensor");
   m.def("wire_wait_ns(int handle) -> int", &ts::wire_wait_ns);
