@@ -113,9 +113,12 @@ class CommGroup:
         return parts.reshape(self.world, *x.shape) if self.rank == 0 else None
 
     def all_reduce_wait_ns(self):
-        """() -> nanoseconds this rank's all-reduces have waited for the node's other ranks so far, where
-        the path reports it (shared memory); None elsewhere."""
-        return self.host.wait_ns if self.host is not None else None
+        """() -> nanoseconds this rank's all-reduces have waited so far: for the node's other ranks to post
+        their parts (shared memory) and, on a node's leader, for the exchange with the other nodes (the
+        wire: the link's time included); None where the path reports neither (Gloo)."""
+        sources = [f for f in (self.host.wait_ns if self.host is not None else None,
+                               self.wire.wait_ns if self.wire is not None else None) if f is not None]
+        return (lambda: sum(f() for f in sources)) if sources else None
 
     def gather_stats(self, v: torch.Tensor) -> torch.Tensor | None:
         """v (k,) float64 on the CPU, from every rank -> (world, k) on rank 0; None elsewhere."""

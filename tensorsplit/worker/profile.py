@@ -10,7 +10,8 @@ the embedding's dequantization, the router's top-k), and the calls between them.
   get_rows          the embedding lookup
   all_reduce_work   the all-reduce's copies and sums, and its call (all of it for a Gloo path, which
                     does not report its waits)
-  all_reduce_wait   spinning for the other ranks of the node to post their part (shared memory)
+  all_reduce_wait   spinning for the other ranks of the node to post their part (shared memory), and on
+                    a node's leader the exchange with the other nodes (the wire, the link's time included)
   logits_gather     the vocabulary slices to rank 0
   step_message      the step's token ids to every rank (its payload; a worker's wait for the next
                     step's header is idle time, not the step's)
