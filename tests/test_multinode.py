@@ -323,3 +323,26 @@ def test_q8_wire_perplexity_stays_within_half_a_percent(smollm2_path):
     assert q8 != single and abs(q8 / single - 1) < 0.005, (q8, single)
     bad = run_cli("generate", "-m", str(smollm2_path), "-p", "x", "--wire", "bf16", "--wire-transport", "gloo")
     assert bad.returncode == 1 and "--wire bf16 is sent by --wire-transport tcp only" in bad.stderr, bad.stderr
+
+
+@pytest.mark.slow
+def test_multinode_bench_script_prints_its_table_and_cleans_up(smollm2_path):
+    """scripts/multinode_bench.sh on SmolLM2 with the smallest settings: the table has the one-host row
+    and a row per mode with its ratio, and no namespace of the script is left afterwards."""
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("the script makes network namespaces: root and iproute2 needed")
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("two hosts of one thread need two cores")
+    env = {**os.environ, "SHAPES": "none", "MODES": "tcp tcp/q8", "COMM": "0", "REPS": "1", "PROMPT": "4",
+           "GEN": "4", "PY": sys.executable}
+    r = subprocess.run(["bash", str(ROOT / "scripts/multinode_bench.sh"), str(smollm2_path)], capture_output=True,
+                       text=True, env=env, timeout=300)
+    if r.returncode != 0 and "Operation not permitted" in r.stderr:
+        pytest.skip(f"this machine forbids network namespaces: {r.stderr.strip()}")
+    assert r.returncode == 0, r.stderr
+    rows = [ln for ln in r.stdout.splitlines() if ln.startswith("| ")]
+    assert rows[0].startswith("| link | between hosts") and rows[2].startswith("| one host | - |")
+    assert [ln.split(" | ")[1] for ln in rows[3:]] == ["tcp", "tcp/q8"], r.stdout
+    assert all(ln.rstrip(" |").endswith("x") for ln in rows[2:])
+    left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert "tsbA" not in left and "tsbB" not in left, left

@@ -336,7 +336,7 @@ class RankModel:
             return self.attention(q, k, v, self.cache, layer, positions, slots, self.blocks[layer].sinks)
         h = self._layers(self._embed(ids), positions, attend)                # output-normed, (n, n_embd)
         if logit_rows is not None:
-            h = h[logit_rows.to(self.device)]
+            h = h.index_select(0, logit_rows.to(self.device))
         return self.head(h)                                                  # (m, local_vocab)
 
     def _static_step(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
