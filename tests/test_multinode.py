@@ -204,6 +204,7 @@ def test_agreement_covers_the_dtype(smollm2_path, monkeypatch):
     from tensorsplit.plan import plan_world
     from tensorsplit.spec import NodeSpec, WorldSpec
     from tensorsplit.worker import main as worker_main
+    from tensorsplit.worker.pinning import restore_affinity
     from tensorsplit.worker.process import RankEnv
 
     class Captured(Exception):
@@ -212,14 +213,15 @@ def test_agreement_covers_the_dtype(smollm2_path, monkeypatch):
     def capture(*args, **kwargs):
         raise Captured(args[8])                   # init_comm(rank, world, ..., identity, ...)
     monkeypatch.setattr(worker_main, "init_comm", capture)
-    threads = torch.get_num_threads()
+    threads, cores = torch.get_num_threads(), os.sched_getaffinity(0)
     try:
         plan = plan_world(WorldSpec(model=smollm2_path, device="cpu"), NodeSpec(nproc=1, nnodes=2, master_port=1))
         worker_main.join_and_load(RankEnv(0, 2, 0, 1, "127.0.0.1", 1), plan)
     except Captured as e:
         identity = e.args[0]
     finally:
-        torch.set_num_threads(threads)            # join_and_load set this process's threads for a rank
+        torch.set_num_threads(threads)            # join_and_load set this process's threads for a rank,
+        restore_affinity(cores)                   # and pinned them: later tests in this process need every core
     with GGUFFile(smollm2_path) as gf:
         assert identity["model_fingerprint"] == gf.fingerprint()
     assert identity["model_bytes"] == smollm2_path.stat().st_size
