@@ -41,6 +41,17 @@ class CollectiveError(TensorsplitError):
     launcher blames the rank that failed first, not the ones that noticed."""
 
 
+def collective_call(describe, fn, *args):
+    """fn(*args): a native collective (shared memory, the wire). Its RuntimeError becomes a CollectiveError
+    of the message's first line as describe(line) rewrites it (the ops name local ranks or nodes; a user
+    reads the world's ranks)."""
+    try:
+        return fn(*args)
+    except RuntimeError as e:
+        text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CollectiveError(describe(text)) from None
+
+
 class WorkerFailed(TensorsplitError):
     """A rank of a world whose rank 0 is this process (LLM, serve) died or stopped answering; the
     message names it, as the launcher's one line does."""

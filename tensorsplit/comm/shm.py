@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from ..errors import CollectiveError, TensorsplitError
+from ..errors import TensorsplitError, collective_call
 
 SLOT_BYTES = 1 << 20          # per rank and buffer: messages larger than this go through in chunks
 PREFIX = "tensorsplit-"
@@ -86,20 +86,13 @@ class HostSegment:
         world = ", ".join(str(self.node * self.local_world + r) for r in local)
         return re.sub(r"local rank\(s\) [\d, ]+|local rank \d+", f"rank(s) {world}", message).removeprefix("shm: ")
 
-    def _run(self, fn, *args):
-        try:
-            return fn(*args)
-        except RuntimeError as e:
-            text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CollectiveError(self._ranks(text)) from None
-
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum float32 x over the node's ranks in place; every rank gets the same bits."""
-        return self._run(self.ops.shm_all_reduce.default, x, self.handle, self.timeout_s)
+        return collective_call(self._ranks, self.ops.shm_all_reduce.default, x, self.handle, self.timeout_s)
 
     def broadcast(self, x: torch.Tensor, root: int = 0, idle: bool = False) -> torch.Tensor:
         """Copy local rank `root`'s x into every rank's x (same shape and dtype everywhere)."""
-        return self._run(self.ops.shm_broadcast.default, x, self.handle, root, self.timeout_s, idle)
+        return collective_call(self._ranks, self.ops.shm_broadcast.default, x, self.handle, root, self.timeout_s, idle)
 
     def wait_ns(self) -> int:
         """Nanoseconds this rank's all-reduces have spent waiting for the node's other ranks, so far."""
@@ -107,4 +100,5 @@ class HostSegment:
 
     def gather(self, x: torch.Tensor, root: int = 0) -> torch.Tensor:
         """(local_world, *x.shape) on local rank `root`; an empty tensor elsewhere."""
-        return self._run(self.ops.shm_gather.default, x.contiguous(), self.handle, root, self.timeout_s)
+        return collective_call(self._ranks, self.ops.shm_gather.default,
+                               x.contiguous(), self.handle, root, self.timeout_s)

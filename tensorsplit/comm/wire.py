@@ -27,7 +27,7 @@ import time
 
 import torch
 
-from ..errors import CollectiveError, TensorsplitError
+from ..errors import TensorsplitError, collective_call
 from .netif import local_address_for
 
 HELLO = struct.Struct("<8s16sq")          # magic, the world's token, the connecting node
@@ -133,25 +133,20 @@ class WireMesh:
             return f"rank{'s' if len(nodes) > 1 else ''} {ranks} (node{'s' if len(nodes) > 1 else ''} {m.group(2)})"
         return re.sub(r"node(\(s\))? (\d+(?:, \d+)*)", leaders, message.removeprefix("wire: "))
 
-    def _run(self, fn, *args):
-        try:
-            return fn(*args)
-        except RuntimeError as e:
-            text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CollectiveError(self._ranks(text)) from None
-
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum float32/float64 x over the nodes in place, in node order: every node gets the same bits. Each
         node's part crosses as the mesh's --wire format has it (its own part too, so that all sum alike)."""
-        return self._run(self.ops.wire_all_reduce.default, x, self.handle, self.timeout_s, self.format)
+        return collective_call(self._ranks, self.ops.wire_all_reduce.default,
+                               x, self.handle, self.timeout_s, self.format)
 
     def broadcast(self, x: torch.Tensor, root: int = 0, idle: bool = False) -> torch.Tensor:
         """Copy node `root`'s x into every node's x (same shape and dtype everywhere)."""
-        return self._run(self.ops.wire_broadcast.default, x, self.handle, root, self.timeout_s, idle)
+        return collective_call(self._ranks, self.ops.wire_broadcast.default, x, self.handle, root, self.timeout_s, idle)
 
     def gather(self, x: torch.Tensor, root: int = 0) -> torch.Tensor:
         """(n_nodes, *x.shape) on node `root`; an empty tensor elsewhere."""
-        return self._run(self.ops.wire_gather.default, x.contiguous(), self.handle, root, self.timeout_s)
+        return collective_call(self._ranks, self.ops.wire_gather.default,
+                               x.contiguous(), self.handle, root, self.timeout_s)
 
     def wait_ns(self) -> int:
         return int(self.ops.wire_wait_ns.default(self.handle))
