@@ -63,6 +63,7 @@ struct Mesh {
   int64_t all_reduce_wait_ns = 0;
   std::vector<uint8_t> inbox;            // all-reduce: every peer's payload, node after node
   std::vector<uint8_t> outbox;           // all-reduce: this node's part as the wire format has it
+  std::vector<uint8_t> sum;              // all-reduce: the parts' sum, before it replaces x
 };
 
 // What the all-reduce sends of a node's part: as it is, bf16 (2 bytes a value), or q8_0 blocks of 32
@@ -247,22 +248,23 @@ void wire_detach(int64_t handle) {
 template <class T>
 void sum_in_node_order(Mesh& m, T* data, int64_t len, int64_t format, int64_t part_bytes) {
   // node 0's part, then node 1's added, and so on: the same order, so the same bits, on every node
-  std::vector<T> acc(len);
+  m.sum.resize((size_t)len * sizeof(T));          // kept between calls: no allocation per all-reduce
+  T* acc = (T*)m.sum.data();
   auto part = [&](int64_t k) -> const uint8_t* {
     if (k == m.node) return format == WIRE_AS_IS ? (const uint8_t*)data : m.outbox.data();
     return m.inbox.data() + (k < m.node ? k : k - 1) * part_bytes;
   };
   for (int64_t k = 0; k < m.n; ++k) {
     if (format != WIRE_AS_IS) {
-      wire_decode_add(part(k), len, format, acc.data(), k == 0);
+      wire_decode_add(part(k), len, format, acc, k == 0);
     } else if (k == 0) {
-      std::memcpy(acc.data(), part(0), (size_t)part_bytes);
+      std::memcpy(acc, part(0), (size_t)part_bytes);
     } else {
       const T* p = (const T*)part(k);
       for (int64_t i = 0; i < len; ++i) acc[i] += p[i];
     }
   }
-  std::memcpy(data, acc.data(), (size_t)len * sizeof(T));
+  std::memcpy(data, acc, (size_t)len * sizeof(T));
 }
 
 at::Tensor wire_all_reduce(at::Tensor& x, int64_t handle, double timeout_s, int64_t format) {
